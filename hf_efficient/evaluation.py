@@ -1,0 +1,239 @@
+"""Evaluation harness shared by every capability: perplexity, a greedy sample, speed, memory, size.
+
+Each measurement is a small function; :func:`evaluate` runs them all into an :class:`EvalResult`,
+and :func:`format_table` / :func:`write_json` report a list of results.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+DEFAULT_PROMPT = "Write one sentence about the sea."
+
+
+@torch.no_grad()
+def perplexity(model, input_ids: torch.Tensor, context: int = 2048, stride: int | None = None,
+               progress: bool = True) -> float:
+    """Sliding-window perplexity of ``model`` on the 1-D token sequence ``input_ids``.
+
+    The first window scores tokens ``1..context-1``; each later window ends ``stride`` tokens further
+    (default ``context // 2``) and scores only its last ``stride`` tokens, so every scored token
+    after the first window sees at least ``context - stride`` tokens of history. The first token is
+    never scored; every other token is scored exactly once.
+    """
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
+    n = input_ids.numel()
+    if n < 2:
+        raise ValueError("perplexity needs at least 2 tokens")
+    if context < 2:
+        raise ValueError(f"context must be >= 2, got {context}")
+    stride = stride or max(1, context // 2)
+    if not 1 <= stride < context:
+        raise ValueError(f"stride must be in [1, context={context}), got {stride}")
+    device = next(model.parameters()).device
+    n_windows = 1 + max(0, math.ceil((n - context) / stride))
+    nll, scored_to = 0.0, 1  # tokens [1, scored_to) are already scored
+    for _ in tqdm(range(n_windows), desc="perplexity", disable=not progress, leave=False):
+        end = min(max(scored_to + stride, context), n)
+        begin = max(0, end - context)
+        window = input_ids[begin:end].to(device)[None]
+        logp = torch.log_softmax(model(window).logits[0, :-1].float(), dim=-1)
+        token_nll = -logp.gather(1, window[0, 1:, None])[:, 0]
+        nll += token_nll[scored_to - begin - 1:].double().sum().item()  # targets[j] is token begin+1+j
+        scored_to = end
+    assert scored_to == n
+    return math.exp(nll / (n - 1))
+
+
+def _chat_ids(tokenizer, prompt: str) -> torch.Tensor:
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        return out["input_ids"]
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def generate_sample(model, tokenizer, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 40) -> str:
+    """Greedy continuation of ``prompt`` (through the chat template when the tokenizer has one)."""
+    ids = _chat_ids(tokenizer, prompt).to(next(model.parameters()).device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_speed(model, prompt_len: int = 128, new_tokens: int = 32, batch: int = 1, repeats: int = 3,
+                  vocab_size: int | None = None, seed: int = 0) -> dict[str, float]:
+    """Prefill and decode throughput (tokens/s, medians over ``repeats``) on random token prompts.
+
+    Prefill: one forward of ``batch x prompt_len`` tokens. Decode: ``generate`` of ``new_tokens``
+    greedy tokens (forced, no early stop) minus the prefill time, divided into ``batch*new_tokens``.
+    """
+    device = next(model.parameters()).device
+    vocab = vocab_size or model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    gen_kw = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=0)
+    model(ids[:, :8])  # warm-up: lazy inits, allocator, kernel selection
+    model.generate(ids, **{**gen_kw, "max_new_tokens": 2, "min_new_tokens": 2})
+    prefill, total = [], []
+    for _ in range(repeats):
+        _sync(device); t0 = time.perf_counter()
+        model(ids, attention_mask=mask)
+        _sync(device); t1 = time.perf_counter()
+        model.generate(ids, **gen_kw)
+        _sync(device); t2 = time.perf_counter()
+        prefill.append(t1 - t0)
+        total.append(t2 - t1)
+    t_pre, t_all = statistics.median(prefill), statistics.median(total)
+    return {"prefill_tok_s": batch * prompt_len / t_pre,
+            "decode_tok_s": batch * new_tokens / max(t_all - t_pre, 1e-9)}
+
+
+class PeakMemory:
+    """Peak memory during a ``with`` block: CUDA max allocated, or CPU RSS sampled every ``interval`` s."""
+
+    def __init__(self, device: str | torch.device = "cpu", interval: float = 0.005):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        import psutil
+
+        proc = psutil.Process(os.getpid())
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+        return False
+
+
+def state_dict_bytes(model) -> int:
+    """Bytes of the tensors ``save_pretrained`` would write (tied/shared storage counted once)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype) if t.device.type != "meta" \
+            else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def dir_weight_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the weight files (``*.safetensors``) in a saved model directory."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+@dataclass
+class EvalResult:
+    name: str
+    ppl: float | None = None
+    prefill_tok_s: float | None = None
+    decode_tok_s: float | None = None
+    peak_mem_mb: float | None = None
+    size_mb: float | None = None
+    sample: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(model, tokenizer, name: str, eval_ids: torch.Tensor | None, *, context: int = 2048,
+             stride: int | None = None, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3,
+             sample_prompt: str | None = DEFAULT_PROMPT, size_bytes: int | None = None,
+             progress: bool = True) -> EvalResult:
+    """Run every measurement on one model. ``eval_ids=None`` skips perplexity; ``sample_prompt=None`` the sample."""
+    device = next(model.parameters()).device
+    res = EvalResult(name=name)
+    with PeakMemory(device) as mem:
+        if eval_ids is not None:
+            res.ppl = perplexity(model, eval_ids, context=context, stride=stride, progress=progress)
+        if new_tokens > 0:
+            res.__dict__.update(measure_speed(model, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats))
+    res.peak_mem_mb = mem.peak_bytes / 2**20
+    res.size_mb = (size_bytes if size_bytes is not None else state_dict_bytes(model)) / 2**20
+    if sample_prompt:
+        res.sample = generate_sample(model, tokenizer, sample_prompt)
+    return res
+
+
+_COLUMNS = [("name", "model", "{}"), ("ppl", "PPL", "{:.3f}"), ("prefill_tok_s", "prefill tok/s", "{:.1f}"),
+            ("decode_tok_s", "decode tok/s", "{:.1f}"), ("peak_mem_mb", "peak MiB", "{:.0f}"),
+            ("size_mb", "size MiB", "{:.1f}")]
+
+
+def format_table(results: list[EvalResult]) -> str:
+    """Markdown table of the numeric columns (blank where a row did not measure one)."""
+    def cell(r, key, fmt):
+        v = getattr(r, key)
+        return "" if v is None else fmt.format(v)
+
+    lines = ["| " + " | ".join(h for _, h, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in _COLUMNS) + " |" for r in results]
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    """Device, date and versions for result files."""
+    import platform
+
+    import transformers
+
+    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version(),
+           "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def write_json(results: list[EvalResult], path: str | os.PathLike, settings: dict | None = None) -> None:
+    payload = {"environment": environment(), "settings": settings or {}, "results": [r.to_dict() for r in results]}
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")

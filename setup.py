@@ -1,0 +1,29 @@
+"""Build glue: package layout (kernels/ installs as hf_efficient.kernels) and the csrc/ extension."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = Path(__file__).parent
+
+
+def _packages():
+    pkgs = find_packages(include=["hf_efficient", "hf_efficient.*"])
+    pkgs += ["hf_efficient.kernels" + p[len("kernels"):] for p in find_packages(include=["kernels", "kernels.*"])]
+    return pkgs
+
+
+def _extension():
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+    # -mavx2 is not global: AVX2 code paths carry target attributes and are chosen at run time,
+    # so the same build runs (scalar fallback) on CPUs without AVX2.
+    args = ["-O3", "-std=c++17", "-fopenmp"]
+    return CppExtension("hf_efficient._C", sources, extra_compile_args={"cxx": args}, extra_link_args=["-fopenmp"])
+
+
+setup(
+    packages=_packages(),
+    package_dir={"hf_efficient": "hf_efficient", "hf_efficient.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
+)
