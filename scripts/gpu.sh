@@ -4,7 +4,8 @@
 # It installs the wheels carried in .whl/ (made here by scripts/fetch_wheels.sh), builds the package
 # (csrc/) against the image's own torch, runs `pytest -m gpu`, then each named benchmark module
 # (benchmarks/<name>.py, default: $GPU_BENCHMARKS or scale_add) and leaves everything under $OUT:
-# pytest_gpu.log, bench.log, results.tgz (JSON + markdown tables), env.txt.
+# pytest_gpu.log, bench.log, results.tgz (JSON + markdown tables), env.txt. GPU_TESTS=<paths> narrows
+# the test run (default: tests/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -20,7 +21,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/
   python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 } | tee "$OUT/env.txt"
 rc=0
-python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log"
+python3 -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 | tee "$OUT/pytest_gpu.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 for b in ${@:-${GPU_BENCHMARKS:-scale_add}}; do
   echo "== benchmark $b" | tee -a "$OUT/bench.log"
