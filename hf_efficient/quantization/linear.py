@@ -1,0 +1,210 @@
+"""``QuantLinear``: a linear layer holding packed low-bit weights, and the fast-path seam for kernels.
+
+The forward pass is, by default, the plain-torch reference: unpack the codes, decode them with the
+format's scale rule (:mod:`hf_efficient.formats`), and call ``F.linear``. Kernel packages plug faster
+paths in with :func:`register_fast_path`; a fast path is tried first and may decline (return None).
+Storage layout and tensor names: :mod:`hf_efficient.quantization.packing`.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import formats
+from .packing import FORMAT_VERSION, expand_groups, n_groups, pack_codes, packed_width, unpack_codes
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# ------------------------------------------------------------------------------------------------
+# Fast-path registry
+# ------------------------------------------------------------------------------------------------
+FastPath = Callable[[torch.Tensor, "QuantLinear"], "torch.Tensor | None"]
+_FAST_PATHS: dict[tuple[str, int, str], list[tuple[str, FastPath]]] = {}
+_state = threading.local()
+
+
+def register_fast_path(fmt: str, bits: int, device_type: str, fn: FastPath, name: str | None = None) -> None:
+    """Register ``fn(x, layer) -> y | None`` for layers of format ``fmt`` and ``bits`` on ``device_type``.
+
+    ``fmt`` is a catalog name (``"fp4_asym"``), a kind (``"int"``, ``"fp"``, ``"nf"``) or ``"*"``; lookup
+    tries the name, then the kind, then ``"*"``, newest registration first within each. ``fn`` gets the
+    input ``x`` (..., in_features) and the layer (read ``layer.fmt``, ``layer.group_size``, ``layer.qweight``,
+    the scale tensors of ``layer.fmt.param_names``, ``layer.bias``) and returns the output (bias included)
+    or None to decline (unsupported shape, dtype, group size); the reference path then runs. Layers that
+    quantize activations (``layer.act_fmt`` set, W8A8) never call fast paths. Registering the same
+    ``name`` twice for one key replaces the earlier entry.
+    """
+    if device_type not in ("cpu", "cuda", "xpu", "mps", "*"):
+        raise ValueError(f"device_type must be cpu, cuda, xpu, mps or '*', got {device_type!r}")
+    if fmt != "*" and fmt not in formats.KINDS:
+        formats.get_format(fmt)  # raises on unknown names
+    name = name or getattr(fn, "__qualname__", repr(fn))
+    entries = [e for e in _FAST_PATHS.setdefault((fmt, int(bits), device_type), []) if e[0] != name]
+    _FAST_PATHS[(fmt, int(bits), device_type)] = [(name, fn)] + entries
+
+
+def unregister_fast_path(fmt: str, bits: int, device_type: str, name: str) -> None:
+    key = (fmt, int(bits), device_type)
+    _FAST_PATHS[key] = [e for e in _FAST_PATHS.get(key, []) if e[0] != name]
+
+
+def fast_paths_for(fmt: formats.NumericFormat, device_type: str) -> list[tuple[str, FastPath]]:
+    out = []
+    for f in (fmt.name, fmt.kind, "*"):
+        for d in (device_type, "*"):
+            out += _FAST_PATHS.get((f, fmt.bits, d), [])
+    return out
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Within this block every QuantLinear uses the plain-torch path (tests compare fast paths to it)."""
+    old = getattr(_state, "reference_only", False)
+    _state.reference_only = True
+    try:
+        yield
+    finally:
+        _state.reference_only = old
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantizing one weight matrix
+# ------------------------------------------------------------------------------------------------
+
+def check_finite(w: torch.Tensor, name: str | None) -> None:
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        kinds = [k for k, m in (("NaN", torch.isnan(w)), ("Inf", torch.isinf(w))) if m.any()]
+        raise ValueError(f"cannot quantize layer {name or '<unnamed>'}: its weight has {bad} non-finite values "
+                         f"({'/'.join(kinds)})")
+
+
+def resolve_group_size(group_size: int | None, in_features: int) -> int:
+    """``None``, -1 or 0 mean per-channel (one group of ``in_features``)."""
+    if group_size in (None, -1, 0):
+        return in_features
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int or -1 (per-channel), got {group_size!r}")
+    return min(group_size, in_features)
+
+
+def group_params(fmt: formats.NumericFormat, w: torch.Tensor, group_size: int, scale_dtype: torch.dtype) -> dict:
+    """Fit the format's per-group parameters to ``w`` (N, K): {name: (N, n_groups) float32}."""
+    n, k = w.shape
+    ng = n_groups(k, group_size)
+    pad = ng * group_size - k
+    if pad:
+        # A short last group: pad with copies of its own first column, which leaves its min/max/absmax
+        # unchanged, so the fit equals fitting the short group alone.
+        w = torch.cat([w, w[:, (ng - 1) * group_size:][:, :1].expand(n, pad)], dim=1)
+    return formats.fit_params(fmt, w.reshape(n, ng, group_size), scale_dtype)
+
+
+def rtn_quantize(w: torch.Tensor, fmt: formats.NumericFormat, group_size: int, scale_dtype: torch.dtype,
+                 name: str | None = None) -> tuple[torch.Tensor, dict]:
+    """Round-to-nearest: ``(codes uint8 (N, K), {param: (N, n_groups) float32})``."""
+    check_finite(w, name)
+    w = w.detach().float()
+    params = group_params(fmt, w, group_size, scale_dtype)
+    cols = {p: expand_groups(t, w.shape[1], group_size) for p, t in params.items()}
+    return formats.encode(fmt, w, cols), params
+
+
+def storage_tensors(fmt: formats.NumericFormat, codes: torch.Tensor, params: dict, scale_dtype: torch.dtype) -> dict:
+    """The tensors a QuantLinear stores (``qweight`` and the format's parameters) from codes + params."""
+    out = {"qweight": pack_codes(codes, fmt.bits)}
+    for p, t in params.items():
+        out[p] = t.round().to(torch.uint8) if p == "zeros" else t.to(scale_dtype)
+        if p != "zeros" and not torch.isfinite(out[p]).all():
+            raise ValueError(f"a {p} value overflows {scale_dtype}; use scale_dtype='float32'")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The module
+# ------------------------------------------------------------------------------------------------
+
+class QuantLinear(nn.Module):
+    """Linear layer with weights in a low-bit :class:`~hf_efficient.formats.NumericFormat`.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        fmt: format name or object (weights).
+        group_size: columns per group along ``in_features``; None/-1 = per-channel. Need not divide
+            ``in_features`` (the last group is shorter).
+        bias: whether the layer has a float bias.
+        scale_dtype: storage dtype of the scales (torch dtype or name).
+        act_fmt: if set, activations are fake-quantized per token to this format before the matmul (W8A8).
+    Buffers: ``qweight`` and the format's ``param_names`` (layout in :mod:`~hf_efficient.quantization.packing`).
+    """
+
+    format_version = FORMAT_VERSION
+
+    def __init__(self, in_features: int, out_features: int, fmt, group_size: int | None = None, bias: bool = False,
+                 scale_dtype=torch.float16, act_fmt=None, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.fmt = formats.get_format(fmt)
+        self.act_fmt = formats.get_format(act_fmt) if act_fmt is not None else None
+        self.group_size = resolve_group_size(group_size, self.in_features)
+        self.scale_dtype = SCALE_DTYPES[scale_dtype] if isinstance(scale_dtype, str) else scale_dtype
+        ng = n_groups(self.in_features, self.group_size)
+        self.register_buffer("qweight", torch.zeros(self.out_features, packed_width(self.in_features, self.fmt.bits),
+                                                    dtype=torch.int32, device=device))
+        for p in self.fmt.param_names:
+            self.register_buffer(p, torch.zeros(self.out_features, ng, device=device,
+                                                dtype=torch.uint8 if p == "zeros" else self.scale_dtype))
+        self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype or torch.float32),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt, group_size: int | None = None, scale_dtype=torch.float16,
+                    act_fmt=None, name: str | None = None) -> "QuantLinear":
+        """Round-to-nearest quantization of an ``nn.Linear`` (``name`` appears in error messages)."""
+        q = cls(linear.in_features, linear.out_features, fmt, group_size, linear.bias is not None, scale_dtype,
+                act_fmt, device=linear.weight.device, dtype=linear.weight.dtype)
+        codes, params = rtn_quantize(linear.weight, q.fmt, q.group_size, q.scale_dtype, name)
+        q.load_quantized(codes, params)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def load_quantized(self, codes: torch.Tensor, params: dict) -> None:
+        """Store codes (N, K) uint8 and per-group params {name: (N, n_groups)} into this layer's buffers."""
+        for k, t in storage_tensors(self.fmt, codes, params, self.scale_dtype).items():
+            getattr(self, k).copy_(t)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.qweight, self.fmt.bits, self.in_features)
+
+    def params(self) -> dict:
+        return {p: getattr(self, p) for p in self.fmt.param_names}
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight this layer represents."""
+        cols = {p: expand_groups(t, self.in_features, self.group_size) for p, t in self.params().items()}
+        return formats.decode(self.fmt, self.codes(), cols, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_fmt is None and not getattr(_state, "reference_only", False):
+            for _, fn in fast_paths_for(self.fmt, x.device.type):
+                y = fn(x, self)
+                if y is not None:
+                    return y
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_fmt is not None:
+            x = formats.quantize_per_token(self.act_fmt, x.float()).to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        act = f", act_fmt={self.act_fmt.name}" if self.act_fmt else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt.name}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}{act}")
