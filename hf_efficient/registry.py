@@ -16,6 +16,7 @@ from typing import Any, Callable
 # Modules whose import contributes entries. Order is the order of demo rows and CLI commands.
 CAPABILITY_MODULES: tuple[str, ...] = (
     "hf_efficient.commands",
+    "hf_efficient.attention.seer",
 )
 
 

@@ -1,0 +1,1 @@
+"""Attention capabilities of hf-efficient (each registers an ``attn_implementation`` at import)."""
