@@ -17,6 +17,9 @@ from typing import Any, Callable
 CAPABILITY_MODULES: tuple[str, ...] = (
     "hf_efficient.commands",
     "hf_efficient.attention.seer",
+    "hf_efficient.quantization.afpq",
+    "hf_efficient.quantization.mofq",
+    "hf_efficient.quantization.api",
 )
 
 

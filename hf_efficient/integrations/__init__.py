@@ -1,0 +1,1 @@
+"""Glue between hf-efficient and the Hugging Face libraries (transformers, peft, accelerate)."""

@@ -1,0 +1,165 @@
+"""The one transformers ``HfQuantizer`` of hf-efficient, driven by config classes.
+
+Every quantization method registers ``(name, ConfigClass, HfEfficientQuantizer)`` with
+:func:`hf_efficient.registry.add_quantization_method`; the config's
+:meth:`~hf_efficient.quantization.config.QuantConfigBase.layer_spec` says what each linear layer becomes.
+
+Loading paths:
+* quantize on load (``from_pretrained(float_dir, quantization_config=cfg)``): linears become
+  :class:`~hf_efficient.quantization.QuantLinear` on the meta device with a placeholder ``weight`` so the
+  checkpoint's float weight reaches :class:`QuantizeOnLoad`, which returns ``qweight`` and the scales
+  (round-to-nearest; MoFQ picks the format here). The placeholder is removed after loading.
+* pre-quantized (a directory saved by ``save_pretrained`` or ``hf_efficient.quantization.quantize``): the
+  layers are rebuilt from the saved config and the stored tensors load by name. Their names (``qweight``,
+  ``scales``, ...) are not ``nn.Linear``'s, so loading without ``import hf_efficient`` fails on
+  missing/unexpected keys instead of producing garbage.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+
+from .. import formats
+from ..quantization.config import QuantConfigBase, matches_module
+from ..quantization.linear import QuantLinear, rtn_quantize, storage_tensors
+
+logger = logging.getLogger(__name__)
+
+
+class QuantizationLoadError(ValueError):
+    """A quantized checkpoint that does not match its config (missing, extra or misshapen tensors)."""
+
+
+def replace_linears(model: nn.Module, config: QuantConfigBase, skip: list[str], placeholder: bool,
+                    device="meta") -> list[str]:
+    """Replace every ``nn.Linear`` not matched by ``skip`` with a QuantLinear built from ``config``.
+
+    With ``placeholder`` the new layer carries an empty float ``weight`` for quantize-on-load.
+    Returns the replaced module names.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not matches_module(n, skip)]
+    for name in names:
+        lin = model.get_submodule(name)
+        spec = config.layer_spec(name)
+        with torch.device(device):
+            q = QuantLinear(lin.in_features, lin.out_features, spec.fmt, spec.group_size, lin.bias is not None,
+                            config.scale_torch_dtype, spec.act_fmt, dtype=lin.weight.dtype)
+        if placeholder:
+            q.weight = nn.Parameter(torch.empty(lin.out_features, lin.in_features, dtype=lin.weight.dtype,
+                                                device=device), requires_grad=False)
+        model.set_submodule(name, q)
+    return names
+
+
+def quantize_module_weight(module: QuantLinear, config: QuantConfigBase, name: str, weight: torch.Tensor,
+                           inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """RTN-quantize ``weight`` for ``module`` (choosing the format if the config does) -> its tensors by name."""
+    fmt = config.choose_format(name, weight, inputs)
+    config.record_choice(name, fmt)
+    spec = config.layer_spec(name)
+    # Candidates of an on-load choice share one storage layout (the config checks it), so switching the
+    # format of the already-built module only changes how its codes decode.
+    module.fmt = formats.get_format(fmt)
+    module.act_fmt = formats.get_format(spec.act_fmt) if spec.act_fmt else None
+    codes, params = rtn_quantize(weight, module.fmt, module.group_size, module.scale_dtype, name)
+    return storage_tensors(module.fmt, codes, params, module.scale_dtype)
+
+
+class QuantizeOnLoad(ConversionOps):
+    """Turns one float ``<layer>.weight`` from the checkpoint into the layer's packed tensors."""
+
+    def __init__(self, hf_quantizer: "HfEfficientQuantizer"):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, full_layer_name=None, model=None, missing_keys=None, **kwargs):
+        (_, value), = input_dict.items()
+        if missing_keys is not None:
+            # The placeholder ``weight`` is consumed here, not missing: without this transformers would
+            # "initialize" it after loading.
+            missing_keys.discard(full_layer_name)
+        value = value[0] if isinstance(value, list) else value
+        prefix = full_layer_name.rsplit(".", 1)[0]
+        module = model.get_submodule(prefix)
+        tensors = quantize_module_weight(module, self.hf_quantizer.quantization_config, prefix, value)
+        return {f"{prefix}.{k}": v.to(value.device) for k, v in tensors.items()}
+
+
+class HfEfficientQuantizer(HfQuantizer):
+    """Generic quantizer: module replacement, quantize-on-load, pre-quantized reload, freezing."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self._converted: list[str] = []
+
+    def validate_environment(self, *args, **kwargs):
+        cfg = self.quantization_config
+        if not isinstance(cfg, QuantConfigBase):
+            raise TypeError(f"{type(self).__name__} needs an hf-efficient config, got {type(cfg).__name__}")
+        reason = None if self.pre_quantized else cfg.needs_calibration()
+        if reason:
+            raise ValueError(f"{type(cfg).__name__} cannot quantize on load: {reason}. Run "
+                             f"hf_efficient.quantization.quantize(model_path, config, out_dir) or `hf-efficient "
+                             f"quantize`, then load the written checkpoint with from_pretrained(out_dir).")
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+        cfg = self.quantization_config
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        skip = self.get_modules_to_not_convert(model, cfg.modules_to_not_convert, keep_in_fp32_modules,
+                                               add_default_skips=tied)
+        self._converted = replace_linears(model, cfg, skip, placeholder=not self.pre_quantized)
+        if not self._converted:
+            logger.warning("%s: no nn.Linear layer was converted (modules_to_not_convert=%s)",
+                           type(cfg).__name__, cfg.modules_to_not_convert)
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, QuantLinear) and tensor_name == "weight"
+
+    def get_quantize_ops(self):
+        return QuantizeOnLoad(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        problems = []
+        for name in self._converted:
+            m = model.get_submodule(name)
+            if "weight" in m._parameters:
+                if m.weight.device.type != "meta":
+                    problems.append(f"{name}: the float weight was loaded but never quantized")
+                del m._parameters["weight"]
+            for t_name, t in list(m.named_buffers(recurse=False)) + list(m.named_parameters(recurse=False)):
+                if t.device.type == "meta":
+                    problems.append(f"{name}.{t_name}: missing from the checkpoint")
+            if m.bias is not None:
+                m.bias.requires_grad_(False)
+        if problems:
+            raise QuantizationLoadError(
+                f"{type(self.quantization_config).__name__} checkpoint does not match the model "
+                f"({len(problems)} problems): " + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+        summary = self.quantization_config.summary()
+        if summary:
+            logger.info(summary)
+        return model
+
+    def is_serializable(self, **kwargs):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # Adapters (LoRA) train on top of the frozen quantized base.
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False

@@ -1,0 +1,1 @@
+"""Calibrated quantization API and the ``hf-efficient quantize`` command (being written)."""
