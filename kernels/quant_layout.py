@@ -1,0 +1,146 @@
+"""Kernel-side layout of a low-bit weight matrix, built once at load time (``repack``).
+
+The on-disk layout (:mod:`hf_efficient.quantization.packing`) packs codes row by row along K with
+``32 // bits`` codes per word (3 bits: 10 per word, which never lines up with a group). The kernels
+want something else, so a layer is repacked once when it is first used on CUDA:
+
+``qweight``  int32 ``(rows, N)``, **N contiguous** (a tile of one word row is a coalesced read for
+             every output column of the program), K padded up to ``Kp = n_groups * group_size``.
+             Bits 2/4/8: one plane, ``P = 32 // bits`` codes per word: code ``k`` sits in row ``k // P``
+             at bit ``(k % P) * bits``. Bits 3: two planes stacked along the rows, a 2-bit plane
+             (rows ``[0, Kp/16)``) holding the low two bits and a 1-bit plane (rows ``[Kp/16, Kp/16 + Kp/32)``)
+             holding the top bit, so 3-bit weights cost 3 bits, not 4 (the price is a second load).
+             Padding codes are 0 (the padded activations are 0, so they add exactly 0).
+``params``   ``(n_groups, 2, N)`` in the scale storage dtype: ``[g, 0]`` = ``a``, ``[g, 1]`` = ``b`` with
+             MODE_SYM: ``w = v * a`` (b = a); MODE_ZERO: ``w = (v - b) * a`` (b = integer zero point);
+             MODE_TWO: ``w = v * (b if v < 0 else a)`` (a = s_pos, b = s_neg), i.e. exactly
+             :func:`hf_efficient.formats.decode`.
+``table``    float32 ``(2**bits,)`` value grid ``v = table[code]`` (DECODE_TABLE). Uniform INT grids decode
+             arithmetically (DECODE_INT: ``v = code + v_off``) and FP4-E2M1 by moving its bits into an
+             fp16 (DECODE_E2M1), so those formats make no table lookups.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MODE_SYM, MODE_ZERO, MODE_TWO = 0, 1, 2
+DECODE_TABLE, DECODE_INT, DECODE_E2M1 = 0, 1, 2
+SCHEME_MODE = {"sym": MODE_SYM, "zero_point": MODE_ZERO, "two_scale": MODE_TWO}
+KERNEL_BITS = (2, 3, 4, 8)
+LUT_G = 4  # activations per LUT table: 2**4 patterns, 8 stored (symmetrised)
+
+
+@dataclass
+class KernelWeight:
+    """A weight matrix in kernel layout (see module docstring). ``N`` outputs, ``K`` inputs."""
+
+    qweight: torch.Tensor
+    params: torch.Tensor
+    table: torch.Tensor
+    N: int
+    K: int
+    bits: int
+    group_size: int
+    mode: int
+    decode: int
+    v_off: float = 0.0
+    lut_masks: torch.Tensor | None = None  # LUT kernel terms, filled by quant_lut.prepare_lut
+    lut_betas: torch.Tensor | None = None
+
+    @property
+    def n_groups(self) -> int:
+        return self.params.shape[0]
+
+    @property
+    def Kp(self) -> int:
+        return self.n_groups * self.group_size
+
+    @property
+    def plane0_rows(self) -> int:
+        """Rows of the first plane (the 1-bit plane of 3-bit weights starts here)."""
+        return self.Kp // (16 if self.bits == 3 else 32 // self.bits)
+
+    def nbytes(self) -> int:
+        """Bytes a kernel must read: packed codes + per-group parameters (the table is negligible)."""
+        return self.qweight.numel() * 4 + self.params.numel() * self.params.element_size()
+
+
+def e2m1_values() -> list[float]:
+    """What DECODE_E2M1 computes for codes 0..15 (sign-magnitude E2M1, subnormal at exponent 0)."""
+    mags = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    return mags + [-m for m in mags]
+
+
+def choose_decode(grid: list[float]) -> tuple[int, float]:
+    """The cheapest exact decode for ``grid`` (values by code): (DECODE_*, v_off)."""
+    n = len(grid)
+    if all(not math.isnan(v) and v == grid[0] + c for c, v in enumerate(grid)) and float(grid[0]).is_integer():
+        return DECODE_INT, float(grid[0])
+    if n == 16 and all(a == b and math.copysign(1, a) == math.copysign(1, b) for a, b in zip(grid, e2m1_values())):
+        return DECODE_E2M1, 0.0
+    return DECODE_TABLE, 0.0
+
+
+def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """codes (Kp, N) int64 of ``width`` bits -> int32 (Kp // (32 // width), N), N contiguous."""
+    per = 32 // width
+    kp, n = codes.shape
+    shifts = (torch.arange(per, device=codes.device, dtype=torch.int64) * width).view(1, per, 1)
+    words = (codes.view(kp // per, per, n) << shifts).sum(1)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)  # int32 two's complement
+    return words.to(torch.int32)
+
+
+def repack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, bits: int, group_size: int,
+           mode: int) -> KernelWeight:
+    """Build the kernel layout from codes uint8 ``(N, K)`` and per-group ``a``/``b`` ``(N, n_groups)``.
+
+    ``grid`` is the value grid by code (sequence of 2**bits floats). ``b`` may be None for MODE_SYM.
+    Raises ValueError for unsupported bits, group sizes or mismatched shapes.
+    """
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"bits must be one of {KERNEL_BITS} for the GPU kernels, got {bits}")
+    if group_size % 32:
+        raise ValueError(f"group_size must be a multiple of 32 for the GPU kernels, got {group_size}")
+    if mode not in (MODE_SYM, MODE_ZERO, MODE_TWO):
+        raise ValueError(f"mode must be MODE_SYM, MODE_ZERO or MODE_TWO, got {mode!r}")
+    n, k = codes.shape
+    ng = -(-k // group_size)
+    if a.shape != (n, ng) or (b is not None and b.shape != (n, ng)):
+        raise ValueError(f"params must be (N, n_groups) = {(n, ng)}, got {tuple(a.shape)} and "
+                         f"{None if b is None else tuple(b.shape)}")
+    if len(grid) != 2 ** bits:
+        raise ValueError(f"grid must have 2**bits = {2 ** bits} values, got {len(grid)}")
+    kp = ng * group_size
+    c = torch.zeros(kp, n, dtype=torch.int64, device=codes.device)
+    c[:k] = codes.t().to(torch.int64)
+    if bits == 3:
+        qweight = torch.cat([_pack_plane(c & 3, 2), _pack_plane(c >> 2, 1)], 0)
+    else:
+        qweight = _pack_plane(c, bits)
+    b = a if b is None else b
+    params = torch.stack([a.t(), b.t().to(a.dtype)], 1).contiguous()
+    grid = [float(v) for v in grid]
+    decode, v_off = choose_decode(grid)
+    # NaN grid entries (FP8 NaN codes, never emitted) become 0 so a table read can never poison a sum.
+    table = torch.tensor([0.0 if math.isnan(v) else v for v in grid], dtype=torch.float32, device=codes.device)
+    return KernelWeight(qweight.contiguous(), params, table, n, k, bits, group_size, mode, decode, v_off)
+
+
+def unpack(kw: KernelWeight) -> torch.Tensor:
+    """Codes (N, K) uint8 back from the kernel layout (reference and tests)."""
+    def plane(rows: torch.Tensor, width: int) -> torch.Tensor:
+        per = 32 // width
+        shifts = (torch.arange(per, device=rows.device, dtype=torch.int32) * width).view(1, per, 1)
+        return ((rows.unsqueeze(1) >> shifts) & (2 ** width - 1)).reshape(-1, rows.shape[-1])
+
+    q = kw.qweight
+    if kw.bits == 3:
+        p0 = kw.plane0_rows
+        c = plane(q[:p0], 2) | (plane(q[p0:], 1) << 2)
+    else:
+        c = plane(q, kw.bits)
+    return c[:kw.K].t().to(torch.uint8).contiguous()
