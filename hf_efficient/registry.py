@@ -20,6 +20,7 @@ CAPABILITY_MODULES: tuple[str, ...] = (
     "hf_efficient.quantization.afpq",
     "hf_efficient.quantization.mofq",
     "hf_efficient.quantization.api",
+    "hf_efficient.quantization.gpu",
 )
 
 

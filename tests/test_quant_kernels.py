@@ -1,0 +1,333 @@
+"""Quantized matmul kernels (dequant GEMV/GEMM, bit-serial LUT GEMM) vs their torch references.
+
+Weights are built from random *integers* (codes, zero points) and random scales, repacked into the
+kernel layout, and every kernel is compared with the float32 reference computed from the same integers.
+
+Tolerance (per output element, derived, not fitted): the kernels accumulate in float32 and round once to
+the output dtype, so ``|y - ref| <= u_out * |ref| + (u_w + 1e-5) * sum_k |x_k * w_k|`` where ``u_out`` is
+the output dtype's unit roundoff (fp16 2**-11, bf16 2**-9; we allow twice that), ``u_w`` the same for
+kernels that round the dequantized weight to the activation dtype before ``tl.dot`` (GEMM; 0 for GEMV
+and LUT, which multiply in float32), and ``1e-5`` covers float32 summation order over K <= 2**12
+(K * 2**-24 ~ 2.4e-4 worst case, ~sqrt(K) * 2**-24 typical; the LUT kernel also sums Walsh terms).
+On CPU the kernels run under TRITON_INTERPRET=1 (small shapes). The interpreter cannot ``tl.dot`` bf16
+(numpy has no bf16), so bf16 GEMM runs in the GPU tests only; bf16 GEMV/LUT run on CPU too.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import pytest
+import torch
+
+from hf_efficient import formats
+from hf_efficient.kernels.quant_layout import (DECODE_E2M1, DECODE_INT, DECODE_TABLE, SCHEME_MODE, choose_decode,
+                                               repack, unpack)
+from hf_efficient.kernels.quant_reference import dequantize_reference, lut_matmul_reference
+
+U = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -8}
+
+
+def make_weight(fmt_name, n, k, group, scale_dtype=torch.float16, special=None, seed=0, device="cpu"):
+    """Random codes/params in the format's scheme -> KernelWeight. special: 'zero' or 'extreme' groups."""
+    fmt = formats.get_format(fmt_name)
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.tensor(random.Random(seed).choices(fmt.valid_codes, k=n * k), dtype=torch.uint8).view(n, k)
+    ng = -(-k // group)
+    a = torch.rand(n, ng, generator=g) * 0.1 + 1e-3
+    b = torch.rand(n, ng, generator=g) * 0.1 + 1e-3
+    if fmt.scheme == "zero_point":
+        b = torch.randint(0, 2 ** fmt.bits, (n, ng), generator=g).float()
+    if special == "zero":
+        a[:, ::2] = 0
+        if fmt.scheme != "zero_point":
+            b[:, ::2] = 0
+    elif special == "extreme":
+        a[:, 0] *= 1000.0
+        a[:, -1] *= 1e-3
+        if fmt.scheme == "two_scale":
+            b[:, 0] *= 1000.0
+    kw = repack(codes, a.to(scale_dtype), None if fmt.scheme == "sym" else b.to(scale_dtype), fmt.grid, fmt.bits,
+                group, SCHEME_MODE[fmt.scheme])
+    if device != "cpu":
+        for name in ("qweight", "params", "table"):
+            setattr(kw, name, getattr(kw, name).to(device))
+    return fmt, codes, kw
+
+
+def check_close(y, x, kw, u_w=0.0, what=""):
+    w = dequantize_reference(kw)
+    ref = x.float() @ w.t()
+    mag = x.float().abs() @ w.abs().t()
+    u = U[x.dtype]
+    tol = u * ref.abs() + (u_w + 1e-5) * mag + 1e-30
+    err = (y.float() - ref).abs()
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert torch.isfinite(y.float()).all(), f"{what}: non-finite output"
+    bad = err > tol
+    assert not bad.any(), f"{what}: {int(bad.sum())} elements off, worst err {float((err - tol).max()):.3g} over tol"
+    return float((err / (mag + 1e-30)).max())
+
+
+# --- layout ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["int2_asym", "int3_asym", "int4_asym", "int8_asym", "nf3_asym", "fp4_asym"])
+def test_repack_roundtrip_and_decode(name):
+    fmt, codes, kw = make_weight(name, 5, 100, 32)
+    assert torch.equal(unpack(kw), codes)
+    assert kw.Kp == 128 and kw.qweight.dtype == torch.int32
+    # bytes: 3-bit weights take 3 bits (two planes), not 4
+    assert kw.qweight.numel() * 32 == kw.Kp * kw.N * fmt.bits
+    ref = formats.decode(fmt, codes, {p: kw.params[:, i].float().t().repeat_interleave(32, 1)[:, :100]
+                                      for i, p in enumerate(fmt.param_names)})
+    if fmt.scheme == "sym":
+        ref = formats.decode(fmt, codes, {"scales": kw.params[:, 0].float().t().repeat_interleave(32, 1)[:, :100]})
+    torch.testing.assert_close(dequantize_reference(kw), ref, rtol=0, atol=0)
+
+
+def test_choose_decode():
+    assert choose_decode(formats.get_format("int4_asym").grid) == (DECODE_INT, 0.0)
+    assert choose_decode(formats.get_format("int3_sym").grid) == (DECODE_INT, -4.0)
+    assert choose_decode(formats.get_format("fp4_asym").grid)[0] == DECODE_E2M1
+    assert choose_decode(formats.get_format("nf4_asym").grid)[0] == DECODE_TABLE
+
+
+def test_repack_errors():
+    with pytest.raises(ValueError, match="group_size"):
+        make_weight("int4_asym", 4, 64, 48)
+    fmt = formats.get_format("int4_asym")
+    with pytest.raises(ValueError, match="params"):
+        repack(torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 3), torch.ones(4, 3), fmt.grid, 4, 32, 1)
+
+
+# --- kernels under the interpreter ----------------------------------------------------------------
+# (format, N, K, group, dtype, special): every format family, all group sizes, K not a multiple of the
+# group / block, N not a multiple of BLOCK_N, zero and extreme groups.
+CASES = [
+    ("int4_asym", 37, 150, 32, torch.float16, None),
+    ("int3_asym", 70, 128, 64, torch.bfloat16, "zero"),
+    ("int2_asym", 33, 200, 128, torch.float16, "extreme"),
+    ("fp4_asym", 64, 96, 32, torch.bfloat16, None),
+    ("fp3_asym", 21, 160, 32, torch.float16, "zero"),
+    ("nf4_asym", 48, 256, 128, torch.float16, "extreme"),
+    ("nf3_asym", 40, 100, 32, torch.bfloat16, "extreme"),
+    ("int4_sym", 16, 64, 64, torch.float16, "zero"),
+    ("nf4_sym", 9, 130, 64, torch.bfloat16, None),
+    ("int8_asym", 24, 96, 32, torch.float16, None),
+]
+
+
+def _ids(c):
+    return f"{c[0]}-{c[1]}x{c[2]}-g{c[3]}-{str(c[4])[6:]}-{c[5]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_kernels_match_reference(case):
+    from hf_efficient.kernels.quant_gemm import quant_gemm, quant_gemv
+    from hf_efficient.kernels.quant_lut import MAX_LUT_BITS, quant_lut_gemm
+
+    name, n, k, group, dtype, special = case
+    fmt, _, kw = make_weight(name, n, k, group, special=special, seed=n * k)
+    torch.manual_seed(k)
+    x1 = torch.randn(1, k).to(dtype)
+    check_close(quant_gemv(x1, kw), x1, kw, what="gemv")
+    xm = torch.randn(5, k).to(dtype)
+    if dtype == torch.float16:
+        check_close(quant_gemm(xm, kw), xm, kw, u_w=U[dtype], what="gemm")
+    if fmt.bits <= MAX_LUT_BITS:
+        check_close(quant_lut_gemm(xm, kw), xm, kw, what="lut")
+
+
+def test_lut_reference_matches_dequant_reference():
+    for name in ("int3_asym", "nf4_asym", "fp4_sym"):
+        _, _, kw = make_weight(name, 12, 96, 32, special="extreme")
+        x = torch.randn(3, 96)
+        torch.testing.assert_close(lut_matmul_reference(x, kw), x @ dequantize_reference(kw).t(), rtol=1e-5,
+                                   atol=1e-4)
+
+
+def test_kernel_input_errors():
+    from hf_efficient.kernels.quant_gemm import quant_gemm, quant_gemv
+    from hf_efficient.kernels.quant_lut import quant_lut_gemm
+
+    _, _, kw = make_weight("int4_asym", 8, 64, 32)
+    with pytest.raises(ValueError, match="dtype"):
+        quant_gemm(torch.randn(2, 64), kw)
+    with pytest.raises(ValueError, match="K=64"):
+        quant_gemv(torch.randn(1, 65).half(), kw)
+    with pytest.raises(ValueError, match="one row"):
+        quant_gemv(torch.randn(2, 64).half(), kw)
+    _, _, kw8 = make_weight("int8_asym", 8, 64, 32)
+    with pytest.raises(ValueError, match="bits <= 4"):
+        quant_lut_gemm(torch.randn(2, 64).half(), kw8)
+
+
+# --- op, QuantLinear fast path, torch.compile ----------------------------------------------------
+
+@pytest.fixture
+def cpu_fast_path():
+    """Route QuantLinear on CPU through the op (Triton interpreter), as CUDA does."""
+    from hf_efficient.quantization import register_fast_path, unregister_fast_path
+    from hf_efficient.quantization.gpu import quant_linear_forward
+
+    for b in (2, 3, 4):
+        register_fast_path("*", b, "cpu", quant_linear_forward, name="test-interp")
+    yield
+    for b in (2, 3, 4):
+        unregister_fast_path("*", b, "cpu", "test-interp")
+
+
+def _qlinear(fmt, k=96, n=40, group=32, bias=True, seed=0):
+    from hf_efficient.quantization import QuantLinear
+
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    return QuantLinear.from_linear(lin, fmt, group)
+
+
+@pytest.mark.parametrize("fmt,m", [("nf4_asym", 1), ("int3_asym", 3), ("fp4_asym", 2)])
+def test_quant_linear_fast_path(cpu_fast_path, fmt, m):
+    from hf_efficient.quantization import reference_only
+    from hf_efficient.quantization.gpu import force_kernel
+
+    layer = _qlinear(fmt)
+    x = torch.randn(m, 2, 96).half()
+    with reference_only():
+        ref = layer(x)
+    y = layer(x)
+    assert hasattr(layer, "_hfe_kernel_qweight") and "_hfe_kernel_qweight" not in layer.state_dict()
+    torch.testing.assert_close(y, ref, rtol=2e-3, atol=2e-3)
+    with force_kernel("lut"):
+        torch.testing.assert_close(layer(x), ref, rtol=2e-3, atol=2e-3)
+    # the repacked copy follows the stored weight when it changes
+    layer.qweight.copy_(torch.roll(layer.qweight, 1, 0))
+    with reference_only():
+        ref2 = layer(x)
+    torch.testing.assert_close(layer(x), ref2, rtol=2e-3, atol=2e-3)
+
+
+def test_choose_kernel_by_shape():
+    from hf_efficient.quantization import gpu
+
+    assert gpu.choose_kernel(1, 4) == "gemv"
+    assert gpu.choose_kernel(16, 4) == "gemm"
+    with gpu.force_kernel("lut"):
+        assert gpu.choose_kernel(1, 4) == "lut"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        with gpu.force_kernel("fast"):
+            pass
+
+
+def test_op_fake_and_compile(cpu_fast_path):
+    from hf_efficient.quantization.gpu import _TENSORS, _BUF, prepare_model, quant_linear_forward
+
+    layer = _qlinear("int4_asym", bias=False)
+    x = torch.randn(3, 96).half()
+    quant_linear_forward(x, layer)  # repack
+    t = [getattr(layer, _BUF + n) for n in _TENSORS]
+    args = (x, *t, 40, 96, *layer._hfe_kernel_meta, "auto")
+    torch.library.opcheck(torch.ops.hf_efficient.quant_matmul.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+    model = torch.nn.Sequential(_qlinear("nf3_asym", k=96, n=64), torch.nn.GELU(), _qlinear("int4_asym", k=64, n=32))
+    assert prepare_model(model) == 0  # nothing on CUDA here
+    for m in model.modules():
+        if hasattr(m, "qweight"):
+            quant_linear_forward(torch.zeros(1, m.in_features).half(), m)
+    eager = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager)
+
+
+# --- GPU: fuzz and compile -----------------------------------------------------------------------
+
+FUZZ_FORMATS = ["int4_asym", "int3_asym", "int2_asym", "fp4_asym", "fp3_asym", "nf4_asym", "nf3_asym", "int4_sym",
+                "int8_asym"]
+
+
+def _fuzz(kernel, cases=1000):
+    from hf_efficient.kernels.autotune import space, valid
+    from hf_efficient.kernels.quant_gemm import quant_gemm, quant_gemv
+    from hf_efficient.kernels.quant_lut import MAX_LUT_BITS, quant_lut_gemm
+
+    rng = random.Random(1234 + len(kernel))
+    fn = {"gemv": quant_gemv, "gemm": quant_gemm, "lut": quant_lut_gemm}[kernel]
+    worst, t0, counts = 0.0, time.time(), {}
+    for i in range(cases):
+        name = rng.choice([f for f in FUZZ_FORMATS if kernel != "lut" or formats.get_format(f).bits <= MAX_LUT_BITS])
+        group = rng.choice([32, 64, 128])
+        n, k = rng.randint(1, 700), rng.randint(1, 1500)
+        m = 1 if kernel == "gemv" else rng.choice([1, 2, 3, 5, 8, 16, 17, 33, 64, 100]) if kernel == "gemm" \
+            else rng.randint(1, 9)
+        dtype = rng.choice([torch.float16, torch.bfloat16])
+        special = rng.choice([None, None, "zero", "extreme"])
+        _, _, kw = make_weight(name, n, k, group, special=special, seed=i, device="cuda")
+        # first valid config -> few compilations; every config is exercised in test_gpu_every_config
+        args = {"GROUP": group, "BITS": kw.bits, "M": m}
+        cfg = next(c for c in space(kernel) if valid(kernel, c, args))
+        x = torch.randn(m, k, device="cuda").to(dtype) * rng.choice([1.0, 0.01, 30.0])
+        y = fn(x, kw, config=cfg)
+        rel = check_close(y, x, kw, u_w=U[dtype] if kernel == "gemm" else 0.0, what=f"{kernel} case {i} {name} "
+                          f"m={m} n={n} k={k} g={group} {dtype} {special}")
+        worst = max(worst, rel)
+        counts[name] = counts.get(name, 0) + 1
+    print(f"\nFUZZ {kernel}: {cases} cases passed in {time.time() - t0:.1f}s; worst |err|/sum|x*w| = {worst:.2e}; "
+          f"per format {counts}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["gemv", "gemm", "lut"])
+def test_gpu_fuzz(kernel):
+    _fuzz(kernel)
+
+
+@pytest.mark.gpu
+def test_gpu_every_config():
+    from hf_efficient.kernels.autotune import space, valid
+    from hf_efficient.kernels.quant_gemm import quant_gemm, quant_gemv
+    from hf_efficient.kernels.quant_lut import quant_lut_gemm
+
+    for kernel, fn, m in (("gemv", quant_gemv, 1), ("gemm", quant_gemm, 24), ("lut", quant_lut_gemm, 6)):
+        for name in ("int3_asym", "nf4_asym"):
+            _, _, kw = make_weight(name, 300, 1000, 128, device="cuda")
+            x = torch.randn(m, 1000, device="cuda", dtype=torch.bfloat16)
+            for cfg in space(kernel):
+                if valid(kernel, cfg, {"GROUP": 128, "BITS": kw.bits, "M": m}):
+                    check_close(fn(x, kw, config=cfg), x, kw, u_w=U[x.dtype] if kernel == "gemm" else 0.0,
+                                what=f"{kernel} {cfg}")
+    # autotuned entry points too
+    _, _, kw = make_weight("fp4_asym", 512, 1024, 128, device="cuda")
+    for m in (1, 4, 64):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
+        check_close(quant_gemv(x, kw) if m == 1 else quant_gemm(x, kw), x, kw, u_w=U[x.dtype], what=f"tuned m={m}")
+
+
+@pytest.mark.gpu
+def test_gpu_quant_model_generate_compiled():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_efficient.quantization import QuantLinear, reference_only
+    from hf_efficient.quantization.gpu import prepare_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear) and cname != "lm_head":
+                setattr(mod, cname, QuantLinear.from_linear(child, "nf4_asym", 64))
+    model = model.to("cuda", torch.bfloat16)
+    assert prepare_model(model) == 14
+    ids = torch.randint(0, 512, (1, 12), device="cuda")
+    with torch.no_grad():
+        with reference_only():
+            ref = model(ids).logits.float()
+        fast = model(ids).logits.float()
+        model.forward = torch.compile(model.forward, fullgraph=False)
+        comp = model(ids).logits.float()
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    for y in (fast, comp):
+        assert (y - ref).norm() / ref.norm() < 2e-2
+    assert out.shape == (1, 20)
