@@ -177,11 +177,12 @@ def _out(q):
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Tensor,
                      kv_cnt: torch.Tensor, *, causal: bool = True, scale: float | None = None,
-                     block: int = 64) -> torch.Tensor:
+                     block: int = 64, pair: int | None = None) -> torch.Tensor:
     """Block-sparse FlashAttention forward.
 
     @kv_idx: int32 (B, H, ceil(Sq/block), W), ascending kept key-block numbers per query block
     @kv_cnt: int32 (B, H, ceil(Sq/block)), how many entries of ``kv_idx`` are valid (<= W)
+    @pair: key blocks per inner step (1 or 2); None lets the autotuner choose (tests pin it)
     Returns (B, H, Sq, D) in q.dtype (a view of a contiguous (B, Sq, H, D) buffer).
     """
     q, k, v = _check(q, k, v, block)
@@ -194,13 +195,19 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: 
     kv_cnt = kv_cnt.to(torch.int32).contiguous()
     out = _out(q)
     scale = d ** -0.5 if scale is None else scale
-    _sparse_fwd_kernel[(nqb, bsz * h)](
-        q, k, v, out, kv_idx, kv_cnt, scale * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2), kv_cnt.stride(0), kv_cnt.stride(1),
-        h, sq, k.shape[2], kv_idx.shape[3],
-        GROUPS=h // k.shape[1], CAUSAL=causal, BLK=block, HEAD_D=d)
+    args = (q, k, v, out, kv_idx, kv_cnt, scale * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2), kv_cnt.stride(0), kv_cnt.stride(1),
+            h, sq, k.shape[2], kv_idx.shape[3])
+    meta = dict(GROUPS=h // k.shape[1], CAUSAL=causal, BLK=block, HEAD_D=d)
+    if pair is None:
+        _sparse_fwd_kernel[(nqb, bsz * h)](*args, **meta)
+    else:
+        if pair not in (1, 2):
+            raise ValueError(f"pair must be 1 or 2, got {pair}")
+        _sparse_fwd_kernel.fn[(nqb, bsz * h)](*args, **meta, PAIR=pair, num_warps=4,
+                                              num_stages=1 if _INTERPRET else 2)
     return out
 
 

@@ -12,7 +12,7 @@ Gates come from :func:`train_gates` or ``hf-efficient train-gate``.
 from __future__ import annotations
 
 from ... import registry
-from . import ops  # noqa: F401  (defines torch.ops.hf_efficient.seer_*)
+from . import commands, ops  # noqa: F401  (train-gate command; torch.ops.hf_efficient.seer_*)
 from .attention import MissingGateError, attention_modules, seer_attention_forward
 from .config import SeerAttentionConfig
 from .gate import AttnGate, select_blocks

@@ -100,7 +100,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, scaling=No
             gate.records.append(_kl(pooled, gate.logits(query.detach(), key.detach(), key_valid)))
         return out.transpose(1, 2), None
     with torch.no_grad():
-        scores = gate.logits(query, key, key_valid)
+        scores = gate(query, key, key_valid)  # probabilities: 'threshold' compares against them
         block_mask = select_blocks(scores, gate.config, sq, sk)
     if gate.capture == "recall":
         p = ref.attention_probs(query, key, causal=causal, scale=scale, token_mask=token_mask)
