@@ -12,4 +12,8 @@ from . import registry as _registry
 
 _registry.register_all()
 
-__all__ = ["__version__"]
+from .quantization.afpq import AFPQConfig  # noqa: E402
+from .quantization.api import load_config_file as load_quant_config, quantize  # noqa: E402
+from .quantization.mofq import MoFQConfig  # noqa: E402
+
+__all__ = ["__version__", "AFPQConfig", "MoFQConfig", "quantize", "load_quant_config"]

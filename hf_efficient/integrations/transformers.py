@@ -70,6 +70,47 @@ def quantize_module_weight(module: QuantLinear, config: QuantConfigBase, name: s
     return storage_tensors(module.fmt, codes, params, module.scale_dtype)
 
 
+def _checkpoint_shapes(files) -> dict[str, tuple]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in files or []:
+        if str(f).endswith(".safetensors"):
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():
+                    shapes[k] = tuple(h.get_slice(k).get_shape())
+    return shapes
+
+
+def check_checkpoint(model, converted: list[str], files, what: str) -> None:
+    """Before loading a pre-quantized checkpoint, compare its tensor names and shapes with the layers the
+    config describes; raise :class:`QuantizationLoadError` listing the differences (nothing is loaded)."""
+    shapes = _checkpoint_shapes(files)
+    if not shapes:
+        return
+    problems = []
+    for name in converted:
+        m = model.get_submodule(name)
+        want = {k: tuple(t.shape) for k, t in m.state_dict().items() if k != "weight"}
+        have = {k[len(name) + 1:]: v for k, v in shapes.items() if k.startswith(name + ".")}
+        if not have:
+            problems.append(f"{name}: no tensors in the checkpoint")
+            continue
+        for k in sorted(set(want) - set(have)):
+            problems.append(f"{name}.{k}: missing")
+        for k in sorted(set(have) - set(want)):
+            problems.append(f"{name}.{k}: unexpected (layer format {m.fmt.name} stores {sorted(want)})")
+        for k in sorted(set(want) & set(have)):
+            if want[k] != have[k]:
+                problems.append(f"{name}.{k}: shape {list(have[k])} in the checkpoint, {list(want[k])} expected")
+    if problems and len([p for p in problems if p.endswith("no tensors in the checkpoint")]) == len(converted):
+        return  # names are prefixed differently (a renamed base model): leave matching to transformers
+    if problems:
+        raise QuantizationLoadError(
+            f"{what} checkpoint does not match its quantization_config ({len(problems)} problems; nothing was "
+            f"loaded): " + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+
+
 class QuantizeOnLoad(ConversionOps):
     """Turns one float ``<layer>.weight`` from the checkpoint into the layer's packed tensors."""
 
@@ -111,12 +152,15 @@ class HfEfficientQuantizer(HfQuantizer):
     def update_dtype(self, dtype):
         return dtype
 
-    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, checkpoint_files=None,
+                                             **kwargs):
         cfg = self.quantization_config
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         skip = self.get_modules_to_not_convert(model, cfg.modules_to_not_convert, keep_in_fp32_modules,
                                                add_default_skips=tied)
         self._converted = replace_linears(model, cfg, skip, placeholder=not self.pre_quantized)
+        if self.pre_quantized:
+            check_checkpoint(model, self._converted, checkpoint_files, type(cfg).__name__)
         if not self._converted:
             logger.warning("%s: no nn.Linear layer was converted (modules_to_not_convert=%s)",
                            type(cfg).__name__, cfg.modules_to_not_convert)
@@ -139,8 +183,9 @@ class HfEfficientQuantizer(HfQuantizer):
                     problems.append(f"{name}: the float weight was loaded but never quantized")
                 del m._parameters["weight"]
             for t_name, t in list(m.named_buffers(recurse=False)) + list(m.named_parameters(recurse=False)):
-                if t.device.type == "meta":
-                    problems.append(f"{name}.{t_name}: missing from the checkpoint")
+                # Tensors transformers loaded carry this flag; missing/mismatched ones were re-created empty.
+                if t.device.type == "meta" or not getattr(t, "_is_hf_initialized", False):
+                    problems.append(f"{name}.{t_name}: missing from the checkpoint or not loaded")
             if m.bias is not None:
                 m.bias.requires_grad_(False)
         if problems:

@@ -195,11 +195,16 @@ def config_from_args(args) -> QuantConfigBase:
     from .afpq.config import AFPQConfig
     from .mofq.config import MoFQConfig
 
-    common = dict(bits=args.bits, group_size=args.group_size, algorithm=args.algorithm, act_order=args.act_order,
-                  calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, scale_dtype=args.scale_dtype)
+    # Options given on the command line override a --config file; unset ones keep the file's values.
+    given = {k: v for k, v in dict(algorithm=args.algorithm, act_order=args.act_order or None,
+                                   calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen).items()
+             if v is not None}
+    common = dict(bits=args.bits, group_size=args.group_size, scale_dtype=args.scale_dtype,
+                  **{"algorithm": "gptq", "calib_samples": 64, "calib_seqlen": 512, **given})
     try:
         if args.config:
-            return load_config_file(args.config)
+            cfg = load_config_file(args.config)
+            return type(cfg).from_dict({**cfg.to_dict(), **given})
         if args.method == "afpq":
             return AFPQConfig(fmt=args.fmt, asymmetric=not args.symmetric, **common)
         return MoFQConfig(act_bits=args.act_bits, **common)
@@ -207,11 +212,23 @@ def config_from_args(args) -> QuantConfigBase:
         raise CliError(str(e)) from None
 
 
+HUB_CONFIGS = Path(__file__).resolve().parents[2] / "hub_configs"
+
+
 def load_config_file(path: str | os.PathLike) -> QuantConfigBase:
-    """A config from a JSON file such as ``hub_configs/afpq-fp4-g128.json`` (its ``quant_method`` picks the class)."""
+    """A config from a JSON file, or a recipe name of ``hub_configs/`` (``"afpq-fp4-g128"``, ``"mofq-w8a8"``, ...).
+
+    The file's ``quant_method`` picks the class (AFPQConfig / MoFQConfig).
+    """
     import json
 
-    d = json.loads(Path(path).read_text())
+    p = Path(path)
+    if not p.is_file() and (HUB_CONFIGS / f"{path}.json").is_file():
+        p = HUB_CONFIGS / f"{path}.json"
+    if not p.is_file():
+        known = sorted(f.stem for f in HUB_CONFIGS.glob("*.json")) if HUB_CONFIGS.is_dir() else []
+        raise ValueError(f"quantization config {str(path)!r} is neither a file nor a recipe in hub_configs/ {known}")
+    d = json.loads(p.read_text())
     method = d.get("quant_method")
     methods = registry.register_all().quantization
     if method not in methods:
@@ -232,10 +249,10 @@ def _configure(p):
     p.add_argument("--group-size", type=int, default=128, help="columns per scale group; -1 per-channel")
     p.add_argument("--symmetric", action="store_true", help="afpq: one absmax scale instead of two scales")
     p.add_argument("--act-bits", type=positive_int, default=None, help="mofq: 8 for W8A8")
-    p.add_argument("--algorithm", choices=("gptq", "rtn"), default="gptq")
+    p.add_argument("--algorithm", choices=("gptq", "rtn"), default=None, help="default gptq (or the --config's)")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
-    p.add_argument("--calib-samples", type=positive_int, default=64, help="calibration windows (default 64)")
-    p.add_argument("--calib-seqlen", type=positive_int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--calib-samples", type=positive_int, default=None, help="calibration windows (default 64)")
+    p.add_argument("--calib-seqlen", type=positive_int, default=None, help="tokens per window (default 512)")
     p.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
 
 

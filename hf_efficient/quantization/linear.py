@@ -162,6 +162,15 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype or torch.float32),
                                  requires_grad=False) if bias else None
 
+    # peft (and AutoGPTQ-era tools) look for these names on quantized linears.
+    @property
+    def infeatures(self) -> int:
+        return self.in_features
+
+    @property
+    def outfeatures(self) -> int:
+        return self.out_features
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt, group_size: int | None = None, scale_dtype=torch.float16,
                     act_fmt=None, name: str | None = None) -> "QuantLinear":
