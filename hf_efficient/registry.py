@@ -21,6 +21,7 @@ CAPABILITY_MODULES: tuple[str, ...] = (
     "hf_efficient.quantization.mofq",
     "hf_efficient.quantization.api",
     "hf_efficient.quantization.gpu",
+    "hf_efficient.quantization.lut",
 )
 
 
