@@ -1,0 +1,378 @@
+"""AdamA ("Adam Accumulation"): fold each micro-batch's gradient into Adam's states during backward.
+
+Update rule, for one optimizer step made of N micro-batches whose gradients *as they arrive* are
+h_1 ... h_N (the usual accumulation recipe scales each micro-batch loss by 1/N, so h_i = g_i / N
+where g_i is micro-batch i's mean gradient and G = sum_i h_i is the accumulated gradient)::
+
+    at the first micro-batch of the step:   m <- b1 * m          v <- b2 * v
+    for every micro-batch i:                m += (1 - b1) * h_i  v += (1 - b2) * N * h_i**2
+    at step():   t += 1;  p <- p * (1 - lr * wd)                       (decoupled weight decay)
+                 p <- p - lr * (m / (1 - b1**t)) / (sqrt(v / (1 - b2**t)) + eps)
+
+m is exactly AdamW's (b1 m + (1 - b1) G). v holds (1 - b2) * mean_i g_i**2 instead of AdamW's
+(1 - b2) * (mean_i g_i)**2: larger by the variance of the micro-batch gradients. With N = 1 the
+two coincide, so AdamA with one micro-batch is AdamW. Because every micro-batch is folded as soon
+as its gradient is complete (``register_post_accumulate_grad_hook``) and the gradient is then
+freed (``p.grad = None``), at most a few parameters' gradients exist at any time instead of the
+whole model's.
+
+Consequences a user must know (each raises or is documented, never silent):
+
+* Global-norm gradient clipping is impossible (the global gradient never exists). ``per_param_clip=c``
+  clips, per parameter and per micro-batch, the micro-batch mean gradient g_i to norm <= c.
+* Sparse gradients are refused; fp16 loss scaling (GradScaler) is not supported (the fold would see
+  scaled gradients); bf16 autocast and bf16/fp16 parameters are fine (states are fp32).
+* Distributed data parallel: gradients must be reduced before the fold. Either pass
+  ``process_group`` (no DDP wrapper; every hook all-reduces its parameter's gradient, so each
+  micro-batch costs one full gradient all-reduce instead of one per step), or wrap with DDP, build
+  with ``fold_on_hook=False`` and call :meth:`fold_grads` after every micro-batch's backward with
+  gradient sync on each micro-batch (same communication; DDP's buckets keep a full-model gradient
+  buffer, so this path keeps AdamA's rule but not its memory saving).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from . import lowbit
+
+STATE_BITS = (32, 8)
+
+
+def _check(name, value, ok: bool, allowed: str):
+    if not ok:
+        raise ValueError(f"AdamA: {name}={value!r} is invalid; allowed: {allowed}")
+
+
+class AdamA(Optimizer):
+    """Adam whose states absorb micro-batch gradients during backward (see the module docstring).
+
+    Args:
+        params: parameters or parameter groups, as for ``torch.optim.AdamW``.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay, default 0.01).
+        accumulation_steps: N, the number of micro-batches per ``step()``; it scales the fold of v
+            (``N * h_i**2``) so that gradients scaled by 1/N give the mean of squared micro-batch
+            gradients. A shorter last window (fewer micro-batches) over-estimates v by N/k for that step.
+        state_bits: 32 (fp32 m and v) or 8 (block-wise 8-bit m and v, :mod:`.lowbit`, for tensors with
+            at least ``min_8bit_size`` elements; smaller ones keep fp32 states).
+        stochastic_rounding, seed: round 8-bit re-quantization stochastically (default: nearest) from a
+            generator seeded with ``seed`` and saved in the state dict.
+        per_param_clip: if set, clip each parameter's micro-batch mean gradient to this norm before
+            folding (the only clipping possible once gradients are freed).
+        fold_on_hook: fold in ``register_post_accumulate_grad_hook`` (default, saves gradient memory).
+            False: gradients stay until :meth:`fold_grads` or :meth:`step` (the DDP path).
+        process_group: a ``torch.distributed`` group to average each gradient over before folding.
+        track_grad_norm: keep sum of squared micro-batch mean-gradient norms for logging
+            (:meth:`pop_grad_norm`).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, accumulation_steps: int = 1,
+                 state_bits: int = 32, block_size: int = 256, min_8bit_size: int = 4096,
+                 stochastic_rounding: bool = False, seed: int = 0, per_param_clip: float | None = None,
+                 fold_on_hook: bool = True, process_group=None, track_grad_norm: bool = False):
+        _check("lr", lr, isinstance(lr, (int, float)) and lr >= 0, "a float >= 0")
+        _check("betas", betas, len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "two floats in [0, 1)")
+        _check("eps", eps, eps >= 0, "a float >= 0")
+        _check("weight_decay", weight_decay, weight_decay >= 0, "a float >= 0")
+        _check("state_bits", state_bits, state_bits in STATE_BITS, str(STATE_BITS))
+        _check("block_size", block_size, isinstance(block_size, int) and block_size > 0, "a positive int")
+        _check("per_param_clip", per_param_clip, per_param_clip is None or per_param_clip > 0, "None or > 0")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.accumulation_steps = accumulation_steps
+        self.state_bits = state_bits
+        self.block_size = block_size
+        self.min_8bit_size = min_8bit_size
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.per_param_clip = per_param_clip
+        self.process_group = process_group
+        self.track_grad_norm = track_grad_norm
+        self._sq_norm: torch.Tensor | None = None
+        self._micro_batches = 0
+        self._hooks: list = []
+        if fold_on_hook:
+            self.install_hooks()
+
+    # -- configuration ---------------------------------------------------------------------------
+    @property
+    def accumulation_steps(self) -> int:
+        return self._n
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, n: int) -> None:
+        _check("accumulation_steps", n, isinstance(n, int) and n >= 1, "an int >= 1")
+        self._n = n
+
+    @property
+    def fold_on_hook(self) -> bool:
+        return bool(self._hooks)
+
+    def install_hooks(self) -> None:
+        """Fold (and free) each gradient as soon as backward has accumulated it."""
+        if self._hooks:
+            return
+        ref = weakref.ref(self)  # the model must not keep a dropped optimizer alive
+
+        def hook(p: torch.Tensor) -> None:
+            opt = ref()
+            if opt is not None and p.grad is not None:
+                opt._consume(p)
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:  # frozen parameters get no gradient and no hook
+                    self._hooks.append(p.register_post_accumulate_grad_hook(hook))
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if getattr(self, "_hooks", None):  # groups added after construction get hooks too
+            self.remove_hooks()
+            self.install_hooks()
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # -- the fold ----------------------------------------------------------------------------------
+    def _group_of(self, p):
+        gid = self._group_index.get(id(p)) if hasattr(self, "_group_index") else None
+        if gid is None:
+            self._group_index = {id(q): i for i, g in enumerate(self.param_groups) for q in g["params"]}
+            gid = self._group_index[id(p)]
+        return self.param_groups[gid]
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.tensor(0.0)
+            st["folds"] = 0
+            if self.state_bits == 8 and lowbit.quantizable(p, self.min_8bit_size):
+                st["exp_avg"] = lowbit.Q8State.zeros(p, True, self.block_size)
+                st["exp_avg_sq"] = lowbit.Q8State.zeros(p, False, self.block_size)
+            else:
+                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        return st
+
+    def _consume(self, p: torch.Tensor) -> None:
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError("AdamA does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+                               "use dense gradients")
+        if self.process_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(g, op=dist.ReduceOp.SUM, group=self.process_group)
+            g.div_(dist.get_world_size(self.process_group))
+        elif self._hooks and _ddp_world() > 1:
+            raise RuntimeError("AdamA folds gradients inside backward, before DDP has reduced them: pass "
+                               "process_group=... to reduce each gradient in the hook (and do not wrap the model "
+                               "in DDP), or build AdamA(fold_on_hook=False) and call fold_grads() after each "
+                               "micro-batch (AdamACallback does this under Trainer)")
+        self.fold(p, g)
+        p.grad = None
+
+    @torch.no_grad()
+    def fold(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """Fold one micro-batch gradient contribution ``grad`` (= g_i / N) of ``p`` into its states."""
+        group = self._group_of(p)
+        b1, b2 = group["betas"]
+        n = self._n
+        st = self._init_state(p)
+        g = grad.float()
+        if self.per_param_clip is not None:
+            # clip the micro-batch mean gradient g_i = N * h_i; tensor math keeps it free of host syncs
+            norm = g.norm() * n
+            g = g * (self.per_param_clip / (norm + 1e-6)).clamp(max=1.0)
+        if self.track_grad_norm:
+            sq = g.pow(2).sum() * (n * n)
+            self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq.to(self._sq_norm.device)
+        first = st["folds"] == 0
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        if isinstance(m, lowbit.Q8State):
+            gen = self._generator(p.device)
+            gf = g.reshape(-1)
+            for a, b in m.chunks():  # chunked: the fp32 temporaries stay small for huge tensors
+                m32, v32 = m.dequantize(a, b), v.dequantize(a, b)
+                self._fold_fp32(m32, v32, gf[a:b], b1, b2, n, first)
+                m.store(m32, gen, a)
+                v.store(v32, gen, a)
+        else:
+            self._fold_fp32(m, v, g, b1, b2, n, first)
+        st["folds"] += 1
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if not self.stochastic_rounding:
+            return None
+        if device not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._generators[device] = g
+        return self._generators[device]
+
+    @staticmethod
+    def _fold_fp32(m, v, g, b1, b2, n, first):
+        if first:
+            m.mul_(b1)
+            v.mul_(b2)
+        m.add_(g, alpha=1.0 - b1)
+        v.addcmul_(g, g, value=(1.0 - b2) * n)
+
+    @torch.no_grad()
+    def fold_grads(self) -> None:
+        """Fold every present ``p.grad`` as one micro-batch and free it (for ``fold_on_hook=False``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("AdamA does not support sparse gradients; use dense gradients")
+                    self.fold(p, p.grad)
+                    p.grad = None
+        self._micro_batches += 1
+
+    def pop_grad_norm(self, micro_batches: int | None = None) -> float | None:
+        """RMS over the step's micro-batches of the micro-batch mean-gradient norm (== global grad norm
+        when N = 1; >= the accumulated gradient's norm otherwise), then reset. None when not tracked."""
+        if self._sq_norm is None:
+            return None
+        k = micro_batches or self._n
+        val = math.sqrt(float(self._sq_norm) / k)
+        self._sq_norm = None
+        return val
+
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Apply the update to every parameter that received at least one micro-batch since the last
+        step. Gradients still present in ``p.grad`` (no hook ran) are folded first, as one more
+        micro-batch, and freed."""
+        if not self._hooks and self._n > 1 and self._micro_batches == 0 and self.process_group is None:
+            raise RuntimeError(f"AdamA(fold_on_hook=False, accumulation_steps={self._n}): call fold_grads() after "
+                               "each micro-batch's backward (AdamACallback does it under Trainer); otherwise the "
+                               "micro-batches would be summed before folding")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("AdamA does not support sparse gradients; use dense gradients")
+                    self.fold(p, p.grad)
+                    p.grad = None
+                st = self.state.get(p)
+                if not st or st["folds"] == 0:
+                    continue  # no gradient this step: like AdamW with grad None, the parameter is untouched
+                st["folds"] = 0
+                st["step"] += 1
+                t = st["step"].item()
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                hp = dict(lr=lr, wd=wd, eps=eps, c1=1.0 - b1 ** t, c2=1.0 - b2 ** t)
+                if isinstance(m, lowbit.Q8State):
+                    flat = p.view(-1)
+                    bound = _ratio_bound(b1, b2)
+                    for a, b in m.chunks():
+                        mq, vq = m.dequantize(a, b), v.dequantize(a, b)
+                        if bound is not None:  # quantization can break |m| <= C sqrt(v); a zeroed v would explode
+                            lim = vq.sqrt().mul_(bound)
+                            mq = torch.maximum(torch.minimum(mq, lim), -lim)
+                        _update(flat[a:b], mq, vq, **hp)
+                else:
+                    _update(p, m, v, **hp)
+        self._micro_batches = 0
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Like ``Optimizer.state_dict``; 8-bit states are saved as plain tensors (codes, scale)."""
+        sd = super().state_dict()
+        state = {}
+        for k, st in sd["state"].items():
+            st = dict(st)
+            for name in ("exp_avg", "exp_avg_sq"):
+                if isinstance(st.get(name), lowbit.Q8State):
+                    st[name] = st[name].to_saved()
+            state[k] = st
+        sd["state"] = state
+        sd["adama"] = {"format_version": 1, "accumulation_steps": self._n, "state_bits": self.state_bits,
+                       "rng": {str(d): g.get_state() for d, g in self._generators.items()}}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore exactly: fp32 states keep fp32 even for bf16/fp16 parameters (torch's default
+        loader would cast them to the parameter dtype)."""
+        meta = state_dict.get("adama")
+        if meta is None or meta.get("format_version") != 1:
+            raise ValueError(f"AdamA.load_state_dict: not an AdamA v1 state dict (adama={meta!r})")
+        saved = state_dict["state"]
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.state.clear()
+        for i, p in zip(ids, params):
+            if i not in saved:
+                continue
+            st = {}
+            for name, val in saved[i].items():
+                if name in ("exp_avg", "exp_avg_sq"):
+                    st[name] = (lowbit.Q8State.from_saved(val, p.device) if isinstance(val, dict)
+                                else val.to(p.device).clone())
+                elif name == "step":
+                    st[name] = val.detach().clone().float().cpu()
+                else:
+                    st[name] = val
+            self.state[p] = st
+        if hasattr(self, "_group_index"):
+            del self._group_index
+        self._generators = {}
+        for dev, rng in meta.get("rng", {}).items():
+            self._generator(torch.device(dev)).set_state(rng)
+
+    def state_bytes(self) -> int:
+        """Bytes held by m and v (codes + scales for 8-bit states)."""
+        total = 0
+        for st in self.state.values():
+            for name in ("exp_avg", "exp_avg_sq"):
+                t = st.get(name)
+                if t is None:
+                    continue
+                total += t.nbytes() if isinstance(t, lowbit.Q8State) else t.numel() * t.element_size()
+        return total
+
+
+def _ratio_bound(b1: float, b2: float) -> float | None:
+    """C with |m| <= C sqrt(v) for exact Adam/AdamA states (Cauchy-Schwarz over the decayed sums;
+    AdamA's v is only larger); None when b1**2 >= b2 (no finite bound)."""
+    if b1 * b1 >= b2:
+        return None
+    return (1.0 - b1) / math.sqrt((1.0 - b2) * (1.0 - b1 * b1 / b2))
+
+
+def _update(p, m, v, *, lr, wd, eps, c1, c2) -> None:
+    """p <- p (1 - lr wd) - lr (m / c1) / (sqrt(v / c2) + eps), computed in fp32 whatever p's dtype."""
+    denom = (v.sqrt() / math.sqrt(c2)).add_(eps)
+    target = p if p.dtype == torch.float32 else p.float()
+    target.mul_(1.0 - lr * wd)
+    target.addcdiv_(m, denom, value=-lr / c1)
+    if target is not p:
+        p.copy_(target)
+
+
+def _ddp_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
