@@ -150,8 +150,8 @@ def _pooled_fwd_kernel(Q, K, V, O, MAP, sm_scale_log2,
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + diff)
         k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None], mask=offs_n[None, :] < S_K, other=0.0)
-        s = tl.dot(q, k) * sm_scale_log2
-        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        s = tl.where(ok, tl.dot(q, k) * sm_scale_log2, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
         tl.store(map_base + kb, tl.max(tl.max(p, 1), 0))
 
 

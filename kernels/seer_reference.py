@@ -52,10 +52,15 @@ def expand_block_mask(block_mask: torch.Tensor, sq: int, sk: int, block: int) ->
 def block_mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool (B, H, nQB, nKB) -> ``(kv_idx, kv_cnt)`` int32, indices ascending (see module docstring)."""
     cnt = block_mask.sum(-1, dtype=torch.int32)
-    # A stable sort of ~mask puts the kept block numbers first, in ascending order. Full width (no
-    # trimming to the largest count) avoids a device->host sync.
-    order = torch.argsort((~block_mask).to(torch.int8), dim=-1, stable=True)
-    return order.to(torch.int32).contiguous(), cnt.contiguous()
+    # Compaction by prefix sum: kept block j goes to slot (number of kept blocks before j). Full width
+    # (no trimming to the largest count) avoids a device->host sync; unused slots hold 0.
+    nkb = block_mask.shape[-1]
+    slot = torch.cumsum(block_mask, dim=-1) - 1
+    slot = torch.where(block_mask, slot, nkb)  # dropped blocks go to a spare slot
+    idx = torch.zeros(*block_mask.shape[:-1], nkb + 1, dtype=torch.int32, device=block_mask.device)
+    src = torch.arange(nkb, dtype=torch.int32, device=block_mask.device).expand_as(block_mask)
+    idx.scatter_(-1, slot, src)
+    return idx[..., :nkb].contiguous(), cnt.contiguous()
 
 
 def indices_to_block_mask(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, nkb: int) -> torch.Tensor:

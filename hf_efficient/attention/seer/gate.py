@@ -115,11 +115,13 @@ def select_blocks(scores: torch.Tensor, config: SeerAttentionConfig, sq: int, sk
             n_keep = torch.full((nqb,), config.top_k, device=scores.device)
         else:
             n_keep = torch.ceil(causal.sum(-1) * (1.0 - config.sparsity) - 1e-6).long()
-        # rank of each block within its row (0 = best); keep the ranks below each row's budget
-        order = torch.argsort(scores.masked_fill(~causal, float("-inf")), dim=-1, descending=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nkb, device=scores.device)
-                                                .expand_as(order).contiguous())
-        keep = rank < n_keep[:, None]
+        # Keep scores >= the row's n_keep-th best (a top-k threshold: cheaper on GPU than ranking every
+        # block with a full sort; ties at the threshold may keep a block more).
+        masked = scores.masked_fill(~causal, float("-inf"))
+        kmax = int(min(nkb, max(1, int(n_keep.max()))))
+        top = masked.topk(kmax, dim=-1).values
+        thr = top.gather(-1, (n_keep.clamp(1, kmax) - 1).view(1, 1, nqb, 1).expand(*top.shape[:2], nqb, 1))
+        keep = (masked >= thr) & (n_keep > 0)[:, None]
     diag = torch.clamp((torch.arange(nqb, device=scores.device) * blk + blk - 1).clamp(max=sq - 1) + sk - sq,
                        min=0) // blk
     always = torch.zeros(nqb, nkb, dtype=torch.bool, device=scores.device)
