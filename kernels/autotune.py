@@ -22,24 +22,17 @@ SPACES: dict[str, list[dict]] = {
     # many programs (bytes in flight) for short K.
     "gemv": [
         dict(BLOCK_N=128, BLOCK_K=128, ITERS=1, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=128, BLOCK_K=128, ITERS=2, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=256, BLOCK_K=64, ITERS=2, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=256, BLOCK_K=128, ITERS=1, **{_W: 8, _S: 1}),
-        dict(BLOCK_N=64, BLOCK_K=128, ITERS=4, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=128, BLOCK_K=64, ITERS=4, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=256, BLOCK_K=32, ITERS=4, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=512, BLOCK_K=32, ITERS=2, **{_W: 8, _S: 1}),
+        dict(BLOCK_N=128, BLOCK_K=64, ITERS=2, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=256, BLOCK_K=64, ITERS=1, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=64, BLOCK_K=128, ITERS=2, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=256, BLOCK_K=32, ITERS=2, **{_W: 4, _S: 1}),
     ],
     # M >= 2: dequantize a [BLOCK_K, BLOCK_N] tile to the activation dtype and tl.dot it; SPLIT_K > 1
     # for small M, where the M x N tile grid alone cannot fill the GPU.
     "gemm": [
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, **{_W: 4, _S: 3}),
-        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=8, **{_W: 4, _S: 3}),
-        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, **{_W: 4, _S: 3}),
-        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, **{_W: 4, _S: 3}),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2, **{_W: 4, _S: 4}),
+        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, **{_W: 4, _S: 3}),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, **{_W: 8, _S: 3}),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, **{_W: 8, _S: 3}),
         # group size 32 needs 32-deep K tiles
         dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=32, SPLIT_K=8, **{_W: 4, _S: 4}),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, SPLIT_K=1, **{_W: 4, _S: 4}),
