@@ -90,40 +90,52 @@ static bool use_avx2(bool force_scalar) {
 // ---------------------------------------------------------------------------------------------------
 // Tables: build float tables for one activation row, quantize them to int8 per weight group
 // ---------------------------------------------------------------------------------------------------
-// tab: int8 [channels][slots][16]; tscale, gsum: float [ng].
-static void build_tables(const float* x, const Geometry& geo, const float* grid, int8_t* tab, float* tscale,
-                         float* gsum) {
+// Per-position coefficient vectors: T[idx] = sum_i coeffs[ch][i][idx] * a_i, summed in order of i
+// (bit-serial: coeffs are the signs +-1, products exact; code-indexed: grid values of code i of idx).
+static std::vector<float> table_coeffs(const Geometry& geo, const float* grid) {
+  std::vector<float> c(static_cast<size_t>(geo.channels * geo.slot * 16), 0.0f);
+  const int64_t mask = (1 << geo.bits) - 1, nv = int64_t(1) << geo.bits;
+  for (int64_t ch = 0; ch < geo.channels; ++ch)
+    for (int64_t i = 0; i < geo.slot; ++i)
+      for (int64_t idx = 0; idx < 16; ++idx) {
+        float v;
+        if (!geo.codes) v = ((idx >> i) & 1) ? 1.0f : -1.0f;
+        else v = (geo.bits == 3 && idx >= 8) ? 0.0f : grid[ch * nv + ((idx >> (geo.bits * i)) & mask)];
+        c[(ch * geo.slot + i) * 16 + idx] = v;
+      }
+  return c;
+}
+
+// Group sums in a fixed order both builders share: 8 interleaved partial sums, combined pairwise.
+static inline float combine8(const float* p) {
+  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+// Scalar builder. xp: activations zero-padded to Kp. tab: int8 [channels][slots][16]; tscale, gsum: [ng].
+static void build_tables_scalar(const float* xp, const Geometry& geo, const float* coeffs, float* ft, int8_t* tab,
+                                float* tscale, float* gsum) {
   const int64_t per_group_max = geo.G / geo.slot;
-  std::vector<float> ft(static_cast<size_t>(geo.channels * per_group_max * 16));
-  const int64_t mask = (1 << geo.bits) - 1;
-  const int64_t nv = int64_t(1) << geo.bits;
-  auto act = [&](int64_t k) { return k < geo.K ? x[k] : 0.0f; };
   for (int64_t g = 0; g < geo.ng; ++g) {
     const int64_t k0 = g * geo.G, len = geo.group_len(g), s0 = k0 / geo.slot, ns = len / geo.slot;
-    float sum = 0.0f, maxabs = 0.0f;
-    for (int64_t k = k0; k < k0 + len; ++k) sum += act(k);
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, maxabs = 0.0f;
+    for (int64_t k = 0; k < len; ++k) part[k % 8] += xp[k0 + k];
     for (int64_t ch = 0; ch < geo.channels; ++ch) {
+      const float* cf = coeffs + ch * geo.slot * 16;
       for (int64_t s = 0; s < ns; ++s) {
-        float* t = &ft[(ch * per_group_max + s) * 16];
-        const int64_t kb = (s0 + s) * geo.slot;
+        float* t = ft + (ch * per_group_max + s) * 16;
+        const float* a = xp + (s0 + s) * geo.slot;
         if (!geo.codes) {
-          const float a0 = act(kb), a1 = act(kb + 1), a2 = act(kb + 2), a3 = act(kb + 3);
           // Mirror consolidation: T[15 - idx] = -T[idx], so only the 8 entries with bit 3 clear are summed.
           for (int idx = 0; idx < 8; ++idx) {
-            float v = (idx & 1) ? a0 : -a0;
-            v += (idx & 2) ? a1 : -a1;
-            v += (idx & 4) ? a2 : -a2;
-            v += -a3;
+            float v = cf[idx] * a[0];
+            for (int64_t i = 1; i < 4; ++i) v += cf[i * 16 + idx] * a[i];
             t[idx] = v;
             t[15 - idx] = -v;
           }
         } else {
-          const float* gr = grid + ch * nv;
-          for (int64_t idx = 0; idx < 16; ++idx) {
-            float v = 0.0f;
-            if (geo.bits != 3 || idx < 8) {
-              for (int64_t i = 0; i < geo.slot; ++i) v += gr[(idx >> (geo.bits * i)) & mask] * act(kb + i);
-            }
+          for (int idx = 0; idx < 16; ++idx) {
+            float v = cf[idx] * a[0];
+            for (int64_t i = 1; i < geo.slot; ++i) v += cf[i * 16 + idx] * a[i];
             t[idx] = v;
           }
         }
@@ -132,10 +144,10 @@ static void build_tables(const float* x, const Geometry& geo, const float* grid,
     }
     const float inv = maxabs > 0.0f ? 127.0f / maxabs : 0.0f;
     tscale[g] = maxabs / 127.0f;
-    gsum[g] = sum;
+    gsum[g] = combine8(part);
     for (int64_t ch = 0; ch < geo.channels; ++ch) {
       for (int64_t s = 0; s < ns; ++s) {
-        const float* t = &ft[(ch * per_group_max + s) * 16];
+        const float* t = ft + (ch * per_group_max + s) * 16;
         int8_t* q = tab + (ch * geo.slots + s0 + s) * 16;
         for (int idx = 0; idx < 16; ++idx) {
           const float r = std::nearbyint(t[idx] * inv);
@@ -197,6 +209,9 @@ static void tile_scalar(const uint8_t* w, const int8_t* tab, const float* tscale
 // ---------------------------------------------------------------------------------------------------
 #if defined(HFE_LUT_X86)
 #define HFE_AVX2 __attribute__((target("avx2,fma")))
+// The table builder must round like the scalar builder: without "fma" in its target the compiler cannot
+// contract its mul+add pairs into fused multiply-adds.
+#define HFE_AVX2_NOFMA __attribute__((target("avx2")))
 
 HFE_AVX2 static inline void widen_add(__m256i acc16, __m256i& lo32, __m256i& hi32) {
   lo32 = _mm256_add_epi32(lo32, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc16)));
@@ -215,9 +230,10 @@ HFE_AVX2 static inline void epilogue_avx2(const __m256i* lo32, const __m256i* hi
   y1 = _mm256_fmadd_ps(vgs, _mm256_loadu_ps(zc + 8), y1);
 }
 
-// Bit-serial: PP plane pairs. Each lookup byte pair (plane 2pp, plane 2pp+1) of one row is combined by
-// vpmaddubsw with multipliers (2^(2pp), 2^(2pp+1)), which also widens to int16.
-template <int PP>
+// Bit-serial: PP plane pairs, R row tiles sharing each table load. Each lookup byte pair (plane 2pp,
+// plane 2pp+1) of one row is combined by vpmaddubsw with multipliers (2^(2pp), 2^(2pp+1)), which also
+// widens to int16.
+template <int PP, int R>
 HFE_AVX2 static void tile_bitserial_avx2(const uint8_t* w, const int8_t* tab, const float* tscale,
                                          const float* gsum, const float* coef, const float* zc,
                                          const Geometry& geo, float* y) {
@@ -230,31 +246,46 @@ HFE_AVX2 static void tile_bitserial_avx2(const uint8_t* w, const int8_t* tab, co
   }
   // int16 headroom: each slot pair adds at most 2 * (2^bits - 1) * 127 per row.
   const int64_t chunk = 32767 / (2 * ((1 << geo.bits) - 1) * 127);
-  __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
+  const int64_t tb = geo.tile_bytes(), cstride = geo.ng * kTileN;
+  const uint8_t* wr[R];
+  __m256 y0[R], y1[R];
+  for (int r = 0; r < R; ++r) {
+    wr[r] = w + r * tb;
+    y0[r] = y1[r] = _mm256_setzero_ps();
+  }
   const int8_t* t = tab;
   for (int64_t g = 0; g < geo.ng; ++g) {
     const int64_t pairs = geo.group_len(g) / 8;
-    __m256i lo32 = _mm256_setzero_si256(), hi32 = _mm256_setzero_si256();
+    __m256i lo32[R], hi32[R];
+    for (int r = 0; r < R; ++r) lo32[r] = hi32[r] = _mm256_setzero_si256();
     for (int64_t c0 = 0; c0 < pairs; c0 += chunk) {
       const int64_t c1 = std::min(pairs, c0 + chunk);
-      __m256i acc = _mm256_setzero_si256();
+      __m256i acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+#pragma GCC unroll 2
       for (int64_t pr = c0; pr < c1; ++pr, t += 32) {
         const __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
         const __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16)));
-        for (int pp = 0; pp < PP; ++pp, w += 32) {
-          const __m256i W = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-          const __m256i lo = _mm256_and_si256(W, nib);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(W, 4), nib);
-          acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(mult[pp], _mm256_shuffle_epi8(tl, lo)));
-          acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(mult[pp], _mm256_shuffle_epi8(th, hi)));
+        for (int r = 0; r < R; ++r) {
+          for (int pp = 0; pp < PP; ++pp, wr[r] += 32) {
+            const __m256i W = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r]));
+            const __m256i lo = _mm256_and_si256(W, nib);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(W, 4), nib);
+            acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(mult[pp], _mm256_shuffle_epi8(tl, lo)));
+            acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(mult[pp], _mm256_shuffle_epi8(th, hi)));
+          }
         }
       }
-      widen_add(acc, lo32, hi32);
+      for (int r = 0; r < R; ++r) widen_add(acc[r], lo32[r], hi32[r]);
     }
-    epilogue_avx2(&lo32, &hi32, 1, tscale[g], gsum[g], coef + g * 16, zc + g * 16, y0, y1);
+    for (int r = 0; r < R; ++r)
+      epilogue_avx2(&lo32[r], &hi32[r], 1, tscale[g], gsum[g], coef + r * cstride + g * 16, zc + r * cstride + g * 16,
+                    y0[r], y1[r]);
   }
-  _mm256_storeu_ps(y, y0);
-  _mm256_storeu_ps(y + 8, y1);
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(y + r * kTileN, y0[r]);
+    _mm256_storeu_ps(y + r * kTileN + 8, y1[r]);
+  }
 }
 
 // Code-indexed: tables of slots (s, s+1) sit in the two lanes of one 32-byte load, (s+2, s+3) in the
@@ -299,21 +330,81 @@ HFE_AVX2 static void tile_codes_avx2(const uint8_t* w, const int8_t* tab, const 
   _mm256_storeu_ps(y, y0);
   _mm256_storeu_ps(y + 8, y1);
 }
+// AVX2 builder: same entries, same summation order and rounding (nearest-even) as the scalar builder,
+// 16 entries of a slot in two 8-float vectors.
+HFE_AVX2_NOFMA static void build_tables_avx2(const float* xp, const Geometry& geo, const float* coeffs, float* ft,
+                                             int8_t* tab, float* tscale, float* gsum) {
+  const int64_t per_group_max = geo.G / geo.slot;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t g = 0; g < geo.ng; ++g) {
+    const int64_t k0 = g * geo.G, len = geo.group_len(g), s0 = k0 / geo.slot, ns = len / geo.slot;
+    __m256 part = _mm256_setzero_ps(), vmax = _mm256_setzero_ps();
+    for (int64_t k = 0; k < len; k += 8) part = _mm256_add_ps(part, _mm256_loadu_ps(xp + k0 + k));
+    for (int64_t ch = 0; ch < geo.channels; ++ch) {
+      const float* cf = coeffs + ch * geo.slot * 16;
+      for (int64_t s = 0; s < ns; ++s) {
+        float* t = ft + (ch * per_group_max + s) * 16;
+        const float* a = xp + (s0 + s) * geo.slot;
+        __m256 a0 = _mm256_set1_ps(a[0]);
+        __m256 lo = _mm256_mul_ps(_mm256_loadu_ps(cf), a0), hi = _mm256_mul_ps(_mm256_loadu_ps(cf + 8), a0);
+        for (int64_t i = 1; i < geo.slot; ++i) {
+          const __m256 ai = _mm256_set1_ps(a[i]);
+          lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(cf + i * 16), ai));
+          hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(cf + i * 16 + 8), ai));
+        }
+        _mm256_storeu_ps(t, lo);
+        _mm256_storeu_ps(t + 8, hi);
+        vmax = _mm256_max_ps(vmax, _mm256_max_ps(_mm256_and_ps(lo, absmask), _mm256_and_ps(hi, absmask)));
+      }
+    }
+    alignas(32) float buf[8];
+    _mm256_store_ps(buf, vmax);
+    float maxabs = 0.0f;
+    for (float v : buf) maxabs = std::max(maxabs, v);
+    _mm256_store_ps(buf, part);
+    gsum[g] = combine8(buf);
+    const float inv = maxabs > 0.0f ? 127.0f / maxabs : 0.0f;
+    tscale[g] = maxabs / 127.0f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
+    for (int64_t ch = 0; ch < geo.channels; ++ch) {
+      for (int64_t s = 0; s < ns; ++s) {
+        const float* t = ft + (ch * per_group_max + s) * 16;
+        __m256i q0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(t), vinv),
+                                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i q1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(t + 8), vinv),
+                                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        q0 = _mm256_min_epi32(lim, _mm256_max_epi32(nlim, q0));
+        q1 = _mm256_min_epi32(lim, _mm256_max_epi32(nlim, q1));
+        // int32 -> int16 -> int8 with the lane interleaving of the pack instructions undone.
+        const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);
+        const __m256i w8 = _mm256_permute4x64_epi64(_mm256_packs_epi16(w16, w16), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(tab + (ch * geo.slots + s0 + s) * 16),
+                         _mm256_castsi256_si128(w8));
+      }
+    }
+  }
+}
 #endif  // HFE_LUT_X86
 
 using TileFn = void (*)(const uint8_t*, const int8_t*, const float*, const float*, const float*, const float*,
                         const Geometry&, float*);
 
-static TileFn pick_tile_fn(const Geometry& geo, bool avx2) {
+// pair: a function computing two adjacent row tiles at once (nullptr where the engine has none).
+static TileFn pick_tile_fn(const Geometry& geo, bool avx2, bool pair) {
 #if defined(HFE_LUT_X86)
   if (avx2) {
-    if (!geo.codes) return geo.plane_pairs == 1 ? &tile_bitserial_avx2<1> : &tile_bitserial_avx2<2>;
+    if (!geo.codes) {
+      if (pair) return geo.plane_pairs == 1 ? &tile_bitserial_avx2<1, 2> : &tile_bitserial_avx2<2, 2>;
+      return geo.plane_pairs == 1 ? &tile_bitserial_avx2<1, 1> : &tile_bitserial_avx2<2, 1>;
+    }
+    if (pair) return nullptr;
     return geo.channels == 1 ? &tile_codes_avx2<1> : &tile_codes_avx2<2>;
   }
 #endif
   // NEON (tbl) engines are not written yet: ARM builds run the scalar engine.
   (void)avx2;
-  return &tile_scalar;
+  return pair ? nullptr : &tile_scalar;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -356,27 +447,36 @@ struct Tables {
   at::Tensor tab, tscale, gsum;
 };
 
-static Tables make_tables(const at::Tensor& xc, const Geometry& geo, const c10::optional<at::Tensor>& grid) {
+static Tables make_tables(const at::Tensor& xc, const Geometry& geo, const c10::optional<at::Tensor>& grid,
+                          bool avx2) {
   const int64_t M = xc.size(0);
   Tables t{at::empty({M, geo.channels, geo.slots, 16}, xc.options().dtype(at::kChar)),
            at::empty({M, geo.ng}, xc.options()), at::empty({M, geo.ng}, xc.options())};
   at::Tensor gr = grid.has_value() ? grid->contiguous() : at::Tensor();
-  const float* gp = grid.has_value() ? gr.data_ptr<float>() : nullptr;
+  const std::vector<float> coeffs = table_coeffs(geo, grid.has_value() ? gr.data_ptr<float>() : nullptr);
   const float* px = xc.data_ptr<float>();
   int8_t* tab = t.tab.data_ptr<int8_t>();
   float *ts = t.tscale.data_ptr<float>(), *gs = t.gsum.data_ptr<float>();
+  auto builder = &build_tables_scalar;
+#if defined(HFE_LUT_X86)
+  if (avx2) builder = &build_tables_avx2;
+#endif
   at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m)
-      build_tables(px + m * geo.K, geo, gp, tab + m * geo.channels * geo.slots * 16, ts + m * geo.ng,
-                   gs + m * geo.ng);
+    std::vector<float> xp(static_cast<size_t>(geo.Kp), 0.0f);
+    std::vector<float> ft(static_cast<size_t>(geo.channels * (geo.G / geo.slot) * 16));
+    for (int64_t m = b; m < e; ++m) {
+      std::memcpy(xp.data(), px + m * geo.K, sizeof(float) * geo.K);
+      builder(xp.data(), geo, coeffs.data(), ft.data(), tab + m * geo.channels * geo.slots * 16, ts + m * geo.ng,
+              gs + m * geo.ng);
+    }
   });
   return t;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lut_tables(const at::Tensor& x, const c10::optional<at::Tensor>& grid,
-                                                          int64_t bits, int64_t group_size) {
+                                                          int64_t bits, int64_t group_size, bool force_scalar) {
   const Geometry geo = checked_geometry(x, grid, bits, group_size, 1);
-  Tables t = make_tables(x.contiguous(), geo, grid);
+  Tables t = make_tables(x.contiguous(), geo, grid, use_avx2(force_scalar));
   return {t.tab, t.tscale, t.gsum};
 }
 
@@ -389,22 +489,27 @@ at::Tensor lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Te
   const int64_t M = xc.size(0), N = geo.N;
   at::Tensor out = at::empty({M, N}, xc.options());
   if (M == 0) return out;
-  Tables t = make_tables(xc, geo, grid);
-  const TileFn fn = pick_tile_fn(geo, use_avx2(force_scalar));
+  const bool avx2 = use_avx2(force_scalar);
+  Tables t = make_tables(xc, geo, grid, avx2);
+  const TileFn fn = pick_tile_fn(geo, avx2, false), fn2 = pick_tile_fn(geo, avx2, true);
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   const int8_t* tab = t.tab.data_ptr<int8_t>();
   const float *ts = t.tscale.data_ptr<float>(), *gs = t.gsum.data_ptr<float>();
   const float *cf = coef.data_ptr<float>(), *zc = zcoef.data_ptr<float>();
   float* po = out.data_ptr<float>();
   const int64_t tb = geo.tile_bytes(), tab_stride = geo.channels * geo.slots * 16;
-  at::parallel_for(0, geo.NT, 1, [&](int64_t b, int64_t e) {
-    alignas(32) float y[kTileN];
-    for (int64_t nt = b; nt < e; ++nt) {
-      const int64_t rows = std::min(kTileN, N - nt * kTileN);
-      // The tile's weights stay in L1/L2 across activation rows.
+  // Work items are pairs of row tiles where the engine shares table loads between two tiles.
+  const int64_t step = fn2 ? 2 : 1, items = (geo.NT + step - 1) / step;
+  at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+    alignas(32) float y[2 * kTileN];
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t nt = item * step, ntiles = std::min(step, geo.NT - nt);
+      const TileFn f = ntiles == 2 ? fn2 : fn;
+      const int64_t rows = std::min(ntiles * kTileN, N - nt * kTileN);
+      // The tiles' weights stay in L1/L2 across activation rows.
       for (int64_t m = 0; m < M; ++m) {
-        fn(w + nt * tb, tab + m * tab_stride, ts + m * geo.ng, gs + m * geo.ng,
-           cf + nt * geo.ng * geo.channels * kTileN, zc + nt * geo.ng * kTileN, geo, y);
+        f(w + nt * tb, tab + m * tab_stride, ts + m * geo.ng, gs + m * geo.ng,
+          cf + nt * geo.ng * geo.channels * kTileN, zc + nt * geo.ng * kTileN, geo, y);
         std::memcpy(po + m * N + nt * kTileN, y, sizeof(float) * rows);
       }
     }
@@ -420,7 +525,7 @@ std::string lut_isa(bool force_scalar) { return use_avx2(force_scalar) ? "avx2" 
 TORCH_LIBRARY_FRAGMENT(hf_efficient, m) {
   m.def("lut_gemm(Tensor x, Tensor qweight, Tensor coef, Tensor zcoef, Tensor? grid, int bits, int group_size, "
         "int out_features, bool force_scalar=False) -> Tensor");
-  m.def("lut_tables(Tensor x, Tensor? grid, int bits, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def("lut_tables(Tensor x, Tensor? grid, int bits, int group_size, bool force_scalar=False) -> (Tensor, Tensor, Tensor)");
   m.def("lut_isa(bool force_scalar=False) -> str", &hf_efficient::lut::lut_isa);
 }
 

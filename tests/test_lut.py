@@ -41,11 +41,12 @@ def _x(m, k, seed=1, outliers=False):
 def test_tables_bit_exact(bits, engine, m, n, k, group):
     _, grid, _, _ = _spec(bits, engine, n, k, group)
     x = _x(m, k, outliers=True)
-    tab, ts, gs = K.ops().lut_tables(x, grid, bits, group)
     rtab, rts, rgs = R.lut_tables(x, grid, bits, group)
-    assert torch.equal(tab, rtab)
-    assert torch.equal(ts, rts)
-    torch.testing.assert_close(gs, rgs, rtol=1e-5, atol=1e-4)
+    for force_scalar in (False, True):
+        tab, ts, gs = K.ops().lut_tables(x, grid, bits, group, force_scalar)
+        assert torch.equal(tab, rtab)
+        assert torch.equal(ts, rts)
+        torch.testing.assert_close(gs, rgs, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits,engine", ENGINES)

@@ -48,7 +48,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("hf_efficient::lut_tables")
-    def _tables_fake(x, grid, bits, group_size):
+    def _tables_fake(x, grid, bits, group_size, force_scalar=False):
         kp = ref.padded_k(x.shape[1])
         ch = 1 if grid is None else grid.shape[0]
         ng = (kp + group_size - 1) // group_size
