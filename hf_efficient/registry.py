@@ -22,6 +22,7 @@ CAPABILITY_MODULES: tuple[str, ...] = (
     "hf_efficient.quantization.api",
     "hf_efficient.quantization.gpu",
     "hf_efficient.quantization.lut",
+    "hf_efficient.optim.demo",
 )
 
 
