@@ -126,7 +126,12 @@ class QuantizeOnLoad(ConversionOps):
         value = value[0] if isinstance(value, list) else value
         prefix = full_layer_name.rsplit(".", 1)[0]
         module = model.get_submodule(prefix)
-        tensors = quantize_module_weight(module, self.hf_quantizer.quantization_config, prefix, value)
+        try:
+            tensors = quantize_module_weight(module, self.hf_quantizer.quantization_config, prefix, value)
+        except Exception as e:
+            # transformers logs conversion errors and goes on loading; keep ours to raise after loading.
+            self.hf_quantizer.load_errors.append(str(e))
+            raise
         return {f"{prefix}.{k}": v.to(value.device) for k, v in tensors.items()}
 
 
@@ -138,6 +143,7 @@ class HfEfficientQuantizer(HfQuantizer):
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self._converted: list[str] = []
+        self.load_errors: list[str] = []
 
     def validate_environment(self, *args, **kwargs):
         cfg = self.quantization_config
@@ -175,7 +181,7 @@ class HfEfficientQuantizer(HfQuantizer):
         return QuantizeOnLoad(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        problems = []
+        problems = list(self.load_errors)
         for name in self._converted:
             m = model.get_submodule(name)
             if "weight" in m._parameters:

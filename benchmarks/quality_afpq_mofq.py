@@ -1,0 +1,115 @@
+"""Quality table for AFPQ / MoFQ: held-out perplexity of the embedded model under every weight format.
+
+Rows: fp32; RTN and GPTQ for INT-asym, FP-sym, NF-sym, AFPQ FP-asym, AFPQ NF-asym at 4 and 3 bits; MoFQ W4
+vs pure INT4/FP4 and MoFQ W8A8 vs pure INT8/FP8 W8A8. Every quantized model starts from the same float
+weights; GPTQ rows share the same calibration windows (training plays); PPL is scored on the same
+held-out tokens. Results are rewritten after each row, so an interrupted run keeps what it measured.
+
+Run: ``python -m benchmarks.quality_afpq_mofq [--max-tokens 4096] [--groups 128,64] [--out DIR]``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from benchmarks.common import write_results
+from hf_efficient.data import token_ids
+from hf_efficient.evaluation import perplexity, state_dict_bytes
+from hf_efficient.models import load_model
+from hf_efficient.quantization.afpq import AFPQConfig
+from hf_efficient.quantization.api import calibration_windows, quantize_model
+from hf_efficient.quantization.mofq import MoFQConfig
+
+NOTE = ("The embedded weights are dequantized from Q4_1 (w = d*q + m per block of 32 along in_features): INT4 "
+        "with a float minimum at g32 reproduces them exactly, so this model favours INT formats at 4 bits; "
+        "3-bit rows are where no format is exact.")
+
+
+def single_format_rows(bits: int, group: int) -> list[tuple[str, dict]]:
+    kinds = [("int", False, "INT{b}-asym"), ("fp", True, "FP{b}-sym"), ("nf", True, "NF{b}-sym"),
+             ("fp", False, "AFPQ FP{b}-asym"), ("nf", False, "AFPQ NF{b}-asym")]
+    out = []
+    for algo in ("rtn", "gptq"):
+        for fmt, sym, label in kinds:
+            out.append((f"{label.format(b=bits)} g{group} {algo.upper()}",
+                        dict(cls=AFPQConfig, bits=bits, fmt=fmt, asymmetric=not sym, group_size=group,
+                             algorithm=algo)))
+    return out
+
+
+def mofq_rows(group: int) -> list[tuple[str, dict]]:
+    rows = []
+    for name, cands in (("MoFQ W4", ["int4_sym", "fp4_sym"]), ("pure INT4-sym", ["int4_sym"]),
+                        ("pure FP4-sym", ["fp4_sym"])):
+        rows.append((f"{name} g{group} RTN", dict(cls=MoFQConfig, bits=4, group_size=group, candidates=cands)))
+    for name, cands in (("MoFQ W8A8", ["int8_sym", "fp8_sym"]), ("pure INT8 W8A8", ["int8_sym"]),
+                        ("pure FP8 W8A8", ["fp8_sym"])):
+        rows.append((f"{name} per-channel RTN", dict(cls=MoFQConfig, bits=8, group_size=-1, candidates=cands,
+                                                     act_bits=8)))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--groups", default="128", help="comma-separated group sizes (default 128)")
+    ap.add_argument("--bits", default="4,3", help="comma-separated bit widths of the single-format rows")
+    ap.add_argument("--only", default=None, help="run only rows whose name contains this text")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base, tok = load_model(None, dtype=torch.float32)
+    ids = token_ids(tok, "eval", args.max_tokens)
+    windows = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
+    groups = [int(g) for g in args.groups.split(",")]
+    plan = [("fp32", None)]
+    for g in groups:
+        for b in (int(x) for x in args.bits.split(",")):
+            plan += single_format_rows(b, g)
+    plan += mofq_rows(groups[0])
+    if args.only:
+        plan = [(n, s) for n, s in plan if n == "fp32" or args.only in n]
+
+    settings = {"model": "SmolLM2-135M-Instruct (embedded, dequantized Q4_1)", "eval_tokens": int(ids.numel()),
+                "context": args.context, "stride": args.context // 2, "calib_windows": args.calib_samples,
+                "calib_seqlen": args.calib_seqlen, "calib_split": "train plays", "eval_split": "held-out plays",
+                "scale_dtype": "float16", "modules_to_not_convert": ["lm_head"], "note": NOTE,
+                "command": "python -m benchmarks.quality_afpq_mofq " + " ".join(argv or [])}
+    rows, fp32_ppl = [], None
+    for name, spec in plan:
+        t0 = time.time()
+        if spec is None:
+            model, extra = base, {}
+        else:
+            spec = dict(spec)
+            cfg = spec.pop("cls")(calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, **spec)
+            model = copy.deepcopy(base)
+            quantize_model(model, cfg, windows if cfg.needs_calibration() else None, progress=False)
+            extra = {"config": cfg.to_dict()}
+            if isinstance(cfg, MoFQConfig):
+                extra["summary"] = cfg.summary()
+        qtime = time.time() - t0
+        ppl = perplexity(model, ids, context=args.context, progress=False)
+        fp32_ppl = fp32_ppl or ppl
+        r = {"name": name, "ppl": ppl, "delta_ppl": ppl - fp32_ppl, "size_mb": state_dict_bytes(model) / 2**20,
+             "quant_s": qtime, **extra}
+        rows.append(r)
+        print(f"{name:40s} ppl={ppl:8.3f}  (+{ppl - fp32_ppl:.3f})  size={r['size_mb']:.1f} MiB  "
+              f"{extra.get('summary', '')}", flush=True)
+        write_results("quality_afpq_mofq", rows, settings, args.out,
+                      columns=["name", "ppl", "delta_ppl", "size_mb", "quant_s"])
+        if model is not base:
+            del model
+
+
+if __name__ == "__main__":
+    main()
