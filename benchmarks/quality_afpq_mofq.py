@@ -56,7 +56,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
     ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--groups", default="128", help="comma-separated group sizes (default 128)")
     ap.add_argument("--bits", default="4,3", help="comma-separated bit widths of the single-format rows")
@@ -71,11 +71,10 @@ def main(argv=None):
     ids = token_ids(tok, "eval", args.max_tokens)
     windows = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
     groups = [int(g) for g in args.groups.split(",")]
-    plan = [("fp32", None)]
-    for g in groups:
-        for b in (int(x) for x in args.bits.split(",")):
-            plan += single_format_rows(b, g)
-    plan += mofq_rows(groups[0])
+    single = [r for g in groups for b in (int(x) for x in args.bits.split(",")) for r in single_format_rows(b, g)]
+    # Cheap rows first (RTN, MoFQ), GPTQ last: an interrupted run on a busy CPU still has a full RTN table.
+    plan = [("fp32", None)] + [r for r in single if r[0].endswith("RTN")] + mofq_rows(groups[0]) + \
+        [r for r in single if r[0].endswith("GPTQ")]
     if args.only:
         plan = [(n, s) for n, s in plan if n == "fp32" or args.only in n]
 
