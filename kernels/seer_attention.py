@@ -23,7 +23,7 @@ def _sparse_configs():
     if _INTERPRET:
         return [triton.Config({"PAIR": 1}, num_warps=4, num_stages=1)]
     return [triton.Config({"PAIR": p}, num_warps=w, num_stages=s)
-            for p in (1, 2) for w in (4, 8) for s in (2, 3, 4)]
+            for p in (1, 2) for w, s in ((4, 3), (8, 3), (4, 4))]
 
 
 @triton.autotune(configs=_sparse_configs(), key=["HEAD_D", "BLK", "CAUSAL", "GROUPS"])
