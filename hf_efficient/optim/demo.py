@@ -147,8 +147,10 @@ def run_adama_demo(args) -> int:
         raise CliError(f"unknown method(s) {bad}; available: {list(METHODS)}")
     results = []
     for m in methods:
+        show = None if args.no_progress else (lambda meth, i, loss: print(f"  {meth} step {i + 1}/{args.steps}: "
+                                                                            f"loss {loss:.4f}", flush=True))
         results.append(train_run(m, build, batches, steps=args.steps, accumulation=args.accumulation, lr=args.lr,
-                                 device=device, warmup_steps=1))
+                                 device=device, warmup_steps=1, progress=show))
         print(f"{m}: losses {[round(x, 3) for x in results[-1].losses]}", flush=True)
     print(f"\nAdamA demo on {base.name} ({device}): seq {args.seq_len}, micro-batch {args.micro_batch}, "
           f"accumulation {args.accumulation}, {args.steps} steps, lr {args.lr}"
@@ -166,9 +168,9 @@ def _configure(p) -> None:
     from ..commands import add_model_args, positive_int
 
     add_model_args(p)
-    p.add_argument("--steps", type=positive_int, default=10, help="optimizer steps (default 10)")
+    p.add_argument("--steps", type=positive_int, default=5, help="optimizer steps (default 5)")
     p.add_argument("--accumulation", type=positive_int, default=4, help="micro-batches per step (default 4)")
-    p.add_argument("--micro-batch", type=positive_int, default=2, help="sequences per micro-batch (default 2)")
+    p.add_argument("--micro-batch", type=positive_int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--lr", type=float, default=3e-5, help="learning rate (default 3e-5)")
     p.add_argument("--seed", type=int, default=0, help="seed for data windows (default 0)")
