@@ -267,6 +267,7 @@ def test_unknown_hub_config():
         load_quant_config("afpq-fp7")
 
 
+@pytest.mark.slow
 def test_embedded_model_short_last_group(embedded_path, embedded_tokenizer):
     """576 and 1536 are not multiples of 128: the last group of q_proj rows holds 64 columns."""
     ref = _load(embedded_path)
