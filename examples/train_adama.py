@@ -11,7 +11,7 @@ import tempfile
 import torch
 
 import hf_efficient  # noqa: F401  registers the suite
-from hf_efficient.optim import AdamA, adama_optimizers
+from hf_efficient.optim import AdamA, AdamACallback, adama_optimizers
 
 
 def load(args):
@@ -51,7 +51,8 @@ def trainer_recipe(model, windows, n, steps):
                                  max_grad_norm=0.0,  # global-norm clipping cannot work once gradients are freed
                                  use_cpu=not torch.cuda.is_available())
         trainer = Trainer(model=model, args=args, train_dataset=data,
-                          optimizers=adama_optimizers(model, args))  # the one-line switch
+                          optimizers=adama_optimizers(model, args),  # the one-line switch
+                          callbacks=[AdamACallback()])  # optional: logs AdamA's grad norm instead of Trainer's 0
         trainer.train()
 
 

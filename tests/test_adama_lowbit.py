@@ -98,7 +98,7 @@ def _train(n, steps=30, **kw):
         for x, y in data[s * n:(s + 1) * n]:
             loss = (model(x) - y).pow(2).mean() / n
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         opt.step()
     return model, opt, total
 
