@@ -23,6 +23,10 @@ def time_cuda(fn):
     return time_fn(fn, DEV) if DEV == "cuda" else time_fn(fn, DEV, repeats=1, warmup=0)
 
 
+# FlexAttention's default tiles are 128 wide; our 64-token blocks need 64-wide tiles (it raises otherwise).
+KOPT = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
 def _flex_block_mask(block_mask, blk, sq):
     """Our (B, H, nQB, nKB) block mask as a FlexAttention BlockMask: diagonal blocks partial (causal mask_mod),
     the other kept blocks full."""
@@ -101,8 +105,8 @@ def bench_prefill(seqs, sparsities, h=32, hkv=8, d=128, blk=64, gate_dim=128, on
                 t_seer = t_kernel = t_gate = float("nan")
             try:
                 fbm = _flex_block_mask(bm, blk, s)
-                flex(q, k, v, block_mask=fbm, enable_gqa=True)
-                t_flex = time_cuda(lambda: flex(q, k, v, block_mask=fbm, enable_gqa=True))
+                flex(q, k, v, block_mask=fbm, enable_gqa=True, kernel_options=KOPT)
+                t_flex = time_cuda(lambda: flex(q, k, v, block_mask=fbm, enable_gqa=True, kernel_options=KOPT))
             except Exception as e:  # noqa: BLE001  (report, keep the other columns)
                 print(f"flex failed at {s}/{sp}: {type(e).__name__}: {e}", flush=True)
                 t_flex = float("nan")

@@ -248,3 +248,12 @@ def test_train_gate_cli(tiny_llama_dir, tmp_path):
     assert (out / "seer_gates.safetensors").is_file() and (out / "checkpoints" / "checkpoint-2").is_dir()
     bad = subprocess.run(cmd[:-2] + ["--sparsity", "1.5"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "fraction" in bad.stderr
+
+
+def test_pool_fast_path_equals_masked_path():
+    from hf_efficient.attention.seer.gate import pool_blocks
+
+    x = torch.randn(2, 3, 64, 8)
+    kinds = ("max", "min", "avg")
+    torch.testing.assert_close(pool_blocks(x, 16, kinds=kinds),
+                               pool_blocks(x, 16, torch.ones(2, 64, dtype=torch.bool), kinds=kinds))

@@ -34,6 +34,15 @@ def pool_blocks(x: torch.Tensor, block: int, valid: torch.Tensor | None = None, 
     b, h, s, d = x.shape
     nb = math.ceil(s / block)
     pad = nb * block - s
+    if valid is None and pad == 0:
+        # Common prefill case: pool a view, no masked copies of Q/K (the gate's main memory traffic).
+        xb = x.reshape(b, h, nb, block, d)
+        ops = {"avg": lambda: xb.mean(3, dtype=torch.float32), "max": lambda: xb.amax(3).float(),
+               "min": lambda: xb.amin(3).float()}
+        for kind in kinds:
+            if kind not in ops:
+                raise ValueError(f"pool kind {kind!r}; allowed: avg, max, min")
+        return torch.cat([ops[kind]() for kind in kinds], -1)
     ok = torch.ones(b, s, dtype=torch.bool, device=x.device) if valid is None else valid.to(x.device, torch.bool)
     ok = nn.functional.pad(ok, (0, pad)).view(b, 1, nb, block, 1)
     xb = nn.functional.pad(x, (0, 0, 0, pad)).view(b, h, nb, block, d)
@@ -118,7 +127,9 @@ def select_blocks(scores: torch.Tensor, config: SeerAttentionConfig, sq: int, sk
         # Keep scores >= the row's n_keep-th best (a top-k threshold: cheaper on GPU than ranking every
         # block with a full sort; ties at the threshold may keep a block more).
         masked = scores.masked_fill(~causal, float("-inf"))
-        kmax = int(min(nkb, max(1, int(n_keep.max()))))
+        # The widest row has nkb causal blocks, so kmax follows from Python ints: no device->host sync.
+        kmax = min(nkb, config.top_k) if config.mode == "topk" else math.ceil(nkb * (1.0 - config.sparsity) - 1e-6)
+        kmax = max(1, kmax)
         top = masked.topk(kmax, dim=-1).values
         thr = top.gather(-1, (n_keep.clamp(1, kmax) - 1).view(1, 1, nqb, 1).expand(*top.shape[:2], nqb, 1))
         keep = (masked >= thr) & (n_keep > 0)[:, None]
