@@ -219,3 +219,22 @@ def test_activation_quantization_per_token():
     s = x.abs().amax(-1, keepdim=True) / 448
     torch_fp8 = (x / s).to(torch.float8_e4m3fn).float() * s
     assert (fp8 - torch_fp8).abs().max() <= 1e-6 * x.abs().max() or (fp8 != torch_fp8).float().mean() < 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["int4_asym", "fp4_asym", "nf3_asym", "int8_sym", "fp8_sym", "int2_sym"])
+def test_quantlinear_cuda_matches_cpu(name):
+    """Quantizing and the reference forward on CUDA give the CPU's codes; any registered fast path agrees."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 192, bias=True)
+    cpu = QuantLinear.from_linear(lin, name, 128)
+    gpu = QuantLinear.from_linear(lin.cuda(), name, 128)
+    for t in ["qweight", *cpu.fmt.param_names]:
+        assert torch.equal(getattr(gpu, t).cpu(), getattr(cpu, t)), t
+    x = torch.randn(5, 576)
+    with reference_only():
+        ref_gpu = gpu(x.cuda())
+    assert torch.allclose(ref_gpu.cpu(), cpu(x), atol=1e-4, rtol=1e-4)
+    for dtype in (torch.float16, torch.bfloat16):
+        fast = gpu(x.cuda().to(dtype)).float()
+        assert torch.allclose(fast.cpu(), cpu(x), atol=0.05, rtol=0.05), dtype
