@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 
 import torch
@@ -82,7 +83,7 @@ def main(argv=None):
                 "context": args.context, "stride": args.context // 2, "calib_windows": args.calib_samples,
                 "calib_seqlen": args.calib_seqlen, "calib_split": "train plays", "eval_split": "held-out plays",
                 "scale_dtype": "float16", "modules_to_not_convert": ["lm_head"], "note": NOTE,
-                "command": "python -m benchmarks.quality_afpq_mofq " + " ".join(argv or [])}
+                "command": "python -m benchmarks.quality_afpq_mofq " + " ".join(sys.argv[1:] if argv is None else argv)}
     rows, fp32_ppl = [], None
     for name, spec in plan:
         t0 = time.time()
