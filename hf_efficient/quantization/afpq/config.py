@@ -34,7 +34,7 @@ class AFPQConfig(QuantConfigBase):
         try:
             formats.format_name(fmt, bits, not asymmetric)
         except ValueError as e:
-            raise ValueError(f"AFPQConfig(fmt={fmt!r}, bits={bits}, asymmetric={asymmetric}): {e}") from None
+            raise ValueError(f"{type(self).__name__}(fmt={fmt!r}, bits={bits}, asymmetric={asymmetric}): {e}") from None
 
     @property
     def weight_format(self) -> str:

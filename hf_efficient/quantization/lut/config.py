@@ -1,13 +1,11 @@
 """``LUTConfig``: weight-only low-bit quantization whose CPU matmuls run on the T-MAC-style LUT kernels."""
 from __future__ import annotations
 
-from ... import formats
-from ..config import LayerSpec, QuantConfigBase, _err
-
-FMT_KINDS = ("int", "fp", "nf")
+from ..afpq.config import AFPQConfig
+from ..config import _err
 
 
-class LUTConfig(QuantConfigBase):
+class LUTConfig(AFPQConfig):
     """Quantize linears to 2/3/4-bit codes and run them on the CPU with LUT kernels (no dequantization).
 
     Args:
@@ -20,31 +18,16 @@ class LUTConfig(QuantConfigBase):
         Other fields: see :class:`~hf_efficient.quantization.config.QuantConfigBase` (``algorithm="gptq"``
         quantizes with calibration through ``hf_efficient.quantization.quantize``).
 
-    Storage is the shared QuantLinear layout (``qweight``/``scales``/...): the kernel layout is built from it
-    once when the model is loaded, so a LUT checkpoint is also a valid AFPQ-layout checkpoint and vice versa.
+    The same format choices as :class:`AFPQConfig` (it subclasses it, defaulting to INT); only the method
+    name and the kernel path differ. Storage is the shared QuantLinear layout (``qweight``/``scales``/...):
+    the kernel layout is built from it once when the model is loaded, so a LUT checkpoint is also a valid
+    AFPQ-layout checkpoint and vice versa.
     Example: ``LUTConfig(bits=2, group_size=64)`` is INT2 (zero point) g64.
     """
 
     quant_method_name = "lut"
 
     def __init__(self, bits: int = 4, group_size: int = 128, fmt: str = "int", asymmetric: bool = True, **kwargs):
-        self.fmt = fmt
-        self.asymmetric = asymmetric
-        super().__init__(bits=bits, group_size=group_size, **kwargs)
-        if fmt not in FMT_KINDS:
-            raise _err("fmt", fmt, f"one of {FMT_KINDS}")
-        if not isinstance(asymmetric, bool):
-            raise _err("asymmetric", asymmetric, "True or False")
         if bits not in (2, 3, 4):
             raise _err("bits", bits, "2, 3 or 4 (the LUT kernels take 1..4-bit codes; the formats catalog has 2..4)")
-        try:
-            formats.format_name(fmt, bits, not asymmetric)
-        except ValueError as e:
-            raise ValueError(f"LUTConfig(fmt={fmt!r}, bits={bits}, asymmetric={asymmetric}): {e}") from None
-
-    @property
-    def weight_format(self) -> str:
-        return formats.format_name(self.fmt, self.bits, not self.asymmetric)
-
-    def layer_spec(self, name: str) -> LayerSpec:
-        return LayerSpec(self.weight_format, self.group_size_or_none())
+        super().__init__(bits=bits, group_size=group_size, fmt=fmt, asymmetric=asymmetric, **kwargs)
