@@ -226,16 +226,21 @@ class AdamA(Optimizer):
         m.add_(g, alpha=1.0 - b1)
         v.addcmul_(g, g, value=(1.0 - b2) * n)
 
+    def _fold_present_grad(self, p: torch.Tensor) -> None:
+        """Fold ``p.grad`` (if any) as this micro-batch's gradient and free it."""
+        if p.grad is None:
+            return
+        if p.grad.is_sparse:
+            raise RuntimeError("AdamA does not support sparse gradients; use dense gradients")
+        self.fold(p, p.grad)
+        p.grad = None
+
     @torch.no_grad()
     def fold_grads(self) -> None:
         """Fold every present ``p.grad`` as one micro-batch and free it (for ``fold_on_hook=False``)."""
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("AdamA does not support sparse gradients; use dense gradients")
-                    self.fold(p, p.grad)
-                    p.grad = None
+                self._fold_present_grad(p)
         self._micro_batches += 1
 
     def pop_grad_norm(self, micro_batches: int | None = None) -> float | None:
@@ -266,11 +271,7 @@ class AdamA(Optimizer):
             b1, b2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("AdamA does not support sparse gradients; use dense gradients")
-                    self.fold(p, p.grad)
-                    p.grad = None
+                self._fold_present_grad(p)
                 st = self.state.get(p)
                 if not st or st["folds"] == 0:
                     continue  # no gradient this step: like AdamW with grad None, the parameter is untouched
