@@ -22,6 +22,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread: tiny models on a shared 2-core CPU run far slower when two
+    OpenMP threads fight other jobs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 

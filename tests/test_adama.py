@@ -11,13 +11,7 @@ from hf_efficient.optim import AdamA
 from tests.adama_reference import RefAdamA, batches, close, micro_grads, mlp
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CPU is shared: two OpenMP threads fighting other jobs run tiny models ~20x slower
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(model, opt, data, n):

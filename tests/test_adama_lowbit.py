@@ -16,12 +16,7 @@ from hf_efficient.optim import lowbit
 from tests.adama_reference import batches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SPACING = {True: 2 ** lowbit.SIGNED_OCTAVES_PER_CODE, False: 2 ** lowbit.UNSIGNED_OCTAVES_PER_CODE}

@@ -8,12 +8,7 @@ from hf_efficient.optim import AdamA, AdamACallback, adama_optimizers
 from tests.conftest import tiny_llama_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Data(torch.utils.data.Dataset):
