@@ -6,13 +6,17 @@ weights; GPTQ rows share the same calibration windows (training plays); PPL is s
 held-out tokens. Results are rewritten after each row, so an interrupted run keeps what it measured.
 
 Run: ``python -m benchmarks.quality_afpq_mofq [--max-tokens 4096] [--groups 128,64] [--out DIR]``.
+On a GPU machine with spare CPU cores, split the rows over processes with ``--shard k/n --out DIR_k`` and
+join them with ``--merge DIR_0 ... DIR_n-1 --out DIR``; each shard scores the same fp32 baseline.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -53,6 +57,34 @@ def mofq_rows(group: int) -> list[tuple[str, dict]]:
     return rows
 
 
+COLUMNS = ["name", "ppl", "delta_ppl", "size_mb", "quant_s"]
+
+
+def plan_rows(groups: list[int], bits: list[int]) -> list[tuple[str, dict | None]]:
+    single = [r for g in groups for b in bits for r in single_format_rows(b, g)]
+    # Cheap rows first (RTN, MoFQ), GPTQ last: an interrupted run on a busy CPU still has a full RTN table.
+    return [("fp32", None)] + [r for r in single if r[0].endswith("RTN")] + mofq_rows(groups[0]) + \
+        [r for r in single if r[0].endswith("GPTQ")]
+
+
+def merge(dirs: list[str], out: str | None) -> list[dict]:
+    """Join shard results: one fp32 row (they must agree), the other rows in plan order."""
+    payloads = [json.loads((Path(d) / "quality_afpq_mofq.json").read_text()) for d in dirs]
+    fp32 = [r for p in payloads for r in p["rows"] if r["name"] == "fp32"]
+    if not fp32 or max(r["ppl"] for r in fp32) - min(r["ppl"] for r in fp32) > 1e-3 * fp32[0]["ppl"]:
+        raise SystemExit(f"shards disagree on (or lack) the fp32 baseline: {[r['ppl'] for r in fp32]}")
+    settings = dict(payloads[0]["settings"])
+    groups = sorted({int(n.split(" g")[1].split()[0]) for p in payloads for r in p["rows"]
+                     for n in [r["name"]] if " g" in n}, reverse=True) or [128]
+    order = {name: i for i, (name, _) in enumerate(plan_rows(groups, [4, 3]))}
+    rows = [fp32[0]] + sorted((r for p in payloads for r in p["rows"] if r["name"] != "fp32"),
+                              key=lambda r: order.get(r["name"], len(order)))
+    settings["command"] = " ; ".join(p["settings"]["command"] for p in payloads) + \
+        " ; python -m benchmarks.quality_afpq_mofq --merge " + " ".join(dirs)
+    write_results("quality_afpq_mofq", rows, settings, out, columns=COLUMNS)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
@@ -63,23 +95,31 @@ def main(argv=None):
     ap.add_argument("--bits", default="4,3", help="comma-separated bit widths of the single-format rows")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way; TF32 stays off)")
+    ap.add_argument("--shard", default="0/1", help="k/n: run every n-th row starting at k (fp32 always)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="join shard results and exit")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
+    k, n = (int(x) for x in args.shard.split("/"))
+    if not 0 <= k < n:
+        raise SystemExit(f"--shard {args.shard}: expected k/n with 0 <= k < n")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the table compares formats, not TF32 rounding
 
-    base, tok = load_model(None, dtype=torch.float32)
+    base, tok = load_model(None, dtype=torch.float32, device=args.device)
     ids = token_ids(tok, "eval", args.max_tokens)
     windows = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
-    groups = [int(g) for g in args.groups.split(",")]
-    single = [r for g in groups for b in (int(x) for x in args.bits.split(",")) for r in single_format_rows(b, g)]
-    # Cheap rows first (RTN, MoFQ), GPTQ last: an interrupted run on a busy CPU still has a full RTN table.
-    plan = [("fp32", None)] + [r for r in single if r[0].endswith("RTN")] + mofq_rows(groups[0]) + \
-        [r for r in single if r[0].endswith("GPTQ")]
+    plan = plan_rows([int(g) for g in args.groups.split(",")], [int(b) for b in args.bits.split(",")])
     if args.only:
-        plan = [(n, s) for n, s in plan if n == "fp32" or args.only in n]
+        plan = [(name, s) for name, s in plan if name == "fp32" or args.only in name]
+    plan = plan[:1] + plan[1:][k::n]
 
-    settings = {"model": "SmolLM2-135M-Instruct (embedded, dequantized Q4_1)", "eval_tokens": int(ids.numel()),
+    settings = {"model": "SmolLM2-135M-Instruct (embedded, dequantized Q4_1)", "device": args.device,
+                "eval_tokens": int(ids.numel()),
                 "context": args.context, "stride": args.context // 2, "calib_windows": args.calib_samples,
                 "calib_seqlen": args.calib_seqlen, "calib_split": "train plays", "eval_split": "held-out plays",
                 "scale_dtype": "float16", "modules_to_not_convert": ["lm_head"], "note": NOTE,
@@ -105,8 +145,7 @@ def main(argv=None):
         rows.append(r)
         print(f"{name:40s} ppl={ppl:8.3f}  (+{ppl - fp32_ppl:.3f})  size={r['size_mb']:.1f} MiB  "
               f"{extra.get('summary', '')}", flush=True)
-        write_results("quality_afpq_mofq", rows, settings, args.out,
-                      columns=["name", "ppl", "delta_ppl", "size_mb", "quant_s"])
+        write_results("quality_afpq_mofq", rows, settings, args.out, columns=COLUMNS)
         if model is not base:
             del model
 
