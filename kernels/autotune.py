@@ -5,8 +5,8 @@ shape through :data:`KEYS`, so other tools (the energy autotuner) can iterate th
 :func:`autotune` turns a space into ``triton.autotune`` on a GPU; under ``TRITON_INTERPRET=1`` (CPU tests)
 it picks the first valid config instead of timing (the interpreter's timings mean nothing).
 
-Validity rules (:func:`valid`): a K tile never straddles a quantization group (``GROUP % BLOCK_K == 0``,
-the kernels load one scale row per tile), and the tiles of 3-bit weights cover whole words of both planes.
+Validity rules (:func:`valid`): GEMV register budget (``BLOCK_M * BLOCK_N * BLOCK_C * W`` fp32 partial sums
+per step, at most 32 per thread), GEMM M tiles no more than twice the batch, LUT M tiles within the batch.
 """
 from __future__ import annotations
 
@@ -17,25 +17,28 @@ import triton
 _W, _S = "num_warps", "num_stages"
 
 SPACES: dict[str, list[dict]] = {
-    # M == 1: a [BLOCK_K, BLOCK_N] dequant-multiply-reduce; each program covers ITERS * BLOCK_K of K and
-    # the K splits meet in an fp32 atomic add. Wide N tiles read long coalesced rows; small ITERS gives
-    # many programs (bytes in flight) for short K.
+    # M <= 8: each program streams BLOCK_C 32-code chunks of BLOCK_N rows per step (one 128-bit load per
+    # row and chunk at 4 bits) over 1/SPLIT_K of K; splits meet in the last-arriver epilogue. Narrow tiles
+    # with more splits keep enough loads in flight on short K / small N; wide ones for long rows.
     "gemv": [
-        dict(BLOCK_N=128, BLOCK_K=128, ITERS=1, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=128, BLOCK_K=64, ITERS=2, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=256, BLOCK_K=64, ITERS=1, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=64, BLOCK_K=128, ITERS=2, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=256, BLOCK_K=32, ITERS=2, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=32, BLOCK_C=4, SPLIT_K=4, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=64, BLOCK_C=4, SPLIT_K=2, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=64, BLOCK_C=8, SPLIT_K=4, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=128, BLOCK_C=4, SPLIT_K=1, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=16, BLOCK_C=8, SPLIT_K=8, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=1, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=128, BLOCK_C=8, SPLIT_K=2, **{_W: 8, _S: 1}),
+        dict(BLOCK_N=16, BLOCK_C=4, SPLIT_K=16, **{_W: 2, _S: 1}),
     ],
-    # M >= 2: dequantize a [BLOCK_K, BLOCK_N] tile to the activation dtype and tl.dot it; SPLIT_K > 1
-    # for small M, where the M x N tile grid alone cannot fill the GPU.
+    # M > 8: decode a [BLOCK_N, BLOCK_C * 32] tile to the activation dtype and tl.dot it; SPLIT_K > 1 for
+    # small M, where the M x N tile grid alone cannot fill the GPU.
     "gemm": [
-        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, **{_W: 4, _S: 3}),
-        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, **{_W: 4, _S: 3}),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, **{_W: 8, _S: 3}),
-        # group size 32 needs 32-deep K tiles
-        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=32, SPLIT_K=8, **{_W: 4, _S: 4}),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, SPLIT_K=1, **{_W: 4, _S: 4}),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_C=4, SPLIT_K=4, **{_W: 4, _S: 3}),
+        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_C=2, SPLIT_K=4, **{_W: 4, _S: 3}),
+        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_C=4, SPLIT_K=2, **{_W: 4, _S: 3}),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_C=2, SPLIT_K=1, **{_W: 8, _S: 3}),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=4, SPLIT_K=2, **{_W: 4, _S: 3}),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=4, SPLIT_K=8, **{_W: 4, _S: 2}),
     ],
     # LUT mpGEMM: one quantization group per K step; BLOCK_M rows share each decoded parity pattern.
     "lut": [
@@ -48,13 +51,14 @@ SPACES: dict[str, list[dict]] = {
 
 # Arguments whose values select a tuned config (besides the tensor dtypes Triton adds itself).
 KEYS: dict[str, list[str]] = {
-    "gemv": ["N", "K", "GROUP", "BITS", "MODE", "DECODE"],
+    "gemv": ["M_BUCKET", "N", "K", "GROUP", "BITS", "MODE", "DECODE"],
     "gemm": ["M_BUCKET", "N", "K", "GROUP", "BITS", "MODE", "DECODE"],
     "lut": ["M_BUCKET", "N", "K", "GROUP", "N_TERMS"],
 }
 
 # Zeroed before and restored after each timing run: split-K kernels accumulate into these atomically.
-ACCUMULATES: dict[str, list[str]] = {"gemv": ["out_ptr"], "gemm": ["out_ptr"], "lut": []}
+# (None: the split-K epilogue needs no zeroed output, and the arrival counters reset themselves.)
+ACCUMULATES: dict[str, list[str]] = {"gemv": [], "gemm": [], "lut": []}
 
 
 def interpreting() -> bool:
@@ -63,19 +67,20 @@ def interpreting() -> bool:
 
 def valid(name: str, cfg: dict, args: dict) -> bool:
     """Whether ``cfg`` is usable for the call ``args`` (kernel argument names -> values)."""
-    group = args["GROUP"]
-    if "BLOCK_K" in cfg:
-        bk = cfg["BLOCK_K"]
-        if group % bk or bk < (32 if args["BITS"] == 3 else 32 // args["BITS"]):
-            return False
-    if name == "gemm" and "M" in args:
-        m = args["M"]
+    if name == "gemv":
+        w = 2 if args["BITS"] == 3 else args["BITS"]
+        threads = 32 * cfg.get(_W, 4)
+        return args.get("BLOCK_M", 1) * cfg["BLOCK_N"] * cfg["BLOCK_C"] * w <= 32 * threads
+    m = args["M"]
+    if name == "gemm":
         # No M tile more than twice the batch: the extra rows are pure waste.
-        if cfg["BLOCK_M"] > max(16, 2 * triton.next_power_of_2(m)):
-            return False
-    if name == "lut" and cfg["BLOCK_M"] > triton.next_power_of_2(args["M"]):
-        return False
-    return True
+        return cfg["BLOCK_M"] <= max(16, 2 * triton.next_power_of_2(m))
+    return cfg["BLOCK_M"] <= triton.next_power_of_2(m)
+
+
+def max_split(name: str) -> int:
+    """Largest SPLIT_K of a space (sizes the split-K workspace before the config is chosen)."""
+    return max(c.get("SPLIT_K", 1) for c in SPACES[name])
 
 
 def space(name: str) -> list[dict]:
@@ -96,7 +101,7 @@ def _prune(name: str):
         args = {**named_args, **kwargs}
         ok = [c for c in cfgs if valid(name, c.kwargs, args)]
         if not ok:
-            raise ValueError(f"{name}: no kernel config fits GROUP={args['GROUP']} BITS={args['BITS']}")
+            raise ValueError(f"{name}: no kernel config fits BITS={args['BITS']} M={args.get('M')}")
         return ok
     return prune
 
@@ -113,7 +118,7 @@ class _FirstValid:
             named = {**dict(zip(self.arg_names, args)), **kwargs}
             cfg = next((c for c in space(self.name) if valid(self.name, c, named)), None)
             if cfg is None:
-                raise ValueError(f"{self.name}: no kernel config fits GROUP={named['GROUP']} BITS={named['BITS']}")
+                raise ValueError(f"{self.name}: no kernel config fits BITS={named['BITS']} M={named.get('M')}")
             meta = {k: v for k, v in cfg.items() if k not in (_W, _S)}
             g = grid({**named, **meta}) if callable(grid) else grid
             return self.fn[g](*args, **kwargs, **meta)

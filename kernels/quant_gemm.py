@@ -1,11 +1,25 @@
-"""Dequant-fused Triton kernels for low-bit weights: GEMV (M == 1) and GEMM (M >= 2, tensor cores).
+"""Dequant-fused Triton kernels for low-bit weights: GEMV (M <= 8, CUDA cores) and GEMM (M > 8, tensor cores).
 
-Weights are in the kernel layout of :mod:`hf_efficient.kernels.quant_layout` (codes packed along K,
-N contiguous, per-group ``a``/``b`` parameters); activations fp16 or bf16 ``(M, K)``; outputs the
-activation dtype. Arithmetic: codes decode to float32 values, scaled in float32; the GEMV multiplies
-in float32, the GEMM rounds the dequantized tile to the activation dtype for ``tl.dot`` (fp32
-accumulation). Split-K partial sums meet in an fp32 buffer by atomic add. Twin:
-:func:`hf_efficient.kernels.quant_reference.quant_matmul_reference`.
+Weights are in the kernel layout of :mod:`hf_efficient.kernels.quant_layout` (K contiguous per output row,
+32-code chunks interleaved so a chunk is one vector load and each of its slots meets consecutive
+activations); activations fp16 or bf16 ``(M, K)``; outputs the activation dtype.
+
+GEMV (``M <= GEMV_MAX_M``): broadcast-multiply-sum in float32, no ``tl.dot``. The per-group rule is applied
+once per 32-code chunk, not per weight: per chunk the kernel sums ``x * value`` and (when needed) ``x``,
+then ``a * (sum_xv - z * sum_x)`` (zero point), ``a * sum_xv`` (symmetric) or
+``a * sum_{v>=0} x v + b * sum_{v<0} x v`` (AFPQ two scales). Uniform INT grids never convert an integer
+to float: the code's bits are OR-ed into the mantissa of 1.0, giving ``1 + c / 2**bits`` in two integer
+ops, and ``sum_x c = 2**bits * (sum_x f - sum_x)`` is recovered per chunk (the cancellation loses at most
+``bits`` bits of the 24, far inside the tests' tolerance).
+
+GEMM (``M > GEMV_MAX_M``): a ``[BLOCK_N, chunks, slots, W]`` tile is decoded, scaled, reshaped to
+``[BLOCK_N, BLOCK_K]`` in natural K order and multiplied with ``tl.dot`` (rounded to the activation dtype,
+fp32 accumulation).
+
+Split-K partial sums meet without atomics on the output: each split writes an fp32 partial tile to a
+workspace, and the last split to arrive at a tile (an atomic counter per tile, reset by that last
+split) sums them and writes the output in the activation dtype. So a call is one launch: no zero-fill and
+no conversion kernels. Twin: :func:`hf_efficient.kernels.quant_reference.quant_matmul_reference`.
 """
 from __future__ import annotations
 
@@ -13,22 +27,43 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import autotune, fixed
+from .autotune import autotune, fixed, max_split
 from .quant_layout import KernelWeight
+
+GEMV_MAX_M = 8
+_ONE = 0x3F800000  # float32 1.0
 
 
 @triton.jit
-def load_codes(q_ptr, offs_k, offs_n, mask_n, N, P0_ROWS, BITS: tl.constexpr):
-    """int32 codes [len(offs_k), len(offs_n)] (see quant_layout for the planes)."""
+def slot_code(wa, wb, offs_i, J: tl.constexpr, BITS: tl.constexpr):
+    """Integer codes of slot ``J`` of a chunk tile (``wa``: words ``[..., W]``, ``wb``: 3-bit top-bit words)."""
     if BITS == 3:
-        w0 = tl.load(q_ptr + (offs_k // 16)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        w1 = tl.load(q_ptr + (P0_ROWS + offs_k // 32)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        c = ((w0 >> ((offs_k % 16) * 2)[:, None]) & 3) | (((w1 >> (offs_k % 32)[:, None]) & 1) << 2)
+        c = ((wa >> (2 * J)) & 3) | (((wb >> (2 * J + offs_i)) & 1) << 2)
     else:
-        PER: tl.constexpr = 32 // BITS
-        w = tl.load(q_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        c = (w >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
+        c = (wa >> (J * BITS)) & ((1 << BITS) - 1)
     return c
+
+
+@triton.jit
+def slot_unit(wa, wb, offs_i, J: tl.constexpr, BITS: tl.constexpr):
+    """``1 + code / 2**BITS`` (float32) of slot ``J``: the code's bits moved under the exponent of 1.0."""
+    if BITS == 3:
+        if 2 * J <= 20:
+            lo = (wa << (20 - 2 * J)) & (3 << 20)
+        else:
+            lo = (wa >> (2 * J - 20)) & (3 << 20)
+        if 2 * J + 1 <= 22:
+            hi = (wb << (22 - 2 * J - offs_i)) & (1 << 22)
+        else:
+            hi = (wb >> (2 * J + offs_i - 22)) & (1 << 22)
+        t = lo | hi
+    else:
+        POS: tl.constexpr = 23 - BITS
+        if J * BITS <= POS:
+            t = (wa << (POS - J * BITS)) & (((1 << BITS) - 1) << POS)
+        else:
+            t = (wa >> (J * BITS - POS)) & (((1 << BITS) - 1) << POS)
+    return (t | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -59,70 +94,159 @@ def apply_params(v, a, b, MODE: tl.constexpr):
 
 
 @triton.jit
-def load_params(p_ptr, g, offs_n, mask_n, N):
-    a = tl.load(p_ptr + (g * 2) * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-    b = tl.load(p_ptr + (g * 2 + 1) * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+def load_params(p_ptr, g, offs_n, mask, N, NG):
+    """``a``, ``b`` (fp32) of groups ``g`` for rows ``offs_n`` (params are ``(2, N, NG)``)."""
+    a = tl.load(p_ptr + offs_n * NG + g, mask=mask, other=0).to(tl.float32)
+    b = tl.load(p_ptr + N * NG + offs_n * NG + g, mask=mask, other=0).to(tl.float32)
     return a, b
+
+
+@triton.jit
+def load_chunks(q_ptr, offs_n, ch, mask_nc, KW, P0W, BITS: tl.constexpr):
+    """Words of chunks ``ch`` for rows ``offs_n``: ``wa`` ``[BN, BC, W]`` and (3 bits) the top-bit plane ``wb``."""
+    W: tl.constexpr = 2 if BITS == 3 else BITS
+    offs_i = tl.arange(0, W)
+    row = q_ptr + offs_n[:, None, None] * KW
+    wa = tl.load(row + ch[None, :, None] * W + offs_i[None, None, :], mask=mask_nc[:, :, None], other=0)
+    if BITS == 3:
+        wb = tl.load(row + P0W + ch[None, :, None], mask=mask_nc[:, :, None], other=0)
+    else:
+        wb = wa
+    return wa, wb
+
+
+@triton.jit
+def store_split(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, pid_k, SPLIT_K: tl.constexpr):
+    """Write the ``[BM, BN]`` fp32 ``acc``; with split-K, the last split of the tile sums the workspace."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    idx = offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptr + pid_k * M * N + idx, acc, mask=mask)
+        # every thread's partial is written before the release below (the CUTLASS semaphore pattern)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for s in range(SPLIT_K):
+                # .cg: read the other splits' partials from L2, never a stale L1 line
+                total += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + idx, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (and CUDA-graph replays)
 
 
 @autotune("gemv")
 @triton.jit
-def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, N, K, KP, P0_ROWS, GROUP, v_off,
-                 BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ITERS: tl.constexpr):
+def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, P0W, NG, NC, CPG, GROUP, v_off,
+                 M_BUCKET, BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    W: tl.constexpr = 2 if BITS == 3 else BITS
+    P: tl.constexpr = 32 // W
+    FAST_INT: tl.constexpr = DECODE == 1 and MODE != 2
+    NEED_SX: tl.constexpr = FAST_INT or MODE == 1
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_i = tl.arange(0, W)
     mask_n = offs_n < N
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for i in tl.static_range(ITERS):
-        k0 = (pid_k * ITERS + i) * BLOCK_K
-        if k0 < KP:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            c = load_codes(q_ptr, offs_k, offs_n, mask_n, N, P0_ROWS, BITS)
-            a, b = load_params(p_ptr, k0 // GROUP, offs_n, mask_n, N)
-            w = apply_params(decode_values(c, t_ptr, v_off, DECODE), a[None, :], b[None, :], MODE)
-            acc += tl.sum(x[:, None] * w, axis=0)
-    if tl.num_programs(1) == 1:
-        tl.store(out_ptr + offs_n, acc, mask=mask_n)
-    else:
-        tl.atomic_add(out_ptr + offs_n, acc, mask=mask_n, sem="relaxed")
+    mask_m = offs_m < M
+    steps = tl.cdiv(NC, BLOCK_C)
+    per = tl.cdiv(steps, SPLIT_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for s in range(pid_k * per, tl.minimum(steps, (pid_k + 1) * per)):
+        ch = s * BLOCK_C + offs_c
+        mask_nc = mask_n[:, None] & (ch < NC)[None, :]
+        wa, wb = load_chunks(q_ptr, offs_n, ch, mask_nc, KW, P0W, BITS)
+        kb = ch[None, :, None] * 32 + offs_i[None, None, :]  # [1, BC, W]: k of slot 0
+        xb = x_ptr + offs_m[:, None, None] * K + kb
+        s1 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_C, W], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_C, W], dtype=tl.float32)
+        sx = tl.zeros([BLOCK_M, BLOCK_C, W], dtype=tl.float32)
+        for j in tl.static_range(P):
+            xj = tl.load(xb + j * W, mask=mask_m[:, None, None] & (kb + j * W < K), other=0.0).to(tl.float32)
+            if FAST_INT:
+                v = slot_unit(wa, wb, offs_i, j, BITS)
+            else:
+                v = decode_values(slot_code(wa, wb, offs_i, j, BITS), t_ptr, v_off, DECODE)
+            s1 += xj[:, None, :, :] * v[None, :, :, :]
+            if MODE == 2:
+                s2 += xj[:, None, :, :] * tl.minimum(v, 0.0)[None, :, :, :]
+            if NEED_SX:
+                sx += xj
+        c1 = tl.sum(s1, 3)  # [BM, BN, BC]: per-chunk sums
+        a, b = load_params(p_ptr, (ch // CPG)[None, :], offs_n[:, None], mask_nc, N, NG)
+        a = a[None, :, :]
+        b = b[None, :, :]
+        if NEED_SX:
+            cx = tl.sum(sx, 2)[:, None, :]
+            if FAST_INT:
+                c1 = (c1 - cx) * (1 << BITS) + v_off * cx
+        if MODE == 0:
+            acc += a * c1
+        elif MODE == 1:
+            acc += a * (c1 - b * cx)
+        else:
+            c2 = tl.sum(s2, 3)
+            acc += a * (c1 - c2) + b * c2
+    store_split(tl.sum(acc, 2), out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K)
 
 
 @autotune("gemm")
 @triton.jit
-def _gemm_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, M, N, K, KP, P0_ROWS, GROUP, v_off, stride_xm, M_BUCKET,
-                 BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def _gemm_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, P0W, NG, NC, CPG, GROUP, v_off,
+                 M_BUCKET, BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    W: tl.constexpr = 2 if BITS == 3 else BITS
+    P: tl.constexpr = 32 // W
+    BLOCK_K: tl.constexpr = BLOCK_C * 32
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_i = tl.arange(0, W)
+    offs_j = tl.arange(0, P)
     mask_n = offs_n < N
-    steps = tl.cdiv(KP, BLOCK_K)
-    per_split = tl.cdiv(steps, SPLIT_K)
+    mask_m = offs_m < M
+    steps = tl.cdiv(NC, BLOCK_C)
+    per = tl.cdiv(steps, SPLIT_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s in range(pid_k * per_split, tl.minimum(steps, (pid_k + 1) * per_split)):
+    for s in range(pid_k * per, tl.minimum(steps, (pid_k + 1) * per)):
+        ch = s * BLOCK_C + offs_c
+        mask_nc = mask_n[:, None] & (ch < NC)[None, :]
+        wa, wb = load_chunks(q_ptr, offs_n, ch, mask_nc, KW, P0W, BITS)
+        # [BN, BC, P, W]: slot j of word i is code j*W + i of the chunk, so a row-major reshape is K order
+        if BITS == 3:
+            c = (((wa[:, :, None, :] >> (2 * offs_j)[None, None, :, None]) & 3)
+                 | (((wb[:, :, None, :] >> (2 * offs_j[None, None, :, None] + offs_i[None, None, None, :])) & 1) << 2))
+        else:
+            c = (wa[:, :, None, :] >> (BITS * offs_j)[None, None, :, None]) & ((1 << BITS) - 1)
+        a, b = load_params(p_ptr, (ch // CPG)[None, :], offs_n[:, None], mask_nc, N, NG)
+        w = apply_params(decode_values(c, t_ptr, v_off, DECODE), a[:, :, None, None], b[:, :, None, None], MODE)
         k0 = s * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        c = load_codes(q_ptr, offs_k, offs_n, mask_n, N, P0_ROWS, BITS)
-        a, b = load_params(p_ptr, k0 // GROUP, offs_n, mask_n, N)
-        w = apply_params(decode_values(c, t_ptr, v_off, DECODE), a[None, :], b[None, :], MODE)
-        acc = tl.dot(x, w.to(x.dtype), acc)
-    ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(ptrs, acc, mask=mask)
-    else:
-        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
+                    other=0.0)
+        acc = tl.dot(x, tl.trans(tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x.dtype)), acc)
+    tile = pid_m * tl.num_programs(1) + pid_n
+    store_split(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, pid_k, SPLIT_K)
 
 
 _DTYPES = (torch.float16, torch.bfloat16)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-tile arrival counters of the split-K epilogue: zero between launches (the last split resets)."""
+    t = _COUNTERS.get(device)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = t
+    return t
 
 
 def _check(x: torch.Tensor, kw: KernelWeight) -> None:
@@ -134,37 +258,39 @@ def _check(x: torch.Tensor, kw: KernelWeight) -> None:
         raise ValueError(f"x is on {x.device} but the weight is on {kw.qweight.device}")
 
 
-def _common(kw: KernelWeight):
-    return (kw.qweight, kw.params, kw.table)
+def _launch(kernel, name: str, x: torch.Tensor, kw: KernelWeight, block_m: int | None, config: dict | None):
+    _check(x, kw)
+    x = x.contiguous()
+    m = x.shape[0]
+    out = torch.empty(m, kw.N, device=x.device, dtype=x.dtype)
+    if m == 0 or kw.N == 0:
+        return out
+    if kw.K == 0:
+        return out.zero_()
+    ws = torch.empty(max_split(name) * m * kw.N, device=x.device, dtype=torch.float32)
+    tiles_m = lambda meta: triton.cdiv(m, meta["BLOCK_M"]) if block_m is None else 1  # noqa: E731
+    if name == "gemv":
+        grid = lambda meta: (triton.cdiv(kw.N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    else:
+        grid = lambda meta: (tiles_m(meta), triton.cdiv(kw.N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    cnt = _counters(x.device, triton.cdiv(m, 16) * triton.cdiv(kw.N, 16))
+    launch = fixed(kernel, name, config)(grid) if config else kernel[grid]
+    extra = {} if block_m is None else {"BLOCK_M": block_m}
+    launch(x, kw.qweight, kw.params, kw.table, out, ws, cnt, m, kw.N, kw.K, kw.KW, kw.plane0_words, kw.n_groups,
+           kw.Kp // 32, kw.group_size // 32, kw.group_size, kw.v_off, min(triton.next_power_of_2(m), 128),
+           BITS=kw.bits, MODE=kw.mode, DECODE=kw.decode, **extra)
+    return out
 
 
 def quant_gemv(x: torch.Tensor, kw: KernelWeight, config: dict | None = None) -> torch.Tensor:
-    """``x @ W.T`` for ``x`` (1, K) fp16/bf16 -> (1, N) in x's dtype. ``config`` bypasses autotuning."""
-    _check(x, kw)
-    if x.shape[0] != 1:
-        raise ValueError(f"quant_gemv takes one row, got M={x.shape[0]} (use quant_gemm)")
-    x = x.contiguous()
-    out = torch.zeros(1, kw.N, device=x.device, dtype=torch.float32)
-    if kw.N == 0 or kw.K == 0:
-        return out.to(x.dtype)
-    grid = lambda meta: (triton.cdiv(kw.N, meta["BLOCK_N"]), triton.cdiv(kw.Kp, meta["BLOCK_K"] * meta["ITERS"]))  # noqa: E731
-    launch = fixed(_gemv_kernel, "gemv", config)(grid) if config else _gemv_kernel[grid]
-    launch(x, *_common(kw), out, kw.N, kw.K, kw.Kp, kw.plane0_rows, kw.group_size, kw.v_off,
-           BITS=kw.bits, MODE=kw.mode, DECODE=kw.decode)
-    return out.to(x.dtype)
+    """``x @ W.T`` for ``x`` (M, K) fp16/bf16 with ``1 <= M <= GEMV_MAX_M`` -> (M, N) in x's dtype.
+
+    ``config`` (a dict of the "gemv" space) bypasses autotuning."""
+    if not 1 <= x.shape[0] <= GEMV_MAX_M:
+        raise ValueError(f"quant_gemv takes 1..{GEMV_MAX_M} rows, got M={x.shape[0]} (use quant_gemm)")
+    return _launch(_gemv_kernel, "gemv", x, kw, triton.next_power_of_2(x.shape[0]), config)
 
 
 def quant_gemm(x: torch.Tensor, kw: KernelWeight, config: dict | None = None) -> torch.Tensor:
     """``x @ W.T`` for ``x`` (M, K) fp16/bf16 (any M >= 1) -> (M, N) in x's dtype, tensor cores."""
-    _check(x, kw)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    m = x.shape[0]
-    out = torch.zeros(m, kw.N, device=x.device, dtype=torch.float32)
-    if m == 0 or kw.N == 0 or kw.K == 0:
-        return out.to(x.dtype)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kw.N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-    launch = fixed(_gemm_kernel, "gemm", config)(grid) if config else _gemm_kernel[grid]
-    launch(x, *_common(kw), out, m, kw.N, kw.K, kw.Kp, kw.plane0_rows, kw.group_size, kw.v_off, x.stride(0),
-           min(triton.next_power_of_2(m), 256), BITS=kw.bits, MODE=kw.mode, DECODE=kw.decode)
-    return out.to(x.dtype)
+    return _launch(_gemm_kernel, "gemm", x, kw, None, config)

@@ -4,20 +4,23 @@ The on-disk layout (:mod:`hf_efficient.quantization.packing`) packs codes row by
 ``32 // bits`` codes per word (3 bits: 10 per word, which never lines up with a group). The kernels
 want something else, so a layer is repacked once when it is first used on CUDA:
 
-``qweight``  int32 ``(rows, N)``, **N contiguous** (a tile of one word row is a coalesced read for
-             every output column of the program), K padded up to ``Kp = n_groups * group_size``.
-             Bits 2/4/8: one plane, ``P = 32 // bits`` codes per word: code ``k`` sits in row ``k // P``
-             at bit ``(k % P) * bits``. Bits 3: two planes stacked along the rows, a 2-bit plane
-             (rows ``[0, Kp/16)``) holding the low two bits and a 1-bit plane (rows ``[Kp/16, Kp/16 + Kp/32)``)
-             holding the top bit, so 3-bit weights cost 3 bits, not 4 (the price is a second load).
-             Padding codes are 0 (the padded activations are 0, so they add exactly 0).
-``params``   ``(n_groups, 2, N)`` in the scale storage dtype: ``[g, 0]`` = ``a``, ``[g, 1]`` = ``b`` with
+``qweight``  int32 ``(N, KW)``, **K contiguous per output row**, K padded up to ``Kp = n_groups * group_size``,
+             ``KW = Kp * bits / 32``. K is cut into *chunks* of 32 codes (every group size is a whole number
+             of chunks, so a chunk never straddles a group). Bits 2/4/8: a chunk is ``W = bits`` words, each
+             holding ``P = 32 // bits`` codes, **interleaved**: code ``r`` of the chunk sits in word ``r % W`` at
+             bit ``(r // W) * bits``. So "slot ``j`` of the chunk's ``W`` words" is the ``W`` *consecutive*
+             codes ``j*W .. j*W+W-1``: a GEMV program loads a chunk with one 128-bit load (4 bits) and, for each
+             slot, meets ``W`` consecutive activations (one vector load), with one shift per code and no
+             transposes. Bits 3: two planes per row, ``[0, Kp/16)`` the low two bits (2-bit rule above,
+             ``W = 2``) and ``[Kp/16, KW)`` the top bit, one word per chunk, bit ``r`` for code ``r``: 3-bit
+             weights cost 3 bits, not 4. Padding codes are 0 (the padded activations are 0, so they add 0).
+``params``   ``(2, N, n_groups)`` in the scale storage dtype: ``[0]`` = ``a``, ``[1]`` = ``b`` with
              MODE_SYM: ``w = v * a`` (b = a); MODE_ZERO: ``w = (v - b) * a`` (b = integer zero point);
              MODE_TWO: ``w = v * (b if v < 0 else a)`` (a = s_pos, b = s_neg), i.e. exactly
              :func:`hf_efficient.formats.decode`.
 ``table``    float32 ``(2**bits,)`` value grid ``v = table[code]`` (DECODE_TABLE). Uniform INT grids decode
-             arithmetically (DECODE_INT: ``v = code + v_off``) and FP4-E2M1 by moving its bits into an
-             fp16 (DECODE_E2M1), so those formats make no table lookups.
+             arithmetically (DECODE_INT: ``v = code + v_off``) and FP4-E2M1 from its bits (DECODE_E2M1), so
+             those formats make no table lookups.
 """
 from __future__ import annotations
 
@@ -52,16 +55,21 @@ class KernelWeight:
 
     @property
     def n_groups(self) -> int:
-        return self.params.shape[0]
+        return self.params.shape[2]
 
     @property
     def Kp(self) -> int:
         return self.n_groups * self.group_size
 
     @property
-    def plane0_rows(self) -> int:
-        """Rows of the first plane (the 1-bit plane of 3-bit weights starts here)."""
-        return self.Kp // (16 if self.bits == 3 else 32 // self.bits)
+    def KW(self) -> int:
+        """int32 words per output row."""
+        return self.qweight.shape[1]
+
+    @property
+    def plane0_words(self) -> int:
+        """Words per row of the first plane (the 1-bit plane of 3-bit weights starts here)."""
+        return self.Kp // 16 if self.bits == 3 else self.KW
 
     def nbytes(self) -> int:
         """Bytes a kernel must read: packed codes + per-group parameters (the table is negligible)."""
@@ -84,12 +92,15 @@ def choose_decode(grid: list[float]) -> tuple[int, float]:
     return DECODE_TABLE, 0.0
 
 
+CHUNK = 32  # codes per interleaved chunk (see module docstring)
+
+
 def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
-    """codes (Kp, N) int64 of ``width`` bits -> int32 (Kp // (32 // width), N), N contiguous."""
-    per = 32 // width
-    kp, n = codes.shape
-    shifts = (torch.arange(per, device=codes.device, dtype=torch.int64) * width).view(1, per, 1)
-    words = (codes.view(kp // per, per, n) << shifts).sum(1)
+    """codes (N, Kp) int64 of ``width`` bits -> int32 (N, Kp * width // 32), chunk-interleaved."""
+    n, kp = codes.shape
+    per, w = 32 // width, width  # slots per word, words per chunk
+    shifts = (torch.arange(per, device=codes.device, dtype=torch.int64) * width).view(1, 1, per, 1)
+    words = (codes.view(n, kp // CHUNK, per, w) << shifts).sum(2).view(n, -1)
     words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)  # int32 two's complement
     return words.to(torch.int32)
 
@@ -115,14 +126,14 @@ def repack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, b
     if len(grid) != 2 ** bits:
         raise ValueError(f"grid must have 2**bits = {2 ** bits} values, got {len(grid)}")
     kp = ng * group_size
-    c = torch.zeros(kp, n, dtype=torch.int64, device=codes.device)
-    c[:k] = codes.t().to(torch.int64)
+    c = torch.zeros(n, kp, dtype=torch.int64, device=codes.device)
+    c[:, :k] = codes.to(torch.int64)
     if bits == 3:
-        qweight = torch.cat([_pack_plane(c & 3, 2), _pack_plane(c >> 2, 1)], 0)
+        qweight = torch.cat([_pack_plane(c & 3, 2), _pack_plane(c >> 2, 1)], 1)
     else:
         qweight = _pack_plane(c, bits)
     b = a if b is None else b
-    params = torch.stack([a.t(), b.t().to(a.dtype)], 1).contiguous()
+    params = torch.stack([a, b.to(a.dtype)], 0).contiguous()
     grid = [float(v) for v in grid]
     decode, v_off = choose_decode(grid)
     # NaN grid entries (FP8 NaN codes, never emitted) become 0 so a table read can never poison a sum.
@@ -132,15 +143,16 @@ def repack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, b
 
 def unpack(kw: KernelWeight) -> torch.Tensor:
     """Codes (N, K) uint8 back from the kernel layout (reference and tests)."""
-    def plane(rows: torch.Tensor, width: int) -> torch.Tensor:
+    def plane(words: torch.Tensor, width: int) -> torch.Tensor:
         per = 32 // width
-        shifts = (torch.arange(per, device=rows.device, dtype=torch.int32) * width).view(1, per, 1)
-        return ((rows.unsqueeze(1) >> shifts) & (2 ** width - 1)).reshape(-1, rows.shape[-1])
+        n = words.shape[0]
+        shifts = (torch.arange(per, device=words.device, dtype=torch.int32) * width).view(1, 1, per, 1)
+        return ((words.view(n, -1, 1, width) >> shifts) & (2 ** width - 1)).reshape(n, -1)
 
     q = kw.qweight
     if kw.bits == 3:
-        p0 = kw.plane0_rows
-        c = plane(q[:p0], 2) | (plane(q[p0:], 1) << 2)
+        p0 = kw.plane0_words
+        c = plane(q[:, :p0], 2) | (plane(q[:, p0:], 1) << 2)
     else:
         c = plane(q, kw.bits)
-    return c[:kw.K].t().to(torch.uint8).contiguous()
+    return c[:, :kw.K].to(torch.uint8).contiguous()

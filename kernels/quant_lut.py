@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune, fixed
-from .quant_gemm import _check, load_codes, load_params
+from .quant_gemm import _check, load_params
 from .quant_layout import LUT_G, KernelWeight
 from .quant_reference import lut_tables_reference, walsh_terms
 
@@ -32,9 +32,25 @@ def _parity(t):
     return (t ^ (t >> 1)) & 1
 
 
+@triton.jit
+def codes_at(q_ptr, offs_k, offs_n, mask_n, KW, P0W, BITS: tl.constexpr):
+    """int32 codes ``[len(offs_k), len(offs_n)]`` gathered from the chunk-interleaved layout."""
+    r = offs_k % 32
+    chunk = offs_k // 32
+    row = q_ptr + offs_n[None, :] * KW
+    if BITS == 3:
+        wa = tl.load(row + (chunk * 2 + r % 2)[:, None], mask=mask_n[None, :], other=0)
+        wb = tl.load(row + (P0W + chunk)[:, None], mask=mask_n[None, :], other=0)
+        c = ((wa >> ((r // 2) * 2)[:, None]) & 3) | (((wb >> r[:, None]) & 1) << 2)
+    else:
+        wa = tl.load(row + (chunk * BITS + r % BITS)[:, None], mask=mask_n[None, :], other=0)
+        c = (wa >> ((r // BITS) * BITS)[:, None]) & ((1 << BITS) - 1)
+    return c
+
+
 @autotune("lut")
 @triton.jit
-def _lut_kernel(tab_ptr, q_ptr, p_ptr, masks_ptr, betas_ptr, out_ptr, M, N, K, KP, P0_ROWS, GROUP, M_BUCKET,
+def _lut_kernel(tab_ptr, q_ptr, p_ptr, masks_ptr, betas_ptr, out_ptr, M, N, K, KP, KW, P0W, NG, GROUP, M_BUCKET,
                 N_TERMS: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, JG: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -49,11 +65,11 @@ def _lut_kernel(tab_ptr, q_ptr, p_ptr, masks_ptr, betas_ptr, out_ptr, M, N, K, K
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g in range(0, KP // GROUP):
         kq = g * GROUP + offs_j * 4
-        c0 = load_codes(q_ptr, kq, offs_n, mask_n, N, P0_ROWS, BITS)
-        c1 = load_codes(q_ptr, kq + 1, offs_n, mask_n, N, P0_ROWS, BITS)
-        c2 = load_codes(q_ptr, kq + 2, offs_n, mask_n, N, P0_ROWS, BITS)
-        c3 = load_codes(q_ptr, kq + 3, offs_n, mask_n, N, P0_ROWS, BITS)
-        a, b = load_params(p_ptr, g, offs_n, mask_n, N)
+        c0 = codes_at(q_ptr, kq, offs_n, mask_n, KW, P0W, BITS)
+        c1 = codes_at(q_ptr, kq + 1, offs_n, mask_n, KW, P0W, BITS)
+        c2 = codes_at(q_ptr, kq + 2, offs_n, mask_n, KW, P0W, BITS)
+        c3 = codes_at(q_ptr, kq + 3, offs_n, mask_n, KW, P0W, BITS)
+        a, b = load_params(p_ptr, g, offs_n, mask_n, N, NG)
         tbase = tab_ptr + offs_m[:, None, None] * (J * 8) + (g * JG + offs_j)[None, :, None] * 8
         s1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         s2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -97,7 +113,7 @@ def quant_lut_gemm(x: torch.Tensor, kw: KernelWeight, config: dict | None = None
     n_terms = kw.lut_masks.numel()
     grid = lambda meta: (triton.cdiv(kw.N, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
     launch = fixed(_lut_kernel, "lut", config)(grid) if config else _lut_kernel[grid]
-    launch(tables, kw.qweight, kw.params, kw.lut_masks, kw.lut_betas, out, m, kw.N, kw.K, kw.Kp, kw.plane0_rows,
-           kw.group_size, min(triton.next_power_of_2(m), 64), N_TERMS=n_terms, BITS=kw.bits, MODE=kw.mode,
+    launch(tables, kw.qweight, kw.params, kw.lut_masks, kw.lut_betas, out, m, kw.N, kw.K, kw.Kp, kw.KW,
+           kw.plane0_words, kw.n_groups, kw.group_size, min(triton.next_power_of_2(m), 64), N_TERMS=n_terms, BITS=kw.bits, MODE=kw.mode,
            JG=kw.group_size // LUT_G)
     return out.to(x.dtype)

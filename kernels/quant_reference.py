@@ -15,8 +15,8 @@ def dequantize_reference(kw: KernelWeight) -> torch.Tensor:
     codes = unpack(kw).long()
     v = kw.table[codes]
     gi = torch.arange(kw.K, device=codes.device) // kw.group_size
-    a = kw.params[:, 0].float().t()[:, gi]
-    b = kw.params[:, 1].float().t()[:, gi]
+    a = kw.params[0].float()[:, gi]
+    b = kw.params[1].float()[:, gi]
     if kw.mode == MODE_SYM:
         return v * a
     if kw.mode == MODE_ZERO:
@@ -88,8 +88,8 @@ def lut_matmul_reference(x: torch.Tensor, kw: KernelWeight) -> torch.Tensor:
     codes = torch.zeros(kw.Kp, kw.N, dtype=torch.int64, device=x.device)
     codes[:kw.K] = unpack(kw).t().long()
     c4 = codes.view(kw.Kp // LUT_G, LUT_G, kw.N)  # (J, 4, N)
-    a = kw.params[:, 0].float()  # (ng, N)
-    b = kw.params[:, 1].float()
+    a = kw.params[0].float().t()  # (ng, N)
+    b = kw.params[1].float().t()
     coef2 = {MODE_SYM: torch.zeros_like(a), MODE_ZERO: a * b, MODE_TWO: b}[kw.mode]
     jpg = kw.group_size // LUT_G
     out = torch.zeros(x.shape[0], kw.N, device=x.device)

@@ -27,6 +27,9 @@ from hf_efficient.kernels.quant_layout import (DECODE_E2M1, DECODE_INT, DECODE_T
 from hf_efficient.kernels.quant_reference import dequantize_reference, lut_matmul_reference
 
 U = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -8}
+# The kernels store their fp32 result in the output dtype. On the GPU that rounds to nearest (error <= half
+# an ulp, inside U); the Triton interpreter truncates fp32 -> bf16 (error < one ulp = 2**-7 relative).
+INTERP_BF16_OUT = 2.0 ** -7
 
 
 def make_weight(fmt_name, n, k, group, scale_dtype=torch.float16, special=None, seed=0, device="cpu", extreme=1000.0):
@@ -61,6 +64,8 @@ def check_close(y, x, kw, u_w=0.0, what=""):
     ref = x.float() @ w.t()
     mag = x.float().abs() @ w.abs().t()
     u = U[x.dtype]
+    if x.dtype == torch.bfloat16 and not y.is_cuda:
+        u = INTERP_BF16_OUT
     tol = u * ref.abs() + (u_w + 1e-5) * mag + 1e-30
     err = (y.float() - ref).abs()
     assert y.dtype == x.dtype and y.shape == ref.shape
@@ -79,10 +84,8 @@ def test_repack_roundtrip_and_decode(name):
     assert kw.Kp == 128 and kw.qweight.dtype == torch.int32
     # bytes: 3-bit weights take 3 bits (two planes), not 4
     assert kw.qweight.numel() * 32 == kw.Kp * kw.N * fmt.bits
-    ref = formats.decode(fmt, codes, {p: kw.params[:, i].float().t().repeat_interleave(32, 1)[:, :100]
+    ref = formats.decode(fmt, codes, {p: kw.params[i].float().repeat_interleave(32, 1)[:, :100]
                                       for i, p in enumerate(fmt.param_names)})
-    if fmt.scheme == "sym":
-        ref = formats.decode(fmt, codes, {"scales": kw.params[:, 0].float().t().repeat_interleave(32, 1)[:, :100]})
     torch.testing.assert_close(dequantize_reference(kw), ref, rtol=0, atol=0)
 
 
@@ -133,6 +136,7 @@ def test_kernels_match_reference(case):
     x1 = torch.randn(1, k).to(dtype)
     check_close(quant_gemv(x1, kw), x1, kw, what="gemv")
     xm = torch.randn(5, k).to(dtype)
+    check_close(quant_gemv(xm, kw), xm, kw, what="gemv m=5")
     if dtype == torch.float16:
         check_close(quant_gemm(xm, kw), xm, kw, u_w=U[dtype], what="gemm")
     if fmt.bits <= MAX_LUT_BITS:
@@ -156,8 +160,8 @@ def test_kernel_input_errors():
         quant_gemm(torch.randn(2, 64), kw)
     with pytest.raises(ValueError, match="K=64"):
         quant_gemv(torch.randn(1, 65).half(), kw)
-    with pytest.raises(ValueError, match="one row"):
-        quant_gemv(torch.randn(2, 64).half(), kw)
+    with pytest.raises(ValueError, match="1..8 rows"):
+        quant_gemv(torch.randn(9, 64).half(), kw)
     _, _, kw8 = make_weight("int8_asym", 8, 64, 32)
     with pytest.raises(ValueError, match="bits <= 4"):
         quant_lut_gemm(torch.randn(2, 64).half(), kw8)

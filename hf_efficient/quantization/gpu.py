@@ -4,8 +4,8 @@
 ``torch.compile`` traces it without a graph break) multiplies activations by a weight in the kernel
 layout of :mod:`hf_efficient.kernels.quant_layout`, choosing the kernel by shape (:func:`choose_kernel`):
 
-* ``M == 1``            dequant-fused GEMV (split-K, fp32 reduction)
-* ``M >= 2``            dequant-fused GEMM on tensor cores (split-K for small M)
+* ``M <= 8``            dequant-fused GEMV on CUDA cores (split-K, one launch)
+* ``M > 8``             dequant-fused GEMM on tensor cores (split-K for small M)
 * ``"lut"``             the bit-serial LUT GEMM, where :data:`LUT_WINS` says it measured faster
                         (benchmarks/quant_gemv.py), or when forced with :func:`force_kernel`.
 
@@ -29,6 +29,7 @@ from .linear import QuantLinear, register_fast_path
 logger = logging.getLogger(__name__)
 
 KERNELS = ("auto", "gemv", "gemm", "lut")
+GEMV_MAX_M = 8  # = kernels.quant_gemm.GEMV_MAX_M (not imported here: importing the kernels needs triton)
 # (bits, max M) pairs where the LUT kernel beat the dequant kernels on the H100 benchmark; see
 # docs/gpu_kernels.md. Empty: it never did, so "auto" never picks it.
 LUT_WINS: set[tuple[int, int]] = set()
@@ -54,7 +55,7 @@ def choose_kernel(m: int, bits: int, requested: str = "auto") -> str:
         return req
     if any(bits == b and m <= mm for b, mm in LUT_WINS):
         return "lut"
-    return "gemv" if m == 1 else "gemm"
+    return "gemv" if m <= GEMV_MAX_M else "gemm"
 
 
 def _kernel_weight(qweight, params, table, lut_masks, lut_betas, n, k, bits, group_size, mode, decode, v_off):
@@ -79,7 +80,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, t
 
         return quant_matmul_reference(x, kw)
     which = choose_kernel(x.shape[0], bits, kernel)
-    if which == "gemv" and x.shape[0] != 1:
+    if which == "gemv" and x.shape[0] > GEMV_MAX_M:
         which = "gemm"
     if which == "lut":
         from ..kernels.quant_lut import quant_lut_gemm
