@@ -7,7 +7,10 @@ Splits are by play and fixed by name (:data:`EVAL_PLAYS`): deterministic on ever
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -78,14 +81,43 @@ def split_text(split: str) -> str:
 
 
 def token_ids(tokenizer, split: str, max_tokens: int | None = None) -> torch.Tensor:
-    """1-D LongTensor of the split's tokens (no special tokens), cut to ``max_tokens``."""
-    full = split_text(split)
+    """1-D LongTensor of the split's tokens (no special tokens), cut to ``max_tokens``.
+
+    Tokenized text is cached under ``<cache_dir>/tokens`` (safetensors), keyed by the split, the text
+    prefix tokenized, the tokenizer's vocabulary and the corpus files' names and sizes: tokenizing the
+    training plays takes seconds, and a machine holding the cache needs neither ``datasets`` nor the
+    tokenizer run again (the GPU runner carries it).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     # Tokenizing a generous prefix (~4 characters per token here) keeps short evaluations fast.
-    text = full if max_tokens is None else full[: max_tokens * 8]
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    if max_tokens is not None and ids.numel() < max_tokens and len(text) < len(full):
-        ids = tokenizer(full, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    n_chars = None if max_tokens is None else max_tokens * 8
+    ids = _cached_tokens(tokenizer, split, n_chars)
+    if max_tokens is not None and ids.numel() < max_tokens:
+        ids = _cached_tokens(tokenizer, split, None)
     return ids if max_tokens is None else ids[:max_tokens]
+
+
+def _cached_tokens(tokenizer, split: str, n_chars: int | None) -> torch.Tensor:
+    from safetensors.torch import load_file, save_file
+
+    from .models import cache_dir
+
+    files = play_files()
+    corpus = ";".join(f"{n}:{files[n].stat().st_size}" for n in split_names()[split])
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    key = hashlib.sha256((corpus + vocab).encode()).hexdigest()[:20]
+    path = cache_dir() / "tokens" / f"{split}-{n_chars or 'full'}-{key}.safetensors"
+    if path.is_file():
+        return load_file(path)["ids"].long()
+    full = split_text(split)
+    text = full if n_chars is None else full[:n_chars]
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"ids": ids.to(torch.int32).contiguous()}, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return ids
 
 
 def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:

