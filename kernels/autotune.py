@@ -28,7 +28,7 @@ SPACES: dict[str, list[dict]] = {
         dict(BLOCK_N=16, BLOCK_C=8, SPLIT_K=8, **{_W: 4, _S: 1}),
         dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=1, **{_W: 4, _S: 1}),
         dict(BLOCK_N=128, BLOCK_C=8, SPLIT_K=2, **{_W: 8, _S: 1}),
-        dict(BLOCK_N=16, BLOCK_C=4, SPLIT_K=16, **{_W: 2, _S: 1}),
+        dict(BLOCK_N=16, BLOCK_C=4, SPLIT_K=8, **{_W: 4, _S: 1}),  # fits M = 8 at 8 bits
     ],
     # M > 8: decode a [BLOCK_N, BLOCK_C * 32] tile to the activation dtype and tl.dot it; SPLIT_K > 1 for
     # small M, where the M x N tile grid alone cannot fill the GPU.

@@ -103,3 +103,135 @@ def lut_matmul_reference(x: torch.Tensor, kw: KernelWeight) -> torch.Tensor:
         acc = look.view(x.shape[0], -1, jpg, kw.N).sum(2)  # (M, ng, N): per-group sums A_S
         out += (acc * (beta1[t] * a + beta2[t] * coef2)).sum(1)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Random weights and the error bound (tests, GPU fuzz: benchmarks/quant_fuzz.py)
+# ------------------------------------------------------------------------------------------------
+# Twice the unit roundoff of the output dtype (the kernels round their fp32 result once). On the GPU the
+# store rounds to nearest; the Triton interpreter truncates fp32 -> bf16 (< one ulp = 2**-7 relative).
+U = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -8}
+INTERP_BF16_OUT = 2.0 ** -7
+
+
+def random_kernel_weight(fmt_name: str, n: int, k: int, group: int, scale_dtype=torch.float16, special=None,
+                         seed: int = 0, device="cpu", extreme: float = 1000.0):
+    """Random codes/params in the format's scheme -> ``(fmt, codes, KernelWeight)``.
+
+    ``special``: ``"zero"`` (every other group has zero scales) or ``"extreme"`` (first group scaled up by
+    ``extreme``, last group down by it)."""
+    import random
+
+    from .. import formats
+    from .quant_layout import SCHEME_MODE, repack
+
+    fmt = formats.get_format(fmt_name)
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.tensor(random.Random(seed).choices(fmt.valid_codes, k=n * k), dtype=torch.uint8).view(n, k)
+    ng = -(-k // group)
+    a = torch.rand(n, ng, generator=g) * 0.1 + 1e-3
+    b = torch.rand(n, ng, generator=g) * 0.1 + 1e-3
+    if fmt.scheme == "zero_point":
+        b = torch.randint(0, 2 ** fmt.bits, (n, ng), generator=g).float()
+    if special == "zero":
+        a[:, ::2] = 0
+        if fmt.scheme != "zero_point":
+            b[:, ::2] = 0
+    elif special == "extreme":
+        a[:, 0] *= extreme
+        a[:, -1] /= extreme
+        if fmt.scheme == "two_scale":
+            b[:, 0] *= extreme
+    kw = repack(codes, a.to(scale_dtype), None if fmt.scheme == "sym" else b.to(scale_dtype), fmt.grid, fmt.bits,
+                group, SCHEME_MODE[fmt.scheme])
+    for name in ("qweight", "params", "table"):
+        setattr(kw, name, getattr(kw, name).to(device))
+    return fmt, codes, kw
+
+
+def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0) -> dict:
+    """Kernel output ``y`` vs the float32 reference, against the bound (per output element)
+
+    ``|y - ref| <= u_out |ref| + (u_w + 1e-5) sum_k |x_k w_k| + [INT fast path] 2**(bits-18) sum_k |x_k| a_k``:
+    ``u_out`` the output rounding (:data:`U`), ``u_w`` the rounding of the dequantized weight to the
+    activation dtype (GEMM), ``1e-5`` float32 summation order over K <= ~4096 (worst case K * 2**-24), and the
+    last term the uniform-INT GEMV decode ``sum_x c = 2**bits (sum_x (1 + c/2**bits) - sum_x)``: both chunk
+    sums carry at most 32 * 2**-24 of ``2 sum |x|``, multiplied by ``2**bits`` and the scale ``a``.
+    Returns ``{"bad": count, "rel": max |err| / sum|x w|, "abs": max |err|, "finite": bool}``.
+    """
+    from .quant_layout import DECODE_INT, MODE_TWO
+
+    w = dequantize_reference(kw)
+    ref = x.float() @ w.t()
+    mag = x.float().abs() @ w.abs().t()
+    u = INTERP_BF16_OUT if x.dtype == torch.bfloat16 and not y.is_cuda else U[x.dtype]
+    tol = u * ref.abs() + (u_w + 1e-5) * mag + 1e-30
+    if kw.decode == DECODE_INT and kw.mode != MODE_TWO:
+        gi = torch.arange(kw.K, device=w.device) // kw.group_size
+        tol = tol + 2.0 ** (kw.bits - 18) * (x.float().abs() @ kw.params[0].float().abs()[:, gi].t())
+    err = (y.float() - ref).abs()
+    finite = bool(torch.isfinite(y.float()).all())
+    return {"bad": int((err > tol).sum()) if finite else err.numel(), "rel": float((err / (mag + 1e-30)).max()),
+            "abs": float(err.max()), "finite": finite}
+
+
+def check_close(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0, what: str = "") -> float:
+    """Assert :func:`compare`'s bound (and dtype/shape); returns the worst relative error."""
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], kw.N), f"{what}: {y.dtype} {tuple(y.shape)}"
+    r = compare(y, x, kw, u_w)
+    assert r["finite"], f"{what}: non-finite output"
+    assert r["bad"] == 0, f"{what}: {r['bad']} elements off the bound, max |err| {r['abs']:.3g}"
+    return r["rel"]
+
+
+FUZZ_FORMATS = ("int4_asym", "int3_asym", "int2_asym", "int8_asym", "int4_sym", "fp4_asym", "fp3_asym", "nf4_asym",
+                "nf3_asym", "nf4_sym")
+
+
+def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_failures: int = 5) -> dict:
+    """``cases`` random products through ``kernel`` ("gemv", "gemm" or "lut") checked with :func:`compare`.
+
+    Random format (:data:`FUZZ_FORMATS`), N in [1, 700], K in [1, 1500] (mostly not multiples of the
+    group or block sizes), M (1..8 for the GEMV, up to 100 for the GEMM, 1..9 for the LUT kernel), group
+    32/64/128, fp16/bf16, x scaled by 1, 0.01 or (bf16) 30, and a quarter each of zero-scale and
+    extreme-scale groups. One fixed config per kernel (the first valid one) keeps compilations few; the
+    autotune spaces are covered config by config in the GPU tests. Returns a summary dict.
+    """
+    import random
+    import time
+
+    from .autotune import space, valid
+    from .quant_gemm import GEMV_MAX_M, quant_gemm, quant_gemv
+    from .quant_lut import MAX_LUT_BITS, quant_lut_gemm
+    from .. import formats
+
+    rng = random.Random(seed)
+    fn = {"gemv": quant_gemv, "gemm": quant_gemm, "lut": quant_lut_gemm}[kernel]
+    names = [f for f in FUZZ_FORMATS if kernel != "lut" or formats.get_format(f).bits <= MAX_LUT_BITS]
+    worst_rel, worst_abs, t0, counts, failures, n_bad = 0.0, 0.0, time.time(), {}, [], 0
+    for i in range(cases):
+        name = rng.choice(names)
+        group = rng.choice([32, 64, 128])
+        n, k = rng.randint(1, 700), rng.randint(1, 1500)
+        dtype = rng.choice([torch.float16, torch.bfloat16])
+        m = {"gemv": lambda: rng.choice(range(1, GEMV_MAX_M + 1)),
+             "gemm": lambda: rng.choice([1, 2, 9, 16, 17, 33, 64, 100]),
+             "lut": lambda: rng.randint(1, 9)}[kernel]()
+        special = rng.choice([None, None, "zero", "extreme"])
+        # fp16 tops out at 65504: an INT8 group scaled x1000 times x30 overflows it (in the reference too),
+        # so fp16 cases use milder extremes; bf16 takes x1000 / x1e-3 scales and x30 activations.
+        _, _, kw = random_kernel_weight(name, n, k, group, special=special, seed=i, device=device,
+                                        extreme=1000.0 if dtype == torch.bfloat16 else 10.0)
+        args = {"GROUP": group, "BITS": kw.bits, "M": m, "BLOCK_M": 1 << (m - 1).bit_length()}
+        cfg = next(c for c in space(kernel) if valid(kernel, c, args))
+        x = torch.randn(m, k, device=device).to(dtype) * rng.choice([1.0, 0.01] + ([30.0] if dtype == torch.bfloat16
+                                                                                  else []))
+        r = compare(fn(x, kw, config=cfg), x, kw, u_w=U[dtype] if kernel == "gemm" else 0.0)
+        worst_rel, worst_abs = max(worst_rel, r["rel"]), max(worst_abs, r["abs"])
+        counts[name] = counts.get(name, 0) + 1
+        if r["bad"]:
+            n_bad += 1
+            if len(failures) < max_failures:
+                failures.append(f"case {i}: {name} m={m} n={n} k={k} g={group} {dtype} {special}: {r}")
+    return {"kernel": kernel, "cases": cases, "failed_cases": n_bad, "worst_err_over_sum_abs_xw": worst_rel,
+            "max_abs_err": worst_abs, "seconds": time.time() - t0, "per_format": counts, "failures": failures}
