@@ -120,14 +120,13 @@ def random_kernel_weight(fmt_name: str, n: int, k: int, group: int, scale_dtype=
 
     ``special``: ``"zero"`` (every other group has zero scales) or ``"extreme"`` (first group scaled up by
     ``extreme``, last group down by it)."""
-    import random
-
     from .. import formats
     from .quant_layout import SCHEME_MODE, repack
 
     fmt = formats.get_format(fmt_name)
     g = torch.Generator().manual_seed(seed)
-    codes = torch.tensor(random.Random(seed).choices(fmt.valid_codes, k=n * k), dtype=torch.uint8).view(n, k)
+    valid_codes = torch.tensor(fmt.valid_codes, dtype=torch.uint8)
+    codes = valid_codes[torch.randint(len(valid_codes), (n, k), generator=g)]
     ng = -(-k // group)
     a = torch.rand(n, ng, generator=g) * 0.1 + 1e-3
     b = torch.rand(n, ng, generator=g) * 0.1 + 1e-3
@@ -142,10 +141,9 @@ def random_kernel_weight(fmt_name: str, n: int, k: int, group: int, scale_dtype=
         a[:, -1] /= extreme
         if fmt.scheme == "two_scale":
             b[:, 0] *= extreme
-    kw = repack(codes, a.to(scale_dtype), None if fmt.scheme == "sym" else b.to(scale_dtype), fmt.grid, fmt.bits,
-                group, SCHEME_MODE[fmt.scheme])
-    for name in ("qweight", "params", "table"):
-        setattr(kw, name, getattr(kw, name).to(device))
+    a, b = a.to(device, scale_dtype), b.to(device, scale_dtype)
+    kw = repack(codes.to(device), a, None if fmt.scheme == "sym" else b, fmt.grid, fmt.bits, group,
+                SCHEME_MODE[fmt.scheme])
     return fmt, codes, kw
 
 

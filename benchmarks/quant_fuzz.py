@@ -1,0 +1,42 @@
+"""GPU fuzz of the quantized matmul kernels against their float32 reference (issue: >= 1,000 cases/kernel).
+
+Run: ``python -m benchmarks.quant_fuzz [--cases 1000] [--out DIR]`` (CUDA). Case generator and error bound:
+:func:`hf_efficient.kernels.quant_reference.fuzz` / :func:`~hf_efficient.kernels.quant_reference.compare`.
+Writes ``quant_fuzz.{json,md}``: per kernel the cases, failed cases, worst error relative to
+``sum_k |x_k w_k|``, max absolute error, and the first failures. Exits non-zero if any case failed.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import print_rows, write_results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cases", type=int, default=1000)
+    ap.add_argument("--kernels", default="gemv,gemm,lut")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("quant_fuzz needs CUDA")
+    from hf_efficient.kernels.quant_reference import fuzz
+
+    rows = []
+    for kernel in args.kernels.split(","):
+        r = fuzz(kernel, cases=args.cases)
+        r["failures"] = " | ".join(r["failures"]) or "-"
+        r["per_format"] = ", ".join(f"{k}:{v}" for k, v in sorted(r["per_format"].items()))
+        rows.append(r)
+        print_rows([r])
+        write_results("quant_fuzz", rows, {"bound": "see kernels/quant_reference.compare", "seed": 1234}, args.out,
+                      columns=["kernel", "cases", "failed_cases", "worst_err_over_sum_abs_xw", "max_abs_err",
+                               "seconds", "per_format", "failures"])
+    if any(r["failed_cases"] for r in rows):
+        raise SystemExit("fuzz failures")
+
+
+if __name__ == "__main__":
+    main()
