@@ -26,6 +26,34 @@ def _sparse_configs():
             for p in (1, 2) for w, s in ((4, 3), (8, 3), (4, 4))]
 
 
+@triton.jit
+def _tile_setup(Q, K, V, sqb, sqh, sqs, skb, skh, svb, svh, H, S_Q, S_K,
+                GROUPS: tl.constexpr, BLK: tl.constexpr, HEAD_D: tl.constexpr):
+    """This program's (query block, batch*head): its query rows, their Q tile and its K/V head's bases."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = qb * BLK + tl.arange(0, BLK)
+    offs_d = tl.arange(0, HEAD_D)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=offs_m[:, None] < S_Q,
+                other=0.0)
+    hk = h // GROUPS
+    return qb, b, h, S_K - S_Q, offs_m, offs_d, q, K + b * skb + hk * skh, V + b * svb + hk * svh
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc):
+    """One FlashAttention update with a (BLK, N) tile of log2-scaled scores ``s`` (-inf = masked)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
 @triton.autotune(configs=_sparse_configs(), key=["HEAD_D", "BLK", "CAUSAL", "GROUPS"])
 @triton.jit
 def _sparse_fwd_kernel(Q, K, V, O, IDX, CNT, sm_scale_log2,
@@ -34,19 +62,9 @@ def _sparse_fwd_kernel(Q, K, V, O, IDX, CNT, sm_scale_log2,
                        H, S_Q, S_K, WIDTH,
                        GROUPS: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, HEAD_D: tl.constexpr,
                        PAIR: tl.constexpr):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUPS
-    diff = S_K - S_Q
-    offs_m = qb * BLK + tl.arange(0, BLK)
-    offs_d = tl.arange(0, HEAD_D)
+    qb, b, h, diff, offs_m, offs_d, q, k_base, v_base = _tile_setup(
+        Q, K, V, sqb, sqh, sqs, skb, skh, svb, svh, H, S_Q, S_K, GROUPS, BLK, HEAD_D)
     r = tl.arange(0, BLK * PAIR)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=offs_m[:, None] < S_Q,
-                other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
     idx_base = IDX + b * sib + h * sih + qb * siq
     cnt = tl.load(CNT + b * scb + h * sch + qb)
     m_i = tl.full([BLK], float("-inf"), tl.float32)
@@ -80,18 +98,22 @@ def _sparse_fwd_kernel(Q, K, V, O, IDX, CNT, sm_scale_log2,
             if CAUSAL:
                 ok = ok & (offs_n[None, :] <= offs_m[:, None] + diff)
             s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=offs_m[:, None] < S_Q)
+
+
+@triton.jit
+def _masked_scores(q, k_base, offs_n, offs_m, offs_d, m_ok, sks, S_K, diff, sm_scale_log2, CAUSAL: tl.constexpr):
+    """Log2-scaled scores of the Q tile against keys ``offs_n``, -inf where masked."""
+    ok = (offs_n[None, :] < S_K) & m_ok[:, None]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + diff)
+    k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None], mask=offs_n[None, :] < S_K, other=0.0)
+    return tl.where(ok, tl.dot(q, k) * sm_scale_log2, float("-inf"))
 
 
 @triton.jit
@@ -100,19 +122,10 @@ def _pooled_fwd_kernel(Q, K, V, O, MAP, sm_scale_log2,
                        smb, smh, smq,
                        H, S_Q, S_K,
                        GROUPS: tl.constexpr, CAUSAL: tl.constexpr, BLK: tl.constexpr, HEAD_D: tl.constexpr):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUPS
-    diff = S_K - S_Q
-    offs_m = qb * BLK + tl.arange(0, BLK)
-    offs_d = tl.arange(0, HEAD_D)
+    qb, b, h, diff, offs_m, offs_d, q, k_base, v_base = _tile_setup(
+        Q, K, V, sqb, sqh, sqs, skb, skh, svb, svh, H, S_Q, S_K, GROUPS, BLK, HEAD_D)
     offs_b = tl.arange(0, BLK)
     m_ok = offs_m < S_Q
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
     if CAUSAL:
         hi = tl.minimum(S_K, qb * BLK + BLK + diff)
     else:
@@ -124,19 +137,9 @@ def _pooled_fwd_kernel(Q, K, V, O, MAP, sm_scale_log2,
     # Pass 1: ordinary FlashAttention, giving the output and each row's log-sum-exp.
     for kb in range(0, n_blocks):
         offs_n = kb * BLK + offs_b
-        ok = (offs_n[None, :] < S_K) & m_ok[:, None]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None] + diff)
-        k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None], mask=offs_n[None, :] < S_K, other=0.0)
-        s = tl.where(ok, tl.dot(q, k) * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        s = _masked_scores(q, k_base, offs_n, offs_m, offs_d, m_ok, sks, S_K, diff, sm_scale_log2, CAUSAL)
         v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=offs_n[:, None] < S_K, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], (acc / l_safe[:, None]).to(
         O.dtype.element_ty), mask=m_ok[:, None])
@@ -146,11 +149,7 @@ def _pooled_fwd_kernel(Q, K, V, O, MAP, sm_scale_log2,
     map_base = MAP + b * smb + h * smh + qb * smq
     for kb in range(0, n_blocks):
         offs_n = kb * BLK + offs_b
-        ok = (offs_n[None, :] < S_K) & m_ok[:, None]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None] + diff)
-        k = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None], mask=offs_n[None, :] < S_K, other=0.0)
-        s = tl.where(ok, tl.dot(q, k) * sm_scale_log2, float("-inf"))
+        s = _masked_scores(q, k_base, offs_n, offs_m, offs_d, m_ok, sks, S_K, diff, sm_scale_log2, CAUSAL)
         p = tl.math.exp2(s - lse2[:, None])
         tl.store(map_base + kb, tl.max(tl.max(p, 1), 0))
 

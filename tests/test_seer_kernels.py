@@ -177,3 +177,166 @@ def test_gpu_custom_op_dispatches_to_triton():
     compiled = torch.compile(lambda *a: torch.ops.hf_efficient.seer_sparse_attention(*a, True, 0.125, 64),
                              fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, idx, cnt), out)
+
+
+# ---- fused gate: pooling + projection + RoPE, block selection, the whole chain ----------------------------
+# (B, Hx, S, D, gate_dim, block): ragged lengths, one block, several program tiles (> 16 blocks)
+GATE_SHAPES = [(2, 3, 100, 32, 32, 16), (1, 2, 64, 16, 64, 16), (1, 2, 290, 16, 32, 16), (1, 1, 5, 32, 32, 64)]
+
+
+@pytest.mark.parametrize("shape", GATE_SHAPES)
+@pytest.mark.parametrize("maxmin", [False, True])
+def test_gate_features_match_reference(shape, maxmin):
+    from hf_efficient.kernels import seer_gate as G
+
+    b, hx, s, d, g, blk = shape
+    x = torch.randn(b, hx, s, d, device=DEV)
+    kinds = R.GATE_KINDS["k" if maxmin else "q"]
+    w = torch.randn(hx, d * len(kinds), g, device=DEV) / d ** 0.5
+    out = G.gate_features(x, w, maxmin=maxmin, block=blk, theta=500.0, scale=0.3)
+    ref = R.gate_features_reference(x, w, kinds=kinds, block=blk, theta=500.0, scale=0.3)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def _random_logits(b, h, sq, sk, blk, ties=False, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(b, h, math.ceil(sq / blk), math.ceil(sk / blk), generator=g)
+    return (x * 2).round() if ties else x  # ties: few distinct values, so ">= k-th best" keeps extra blocks
+
+
+SELECT_CASES = [  # (sq, sk, block): square ragged, prefill after a cache (sq < sk), more queries than keys
+    (150, 150, 16), (77, 200, 32), (100, 70, 16)]
+SELECTIONS = [dict(mode="sparsity", sparsity=0.9), dict(mode="sparsity", sparsity=0.5),
+              dict(mode="sparsity", sparsity=0.0), dict(mode="topk", top_k=3), dict(mode="topk", top_k=10_000),
+              dict(mode="threshold", threshold=0.05), dict(mode="threshold", threshold=0.0)]
+
+
+def _select_args(sel):
+    return dict(mode=sel["mode"], threshold=sel.get("threshold", 0.0), top_k=sel.get("top_k", 1),
+                sparsity=sel.get("sparsity", 0.0))
+
+
+@pytest.mark.parametrize("case", SELECT_CASES)
+@pytest.mark.parametrize("sel,ties", [(s, False) for s in SELECTIONS] + [(SELECTIONS[0], True), (SELECTIONS[3], True)])
+def test_select_kernel_matches_reference(case, sel, ties):
+    from hf_efficient.kernels import seer_gate as G
+
+    sq, sk, blk = case
+    logits = _random_logits(2, 3, sq, sk, blk, ties).to(DEV)
+    args = dict(_select_args(sel), block=blk, sq=sq, sk=sk)
+    idx, cnt = G.select_block_indices(logits, **args)
+    causal = R.causal_block_mask(sq, sk, blk, DEV)
+    masked = logits.masked_fill(~causal, float("-inf"))
+    scores = torch.softmax(masked, -1).nan_to_num(0.0) if sel["mode"] == "threshold" else masked
+    ridx, rcnt = R.block_mask_to_indices(R.select_block_mask(scores, **args))
+    assert torch.equal(cnt, rcnt) and torch.equal(idx, ridx)  # unused slots are 0 in both
+
+
+def test_select_kernel_drops_what_it_should():
+    """Not only equal to the twin: 90 % sparsity keeps ~10 % + forced blocks, and the kept ones are the best."""
+    from hf_efficient.kernels import seer_gate as G
+
+    blk, sq = 16, 16 * 200
+    logits = _random_logits(1, 1, sq, sq, blk).to(DEV)
+    idx, cnt = G.select_block_indices(logits, mode="sparsity", threshold=0.0, top_k=1, sparsity=0.9, block=blk,
+                                      sq=sq, sk=sq)
+    n_causal = torch.arange(1, 201, device=DEV)
+    assert (cnt >= torch.ceil(n_causal * 0.1 - 1e-3)).all() and (cnt <= torch.ceil(n_causal * 0.1 - 1e-3) + 2).all()
+    row = 150  # 151 causal blocks, keeps 16 (+ first, diagonal when not among the best)
+    kept = idx[0, 0, row, : cnt[0, 0, row]].long()
+    free = torch.ones(151, dtype=torch.bool, device=DEV)
+    free[[0, 150]] = False
+    chosen = torch.zeros_like(free)
+    chosen[kept] = True
+    assert logits[0, 0, row, :151][chosen & free].min() > logits[0, 0, row, :151][~chosen & free].max()
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2, 150, 150, 32, 16, 32), (2, 4, 1, 77, 77, 16, 16, 64),
+                                   (1, 6, 3, 300, 300, 32, 32, 32)])
+@pytest.mark.parametrize("sel", [dict(mode="sparsity", sparsity=0.7), dict(mode="topk", top_k=2),
+                                 dict(mode="threshold", threshold=0.1)])
+def test_fused_gate_matches_reference_chain(shape, sel):
+    from hf_efficient.kernels import seer_gate as G
+
+    b, h, hkv, sq, sk, d, blk, g = shape
+    q, k, _ = _qkv(b, h, hkv, sq, sk, d)
+    wq = torch.randn(h, d, g, device=DEV) / d ** 0.5
+    wk = torch.randn(hkv, 3 * d, g, device=DEV) / (3 * d) ** 0.5
+    args = dict(_select_args(sel), block=blk, theta=10000.0)
+    idx, cnt = G.gate_block_indices(q, k, wq, wk, **args)
+    ridx, rcnt = R.gate_block_indices_reference(q, k, wq, wk, **args)
+    assert torch.equal(cnt, rcnt) and torch.equal(idx, ridx)
+
+
+def test_gate_kernel_bad_input():
+    from hf_efficient.kernels import seer_gate as G
+
+    x = torch.randn(1, 2, 64, 32, device=DEV)
+    with pytest.raises(ValueError, match="weight"):
+        G.gate_features(x, torch.randn(2, 32, 32, device=DEV), maxmin=True, block=16, theta=1e4)
+    with pytest.raises(ValueError, match="gate_dim"):
+        G.gate_features(x, torch.randn(2, 32, 24, device=DEV), maxmin=False, block=16, theta=1e4)
+    with pytest.raises(ValueError, match="mode"):
+        G.select_block_indices(torch.randn(1, 1, 4, 4, device=DEV), mode="best", threshold=0.0, top_k=1,
+                               sparsity=0.0, block=16, sq=64, sk=64)
+    with pytest.raises(ValueError, match="do not match"):
+        G.select_block_indices(torch.randn(1, 1, 4, 4, device=DEV), mode="topk", threshold=0.0, top_k=1,
+                               sparsity=0.0, block=16, sq=80, sk=64)
+
+
+def test_gate_op_fake_and_cpu():
+    from hf_efficient.attention.seer import ops  # noqa: F401
+
+    q, k, _ = _qkv(1, 4, 2, 40, 40, 16, device="cpu")
+    wq, wk = torch.randn(4, 16, 32), torch.randn(2, 48, 32)
+    torch.library.opcheck(torch.ops.hf_efficient.seer_gate_indices,
+                          (q, k, wq, wk, 16, 1e4, "sparsity", 0.0, 1, 0.5), test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- GPU: the fused gate at real sizes -------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 32, 8, 2049, 128, 64, 128), (2, 8, 2, 1000, 64, 64, 64), (1, 9, 3, 4096, 64, 64, 64),
+                                   (1, 4, 4, 3000, 128, 32, 32)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_fused_gate(shape, dtype):
+    from hf_efficient.kernels import seer_gate as G
+
+    b, h, hkv, s, d, blk, g = shape
+    q, k, _ = _qkv(b, h, hkv, s, s, d, dtype)
+    wq = torch.randn(h, d, g, device=DEV) / d ** 0.5
+    wk = torch.randn(hkv, 3 * d, g, device=DEV) / (3 * d) ** 0.5
+    for x, w, maxmin in ((q, wq, False), (k, wk, True)):
+        kinds = R.GATE_KINDS["k" if maxmin else "q"]
+        torch.testing.assert_close(G.gate_features(x, w, maxmin=maxmin, block=blk, theta=1e4),
+                                   R.gate_features_reference(x, w, kinds=kinds, block=blk, theta=1e4),
+                                   atol=1e-4, rtol=1e-4)
+    for sel in (dict(mode="sparsity", sparsity=0.9), dict(mode="topk", top_k=7), dict(mode="threshold", threshold=0.01)):
+        args = dict(_select_args(sel), block=blk, theta=1e4)
+        idx, cnt = G.gate_block_indices(q, k, wq, wk, **args)
+        ridx, rcnt = R.gate_block_indices_reference(q, k, wq, wk, **args)
+        # Same rule; fp32 rounding (matmul order) may flip a near-tie at the selection boundary.
+        nkb = idx.shape[-1]
+        m, rm = R.indices_to_block_mask(idx, cnt, nkb), R.indices_to_block_mask(ridx, rcnt, nkb)
+        assert (m != rm).float().mean() < 1e-3 and (cnt - rcnt).abs().max() <= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nkb", [512, 2048])
+@pytest.mark.parametrize("sel", SELECTIONS)
+def test_gpu_select_kernel_long_rows(nkb, sel):
+    from hf_efficient.kernels import seer_gate as G
+
+    s = 64 * nkb - 17
+    logits = _random_logits(1, 4, s, s, 64, seed=nkb).to(DEV)
+    args = dict(_select_args(sel), block=64, sq=s, sk=s)
+    idx, cnt = G.select_block_indices(logits, **args)
+    causal = R.causal_block_mask(s, s, 64, DEV)
+    masked = logits.masked_fill(~causal, float("-inf"))
+    scores = torch.softmax(masked, -1).nan_to_num(0.0) if sel["mode"] == "threshold" else masked
+    ridx, rcnt = R.block_mask_to_indices(R.select_block_mask(scores, **args))
+    if sel["mode"] == "threshold":  # softmax rounding differs; compare away from the threshold only
+        m = R.indices_to_block_mask(idx, cnt, nkb)
+        rm = R.indices_to_block_mask(ridx, rcnt, nkb)
+        assert not (m != rm)[(scores - sel["threshold"]).abs() > 1e-5].any()
+    else:
+        assert torch.equal(cnt, rcnt) and torch.equal(idx, ridx)

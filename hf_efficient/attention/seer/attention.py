@@ -100,9 +100,15 @@ def seer_attention_forward(module, query, key, value, attention_mask, scaling=No
             gate.records.append(_kl(pooled, gate.logits(query.detach(), key.detach(), key_valid)))
         return out.transpose(1, 2), None
     with torch.no_grad():
-        scores = gate(query, key, key_valid)  # probabilities: 'threshold' compares against them
-        block_mask = select_blocks(scores, gate.config, sq, sk)
+        if key_valid is None:
+            # Fused gate on CUDA (a few launches, writes the kernel's block indices directly).
+            kv_idx, kv_cnt = gate.block_indices(query, key)
+            block_mask = None
+        else:
+            block_mask = select_blocks(gate(query, key, key_valid), gate.config, sq, sk)
     if gate.capture == "recall":
+        if block_mask is None:
+            block_mask = ref.indices_to_block_mask(kv_idx, kv_cnt, -(-sk // blk))
         p = ref.attention_probs(query, key, causal=causal, scale=scale, token_mask=token_mask)
         kept = (p * ref.expand_block_mask(block_mask, sq, sk, blk)).sum(-1)
         rows = p.sum(-1) > 0
@@ -110,10 +116,11 @@ def seer_attention_forward(module, query, key, value, attention_mask, scaling=No
         gate.records.append({"recall": kept[rows].mean().item(),
                              "density": (block_mask.sum() / (causal_blocks.sum() * block_mask.shape[0]
                                                              * block_mask.shape[1])).item()})
-    if token_mask is not None:
+    if token_mask is not None:  # padding (key_valid set, so block_mask too): exact masked path
         out = ref.attention_reference(query, key, value, causal=causal, scale=scale, block_mask=block_mask,
                                       block=blk, token_mask=token_mask)
         return out.transpose(1, 2), None
-    kv_idx, kv_cnt = ref.block_mask_to_indices(block_mask)
+    if block_mask is not None:
+        kv_idx, kv_cnt = ref.block_mask_to_indices(block_mask)
     out = torch.ops.hf_efficient.seer_sparse_attention(query, key, value, kv_idx, kv_cnt, causal, scale, blk)
     return out.transpose(1, 2), None

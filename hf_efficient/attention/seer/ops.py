@@ -53,3 +53,31 @@ def _pooled_fake(q, k, v, causal, scale, block):
     b, h, s, d = q.shape
     nkb = -(-k.shape[2] // block)
     return q.new_empty(b, s, h, d).transpose(1, 2), q.new_empty(b, h, -(-s // block), nkb, dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_efficient::seer_gate_indices", mutates_args=())
+def seer_gate_indices(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, block: int,
+                      theta: float, mode: str, threshold: float, top_k: int,
+                      sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AttnGate scoring + block selection -> ``(kv_idx, kv_cnt)``; see ``kernels.seer_gate.gate_block_indices``."""
+    return ref.gate_block_indices_reference(q, k, q_weight, k_weight, block=block, theta=theta, mode=mode,
+                                            threshold=threshold, top_k=top_k, sparsity=sparsity)
+
+
+@seer_gate_indices.register_kernel("cuda")
+def _gate_cuda(q, k, q_weight, k_weight, block, theta, mode, threshold, top_k, sparsity):
+    from ...kernels.seer_gate import fused_supported, gate_block_indices
+
+    if not fused_supported(q.shape[-1], q_weight.shape[-1], block):
+        # Odd widths (gate_dim < 32 or not a power of two) take the twin: same rule, just more launches.
+        return ref.gate_block_indices_reference(q, k, q_weight, k_weight, block=block, theta=theta, mode=mode,
+                                                threshold=threshold, top_k=top_k, sparsity=sparsity)
+    return gate_block_indices(q, k, q_weight, k_weight, block=block, theta=theta, mode=mode, threshold=threshold,
+                              top_k=top_k, sparsity=sparsity)
+
+
+@seer_gate_indices.register_fake
+def _gate_fake(q, k, q_weight, k_weight, block, theta, mode, threshold, top_k, sparsity):
+    b, h, s, _ = q.shape
+    nqb, nkb = -(-s // block), -(-k.shape[2] // block)
+    return q.new_empty(b, h, nqb, nkb, dtype=torch.int32), q.new_empty(b, h, nqb, dtype=torch.int32)
