@@ -38,7 +38,8 @@ def _weight(kind: str, bits: int, n: int, k: int, group: int) -> K.LUTWeight:
         grid, ch = None, 1
     else:
         grid, ch = torch.randn(2, 2 ** bits, generator=g), 2
-    return K.prepare_spec(codes, bits, group, grid, torch.rand(n, ng, ch, generator=g), torch.rand(n, ng, generator=g))
+    coef = torch.rand(n, ng, ch, generator=g) + 0.5
+    return K.prepare_spec(codes, bits, group, grid, coef, coef[..., 0] * torch.randint(-15, 16, (n, ng), generator=g))
 
 
 def kernel_rows(shapes, threads_list, cases, group, repeats):

@@ -16,8 +16,10 @@
 namespace hf_efficient {
 namespace lut {
 
-constexpr int64_t kTileN = 16;   // output rows per tile (one int16 ymm accumulator holds 16 rows)
-constexpr int64_t kKAlign = 16;  // in_features are zero-padded to a multiple of this
+constexpr int64_t kSubRows = 16;            // rows per subtile (one int16 ymm accumulator holds 16 rows)
+constexpr int64_t kSub = 2;                 // subtiles per tile: they share every table load
+constexpr int64_t kTileN = kSubRows * kSub; // output rows per tile (one sequential byte stream)
+constexpr int64_t kKAlign = 16;             // in_features are zero-padded to a multiple of this
 constexpr int kMaxChannels = 2;
 
 struct Geometry {
@@ -35,8 +37,14 @@ struct Geometry {
   int64_t plane_pairs = 0;  // bit-serial: ceil(bits / 2)
 
   int64_t group_len(int64_t g) const { return (g + 1) * G <= Kp ? G : Kp - g * G; }
-  // Bytes of packed weights per row tile.
-  int64_t tile_bytes() const { return codes ? (Kp / slot / 4) * 32 : (Kp / 8) * plane_pairs * 32; }
+  // Activations per step: a bit-serial step is a pair of slots, a code-indexed step 4 slots.
+  int64_t step_k() const { return codes ? 4 * slot : 8; }
+  int64_t steps(int64_t g) const { return group_len(g) / step_k(); }
+  // Code bytes per step of one tile (32 per subtile and plane pair).
+  int64_t step_bytes() const { return kSub * 32 * (codes ? 1 : plane_pairs); }
+  // fp16 coefficients after each group: coef (kSub, channels, 16), then zmul (kSub, 16).
+  int64_t coef_bytes() const { return kSub * kSubRows * (channels + 1) * 2; }
+  int64_t tile_bytes() const { return Kp / step_k() * step_bytes() + ng * coef_bytes(); }
 };
 
 }  // namespace lut

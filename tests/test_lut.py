@@ -56,7 +56,8 @@ def test_gemm_matches_reference_both_engines(bits, engine, m, n, k, group, outli
     codes, grid, coef, zcoef = _spec(bits, engine, n, k, group)
     w = K.prepare_spec(codes, bits, group, grid, coef, zcoef)
     x = _x(m, k, outliers=outliers)
-    ref = R.lut_gemm(x, codes, coef, zcoef, grid, bits, group)
+    _, _, coef_eff, zcoef_eff = K.stored_coefs(coef, zcoef)  # the fp16 coefficients the kernel stores
+    ref = R.lut_gemm(x, codes, coef_eff, zcoef_eff, grid, bits, group)
     y = w.matmul(x)
     ys = w.matmul(x, force_scalar=True)
     tol = 1e-5 * float(ref.abs().max()) + 1e-5
@@ -156,27 +157,42 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="x has 63 features"):
         w.matmul(torch.randn(1, 63))
     with pytest.raises(RuntimeError, match="qweight has .* bytes"):
-        op(torch.randn(1, 96), w.qweight, w.coef, w.zcoef, None, 2, 32, 16)
+        op(torch.randn(1, 96), w.qweight, None, 2, 32, 16)
+    with pytest.raises(RuntimeError, match="qweight has .* bytes"):  # packed for another group size
+        op(torch.randn(1, 64), w.qweight, None, 2, 16, 16)
     with pytest.raises(RuntimeError, match="group_size must be a positive multiple of 16"):
-        op(torch.randn(1, 64), w.qweight, w.coef, w.zcoef, None, 2, 24, 16)
+        op(torch.randn(1, 64), w.qweight, None, 2, 24, 16)
     with pytest.raises(RuntimeError, match="bits must be 1, 2, 3 or 4"):
-        op(torch.randn(1, 64), w.qweight, w.coef, w.zcoef, None, 5, 32, 16)
+        op(torch.randn(1, 64), w.qweight, None, 5, 32, 16)
     with pytest.raises(RuntimeError, match="bit-serial engine needs bits >= 2"):
-        op(torch.randn(1, 64), w.qweight, w.coef, w.zcoef, None, 1, 32, 16)
+        op(torch.randn(1, 64), w.qweight, None, 1, 32, 16)
     with pytest.raises(RuntimeError, match="x must be float32"):
-        op(torch.randn(1, 64, dtype=torch.float64), w.qweight, w.coef, w.zcoef, None, 2, 32, 16)
-    with pytest.raises(RuntimeError, match="coef must be contiguous float32"):
-        op(torch.randn(1, 64), w.qweight, w.coef[..., :1, :8].contiguous(), w.zcoef, None, 2, 32, 16)
+        op(torch.randn(1, 64, dtype=torch.float64), w.qweight, None, 2, 32, 16)
     with pytest.raises(RuntimeError, match="grid must be float32"):
-        op(torch.randn(1, 64), w.qweight, w.coef, w.zcoef, torch.randn(1, 8), 2, 32, 16)
+        op(torch.randn(1, 64), w.qweight, torch.randn(1, 8), 2, 32, 16)
     with pytest.raises(ValueError, match="group_size must be a positive multiple of 16"):
         K.prepare_spec(codes, 2, 24, grid, coef, zcoef)
     with pytest.raises(ValueError, match="1-bit weights need a grid"):
         K.prepare_spec(codes.clamp(max=1), 1, 32, None, coef, zcoef)
     with pytest.raises(ValueError, match="coef must be"):
         K.prepare_spec(codes, 2, 32, grid, coef[:, :1], zcoef)
+    with pytest.raises(ValueError, match="channels"):
+        K.prepare_spec(codes, 2, 32, torch.randn(2, 4), coef, zcoef)
+    with pytest.raises(ValueError, match="fit in float16"):
+        K.prepare_spec(codes, 2, 32, grid, coef * 1e6, zcoef)
+    with pytest.raises(ValueError, match="zcoef must be 0 where coef"):
+        K.prepare_spec(codes, 2, 32, grid, torch.zeros_like(coef), zcoef)
     with pytest.raises(ValueError, match="1..4 bits"):
         K.kernel_params(formats.get_format("int8_asym"), {})
+
+
+def test_stored_coefs_keep_int_zero_points_exact():
+    """INT formats: coef = s / 2 with fp16 scales and zcoef = s * (integer / 2) survive fp16 storage exactly."""
+    fmt = formats.get_format("int4_asym")
+    codes, params = rtn_quantize(torch.randn(40, 256), fmt, 64, torch.float16)
+    _, coef, zcoef = K.kernel_params(fmt, params)
+    _, _, ce, ze = K.stored_coefs(coef, zcoef)
+    assert torch.equal(ce, coef) and torch.equal(ze, zcoef)
 
 
 def test_opcheck_fake_impls():
@@ -184,5 +200,5 @@ def test_opcheck_fake_impls():
     w = K.prepare_spec(codes, 3, 32, grid, coef, zcoef)
     x = torch.randn(2, 80)
     torch.library.opcheck(torch.ops.hf_efficient.lut_gemm.default,
-                          (x, w.qweight, w.coef, w.zcoef, w.grid, 3, 32, 20, False))
+                          (x, w.qweight, w.grid, 3, 32, 20, False))
     torch.library.opcheck(torch.ops.hf_efficient.lut_tables.default, (x, w.grid, 3, 32))

@@ -14,7 +14,8 @@ import torch
 from ... import formats
 from . import reference as ref
 
-TILE_N = 16
+SUB = 2          # 16-row subtiles per tile (they share each table load)
+TILE_N = 16 * SUB
 
 
 def ops():
@@ -25,6 +26,17 @@ def ops():
         raise RuntimeError("the hf_efficient C++ extension is not built: reinstall with "
                            "`pip install --no-build-isolation -e .`")
     return torch.ops.hf_efficient
+
+
+_GEMM = None
+
+
+def _gemm_op():
+    # Cached: decode calls this ~200 times per token, and each torch.ops attribute lookup costs microseconds.
+    global _GEMM
+    if _GEMM is None:
+        _GEMM = ops().lut_gemm.default
+    return _GEMM
 
 
 def available() -> bool:
@@ -43,7 +55,7 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("hf_efficient::lut_gemm")
-    def _gemm_fake(x, qweight, coef, zcoef, grid, bits, group_size, out_features, force_scalar=False):
+    def _gemm_fake(x, qweight, grid, bits, group_size, out_features, force_scalar=False):
         torch._check(x.dim() == 2, lambda: "lut_gemm: x must be 2-D")
         return x.new_empty(x.shape[0], out_features)
 
@@ -94,7 +106,7 @@ def kernel_params(fmt: formats.NumericFormat, params: dict):
 
 
 # ------------------------------------------------------------------------------------------------
-# Weight permutation
+# Weight permutation: one byte stream per tile of TILE_N rows (codes and coefficients interleaved)
 # ------------------------------------------------------------------------------------------------
 
 def _pad_rows_cols(codes: torch.Tensor) -> torch.Tensor:
@@ -104,34 +116,63 @@ def _pad_rows_cols(codes: torch.Tensor) -> torch.Tensor:
 
 
 def pack_bitserial(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (N, K) -> flat uint8 kernel layout of the bit-serial engine."""
+    """uint8 codes (N, K) -> bit-serial code bytes (NT, slot pairs, SUB, plane pairs, 32)."""
     c = _pad_rows_cols(codes)
     np_, kp = c.shape
     pp = (bits + 1) // 2
     idx = ref.slot_indices(c, bits, None)  # (Np, S, bits)
     idx = torch.nn.functional.pad(idx, (0, 2 * pp - bits))
-    # (NT, lane, row-in-lane, slot pair, slot parity, plane pair, plane parity)
-    v = idx.view(np_ // TILE_N, 2, 8, kp // 8, 2, pp, 2).permute(0, 3, 5, 1, 2, 6, 4)
-    return (v[..., 0] | (v[..., 1] << 4)).to(torch.uint8).contiguous().view(-1)
+    # (NT, sub, lane, row-in-lane, slot pair, slot parity, plane pair, plane parity)
+    v = idx.view(np_ // TILE_N, SUB, 2, 8, kp // 8, 2, pp, 2).permute(0, 4, 1, 6, 2, 3, 7, 5)
+    return (v[..., 0] | (v[..., 1] << 4)).to(torch.uint8).reshape(np_ // TILE_N, kp // 8, -1)
 
 
 def pack_code_indexed(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (N, K) -> flat uint8 kernel layout of the code-indexed engine."""
+    """uint8 codes (N, K) -> code-indexed bytes (NT, 4-slot steps, SUB, 32)."""
     c = _pad_rows_cols(codes)
     np_, kp = c.shape
     idx = ref.slot_indices(c, bits, torch.empty(0))[..., 0]  # (Np, S)
-    # (NT, row, 4-slot step, high nibble, lane)
-    v = idx.view(np_ // TILE_N, TILE_N, -1, 2, 2).permute(0, 2, 4, 1, 3)
-    return (v[..., 0] | (v[..., 1] << 4)).to(torch.uint8).contiguous().view(-1)
+    # (NT, sub, row, 4-slot step, high nibble, lane) -> (NT, step, sub, lane, row, high nibble)
+    v = idx.view(np_ // TILE_N, SUB, 16, -1, 2, 2).permute(0, 3, 1, 5, 2, 4)
+    return (v[..., 0] | (v[..., 1] << 4)).to(torch.uint8).reshape(np_ // TILE_N, idx.shape[1] // 4, -1)
 
 
-def pack_coefs(coef: torch.Tensor, zcoef: torch.Tensor):
-    """coef (N, ng, ch), zcoef (N, ng) -> contiguous float32 (NT, ng, ch, 16) and (NT, ng, 16)."""
-    n, ng, ch = coef.shape
-    np_ = (n + TILE_N - 1) // TILE_N * TILE_N
-    c = torch.nn.functional.pad(coef.float(), (0, 0, 0, 0, 0, np_ - n)).view(-1, TILE_N, ng, ch)
-    z = torch.nn.functional.pad(zcoef.float(), (0, 0, 0, np_ - n)).view(-1, TILE_N, ng)
-    return c.permute(0, 2, 3, 1).contiguous(), z.permute(0, 2, 1).contiguous()
+def stored_coefs(coef: torch.Tensor, zcoef: torch.Tensor):
+    """The coefficients the kernel really uses: ``coef`` rounded to fp16 and ``zcoef = coef[..., 0] * zmul``
+    with ``zmul`` in fp16. Returns ``(coef16 (N, ng, ch), zmul16 (N, ng), coef_eff float, zcoef_eff float)``.
+
+    Storing ``zcoef`` as a multiple of ``coef[..., 0]`` keeps INT zero points exact: there ``coef = s / 2`` and
+    ``zmul = 2^b - 1 + 2 off - 2 z`` is a small integer, and ``fp16 * integer`` is exact in the float32 epilogue.
+    """
+    c16 = coef.to(torch.float16)
+    c0 = c16[..., 0].float()
+    if not torch.isfinite(c16).all():
+        raise ValueError("coef must be finite and fit in float16 (|coef| <= 65504)")
+    if ((c0 == 0) & (zcoef != 0)).any():
+        raise ValueError("zcoef must be 0 where coef[..., 0] is 0 (it is stored as a multiple of coef[..., 0])")
+    zmul = torch.where(c0 != 0, zcoef.double() / c0.double().where(c0 != 0, torch.ones(())), torch.zeros(()))
+    z16 = zmul.to(torch.float16)
+    if not torch.isfinite(z16).all():
+        raise ValueError("zcoef / coef[..., 0] must fit in float16")
+    return c16, z16, c16.float(), c0 * z16.float()
+
+
+def pack_stream(wbytes: torch.Tensor, steps_per_group: int, coef16: torch.Tensor, zmul16: torch.Tensor) -> torch.Tensor:
+    """Interleave code bytes (NT, steps, B) with per-group fp16 coefficients into one flat stream.
+
+    Per tile, per group: the group's code bytes, then coef (SUB, channels, 16) and zmul (SUB, 16) as fp16,
+    so a tile is read as one sequential stream (see csrc/lut_gemm.cpp).
+    """
+    nt, steps, _ = wbytes.shape
+    n, ng, ch = coef16.shape
+    np_ = nt * TILE_N
+    c = torch.nn.functional.pad(coef16, (0, 0, 0, 0, 0, np_ - n)).view(nt, SUB, 16, ng, ch).permute(0, 3, 1, 4, 2)
+    z = torch.nn.functional.pad(zmul16, (0, 0, 0, np_ - n)).view(nt, SUB, 16, ng).permute(0, 3, 1, 2)
+    cz = torch.cat([c.reshape(nt, ng, -1), z.reshape(nt, ng, -1)], 2).contiguous().view(torch.uint8)
+    parts = []
+    for g in range(ng):
+        parts += [wbytes[:, g * steps_per_group:(g + 1) * steps_per_group].reshape(nt, -1), cz[:, g]]
+    return torch.cat(parts, 1).contiguous().view(-1)
 
 
 def kernel_group_size(group_size: int, in_features: int) -> int | None:
@@ -147,9 +188,7 @@ def kernel_group_size(group_size: int, in_features: int) -> int | None:
 class LUTWeight:
     """One layer's weights in the kernel layout (built once by :func:`prepare`)."""
 
-    qweight: torch.Tensor       # uint8, flat kernel layout
-    coef: torch.Tensor          # float32 (NT, ng, channels, 16)
-    zcoef: torch.Tensor         # float32 (NT, ng, 16)
+    qweight: torch.Tensor       # uint8, flat stream: per tile, per group, codes then fp16 coefficients
     grid: torch.Tensor | None   # float32 (channels, 2**bits) or None (bit-serial)
     bits: int
     group_size: int
@@ -160,17 +199,21 @@ class LUTWeight:
         """``x`` (..., in_features) any float dtype -> float32 (..., out_features) = x @ W^T (LUT approximation)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"lut matmul: x has {x.shape[-1]} features, the weight expects {self.in_features}")
-        x2 = x.reshape(-1, self.in_features).float()
-        y = ops().lut_gemm(x2, self.qweight, self.coef, self.zcoef, self.grid, self.bits, self.group_size,
-                           self.out_features, force_scalar)
-        return y.view(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        y = _gemm_op()(x2, self.qweight, self.grid, self.bits, self.group_size, self.out_features, force_scalar)
+        return y.view(*x.shape[:-1], self.out_features) if x.dim() != 2 else y
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.coef, self.zcoef))
+        return self.qweight.numel()
 
 
 def prepare_spec(codes: torch.Tensor, bits: int, group_size: int, grid, coef, zcoef) -> LUTWeight:
-    """Build a :class:`LUTWeight` from codes (N, K) uint8 and an explicit kernel spec (see :func:`kernel_params`)."""
+    """Build a :class:`LUTWeight` from codes (N, K) uint8 and an explicit kernel spec (see :func:`kernel_params`).
+
+    ``coef``/``zcoef`` are stored as fp16 (see :func:`stored_coefs`, which gives the values the kernel uses).
+    """
     if codes.dtype != torch.uint8 or codes.dim() != 2:
         raise ValueError(f"codes must be 2-D uint8 (out_features, in_features), got {codes.dtype} {tuple(codes.shape)}")
     if not 1 <= bits <= 4:
@@ -181,13 +224,18 @@ def prepare_spec(codes: torch.Tensor, bits: int, group_size: int, grid, coef, zc
     ng = (ref.padded_k(k) + group_size - 1) // group_size
     if group_size % ref.K_ALIGN or group_size <= 0:
         raise ValueError(f"group_size must be a positive multiple of {ref.K_ALIGN}, got {group_size}")
-    if coef.shape[:2] != (n, ng) or zcoef.shape != (n, ng):
+    if coef.dim() != 3 or coef.shape[:2] != (n, ng) or zcoef.shape != (n, ng):
         raise ValueError(f"coef must be ({n}, {ng}, channels) and zcoef ({n}, {ng}); got {tuple(coef.shape)} "
                          f"and {tuple(zcoef.shape)}")
-    packed = pack_bitserial(codes, bits) if grid is None else pack_code_indexed(codes, bits)
-    c, z = pack_coefs(coef, zcoef)
     g = None if grid is None else torch.as_tensor(grid, dtype=torch.float32).reshape(-1, 2 ** bits).contiguous()
-    return LUTWeight(packed, c, z, g, bits, group_size, k, n)
+    if coef.shape[2] != (1 if g is None else g.shape[0]):
+        raise ValueError(f"coef has {coef.shape[2]} channels, the grid has {1 if g is None else g.shape[0]}")
+    c16, z16, _, _ = stored_coefs(coef, zcoef)
+    if g is None:
+        wbytes, steps = pack_bitserial(codes, bits), group_size // 8
+    else:
+        wbytes, steps = pack_code_indexed(codes, bits), group_size // ref.slot_size(bits, True) // 4
+    return LUTWeight(pack_stream(wbytes, steps, c16, z16), g, bits, group_size, k, n)
 
 
 def prepare(codes: torch.Tensor, fmt, params: dict, group_size: int) -> LUTWeight:
