@@ -51,13 +51,14 @@ def _flex_block_mask(block_mask, blk, sq):
     return BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=blk, mask_mod=causal, seq_lengths=(sq, sq))
 
 
-def bench_prefill(seqs, sparsities, h=32, hkv=8, d=128, blk=64, gate_dim=128, on_seq=None):
+def bench_prefill(seqs, sparsities, h=32, hkv=8, d=128, blk=64, gate_dim=128, on_seq=None, torch_gate=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    from hf_efficient.attention.seer import AttnGate, SeerAttentionConfig, select_blocks
+    from hf_efficient.attention.seer import AttnGate, SeerAttentionConfig
     from hf_efficient.kernels.seer_attention import sparse_attention
-    from hf_efficient.kernels.seer_reference import block_mask_to_indices, causal_block_mask
+    from hf_efficient.kernels.seer_reference import (causal_block_mask, gate_block_indices_reference,
+                                                     indices_to_block_mask)
 
     flex = torch.compile(flex_attention, dynamic=False)
     F = torch.nn.functional
@@ -79,44 +80,56 @@ def bench_prefill(seqs, sparsities, h=32, hkv=8, d=128, blk=64, gate_dim=128, on
         dense_flops = 4 * h * d * s * s / 2
         for sp in sparsities:
             gate = AttnGate(h, hkv, d, SeerAttentionConfig(block_size=blk, gate_dim=gate_dim, sparsity=sp)).to(DEV)
-
-            def seer_prefill():
-                with torch.no_grad():
-                    bm = select_blocks(gate(q, k), gate.config, s, s)
-                    idx, cnt = block_mask_to_indices(bm)
-                    return sparse_attention(q, k, v, idx, cnt, block=blk)
+            c = gate.config
+            sel = dict(block=blk, theta=c.rope_theta, mode=c.mode, threshold=c.threshold, top_k=c.top_k,
+                       sparsity=c.sparsity)
 
             def gate_only():
                 with torch.no_grad():
-                    return block_mask_to_indices(select_blocks(gate(q, k), gate.config, s, s))
+                    return gate.block_indices(q, k)  # what attn_implementation="seer_attention" runs
 
-            with torch.no_grad():
-                bm = select_blocks(gate(q, k), gate.config, s, s)
-            idx, cnt = block_mask_to_indices(bm)
-            density = (bm.sum() / (causal_block_mask(s, s, blk, DEV).sum() * h)).item()
+            def seer_prefill():
+                idx, cnt = gate_only()
+                return sparse_attention(q, k, v, idx, cnt, block=blk)
+
+            def gate_torch():  # the plain-torch twin of the same gate, for the record
+                with torch.no_grad():
+                    return gate_block_indices_reference(q, k, gate.q_weight, gate.k_weight, **sel)
+
+            idx, cnt = gate_only()
+            nkb = idx.shape[-1]
+            bm = indices_to_block_mask(idx, cnt, nkb)
+            density = (cnt.sum() / (causal_block_mask(s, s, blk, DEV).sum() * h)).item()
             kernel_only = lambda: sparse_attention(q, k, v, idx, cnt, block=blk)  # noqa: E731
             try:
                 seer_prefill()  # autotune outside the timing
                 t_seer, t_kernel, t_gate = time_cuda(seer_prefill), time_cuda(kernel_only), time_cuda(gate_only)
-            except Exception as e:  # noqa: BLE001  (report, keep the baselines)
+            except Exception:  # noqa: BLE001  (report, keep the baselines)
                 import traceback
 
                 traceback.print_exc()
                 t_seer = t_kernel = t_gate = float("nan")
             try:
+                t_gate_torch = time_cuda(gate_torch) if torch_gate else float("nan")
+            except Exception as e:  # noqa: BLE001
+                print(f"torch gate failed at {s}/{sp}: {type(e).__name__}: {e}", flush=True)
+                t_gate_torch = float("nan")
+            try:
                 fbm = _flex_block_mask(bm, blk, s)
                 flex(q, k, v, block_mask=fbm, enable_gqa=True, kernel_options=KOPT)
                 t_flex = time_cuda(lambda: flex(q, k, v, block_mask=fbm, enable_gqa=True, kernel_options=KOPT))
             except Exception as e:  # noqa: BLE001  (report, keep the other columns)
-                print(f"flex failed at {s}/{sp}: {type(e).__name__}: {e}", flush=True)
+                print(f"flex failed at {s}/{sp}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
                 t_flex = float("nan")
             rows.append({"seq": s, "sparsity": sp, "density": density, "seer_ms": t_seer * 1e3,
                          "seer_kernel_ms": t_kernel * 1e3, "gate_ms": t_gate * 1e3,
+                         "gate_torch_ms": t_gate_torch * 1e3,
                          "sdpa_flash_ms": base["sdpa_flash"] * 1e3, "sdpa_cudnn_ms": base["sdpa_cudnn"] * 1e3,
                          "flex_ms": t_flex * 1e3, "x_vs_flash": base["sdpa_flash"] / t_seer,
                          "x_vs_cudnn": base["sdpa_cudnn"] / t_seer, "x_vs_flex": t_flex / t_seer,
                          "kernel_TFLOPs": dense_flops * density / t_kernel / 1e12})
             print_rows(rows[-1:])
+            del bm, idx, cnt
         del q, k, v, ke, ve
         if on_seq is not None:
             on_seq(rows)  # results survive a run cut short at a longer sequence
@@ -177,6 +190,8 @@ def main(argv=None):
     ap.add_argument("--sparsities", default="0.5,0.7,0.9")
     ap.add_argument("--train-steps", type=int, default=50)
     ap.add_argument("--train-seq", type=int, default=8192)
+    ap.add_argument("--pooled-seqs", default="8192,32768", help="pooled-map kernel lengths ('' to skip)")
+    ap.add_argument("--no-torch-gate", action="store_true", help="skip timing the plain-torch gate twin")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of every code path (TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.smoke:
@@ -185,17 +200,21 @@ def main(argv=None):
     sps = [float(x) for x in args.sparsities.split(",")]
     kw = dict(h=4, hkv=2, d=32) if args.smoke else {}
     settings = {"batch": 1, "q_heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16", "causal": True,
-                "block": 64, "gate_dim": 128, "seer_ms": "gate + block selection + index build + sparse kernel",
+                "block": 64, "gate_dim": 128,
+                "seer_ms": "fused Triton gate (pool+project+RoPE, score matmul, selection -> indices) + sparse kernel",
+                "gate_torch_ms": "the same gate as plain-torch ops (the twin), for comparison",
                 "baselines": "SDPA flash / cuDNN with KV expanded to 32 heads; FlexAttention compiled, same mask"}
 
     def save(rows):
         write_results("seer_attention_prefill", sorted(rows, key=lambda r: (r["seq"], r["sparsity"])), settings,
                       args.out)
 
-    bench_prefill(seqs, sps, on_seq=save, **kw)
-    pooled = bench_pooled([256] if args.smoke else [8192, 32768], **kw)
-    write_results("seer_pooled_map", pooled, {"note": "FlashAttention + block-max-pooled map (training target) vs "
-                                                      "SDPA-flash"}, args.out)
+    bench_prefill(seqs, sps, on_seq=save, torch_gate=not args.no_torch_gate, **kw)
+    pooled_seqs = [256] if args.smoke else [int(x) for x in args.pooled_seqs.split(",") if x]
+    if pooled_seqs:
+        pooled = bench_pooled(pooled_seqs, **kw)
+        write_results("seer_pooled_map", pooled, {"note": "FlashAttention + block-max-pooled map (training target) vs "
+                                                          "SDPA-flash"}, args.out)
     if args.train_steps:
         write_results("seer_train_gate_gpu", bench_training(args.train_steps, args.train_seq), {}, args.out)
 

@@ -257,3 +257,22 @@ def test_pool_fast_path_equals_masked_path():
     kinds = ("max", "min", "avg")
     torch.testing.assert_close(pool_blocks(x, 16, kinds=kinds),
                                pool_blocks(x, 16, torch.ones(2, 64, dtype=torch.bool), kinds=kinds))
+
+
+@pytest.mark.gpu
+def test_gpu_model_uses_fused_gate(model, monkeypatch):
+    """On CUDA, attn_implementation="seer_attention" scores blocks with the fused Triton gate, and the model's
+    logits match the CPU run (plain-torch twin of the same gates)."""
+    from hf_efficient.kernels import seer_gate
+
+    cfg = SeerAttentionConfig(block_size=16, gate_dim=32, sparsity=0.6)
+    attach_gates(model, cfg)
+    ids = _ids(1, 150)
+    cpu_logits = model(ids).logits
+    calls = []
+    real = seer_gate.gate_block_indices
+    monkeypatch.setattr(seer_gate, "gate_block_indices", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    gpu = model.to("cuda")
+    out = gpu(ids.cuda()).logits.cpu()
+    assert len(calls) == len(attention_modules(gpu))
+    torch.testing.assert_close(out, cpu_logits, atol=2e-3, rtol=2e-3)
