@@ -5,9 +5,9 @@ point; 1-bit through the code-indexed engine with grid {0, 1}) plus NF4/FP4 two-
 ``bytes the kernel streams (packed codes + per-group coefficients) / streaming read bandwidth``, the bandwidth
 measured in the same run (float32 sum over 256 MiB at the same thread count). ``bound_2bit_codes_us`` is the
 bound for the 2-bit codes alone (the figure quoted in the issue).
-End-to-end rows (``--e2e``): decode tokens/s of the embedded SmolLM2-135M with LUT W4/W2 vs fp32.
+End-to-end decode (ours vs fp32 vs llama.cpp) is ``benchmarks/lut_e2e.py``.
 
-Run: ``python -m benchmarks.lut_cpu [--quick] [--e2e] [--out DIR]``.
+Run: ``python -m benchmarks.lut_cpu [--quick] [--out DIR]``.
 """
 from __future__ import annotations
 
@@ -71,33 +71,10 @@ def kernel_rows(shapes, threads_list, cases, group, repeats):
     return rows
 
 
-def e2e_rows(threads: int, new_tokens: int, repeats: int):
-    from hf_efficient.evaluation import measure_speed
-    from hf_efficient.models import load_model
-    from hf_efficient.quantization.lut import LUTConfig
-
-    torch.set_num_threads(threads)
-    rows, base = [], None
-    for name, cfg in [("fp32", None), ("lut-int4-g128", LUTConfig(bits=4, group_size=128)),
-                      ("lut-int2-g64", LUTConfig(bits=2, group_size=64))]:
-        kw = {"quantization_config": cfg} if cfg is not None else {}
-        model, _ = load_model(None, dtype=torch.float32, **kw)
-        with torch.no_grad():
-            s = measure_speed(model, prompt_len=16, new_tokens=new_tokens, repeats=repeats)
-        tps = s["decode_tok_s"]
-        base = base or tps
-        rows.append({"name": f"e2e decode {name}", "threads": threads, "decode_tok_s": tps,
-                     "prefill_tok_s": s["prefill_tok_s"], "speedup_vs_fp32": tps / base})
-        print_rows(rows[-1:])
-        del model
-    return rows
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--quick", action="store_true", help="4096x4096 only, INT2/INT4 only")
-    ap.add_argument("--e2e", action="store_true", help="also measure decode tokens/s of the embedded model")
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args(argv)
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (4096, 11008)]
@@ -110,10 +87,6 @@ def main(argv=None):
                   columns=["name", "threads", "ours_us", "fp32_linear_us", "speedup_vs_fp32", "dram_bound_us",
                            "ours_over_bound", "bound_2bit_codes_us", "llama_cpp_ref", "llama_cpp_ref_us",
                            "speedup_vs_llama_cpp_ref"])
-    if args.e2e:
-        erows = e2e_rows(2, 32, 3) + e2e_rows(1, 32, 3)
-        write_results("lut_cpu_e2e", erows, {"model": "embedded SmolLM2-135M", "prompt_len": 16,
-                                             "new_tokens": 32}, args.out)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@
 // Packed weights: one uint8 stream per tile of kTileN = 32 rows (two 16-row subtiles), tiles in order,
 // Kp = in_features padded to 16. Per weight group g, the group's steps, then its fp16 coefficients:
 //   bit-serial step = a pair of 4-activation slots (t, t+1); for each subtile r, for each plane pair
-//     pp < ceil(bits/2): 32 bytes; byte i: lane L = i / 16, p = i % 16, row = 32*tile + 16*r + 8*L + p/2,
+//     pp < bits/2: 32 bytes; byte i: lane L = i / 16, p = i % 16, row = 32*tile + 16*r + 8*L + p/2,
 //     plane j = 2*pp + p%2; low nibble = plane-j index of row at slot t, high nibble = same at slot t+1;
-//     index = sum_{i<4} bit_j(code[row, 4*slot+i]) << i.
+//     index = sum_{i<4} bit_j(code[row, 4*slot+i]) << i. Odd bits: then 32 bytes of the top plane j = bits-1
+//     alone, byte i: row = 32*tile + i (low nibble slot t, high nibble slot t+1).
 //   code-indexed step = 4 slots s..s+3 of gp activations; for each subtile r: 32 bytes; byte i:
 //     L = i / 16, row = 32*tile + 16*r + i % 16; low nibble = index of slot s+L, high nibble = index of
 //     slot s+2+L; index = sum_{i<gp} code[row, gp*slot+i] << (bits*i).
@@ -66,7 +67,8 @@ static Geometry make_geometry(int64_t K, int64_t N, int64_t bits, int64_t group_
   g.channels = codes ? channels : 1;
   g.slot = codes ? (bits == 3 ? 1 : 4 / bits) : 4;
   g.slots = g.Kp / g.slot;
-  g.plane_pairs = (bits + 1) / 2;
+  g.plane_pairs = bits / 2;
+  g.odd_plane = !codes && bits % 2 == 1;
   return g;
 }
 
@@ -212,9 +214,12 @@ static void tile_scalar(const uint8_t* w, const int8_t* tab, const float* tscale
           for (int64_t pp = 0; pp < geo.plane_pairs; ++pp, w += 32)
             for (int i = 0; i < 32; ++i) {
               const int p = i % 16, row = (i / 16) * 8 + p / 2, plane = static_cast<int>(2 * pp) + p % 2;
-              const int mult = plane < geo.bits ? (1 << plane) : 0;
-              acc[r][row] += mult * (tl[w[i] & 15] + th[w[i] >> 4]);
+              acc[r][row] += (1 << plane) * (tl[w[i] & 15] + th[w[i] >> 4]);
             }
+        if (geo.odd_plane) {
+          for (int i = 0; i < 32; ++i) acc[i / 16][i % 16] += (1 << (geo.bits - 1)) * (tl[w[i] & 15] + th[w[i] >> 4]);
+          w += 32;
+        }
         slot += 2;
       } else {
         for (int64_t r = 0; r < kSub; ++r, w += 32)
@@ -280,18 +285,15 @@ HFE_AVX2 static inline void store_tile(const __m256* y0, const __m256* y1, float
 
 // Bit-serial: PP plane pairs. Each lookup byte pair (plane 2pp, plane 2pp+1) of one row is combined by
 // vpmaddubsw with multipliers (2^(2pp), 2^(2pp+1)), which also widens to int16. The kSub subtiles share
-// the two table loads of a step.
-template <int PP>
+// the two table loads of a step. ODD: a lone top plane covers all 32 rows in one vector; its slot-t and
+// slot-t+1 lookups of a row are paired by vpunpck{l,h}bw (lane = subtile) before vpmaddubsw.
+template <int PP, bool ODD>
 HFE_AVX2 static void tile_bitserial_avx2(const uint8_t* w, const int8_t* tab, const float* tscale,
                                          const float* gsum, const Geometry& geo, float* y) {
   const __m256i nib = _mm256_set1_epi8(0x0F);
-  __m256i mult[2];
-  for (int pp = 0; pp < 2; ++pp) {
-    const int j0 = 2 * pp, j1 = 2 * pp + 1;
-    const int m0 = j0 < geo.bits ? 1 << j0 : 0, m1 = j1 < geo.bits ? 1 << j1 : 0;
-    mult[pp] = _mm256_set1_epi16(static_cast<int16_t>(m0 | (m1 << 8)));
-  }
-  // int16 headroom: each step adds at most 2 * (2^bits - 1) * 127 per row.
+  const __m256i mult[2] = {_mm256_set1_epi16(0x0201), _mm256_set1_epi16(0x0804)};
+  const __m256i mtop = _mm256_set1_epi8(static_cast<char>(1 << (geo.bits - 1)));
+  // int16 headroom: each step adds at most 2 * (2^bits - 1) * 127 per row (and the lone plane alone less).
   const int64_t chunk = 32767 / (2 * ((1 << geo.bits) - 1) * 127);
   __m256 y0[kSub], y1[kSub];
   for (int r = 0; r < kSub; ++r) y0[r] = y1[r] = _mm256_setzero_ps();
@@ -302,7 +304,7 @@ HFE_AVX2 static void tile_bitserial_avx2(const uint8_t* w, const int8_t* tab, co
     for (int r = 0; r < kSub; ++r) lo32[r] = hi32[r] = _mm256_setzero_si256();
     for (int64_t c0 = 0; c0 < steps; c0 += chunk) {
       const int64_t c1 = std::min(steps, c0 + chunk);
-      __m256i acc[kSub];
+      __m256i acc[kSub], topA = _mm256_setzero_si256(), topB = _mm256_setzero_si256();
       for (int r = 0; r < kSub; ++r) acc[r] = _mm256_setzero_si256();
       for (int64_t st = c0; st < c1; ++st, t += 32) {
         _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetch, _MM_HINT_T0);
@@ -318,8 +320,22 @@ HFE_AVX2 static void tile_bitserial_avx2(const uint8_t* w, const int8_t* tab, co
             acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(mult[pp], _mm256_shuffle_epi8(th, hi)));
           }
         }
+        if (ODD) {
+          const __m256i W = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+          w += 32;
+          const __m256i l1 = _mm256_shuffle_epi8(tl, _mm256_and_si256(W, nib));
+          const __m256i l2 = _mm256_shuffle_epi8(th, _mm256_and_si256(_mm256_srli_epi16(W, 4), nib));
+          topA = _mm256_add_epi16(topA, _mm256_maddubs_epi16(mtop, _mm256_unpacklo_epi8(l1, l2)));
+          topB = _mm256_add_epi16(topB, _mm256_maddubs_epi16(mtop, _mm256_unpackhi_epi8(l1, l2)));
+        }
       }
       for (int r = 0; r < kSub; ++r) widen_add(acc[r], lo32[r], hi32[r]);
+      if (ODD) {
+        static_assert(kSub == 2, "the lone top plane vector holds exactly two subtiles");
+        // topA: lane r = rows 0..7 of subtile r, topB: rows 8..15.
+        widen_add(topA, lo32[0], lo32[1]);
+        widen_add(topB, hi32[0], hi32[1]);
+      }
     }
     const uint16_t* cf = reinterpret_cast<const uint16_t*>(w);
     for (int r = 0; r < kSub; ++r)
@@ -506,10 +522,7 @@ static void tile_bitserial_neon(const uint8_t* w, const int8_t* tab, const float
   int8x16_t mult[2];
   for (int pp = 0; pp < 2; ++pp) {
     alignas(16) int8_t m[16];
-    for (int p = 0; p < 16; ++p) {
-      const int j = 2 * pp + p % 2;
-      m[p] = static_cast<int8_t>(j < geo.bits ? 1 << j : 0);
-    }
+    for (int p = 0; p < 16; ++p) m[p] = static_cast<int8_t>(1 << (2 * pp + p % 2));
     mult[pp] = vld1q_s8(m);
   }
   const int64_t chunk = 32767 / (2 * ((1 << geo.bits) - 1) * 127);
@@ -557,12 +570,16 @@ using TileFn = void (*)(const uint8_t*, const int8_t*, const float*, const float
 static TileFn pick_tile_fn(const Geometry& geo, bool simd) {
 #if defined(HFE_LUT_X86)
   if (simd) {
-    if (!geo.codes) return geo.plane_pairs == 1 ? &tile_bitserial_avx2<1> : &tile_bitserial_avx2<2>;
+    if (!geo.codes) {
+      if (geo.bits == 2) return &tile_bitserial_avx2<1, false>;
+      return geo.bits == 3 ? &tile_bitserial_avx2<1, true> : &tile_bitserial_avx2<2, false>;
+    }
     return geo.channels == 1 ? &tile_codes_avx2<1> : &tile_codes_avx2<2>;
   }
 #elif defined(HFE_LUT_NEON)
-  // Code-indexed formats run the scalar engine on ARM.
-  if (simd && !geo.codes) return geo.plane_pairs == 1 ? &tile_bitserial_neon<1> : &tile_bitserial_neon<2>;
+  // Code-indexed formats and 3-bit INT run the scalar engine on ARM.
+  if (simd && !geo.codes && !geo.odd_plane)
+    return geo.plane_pairs == 1 ? &tile_bitserial_neon<1> : &tile_bitserial_neon<2>;
 #endif
   (void)simd;
   return &tile_scalar;

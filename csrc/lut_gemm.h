@@ -34,14 +34,16 @@ struct Geometry {
   int64_t channels = 1;
   int64_t slot = 4;   // activations per table
   int64_t slots = 0;  // Kp / slot
-  int64_t plane_pairs = 0;  // bit-serial: ceil(bits / 2)
+  int64_t plane_pairs = 0;  // bit-serial: full plane pairs, bits / 2
+  bool odd_plane = false;   // bit-serial: bits is odd, the top plane is stored alone (32 rows per 32 bytes)
 
   int64_t group_len(int64_t g) const { return (g + 1) * G <= Kp ? G : Kp - g * G; }
   // Activations per step: a bit-serial step is a pair of slots, a code-indexed step 4 slots.
   int64_t step_k() const { return codes ? 4 * slot : 8; }
   int64_t steps(int64_t g) const { return group_len(g) / step_k(); }
-  // Code bytes per step of one tile (32 per subtile and plane pair).
-  int64_t step_bytes() const { return kSub * 32 * (codes ? 1 : plane_pairs); }
+  // Code bytes per step of one tile: 32 per subtile (code-indexed) or per subtile and plane pair, plus 32
+  // for a lone top plane.
+  int64_t step_bytes() const { return codes ? kSub * 32 : kSub * 32 * plane_pairs + (odd_plane ? 32 : 0); }
   // fp16 coefficients after each group: coef (kSub, channels, 16), then zmul (kSub, 16).
   int64_t coef_bytes() const { return kSub * kSubRows * (channels + 1) * 2; }
   int64_t tile_bytes() const { return Kp / step_k() * step_bytes() + ng * coef_bytes(); }

@@ -116,15 +116,22 @@ def _pad_rows_cols(codes: torch.Tensor) -> torch.Tensor:
 
 
 def pack_bitserial(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (N, K) -> bit-serial code bytes (NT, slot pairs, SUB, plane pairs, 32)."""
+    """uint8 codes (N, K) -> bit-serial code bytes (NT, slot pairs, bytes per step).
+
+    Per step: (SUB, plane pairs, 32) for planes 0..2*(bits//2)-1, then for odd ``bits`` the top plane of all
+    TILE_N rows in 32 bytes.
+    """
     c = _pad_rows_cols(codes)
     np_, kp = c.shape
-    pp = (bits + 1) // 2
+    nt, pp = np_ // TILE_N, bits // 2
     idx = ref.slot_indices(c, bits, None)  # (Np, S, bits)
-    idx = torch.nn.functional.pad(idx, (0, 2 * pp - bits))
     # (NT, sub, lane, row-in-lane, slot pair, slot parity, plane pair, plane parity)
-    v = idx.view(np_ // TILE_N, SUB, 2, 8, kp // 8, 2, pp, 2).permute(0, 4, 1, 6, 2, 3, 7, 5)
-    return (v[..., 0] | (v[..., 1] << 4)).to(torch.uint8).reshape(np_ // TILE_N, kp // 8, -1)
+    v = idx[..., :2 * pp].reshape(nt, SUB, 2, 8, kp // 8, 2, pp, 2).permute(0, 4, 1, 6, 2, 3, 7, 5)
+    parts = [(v[..., 0] | (v[..., 1] << 4)).reshape(nt, kp // 8, -1)]
+    if bits % 2:
+        top = idx[..., bits - 1].reshape(nt, TILE_N, kp // 8, 2).permute(0, 2, 1, 3)  # (NT, step, row, parity)
+        parts.append((top[..., 0] | (top[..., 1] << 4)).reshape(nt, kp // 8, -1))
+    return torch.cat(parts, 2).to(torch.uint8)
 
 
 def pack_code_indexed(codes: torch.Tensor, bits: int) -> torch.Tensor:
