@@ -18,20 +18,23 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cases", type=int, default=1000)
     ap.add_argument("--kernels", default="gemv,gemm,lut")
+    ap.add_argument("--formats", default=None, help="comma-separated subset of FUZZ_FORMATS (fewer compilations)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("quant_fuzz needs CUDA")
-    from hf_efficient.kernels.quant_reference import fuzz
+    from hf_efficient.kernels.quant_reference import FUZZ_FORMATS, fuzz
 
+    names = tuple(args.formats.split(",")) if args.formats else FUZZ_FORMATS
     rows = []
     for kernel in args.kernels.split(","):
-        r = fuzz(kernel, cases=args.cases)
+        r = fuzz(kernel, cases=args.cases, fmt_names=names)
         r["failures"] = " | ".join(r["failures"]) or "-"
         r["per_format"] = ", ".join(f"{k}:{v}" for k, v in sorted(r["per_format"].items()))
         rows.append(r)
         print_rows([r])
-        write_results("quant_fuzz", rows, {"bound": "see kernels/quant_reference.compare", "seed": 1234}, args.out,
+        write_results("quant_fuzz", rows, {"bound": "see kernels/quant_reference.compare", "seed": 1234,
+                                           "formats": list(names)}, args.out,
                       columns=["kernel", "cases", "failed_cases", "worst_err_over_sum_abs_xw", "max_abs_err",
                                "seconds", "per_format", "failures"])
     if any(r["failed_cases"] for r in rows):

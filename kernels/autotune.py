@@ -21,24 +21,17 @@ SPACES: dict[str, list[dict]] = {
     # row and chunk at 4 bits) over 1/SPLIT_K of K; splits meet in the last-arriver epilogue. Narrow tiles
     # with more splits keep enough loads in flight on short K / small N; wide ones for long rows.
     "gemv": [
-        dict(BLOCK_N=32, BLOCK_C=4, SPLIT_K=4, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=64, BLOCK_C=4, SPLIT_K=2, **{_W: 4, _S: 1}),
         dict(BLOCK_N=64, BLOCK_C=8, SPLIT_K=4, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=128, BLOCK_C=4, SPLIT_K=1, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=16, BLOCK_C=8, SPLIT_K=8, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=1, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=128, BLOCK_C=8, SPLIT_K=2, **{_W: 8, _S: 1}),
+        dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=8, **{_W: 4, _S: 3}),
+        dict(BLOCK_N=128, BLOCK_C=4, SPLIT_K=2, **{_W: 4, _S: 3}),
         dict(BLOCK_N=16, BLOCK_C=4, SPLIT_K=8, **{_W: 4, _S: 1}),  # fits M = 8 at 8 bits
     ],
     # M > 8: decode a [BLOCK_N, BLOCK_C * 32] tile to the activation dtype and tl.dot it; SPLIT_K > 1 for
     # small M, where the M x N tile grid alone cannot fill the GPU.
     "gemm": [
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_C=4, SPLIT_K=4, **{_W: 4, _S: 3}),
-        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_C=2, SPLIT_K=4, **{_W: 4, _S: 3}),
         dict(BLOCK_M=32, BLOCK_N=64, BLOCK_C=4, SPLIT_K=2, **{_W: 4, _S: 3}),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_C=2, SPLIT_K=1, **{_W: 8, _S: 3}),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_C=4, SPLIT_K=2, **{_W: 4, _S: 3}),
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=4, SPLIT_K=8, **{_W: 4, _S: 2}),
     ],
     # LUT mpGEMM: one quantization group per K step; BLOCK_M rows share each decoded parity pattern.
     "lut": [

@@ -136,6 +136,54 @@ def store_split(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, pid_k
             tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (and CUDA-graph replays)
 
 
+@triton.jit
+def chunk_sums(wa, wb, xb, kk, xmask, K, offs_i, t_ptr, v_off, BITS: tl.constexpr, MODE: tl.constexpr,
+               DECODE: tl.constexpr):
+    """Per-chunk sums over the 32 codes of each chunk: ``(sum x*f, sum x*min(v, 0), sum x)``.
+
+    Shape-polymorphic: ``wa``/``wb`` are ``[..., BN, BC, W]`` words and ``xb``/``kk``/``xmask`` the pointers,
+    K indices and row mask of slot 0's activations, broadcastable against them (``[1, BC, W]`` for one row:
+    everything stays 3-D, no layout change between the weight load and the multiply; ``[BM, 1, BC, W]``
+    for several rows). ``f`` is ``1 + c/2**BITS`` for uniform INT grids (see module docstring), else ``v``.
+    """
+    W: tl.constexpr = 2 if BITS == 3 else BITS
+    P: tl.constexpr = 32 // W
+    FAST_INT: tl.constexpr = DECODE == 1 and MODE != 2
+    x0 = tl.load(xb, mask=xmask & (kk < K), other=0.0).to(tl.float32)
+    sx = x0
+    if FAST_INT:
+        f0 = slot_unit(wa, wb, offs_i, 0, BITS)
+    else:
+        f0 = decode_values(slot_code(wa, wb, offs_i, 0, BITS), t_ptr, v_off, DECODE)
+    s1 = x0 * f0
+    s2 = x0 * tl.minimum(f0, 0.0)
+    for j in tl.static_range(1, P):
+        xj = tl.load(xb + j * W, mask=xmask & (kk + j * W < K), other=0.0).to(tl.float32)
+        if FAST_INT:
+            v = slot_unit(wa, wb, offs_i, j, BITS)
+        else:
+            v = decode_values(slot_code(wa, wb, offs_i, j, BITS), t_ptr, v_off, DECODE)
+        s1 += xj * v
+        if MODE == 2:
+            s2 += xj * tl.minimum(v, 0.0)
+        sx += xj
+    return tl.sum(s1, axis=-1), tl.sum(s2, axis=-1), tl.sum(sx, axis=-1)
+
+
+@triton.jit
+def combine_chunks(c1, c2, cx, a, b, v_off, BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr):
+    """The group rule applied to per-chunk sums (``a``, ``b``: the chunk's group parameters)."""
+    if DECODE == 1 and MODE != 2:
+        c1 = (c1 - cx) * (1 << BITS) + v_off * cx
+    if MODE == 0:
+        r = a * c1
+    elif MODE == 1:
+        r = a * (c1 - b * cx)
+    else:
+        r = a * (c1 - c2) + b * c2
+    return r
+
+
 @autotune("gemv")
 @triton.jit
 def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, P0W, NG, NC, CPG, GROUP, v_off,
@@ -144,9 +192,6 @@ def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     W: tl.constexpr = 2 if BITS == 3 else BITS
-    P: tl.constexpr = 32 // W
-    FAST_INT: tl.constexpr = DECODE == 1 and MODE != 2
-    NEED_SX: tl.constexpr = FAST_INT or MODE == 1
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_C)
@@ -155,43 +200,28 @@ def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
     mask_m = offs_m < M
     steps = tl.cdiv(NC, BLOCK_C)
     per = tl.cdiv(steps, SPLIT_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_C], dtype=tl.float32)
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_C], dtype=tl.float32)
     for s in range(pid_k * per, tl.minimum(steps, (pid_k + 1) * per)):
         ch = s * BLOCK_C + offs_c
         mask_nc = mask_n[:, None] & (ch < NC)[None, :]
         wa, wb = load_chunks(q_ptr, offs_n, ch, mask_nc, KW, P0W, BITS)
-        kb = ch[None, :, None] * 32 + offs_i[None, None, :]  # [1, BC, W]: k of slot 0
-        xb = x_ptr + offs_m[:, None, None] * K + kb
-        s1 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_C, W], dtype=tl.float32)
-        s2 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_C, W], dtype=tl.float32)
-        sx = tl.zeros([BLOCK_M, BLOCK_C, W], dtype=tl.float32)
-        for j in tl.static_range(P):
-            xj = tl.load(xb + j * W, mask=mask_m[:, None, None] & (kb + j * W < K), other=0.0).to(tl.float32)
-            if FAST_INT:
-                v = slot_unit(wa, wb, offs_i, j, BITS)
-            else:
-                v = decode_values(slot_code(wa, wb, offs_i, j, BITS), t_ptr, v_off, DECODE)
-            s1 += xj[:, None, :, :] * v[None, :, :, :]
-            if MODE == 2:
-                s2 += xj[:, None, :, :] * tl.minimum(v, 0.0)[None, :, :, :]
-            if NEED_SX:
-                sx += xj
-        c1 = tl.sum(s1, 3)  # [BM, BN, BC]: per-chunk sums
         a, b = load_params(p_ptr, (ch // CPG)[None, :], offs_n[:, None], mask_nc, N, NG)
-        a = a[None, :, :]
-        b = b[None, :, :]
-        if NEED_SX:
-            cx = tl.sum(sx, 2)[:, None, :]
-            if FAST_INT:
-                c1 = (c1 - cx) * (1 << BITS) + v_off * cx
-        if MODE == 0:
-            acc += a * c1
-        elif MODE == 1:
-            acc += a * (c1 - b * cx)
+        kk = ch[None, :, None] * 32 + offs_i[None, None, :]  # [1, BC, W]: k of slot 0
+        if BLOCK_M == 1:
+            c1, c2, cx = chunk_sums(wa, wb, x_ptr + kk, kk, kk >= 0, K, offs_i, t_ptr, v_off, BITS, MODE, DECODE)
+            acc += combine_chunks(c1, c2, cx, a, b, v_off, BITS, MODE, DECODE)
         else:
-            c2 = tl.sum(s2, 3)
-            acc += a * (c1 - c2) + b * c2
-    store_split(tl.sum(acc, 2), out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K)
+            c1, c2, cx = chunk_sums(wa[None], wb[None], x_ptr + offs_m[:, None, None, None] * K + kk[None], kk[None],
+                                    mask_m[:, None, None, None], K, offs_i, t_ptr, v_off, BITS, MODE, DECODE)
+            acc += combine_chunks(c1, c2, cx, a[None], b[None], v_off, BITS, MODE, DECODE)
+    if BLOCK_M == 1:
+        res = tl.sum(acc, 1)[None, :]
+    else:
+        res = tl.sum(acc, 2)
+    store_split(res, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K)
 
 
 @autotune("gemm")

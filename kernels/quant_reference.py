@@ -186,10 +186,11 @@ FUZZ_FORMATS = ("int4_asym", "int3_asym", "int2_asym", "int8_asym", "int4_sym", 
                 "nf3_asym", "nf4_sym")
 
 
-def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_failures: int = 5) -> dict:
+def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_failures: int = 5,
+         fmt_names=FUZZ_FORMATS) -> dict:
     """``cases`` random products through ``kernel`` ("gemv", "gemm" or "lut") checked with :func:`compare`.
 
-    Random format (:data:`FUZZ_FORMATS`), N in [1, 700], K in [1, 1500] (mostly not multiples of the
+    Random format (of ``fmt_names``), N in [1, 700], K in [1, 1500] (mostly not multiples of the
     group or block sizes), M (1..8 for the GEMV, up to 100 for the GEMM, 1..9 for the LUT kernel), group
     32/64/128, fp16/bf16, x scaled by 1, 0.01 or (bf16) 30, and a quarter each of zero-scale and
     extreme-scale groups. One fixed config per kernel (the first valid one) keeps compilations few; the
@@ -205,7 +206,7 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
 
     rng = random.Random(seed)
     fn = {"gemv": quant_gemv, "gemm": quant_gemm, "lut": quant_lut_gemm}[kernel]
-    names = [f for f in FUZZ_FORMATS if kernel != "lut" or formats.get_format(f).bits <= MAX_LUT_BITS]
+    names = [f for f in fmt_names if kernel != "lut" or formats.get_format(f).bits <= MAX_LUT_BITS]
     worst_rel, worst_abs, t0, counts, failures, n_bad = 0.0, 0.0, time.time(), {}, [], 0
     for i in range(cases):
         name = rng.choice(names)
