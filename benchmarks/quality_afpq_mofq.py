@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -93,7 +94,7 @@ def main(argv=None):
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--groups", default="128", help="comma-separated group sizes (default 128)")
     ap.add_argument("--bits", default="4,3", help="comma-separated bit widths of the single-format rows")
-    ap.add_argument("--only", default=None, help="run only rows whose name contains this text")
+    ap.add_argument("--only", default=None, help="run only rows whose name matches this regular expression")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way; TF32 stays off)")
     ap.add_argument("--shard", default="0/1", help="k/n: run every n-th row starting at k (fp32 always)")
@@ -115,7 +116,7 @@ def main(argv=None):
     windows = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
     plan = plan_rows([int(g) for g in args.groups.split(",")], [int(b) for b in args.bits.split(",")])
     if args.only:
-        plan = [(name, s) for name, s in plan if name == "fp32" or args.only in name]
+        plan = [(name, s) for name, s in plan if name == "fp32" or re.search(args.only, name)]
     plan = plan[:1] + plan[1:][k::n]
 
     settings = {"model": "SmolLM2-135M-Instruct (embedded, dequantized Q4_1)", "device": args.device,
