@@ -290,13 +290,14 @@ def test_gate_op_fake_and_cpu():
     q, k, _ = _qkv(1, 4, 2, 40, 40, 16, device="cpu")
     wq, wk = torch.randn(4, 16, 32), torch.randn(2, 48, 32)
     torch.library.opcheck(torch.ops.hf_efficient.seer_gate_indices,
-                          (q, k, wq, wk, 16, 1e4, "sparsity", 0.0, 1, 0.5), test_utils=("test_schema", "test_faketensor"))
+                          (q, k, wq, wk, 16, 1e4, "sparsity", 0.0, 1, 0.5),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 # ---- GPU: the fused gate at real sizes -------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 32, 8, 2049, 128, 64, 128), (2, 8, 2, 1000, 64, 64, 64), (1, 9, 3, 4096, 64, 64, 64),
-                                   (1, 4, 4, 3000, 128, 32, 32)])
+@pytest.mark.parametrize("shape", [(1, 32, 8, 2049, 128, 64, 128), (2, 8, 2, 1000, 64, 64, 64),
+                                   (1, 9, 3, 4096, 64, 64, 64), (1, 4, 4, 3000, 128, 32, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_fused_gate(shape, dtype):
     from hf_efficient.kernels import seer_gate as G
@@ -310,7 +311,8 @@ def test_gpu_fused_gate(shape, dtype):
         torch.testing.assert_close(G.gate_features(x, w, maxmin=maxmin, block=blk, theta=1e4),
                                    R.gate_features_reference(x, w, kinds=kinds, block=blk, theta=1e4),
                                    atol=1e-4, rtol=1e-4)
-    for sel in (dict(mode="sparsity", sparsity=0.9), dict(mode="topk", top_k=7), dict(mode="threshold", threshold=0.01)):
+    for sel in (dict(mode="sparsity", sparsity=0.9), dict(mode="topk", top_k=7),
+                dict(mode="threshold", threshold=0.01)):
         args = dict(_select_args(sel), block=blk, theta=1e4)
         idx, cnt = G.gate_block_indices(q, k, wq, wk, **args)
         ridx, rcnt = R.gate_block_indices_reference(q, k, wq, wk, **args)
