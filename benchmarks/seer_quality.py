@@ -6,7 +6,8 @@ GPU (about 1-3 minutes on an H100 with the defaults; bf16 model, fp32 gates)::
 
     python -m benchmarks.seer_quality --device cuda --dtype bfloat16 --out DIR
 
-CPU smoke run: ``python -m benchmarks.seer_quality --device cpu --dtype float32 --steps 2 --seq-len 256
+On the GPU machine the model and the token slices (``train:300000``, ``eval:65536`` with the defaults) come
+through ``scripts/carry_model.sh`` (see CONTRIBUTING.md). CPU smoke run: ``python -m benchmarks.seer_quality --device cpu --dtype float32 --steps 2 --seq-len 256
 --context 256 --eval-tokens 1024 --recall-windows 1``. Results: ``DIR/seer_quality_<device>.{json,md}`` and the
 trained gates under ``DIR/seer_gates_smollm2`` (or ``--gates``).
 """
@@ -40,7 +41,9 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--gate-dim", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--train-tokens", type=int, default=2_000_000, help="corpus tokens to draw windows from")
+    ap.add_argument("--train-tokens", type=int, default=300_000,
+                    help="corpus tokens to draw windows from (the GPU image has no `datasets`: the slice must be "
+                         "pre-tokenized, e.g. TOKEN_SLICES='eval:65536 train:300000' bash scripts/carry_model.sh split)")
     ap.add_argument("--context", type=int, default=2048, help="eval context (2048 = 32 blocks of 64)")
     ap.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens scored per setting")
     ap.add_argument("--sparsities", default="0.5,0.7,0.9")
