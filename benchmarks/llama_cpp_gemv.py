@@ -38,33 +38,39 @@ cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
 cpu.ggml_graph_compute_with_ctx.argtypes = [P, P, ctypes.c_int]
 cpu.ggml_cpu_init()
 TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 8, "Q2_K": 10, "Q4_K": 12, "TQ1_0": 34, "TQ2_0": 35}
-graphs = {}
-def graph(K, N, nw, t):
+qweights = {}
+def quantized(K, N, nw, t):
+    # Quantized bytes are cached across requests; each request builds a fresh context, because
+    # ggml_graph_compute_with_ctx allocates its work buffer from the context on every call.
     key = (K, N, nw, t)
-    if key not in graphs:
-        ty = TYPES[t]
+    if key not in qweights:
+        ty, rng = TYPES[t], np.random.default_rng(0)
         wbytes = base.ggml_row_size(ty, K) * N
-        ctx = base.ggml_init(InitParams(nw * (wbytes + 4096) + (64 << 20), None, False))
-        rng = np.random.default_rng(0)
-        xs = base.ggml_new_tensor_2d(ctx, 0, K, 1)
-        x = rng.standard_normal(K, dtype=np.float32)
-        ctypes.memmove(base.ggml_get_data(xs), x.ctypes.data, 4 * K)
-        gf = base.ggml_new_graph(ctx)
+        bufs = []
         for i in range(nw):
             w = rng.standard_normal((N, K), dtype=np.float32)
-            a = base.ggml_new_tensor_2d(ctx, ty, K, N)
+            q = np.empty(wbytes, dtype=np.uint8)
             if ty == 0:
-                ctypes.memmove(base.ggml_get_data(a), w.ctypes.data, 4 * K * N)
+                q[:] = w.view(np.uint8).reshape(-1)
             else:
-                base.ggml_quantize_chunk(ty, w.ctypes.data, base.ggml_get_data(a), 0, N, K, None)
-            base.ggml_build_forward_expand(gf, base.ggml_mul_mat(ctx, a, xs))
-        graphs[key] = (ctx, gf, wbytes)
-    return graphs[key]
+                base.ggml_quantize_chunk(ty, w.ctypes.data, q.ctypes.data, 0, N, K, None)
+            bufs.append(q)
+        qweights[key] = (ty, wbytes, bufs)
+    return qweights[key]
 print(json.dumps({"version": version}), flush=True)
 for line in sys.stdin:
     K, N, threads, nw, repeats, t = line.split()
     K, N, threads, nw, repeats = map(int, (K, N, threads, nw, repeats))
-    ctx, gf, wbytes = graph(K, N, nw, t)
+    ty, wbytes, bufs = quantized(K, N, nw, t)
+    ctx = base.ggml_init(InitParams(nw * (wbytes + 4096) + (256 << 20), None, False))
+    xs = base.ggml_new_tensor_2d(ctx, 0, K, 1)
+    x = np.random.default_rng(1).standard_normal(K, dtype=np.float32)
+    ctypes.memmove(base.ggml_get_data(xs), x.ctypes.data, 4 * K)
+    gf = base.ggml_new_graph(ctx)
+    for q in bufs:
+        a = base.ggml_new_tensor_2d(ctx, ty, K, N)
+        ctypes.memmove(base.ggml_get_data(a), q.ctypes.data, wbytes)
+        base.ggml_build_forward_expand(gf, base.ggml_mul_mat(ctx, a, xs))
     for _ in range(2):
         cpu.ggml_graph_compute_with_ctx(ctx, gf, threads)
     ts = []
@@ -72,6 +78,7 @@ for line in sys.stdin:
         t0 = time.perf_counter()
         cpu.ggml_graph_compute_with_ctx(ctx, gf, threads)
         ts.append((time.perf_counter() - t0) / nw)
+    base.ggml_free(ctx)
     print(json.dumps({"us": statistics.median(ts) * 1e6, "bytes": wbytes}), flush=True)
 """
 
