@@ -5,7 +5,8 @@ Ours: ``measure_speed`` (random 16-token prompt, 32 forced greedy tokens, HF ``g
 
 llama.cpp (optional, never a dependency): through ``llama-cpp-python`` in a separate interpreter, given by
 ``--llama-python`` or ``$LLAMA_CPP_PYTHON`` (default ``/tmp/llama-venv/bin/python``), or the current one when
-it can import ``llama_cpp``. The embedded GGUF (Q4_1) is requantized by ``llama_model_quantize`` to F32, Q4_0,
+it can import ``llama_cpp``. The environment is passed on, so a source checkout also works
+(``PYTHONPATH=<llama-cpp-python>/`` and ``LLAMA_CPP_LIB_PATH=<folder with libllama.so>``). The embedded GGUF (Q4_1) is requantized by ``llama_model_quantize`` to F32, Q4_0,
 Q2_K and TQ2_0; a random 16-token prompt is evaluated, then 32 single-token ``eval`` calls are timed (decode
 only, no sampling loop in Python). llama.cpp keeps tensors whose rows are not a multiple of the 256-weight
 super-block (most of this model: hidden size 576) in a fallback type; its quantize log says which. When no
