@@ -202,3 +202,22 @@ def test_opcheck_fake_impls():
     torch.library.opcheck(torch.ops.hf_efficient.lut_gemm.default,
                           (x, w.qweight, w.grid, 3, 32, 20, False))
     torch.library.opcheck(torch.ops.hf_efficient.lut_tables.default, (x, w.grid, 3, 32))
+
+
+@pytest.mark.parametrize("bits,engine", [(4, "int"), (3, "int"), (2, "int"), (4, "grid2"), (2, "grid1")])
+def test_int16_headroom_long_groups(bits, engine):
+    """Every lookup at +127 (equal positive activations, all-ones codes) over groups longer than the int16
+    chunk: the accumulators must widen to int32 in time in both engines."""
+    n, k, group = 40, 2048, 2048
+    codes, grid, coef, zcoef = _spec(bits, engine, n, k, group)
+    codes = torch.full_like(codes, 2 ** bits - 1)
+    if grid is not None:
+        grid = grid.abs() + 1.0
+        grid[:, -1] = grid.max() + 1.0  # the looked-up entry is the table's largest: int8 +127
+    w = K.prepare_spec(codes, bits, group, grid, coef, zcoef)
+    x = torch.ones(2, k)
+    _, _, ce, ze = K.stored_coefs(coef, zcoef)
+    ref = R.lut_gemm(x, codes, ce, ze, grid, bits, group)
+    y, ys = w.matmul(x), w.matmul(x, force_scalar=True)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert torch.equal(y, ys)
