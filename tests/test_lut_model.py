@@ -14,7 +14,7 @@ from hf_efficient.quantization.lut import layer as lut_layer
 def tiny_dir(tmp_path_factory):
     from transformers import LlamaForCausalLM
 
-    from tests.conftest import tiny_llama_config
+    from conftest import tiny_llama_config  # tests/ is on sys.path (rootdir conftest, no package)
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny_lut")
