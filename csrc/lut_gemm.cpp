@@ -404,6 +404,19 @@ HFE_AVX2 static void tile_codes_avx2(const uint8_t* w, const int8_t* tab, const 
   store_tile(y0, y1, y);
 }
 
+// A group's table scale (its largest |entry| maps to 127) and activation sum, from the 8-lane running
+// max and sum; returns the factor that quantizes the group's float entries to int8.
+HFE_AVX2_NOFMA static inline float finish_group(__m256 vmax, __m256 part, float* tscale, float* gsum) {
+  alignas(32) float buf[8];
+  _mm256_store_ps(buf, vmax);
+  float maxabs = 0.0f;
+  for (float v : buf) maxabs = std::max(maxabs, v);
+  _mm256_store_ps(buf, part);
+  *gsum = combine8(buf);
+  *tscale = maxabs / 127.0f;
+  return maxabs > 0.0f ? 127.0f / maxabs : 0.0f;
+}
+
 // Bit-serial AVX2 builder. Entries idx < 8 (bit 3 clear) are one 8-float vector per slot, summed in the
 // scalar builder's order ((+-a0 +- a1) +- a2) - a3 (sign flips are exact); the mirror T[15 - idx] = -T[idx]
 // gives the other 8, and round-to-nearest-even commutes with negation, so the int8 halves mirror exactly.
@@ -432,15 +445,7 @@ HFE_AVX2_NOFMA static void build_bitserial_avx2(const float* xp, const Geometry&
       _mm256_storeu_ps(ft + 8 * s, v);
       vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, absmask));
     }
-    alignas(32) float buf[8];
-    _mm256_store_ps(buf, vmax);
-    float maxabs = 0.0f;
-    for (float v : buf) maxabs = std::max(maxabs, v);
-    _mm256_store_ps(buf, part);
-    gsum[g] = combine8(buf);
-    const float inv = maxabs > 0.0f ? 127.0f / maxabs : 0.0f;
-    tscale[g] = maxabs / 127.0f;
-    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256 vinv = _mm256_set1_ps(finish_group(vmax, part, tscale + g, gsum + g));
     for (int64_t s = 0; s < ns; ++s) {
       __m256i q = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(ft + 8 * s), vinv),
                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -481,15 +486,7 @@ HFE_AVX2_NOFMA static void build_codes_avx2(const float* xp, const Geometry& geo
         vmax = _mm256_max_ps(vmax, _mm256_max_ps(_mm256_and_ps(lo, absmask), _mm256_and_ps(hi, absmask)));
       }
     }
-    alignas(32) float buf[8];
-    _mm256_store_ps(buf, vmax);
-    float maxabs = 0.0f;
-    for (float v : buf) maxabs = std::max(maxabs, v);
-    _mm256_store_ps(buf, part);
-    gsum[g] = combine8(buf);
-    const float inv = maxabs > 0.0f ? 127.0f / maxabs : 0.0f;
-    tscale[g] = maxabs / 127.0f;
-    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256 vinv = _mm256_set1_ps(finish_group(vmax, part, tscale + g, gsum + g));
     const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
     for (int64_t ch = 0; ch < geo.channels; ++ch) {
       for (int64_t s = 0; s < ns; ++s) {
