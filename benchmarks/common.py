@@ -75,7 +75,7 @@ def write_results(name: str, rows: list[dict], settings: dict | None = None, out
     jpath = out / f"{name}.json"
     jpath.write_text(json.dumps(payload, indent=2) + "\n")
     cols = columns or (list(rows[0]) if rows else [])
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"# {name}", "", f"device: {env['device']} · date: {env['date']} · torch {env['torch']}"
              + (f" · triton {env['triton']}" if "triton" in env else "") + f" · transformers {env['transformers']}",
              "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

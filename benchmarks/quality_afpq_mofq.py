@@ -46,16 +46,16 @@ def single_format_rows(bits: int, group: int) -> list[tuple[str, dict]]:
     return out
 
 
-def mofq_rows(group: int) -> list[tuple[str, dict]]:
-    rows = []
-    for name, cands in (("MoFQ W4", ["int4_sym", "fp4_sym"]), ("pure INT4-sym", ["int4_sym"]),
-                        ("pure FP4-sym", ["fp4_sym"])):
-        rows.append((f"{name} g{group} RTN", dict(cls=MoFQConfig, bits=4, group_size=group, candidates=cands)))
-    for name, cands in (("MoFQ W8A8", ["int8_sym", "fp8_sym"]), ("pure INT8 W8A8", ["int8_sym"]),
-                        ("pure FP8 W8A8", ["fp8_sym"])):
-        rows.append((f"{name} per-channel RTN", dict(cls=MoFQConfig, bits=8, group_size=-1, candidates=cands,
-                                                     act_bits=8)))
-    return rows
+def mofq_w4_rows(group: int) -> list[tuple[str, dict]]:
+    return [(f"{name} g{group} RTN", dict(cls=MoFQConfig, bits=4, group_size=group, candidates=cands))
+            for name, cands in (("MoFQ W4", ["int4_sym", "fp4_sym"]), ("pure INT4-sym", ["int4_sym"]),
+                                ("pure FP4-sym", ["fp4_sym"]))]
+
+
+def mofq_w8a8_rows() -> list[tuple[str, dict]]:
+    return [(f"{name} per-channel RTN", dict(cls=MoFQConfig, bits=8, group_size=-1, candidates=cands, act_bits=8))
+            for name, cands in (("MoFQ W8A8", ["int8_sym", "fp8_sym"]), ("pure INT8 W8A8", ["int8_sym"]),
+                                ("pure FP8 W8A8", ["fp8_sym"]))]
 
 
 COLUMNS = ["name", "ppl", "delta_ppl", "size_mb", "quant_s"]
@@ -64,8 +64,8 @@ COLUMNS = ["name", "ppl", "delta_ppl", "size_mb", "quant_s"]
 def plan_rows(groups: list[int], bits: list[int]) -> list[tuple[str, dict | None]]:
     single = [r for g in groups for b in bits for r in single_format_rows(b, g)]
     # Cheap rows first (RTN, MoFQ), GPTQ last: an interrupted run on a busy CPU still has a full RTN table.
-    return [("fp32", None)] + [r for r in single if r[0].endswith("RTN")] + mofq_rows(groups[0]) + \
-        [r for r in single if r[0].endswith("GPTQ")]
+    return [("fp32", None)] + [r for r in single if r[0].endswith("RTN")] + \
+        [r for g in groups for r in mofq_w4_rows(g)] + mofq_w8a8_rows() + [r for r in single if r[0].endswith("GPTQ")]
 
 
 def merge(dirs: list[str], out: str | None) -> list[dict]:
@@ -78,8 +78,12 @@ def merge(dirs: list[str], out: str | None) -> list[dict]:
     groups = sorted({int(n.split(" g")[1].split()[0]) for p in payloads for r in p["rows"]
                      for n in [r["name"]] if " g" in n}, reverse=True) or [128]
     order = {name: i for i, (name, _) in enumerate(plan_rows(groups, [4, 3]))}
-    rows = [fp32[0]] + sorted((r for p in payloads for r in p["rows"] if r["name"] != "fp32"),
-                              key=lambda r: order.get(r["name"], len(order)))
+    unique = {}
+    for r in (r for p in payloads for r in p["rows"] if r["name"] != "fp32"):
+        if r["name"] in unique:
+            raise SystemExit(f"row {r['name']!r} appears in more than one shard")
+        unique[r["name"]] = r
+    rows = [fp32[0]] + sorted(unique.values(), key=lambda r: order.get(r["name"], len(order)))
     settings["command"] = " ; ".join(p["settings"]["command"] for p in payloads) + \
         " ; python -m benchmarks.quality_afpq_mofq --merge " + " ".join(dirs)
     write_results("quality_afpq_mofq", rows, settings, out, columns=COLUMNS)
