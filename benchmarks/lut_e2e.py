@@ -1,6 +1,6 @@
 """End-to-end decode on the CPU: the embedded SmolLM2-135M with LUT W4/W2 vs fp32, and vs llama.cpp.
 
-Ours: ``measure_speed`` (random 16-token prompt, 32 forced greedy tokens, HF ``generate``) for fp32 and for
+Ours: ``measure_speed`` (random 16-token prompt, 32 greedy one-token steps on its KV cache) for fp32 and for
 ``LUTConfig`` INT4 g128 / INT2 g64 (the decode matmuls run on ``csrc/lut_gemm.cpp``).
 
 llama.cpp (optional, never a dependency): through ``llama-cpp-python`` in a separate interpreter, given by

@@ -58,6 +58,10 @@ def test_speed_memory_size_and_table(tiny_llama):
     with ev.PeakMemory("cpu") as mem:
         speed = ev.measure_speed(tiny_llama, prompt_len=16, new_tokens=4, repeats=2)
     assert speed["prefill_tok_s"] > 0 and speed["decode_tok_s"] > 0
+    # decode is timed on its own: a step costs at least a microsecond, so no absurd rate can come out
+    assert speed["decode_tok_s"] < 1e6
+    with pytest.raises(ValueError, match="new_tokens must be >= 1"):
+        ev.measure_speed(tiny_llama, prompt_len=4, new_tokens=0)
     assert mem.peak_bytes > 50 * 2**20  # a Python process with torch loaded
     n_params = sum(p.numel() for p in tiny_llama.parameters())  # tied embedding counted once
     assert ev.state_dict_bytes(tiny_llama) == 4 * n_params + sum(
