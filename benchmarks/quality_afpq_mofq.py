@@ -6,8 +6,9 @@ weights; GPTQ rows share the same calibration windows (training plays); PPL is s
 held-out tokens. Results are rewritten after each row, so an interrupted run keeps what it measured.
 
 Run: ``python -m benchmarks.quality_afpq_mofq [--max-tokens 4096] [--groups 128,64] [--out DIR]``.
-On a GPU machine with spare CPU cores, split the rows over processes with ``--shard k/n --out DIR_k`` and
-join them with ``--merge DIR_0 ... DIR_n-1 --out DIR``; each shard scores the same fp32 baseline.
+Split the rows over processes (``--threads 1`` each: GPTQ's per-column loop gains nothing from more) with
+``--shard k/n --out DIR_k`` and join them with ``--merge DIR_0 ... DIR_n-1 --out DIR``; each shard scores the
+same fp32 baseline. ``--device cuda`` works but is no faster: that loop is launch-bound on a GPU.
 """
 from __future__ import annotations
 
@@ -75,8 +76,8 @@ def merge(dirs: list[str], out: str | None) -> list[dict]:
     if not fp32 or max(r["ppl"] for r in fp32) - min(r["ppl"] for r in fp32) > 1e-3 * fp32[0]["ppl"]:
         raise SystemExit(f"shards disagree on (or lack) the fp32 baseline: {[r['ppl'] for r in fp32]}")
     settings = dict(payloads[0]["settings"])
-    groups = sorted({int(n.split(" g")[1].split()[0]) for p in payloads for r in p["rows"]
-                     for n in [r["name"]] if " g" in n}, reverse=True) or [128]
+    groups = sorted({int(m[1]) for p in payloads for r in p["rows"] if (m := re.search(r" g(\d+) ", r["name"]))},
+                    reverse=True) or [128]
     order = {name: i for i, (name, _) in enumerate(plan_rows(groups, [4, 3]))}
     unique = {}
     for r in (r for p in payloads for r in p["rows"] if r["name"] != "fp32"):

@@ -92,21 +92,26 @@ def token_ids(tokenizer, split: str, max_tokens: int | None = None) -> torch.Ten
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     # Tokenizing a generous prefix (~4 characters per token here) keeps short evaluations fast.
     n_chars = None if max_tokens is None else max_tokens * 8
-    ids = _cached_tokens(tokenizer, split, n_chars)
+    key = _cache_key(tokenizer, split)
+    ids = _cached_tokens(tokenizer, split, n_chars, key)
     if max_tokens is not None and ids.numel() < max_tokens:
-        ids = _cached_tokens(tokenizer, split, None)
+        ids = _cached_tokens(tokenizer, split, None, key)
     return ids if max_tokens is None else ids[:max_tokens]
 
 
-def _cached_tokens(tokenizer, split: str, n_chars: int | None) -> torch.Tensor:
+def _cache_key(tokenizer, split: str) -> str:
+    """Hash of the split's corpus files (names, sizes) and the tokenizer's vocabulary (~0.5 s: done once)."""
+    files = play_files()
+    corpus = ";".join(f"{n}:{files[n].stat().st_size}" for n in split_names()[split])
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256((corpus + vocab).encode()).hexdigest()[:20]
+
+
+def _cached_tokens(tokenizer, split: str, n_chars: int | None, key: str) -> torch.Tensor:
     from safetensors.torch import load_file, save_file
 
     from .models import cache_dir
 
-    files = play_files()
-    corpus = ";".join(f"{n}:{files[n].stat().st_size}" for n in split_names()[split])
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    key = hashlib.sha256((corpus + vocab).encode()).hexdigest()[:20]
     path = cache_dir() / "tokens" / f"{split}-{n_chars or 'full'}-{key}.safetensors"
     if path.is_file():
         return load_file(path)["ids"].long()

@@ -56,7 +56,7 @@ def test_token_ids_are_cached_and_need_no_corpus_loader_on_a_hit(embedded_tokeni
     # Another vocabulary is another key: the stale cache must not answer for it.
     other = type("Tok", (), {"get_vocab": lambda self: {"a": 0}, "__call__": None})()
     with pytest.raises(AssertionError, match="cache was not used"):
-        data._cached_tokens(other, "eval", 2400)
+        data._cached_tokens(other, "eval", 2400, data._cache_key(other, "eval"))
 
 
 def test_token_ids_bad_split(embedded_tokenizer):
