@@ -4,14 +4,17 @@ Prefill (query length == key length, no cache before it): the layer's :class:`At
 blocks, :func:`select_blocks` turns scores into a block mask, and the block-sparse kernel (Triton on
 CUDA, the plain-torch twin on CPU) attends to the kept blocks only. A padding mask (left or right padding)
 is honoured exactly: the gate ignores padded keys and attention runs through the masked reference path.
-Decode and chunked prefill after a cache (query length != key length) run dense attention (SDPA): the
-result is exact, not sparse. A layer without a gate raises instead of silently running dense.
+Decode and chunked prefill after a cache (query length != key length) run dense attention (SDPA, exact)
+unless ``config.decode == "sparse"``: then up to ``block_size`` queries on an unpadded cache run the gate-
+selected sparse decode of :mod:`.decode` (longer chunks and padded batches stay dense). A layer without a
+gate raises instead of silently running dense.
 """
 from __future__ import annotations
 
 import torch
 
 from ...kernels import seer_reference as ref
+from .decode import reset_decode_cache, seer_decode_attention, sparse_decode_applies
 from .gate import AttnGate, select_blocks
 
 NAME = "seer_attention"
@@ -79,11 +82,16 @@ def seer_attention_forward(module, query, key, value, attention_mask, scaling=No
     sq, sk = query.shape[2], key.shape[2]
     blk = gate.config.block_size
     if sq != sk:
-        # Decode / chunked prefill on top of a cache: exact dense attention.
+        # Decode / chunked prefill on top of a cache: gate-selected sparse decode when asked and applicable,
+        # else exact dense attention.
+        if gate.config.decode == "sparse" and gate.capture is None and sparse_decode_applies(
+                query, key, _token_mask(attention_mask), causal, blk):
+            return seer_decode_attention(gate, query, key, value, scale=scale).transpose(1, 2), None
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scale,
                                       **kwargs)
+    reset_decode_cache(gate)  # a prefill starts a new sequence: cached decode features are stale
     key_valid = _key_valid(attention_mask, sk)
     token_mask = _token_mask(attention_mask)
     if gate.capture == "distill":

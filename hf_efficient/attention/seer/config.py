@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 FORMAT_VERSION = 1
 MODES = ("threshold", "topk", "sparsity")
+DECODE = ("dense", "sparse")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class SeerAttentionConfig:
     top_k: int = field(default=16, metadata={"help": "mode 'topk': key blocks kept per query block"})
     sparsity: float = field(default=0.7, metadata={"help": "mode 'sparsity': fraction of each query block's "
                                                            "causal key blocks to skip, in [0, 1)"})
+    decode: str = field(default="dense", metadata={"help": "decode / short chunks on a KV cache: 'dense' (exact "
+                                                           "SDPA) or 'sparse' (the gate picks the KV blocks each "
+                                                           "step reads; see attention/seer/decode.py)"})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "version of the saved gate format"})
 
     def __post_init__(self):
@@ -40,6 +44,8 @@ class SeerAttentionConfig:
             bad("top_k", "an integer >= 1")
         if not 0.0 <= self.sparsity < 1.0:
             bad("sparsity", "a fraction in [0, 1)")
+        if self.decode not in DECODE:
+            bad("decode", DECODE)
         if self.format_version != FORMAT_VERSION:
             bad("format_version", f"{FORMAT_VERSION} (this version of hf-efficient)")
 
@@ -55,9 +61,9 @@ class SeerAttentionConfig:
         return cls(**d)
 
     def with_selection(self, **changes) -> "SeerAttentionConfig":
-        """A copy with new block-selection settings (``mode``, ``threshold``, ``top_k``, ``sparsity``)."""
+        """A copy with new block-selection settings (``mode``, ``threshold``, ``top_k``, ``sparsity``, ``decode``)."""
         arch = {"block_size", "gate_dim", "rope_theta", "format_version"} & set(changes)
         if arch:
-            raise ValueError(f"{sorted(arch)} are fixed by the trained gates; only mode/threshold/top_k/sparsity "
-                             f"can change after training")
+            raise ValueError(f"{sorted(arch)} are fixed by the trained gates; only mode/threshold/top_k/sparsity/"
+                             f"decode can change after training")
         return replace(self, **changes)

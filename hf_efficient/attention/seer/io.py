@@ -52,7 +52,7 @@ def gates_of(model) -> list[AttnGate]:
 
 
 def configure(model, **selection) -> SeerAttentionConfig:
-    """Change block selection on every gate (``mode``, ``threshold``, ``top_k``, ``sparsity``)."""
+    """Change block selection on every gate (``mode``, ``threshold``, ``top_k``, ``sparsity``, ``decode``)."""
     gates = gates_of(model)
     new = gates[0].config.with_selection(**selection)
     for g in gates:
