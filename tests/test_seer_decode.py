@@ -80,6 +80,32 @@ def test_gate_selection_equals_masked_reference(g, sq, sk):
     torch.testing.assert_close(out, R.attention_reference(q, k, v, block_mask=mask, block=BLK), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("g", [1, 3, 4])
+def test_kv_shared_selection(g):
+    """decode='sparse_kv': one choice per KV head (the group's mean gate probability under the same rule),
+    identical across the group's query heads, and attention equals the masked reference."""
+    gate = _gate(g, cfg=CFG.with_selection(sparsity=0.7, decode="sparse_kv"))
+    q, k, v = _qkv(2, g, 1, 150, seed=8)
+    mask = D.decode_block_mask(gate, q, k)
+    grouped = mask.reshape(2, 2, g, 1, -1)
+    assert (grouped == grouped[:, :, :1]).all()
+    probs = torch.softmax(D.decode_gate_logits(gate, q, k), -1).reshape(2, 2, g, 1, -1).mean(2)
+    ref_mask = R.select_block_mask(probs, mode="sparsity", threshold=0.0, top_k=1, sparsity=0.7, block=BLK, sq=1,
+                                   sk=150)
+    assert torch.equal(grouped[:, :, 0], ref_mask)
+    torch.testing.assert_close(D.seer_decode_attention(gate, q, k, v),
+                               R.attention_reference(q, k, v, block_mask=mask, block=BLK), **TOL[torch.float32])
+
+
+def test_gather_layouts_agree():
+    """The single-copy gather of a contiguous cache equals advanced indexing on a non-contiguous one."""
+    _, k, _ = _qkv(2, 1, 1, 100, hkv=3)
+    idx = torch.tensor([[0, 2, 5], [1, 3, 4], [0, 1, 2]]).expand(2, 3, 3)
+    strided = k.transpose(2, 3).contiguous().transpose(2, 3)
+    assert torch.equal(D._gather_blocks(k, idx, BLK), D._gather_blocks(strided, idx, BLK))
+    assert torch.equal(D._gather_blocks(k, idx, BLK)[0, 1, BLK:2 * BLK], k[0, 1, 3 * BLK:4 * BLK])
+
+
 @pytest.mark.parametrize("sk", [97, 96, 33])
 def test_decode_scores_are_the_prefill_gates(sk):
     """The decode row is the prefill gate's last row when the query chunk is that row's whole query block:
@@ -155,7 +181,7 @@ def test_applies_only_to_plain_causal_short_chunks():
 
 
 def test_bad_settings_are_clear_errors():
-    with pytest.raises(ValueError, match="decode.*'dense', 'sparse'"):
+    with pytest.raises(ValueError, match="decode.*'dense', 'sparse', 'sparse_kv'"):
         SeerAttentionConfig(decode="fast")
     with pytest.raises(ValueError, match="decode"):
         CFG.with_selection(decode="approximate")
@@ -195,7 +221,9 @@ def test_generate_sparse_decode(model):
     configure(model, sparsity=0.9, mode="sparsity")
     sparse = _gen(model, ids)
     assert not torch.allclose(torch.stack(sparse.logits), torch.stack(dense.logits), atol=1e-3)
-    configure(model, decode="dense")  # same sparse prefill (first logits), then dense decode steps
+    configure(model, decode="sparse_kv", sparsity=0.0)
+    torch.testing.assert_close(torch.stack(_gen(model, ids).logits), torch.stack(dense.logits), atol=1e-4, rtol=1e-4)
+    configure(model, decode="dense", sparsity=0.9)  # same sparse prefill (first logits), then dense decode steps
     dense_decode = _gen(model, ids)
     torch.testing.assert_close(dense_decode.logits[0], sparse.logits[0])
     assert not torch.allclose(torch.stack(dense_decode.logits[1:]), torch.stack(sparse.logits[1:]), atol=1e-3)

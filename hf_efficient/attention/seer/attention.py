@@ -5,8 +5,9 @@ blocks, :func:`select_blocks` turns scores into a block mask, and the block-spar
 CUDA, the plain-torch twin on CPU) attends to the kept blocks only. A padding mask (left or right padding)
 is honoured exactly: the gate ignores padded keys and attention runs through the masked reference path.
 Decode and chunked prefill after a cache (query length != key length) run dense attention (SDPA, exact)
-unless ``config.decode == "sparse"``: then up to ``block_size`` queries on an unpadded cache run the gate-
-selected sparse decode of :mod:`.decode` (longer chunks and padded batches stay dense). A layer without a
+unless ``config.decode`` is ``"sparse"`` / ``"sparse_kv"``: then up to ``block_size`` queries on an
+unpadded cache run the gate-selected sparse decode of :mod:`.decode` (longer chunks and padded batches stay
+dense). A layer without a
 gate raises instead of silently running dense.
 """
 from __future__ import annotations
@@ -84,7 +85,7 @@ def seer_attention_forward(module, query, key, value, attention_mask, scaling=No
     if sq != sk:
         # Decode / chunked prefill on top of a cache: gate-selected sparse decode when asked and applicable,
         # else exact dense attention.
-        if gate.config.decode == "sparse" and gate.capture is None and sparse_decode_applies(
+        if gate.config.decode != "dense" and gate.capture is None and sparse_decode_applies(
                 query, key, _token_mask(attention_mask), causal, blk):
             return seer_decode_attention(gate, query, key, value, scale=scale).transpose(1, 2), None
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

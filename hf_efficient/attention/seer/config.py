@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 FORMAT_VERSION = 1
 MODES = ("threshold", "topk", "sparsity")
-DECODE = ("dense", "sparse")
+DECODE = ("dense", "sparse", "sparse_kv")
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,9 @@ class SeerAttentionConfig:
     sparsity: float = field(default=0.7, metadata={"help": "mode 'sparsity': fraction of each query block's "
                                                            "causal key blocks to skip, in [0, 1)"})
     decode: str = field(default="dense", metadata={"help": "decode / short chunks on a KV cache: 'dense' (exact "
-                                                           "SDPA) or 'sparse' (the gate picks the KV blocks each "
-                                                           "step reads; see attention/seer/decode.py)"})
+                                                           "SDPA), 'sparse' (the gate picks each query head's KV "
+                                                           "blocks) or 'sparse_kv' (one pick per KV head, shared "
+                                                           "by its query heads); see attention/seer/decode.py"})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "version of the saved gate format"})
 
     def __post_init__(self):
