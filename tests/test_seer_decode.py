@@ -117,7 +117,8 @@ def test_decode_scores_are_the_prefill_gates(sk):
     for use_cache in (False, True):
         dec = D.decode_gate_logits(gate, q[:, :, -sq:], k, use_cache=use_cache)
         torch.testing.assert_close(dec, prefill, atol=1e-5, rtol=1e-5)
-    for mode in (dict(mode="sparsity", sparsity=0.5), dict(mode="topk", top_k=2), dict(mode="threshold", threshold=0.1)):
+    for mode in (dict(mode="sparsity", sparsity=0.5), dict(mode="topk", top_k=2),
+                 dict(mode="threshold", threshold=0.1)):
         gate.config = CFG.with_selection(**mode)
         ref_mask = R.gate_block_indices_reference(q, k, gate.q_weight, gate.k_weight, block=BLK, theta=CFG.rope_theta,
                                                   mode=gate.config.mode, threshold=gate.config.threshold,

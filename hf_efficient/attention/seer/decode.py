@@ -3,8 +3,11 @@
 Used by ``attn_implementation="seer_attention"`` when a few queries (1 <= Sq <= block_size, Sq < Sk) run
 on a KV cache and ``SeerAttentionConfig.decode`` is ``"sparse"`` (each query head keeps its own blocks, the
 prefill rule) or ``"sparse_kv"`` (one choice per KV head from the group's mean gate probability, as
-SeerAttention-R shares decode sparsity within a GQA group: the gather then reads only the kept blocks). Plain torch (the CPU path and the oracle for
-any later kernel). For one step with queries at positions ``Sk-Sq .. Sk-1``:
+SeerAttention-R shares decode sparsity within a GQA group: the gather then reads only the kept blocks).
+Plain torch (the CPU path and the oracle for any later kernel). Why both: plain torch must copy kept blocks
+before its matmuls, so a step costs ~3x the gathered share of a dense pass; per-head choices gather the
+union of a GQA group's blocks (75-95 % at 50-70 % sparsity with random gates), shared ones only the kept
+blocks (benchmarks/seer_decode.py). For one step with queries at positions ``Sk-Sq .. Sk-1``:
 
 1. **Key-block features**, exactly as the prefill gate makes them (:func:`pool_blocks` max/min/avg per block,
    per-KV-head projection, block RoPE at the block's index), for every key block including the partial last
