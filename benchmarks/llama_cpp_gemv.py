@@ -4,8 +4,9 @@ Optional: ``llama-cpp-python`` lives in another interpreter (``benchmarks.lut_e2
 child process loads ``libggml-base``/``libggml-cpu`` with ctypes, quantizes random N x K weights with
 ``ggml_quantize_chunk`` and times ``ggml_mul_mat`` against one float32 activation row, the path llama.cpp's
 CPU backend runs for decode (activations quantized to Q8 inside the op). Each graph holds ``nw`` distinct weight
-matrices so that every GEMV streams its weights from DRAM, as in a decode step; the time is per GEMV, and includes
-ggml's per-graph thread start (amortized over the ``nw`` GEMVs).
+copies of one quantized matrix (``nw``: by default enough to fill twice the last-level cache) so that every GEMV
+streams its weights from DRAM, as in a decode step; the time is per GEMV, and includes ggml's per-graph thread
+start (amortized over the ``nw`` GEMVs).
 """
 from __future__ import annotations
 
@@ -39,35 +40,39 @@ cpu.ggml_graph_compute_with_ctx.argtypes = [P, P, ctypes.c_int]
 cpu.ggml_cpu_init()
 TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 8, "Q2_K": 10, "Q4_K": 12, "TQ1_0": 34, "TQ2_0": 35}
 qweights = {}
-def quantized(K, N, nw, t):
-    # Quantized bytes are cached across requests; each request builds a fresh context, because
+def quantized(K, N, t):
+    # Quantized bytes are cached across requests of the same shape; each request builds a fresh context, because
     # ggml_graph_compute_with_ctx allocates its work buffer from the context on every call.
-    key = (K, N, nw, t)
+    key = (K, N, t)
     if key not in qweights:
-        ty, rng = TYPES[t], np.random.default_rng(0)
+        for old in [k for k in qweights if k[:2] != (K, N)]:
+            del qweights[old]
+        ty = TYPES[t]
         wbytes = base.ggml_row_size(ty, K) * N
-        bufs = []
-        for i in range(nw):
-            w = rng.standard_normal((N, K), dtype=np.float32)
-            q = np.empty(wbytes, dtype=np.uint8)
-            if ty == 0:
-                q[:] = w.view(np.uint8).reshape(-1)
-            else:
-                base.ggml_quantize_chunk(ty, w.ctypes.data, q.ctypes.data, 0, N, K, None)
-            bufs.append(q)
-        qweights[key] = (ty, wbytes, bufs)
+        w = np.random.default_rng(0).standard_normal((N, K), dtype=np.float32)
+        q = np.empty(wbytes, dtype=np.uint8)
+        if ty == 0:
+            q[:] = w.view(np.uint8).reshape(-1)
+        else:
+            base.ggml_quantize_chunk(ty, w.ctypes.data, q.ctypes.data, 0, N, K, None)
+        qweights[key] = (ty, wbytes, q)
     return qweights[key]
+def cache_bytes(text):  # sysfs cache size such as "480M"
+    return int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+llc = max([cache_bytes(open(f).read().strip()) for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size")]
+          or [32 << 20])
 print(json.dumps({"version": version}), flush=True)
 for line in sys.stdin:
     K, N, threads, nw, repeats, t = line.split()
     K, N, threads, nw, repeats = map(int, (K, N, threads, nw, repeats))
-    ty, wbytes, bufs = quantized(K, N, nw, t)
+    ty, wbytes, q = quantized(K, N, t)
+    nw = nw if nw > 0 else max(4, -(-2 * llc // wbytes))
     ctx = base.ggml_init(InitParams(nw * (wbytes + 4096) + (256 << 20), None, False))
     xs = base.ggml_new_tensor_2d(ctx, 0, K, 1)
     x = np.random.default_rng(1).standard_normal(K, dtype=np.float32)
     ctypes.memmove(base.ggml_get_data(xs), x.ctypes.data, 4 * K)
     gf = base.ggml_new_graph(ctx)
-    for q in bufs:
+    for _ in range(nw):
         a = base.ggml_new_tensor_2d(ctx, ty, K, N)
         ctypes.memmove(base.ggml_get_data(a), q.ctypes.data, wbytes)
         base.ggml_build_forward_expand(gf, base.ggml_mul_mat(ctx, a, xs))
@@ -79,7 +84,7 @@ for line in sys.stdin:
         cpu.ggml_graph_compute_with_ctx(ctx, gf, threads)
         ts.append((time.perf_counter() - t0) / nw)
     base.ggml_free(ctx)
-    print(json.dumps({"us": statistics.median(ts) * 1e6, "bytes": wbytes}), flush=True)
+    print(json.dumps({"us": statistics.median(ts) * 1e6, "bytes": wbytes, "copies": nw}), flush=True)
 """
 
 
@@ -92,9 +97,11 @@ class LlamaGemv:
                                      stdout=subprocess.PIPE, text=True)
         self.version = json.loads(self.proc.stdout.readline())["version"]
 
-    def time_us(self, k: int, n: int, threads: int, qtype: str, nw: int = 4, repeats: int = 10) -> tuple[float, int]:
-        """Median microseconds per GEMV of an n x k ``qtype`` matrix, and the matrix's bytes."""
-        self.proc.stdin.write(f"{k} {n} {threads} {nw} {repeats} {qtype}\n")
+    def time_us(self, k: int, n: int, threads: int, qtype: str, nw: int | None = None,
+                repeats: int = 10) -> tuple[float, int]:
+        """Median microseconds per GEMV of an n x k ``qtype`` matrix, and the matrix's bytes. ``nw``: weight copies
+        rotated over (None: enough to fill twice the last-level cache)."""
+        self.proc.stdin.write(f"{k} {n} {threads} {nw or 0} {repeats} {qtype}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:

@@ -3,7 +3,10 @@
 Kernel rows: GEMV (M = 1) of 4096x4096 and 4096x11008 (in x out) at 1 and 2 threads, bits 1..4 (INT zero
 point; 1-bit through the code-indexed engine with grid {0, 1}) plus NF4/FP4 two-scale rows. The bound is
 ``bytes the kernel streams (packed codes + per-group coefficients) / streaming read bandwidth``, the bandwidth
-measured in the same run (float32 sum over 256 MiB at the same thread count). ``bound_2bit_codes_us`` is the
+measured in the same run by ``hf_efficient::read_probe`` (32-byte loads OR-ed together, at the same thread count)
+over a buffer of twice the last-level cache, so it is DRAM's rate. Every timed GEMV (ours, fp32, ggml) rotates
+over enough distinct copies of its weights to fill twice the last-level cache, so each one streams its weights
+from DRAM as in a decode step (a single 4096x4096 matrix would stay cache-resident on a large-L3 server). ``bound_2bit_codes_us`` is the
 bound for the 2-bit codes alone (the figure quoted in the issue). llama.cpp columns (optional, when
 ``llama-cpp-python`` is found): ggml's GEMV for TQ1_0 / TQ2_0 / Q2_K / Q4_0, timed interleaved with ours in the
 same run (``benchmarks/llama_cpp_gemv.py``); 2-bit rows compare with the faster of TQ2_0 and Q2_K.
@@ -14,6 +17,9 @@ Run: ``python -m benchmarks.lut_cpu [--quick] [--out DIR]``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+from pathlib import Path
 
 import torch
 
@@ -24,13 +30,36 @@ from hf_efficient.quantization.lut import kernel as K
 
 # llama.cpp types each of our INT rows is compared with (the best of them for 2 bits).
 LLAMA_TYPES = {1: ["TQ1_0"], 2: ["TQ2_0", "Q2_K"], 4: ["Q4_0"]}
-NW = 4  # distinct weight matrices per timing, so each GEMV streams its weights from DRAM (L3 is 8 MiB)
+MIN_NW = 4  # distinct weight copies per timing at least (more when the last-level cache is large)
 
 
-def read_bandwidth(threads: int, nbytes: int = 256 << 20) -> float:
-    buf = torch.ones(nbytes // 4)
-    t = time_cpu(lambda: buf.sum(), repeats=10, threads=threads)
+def llc_bytes() -> int:
+    """Size of the largest CPU cache (sysfs), or 32 MiB when it cannot be read."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        t = f.read_text().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+        sizes.append(int(t.rstrip("KMG")) * mult)
+    return max(sizes, default=32 << 20)
+
+
+def copies_for(nbytes: int) -> int:
+    """How many distinct copies of an ``nbytes`` weight a timing rotates over: together twice the LLC."""
+    return max(MIN_NW, math.ceil(2 * llc_bytes() / nbytes))
+
+
+def read_bandwidth(threads: int) -> float:
+    """Sequential read rate (bytes/s) from DRAM: ``read_probe`` over twice the last-level cache."""
+    nbytes = max(1 << 30, 2 * llc_bytes())
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    probe = K.ops().read_probe
+    t = time_cpu(lambda: probe(buf), repeats=10, threads=threads)
     return nbytes / t
+
+
+def _copies(w: K.LUTWeight) -> list:
+    """Distinct copies of one weight (the kernel's time does not depend on the values)."""
+    return [w] + [dataclasses.replace(w, qweight=w.qweight.clone()) for _ in range(copies_for(w.nbytes()) - 1)]
 
 
 def _weight(kind: str, bits: int, n: int, k: int, group: int, seed: int = 0) -> K.LUTWeight:
@@ -47,11 +76,11 @@ def _weight(kind: str, bits: int, n: int, k: int, group: int, seed: int = 0) -> 
     return K.prepare_spec(codes, bits, group, grid, coef, coef[..., 0] * torch.randint(-15, 16, (n, ng), generator=g))
 
 
-def _time_rotating(ws, x, repeats, threads) -> float:
+def _time_rotating(ws, x, repeats, threads, fn=None) -> float:
     """Median seconds per GEMV over a rotation of distinct weights (same protocol as the llama.cpp child)."""
     def run():
         for w in ws:
-            w.matmul(x)
+            fn(x, w) if fn else w.matmul(x)
     return time_cpu(run, repeats=repeats, threads=threads) / len(ws)
 
 
@@ -64,18 +93,19 @@ def kernel_rows(shapes, threads_list, cases, group, repeats, llama=None, rounds=
         print(f"threads={threads}: streaming read {bw / 1e9:.1f} GB/s", flush=True)
         for k, n in shapes:
             x = torch.randn(1, k)
-            wf = torch.randn(n, k)
-            ws = {c: [_weight(c[0], c[1], n, k, group, seed=i) for i in range(NW)] for c in cases}
+            w0 = torch.randn(n, k)
+            wfs = [w0] + [w0.clone() for _ in range(copies_for(w0.numel() * 4) - 1)]
+            ws = {c: _copies(_weight(c[0], c[1], n, k, group)) for c in cases}
             ltypes = sorted({t for kind, bits in cases if kind == "int" for t in LLAMA_TYPES.get(bits, [])})
             best: dict = {}
             for _ in range(rounds):
                 def keep(key, v):
                     best[key] = min(best.get(key, float("inf")), v)
-                keep("fp32", time_cpu(lambda: torch.nn.functional.linear(x, wf), repeats=repeats, threads=threads))
+                keep("fp32", _time_rotating(wfs, x, repeats, threads, fn=torch.nn.functional.linear))
                 for c in cases:
                     keep(c, _time_rotating(ws[c], x, repeats, threads))
                 for t in ltypes if llama else []:
-                    us, _ = llama.time_us(k, n, threads, t, nw=NW, repeats=repeats)
+                    us, _ = llama.time_us(k, n, threads, t, nw=None, repeats=repeats)
                     keep(t, us / 1e6)
             base = best["fp32"]
             for kind, bits in cases:
@@ -91,7 +121,7 @@ def kernel_rows(shapes, threads_list, cases, group, repeats, llama=None, rounds=
                     r.update(llama_cpp=name, llama_cpp_us=t_ref * 1e6, speedup_vs_llama_cpp=t_ref / ours)
                 rows.append(r)
                 print_rows([r])
-            del wf, ws
+            del w0, wfs, ws
     return rows
 
 
@@ -119,7 +149,8 @@ def main(argv=None):
         if llama:
             llama.close()
     settings = {"group_size": 128, "repeats": args.repeats, "rounds": args.rounds, "isa": K.isa(),
-                "weights_per_timing": NW, "llama_cpp_python": llama.version if llama else "not found",
+                "weight_copies_per_timing": f"enough to fill 2 x LLC ({llc_bytes() >> 20} MiB)",
+                "bandwidth_probe": "hf_efficient::read_probe over max(1 GiB, 2 x LLC)", "llama_cpp_python": llama.version if llama else "not found",
                 "note": "each figure: min over rounds of the median over repeats; ours and llama.cpp interleaved "
                         "in the same run, each rotating over distinct weight matrices"}
     write_results("lut_cpu_gemv_quick" if args.quick else "lut_cpu_gemv", rows, settings, args.out,

@@ -74,3 +74,45 @@ def test_cuda_op_dispatches_to_triton(dtype):
     torch.testing.assert_close(scale_add(x, y, 1.25), scale_add_reference(x, y, 1.25))  # FMA: see above
     f = torch.compile(lambda a, b: scale_add(a, b, 1.25), fullgraph=True)
     torch.testing.assert_close(f(x, y), scale_add_reference(x, y, 1.25))
+
+
+def _or_words_reference(buf: torch.Tensor) -> int:
+    """OR of the buffer's little-endian 64-bit words, the last one zero-padded (as a signed int64)."""
+    import numpy as np
+
+    b = buf.contiguous().view(torch.uint8).flatten().numpy()
+    b = np.concatenate([b, np.zeros((-b.size) % 8, dtype=np.uint8)])
+    return int(np.bitwise_or.reduce(b.view("<u8"), initial=np.uint64(0)).astype(np.int64))
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 7, 127, 129, 4096 + 77, (1 << 20) + 300, (3 << 20) + 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_probe_checksum(nbytes, threads):
+    """The bandwidth probe must read every byte: its checksum is the OR of all words, tails and chunks included."""
+    import hf_efficient  # noqa: F401  (loads the extension)
+
+    g = torch.Generator().manual_seed(nbytes)
+    # Sparse single bits, so a skipped chunk or tail changes the checksum.
+    buf = torch.zeros(nbytes, dtype=torch.uint8)
+    if nbytes:
+        idx = torch.randint(0, nbytes, (min(nbytes, 40),), generator=g)
+        buf[idx] = (1 << torch.randint(0, 8, idx.shape, generator=g)).to(torch.uint8)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.hf_efficient.read_probe(buf)
+    finally:
+        torch.set_num_threads(prev)
+    assert got == _or_words_reference(buf)
+    if nbytes:
+        buf[-1] = 0x80  # the very last byte lands in the top bits of its word
+        assert torch.ops.hf_efficient.read_probe(buf) == _or_words_reference(buf)
+
+
+def test_read_probe_other_dtypes_and_bad_input():
+    import hf_efficient  # noqa: F401
+
+    x = torch.arange(1000, dtype=torch.int32)
+    assert torch.ops.hf_efficient.read_probe(x) == _or_words_reference(x)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.hf_efficient.read_probe(torch.zeros(8, 8, dtype=torch.uint8).t())

@@ -68,7 +68,13 @@ def lut_fast_path(x: torch.Tensor, layer: QuantLinear):
         return None
     if x.numel() // max(x.shape[-1], 1) > MAX_LUT_ROWS:
         return None
-    w = prepare_layer(layer)
+    if torch.compiler.is_compiling():
+        # Under torch.compile the staleness key (ids and tensor versions) cannot be traced; weights do not
+        # change inside a compiled inference graph, so the copy enable_lut built is used as is.
+        cached = getattr(layer, "_lut", None)
+        w = cached[1] if cached is not None else None
+    else:
+        w = prepare_layer(layer)
     if w is None:
         return None
     y = w.matmul(x)
