@@ -1,7 +1,9 @@
 """End-to-end decode on the CPU: the embedded SmolLM2-135M with LUT W4/W2 vs fp32, and vs llama.cpp.
 
 Ours: ``measure_speed`` (random 16-token prompt, 32 greedy one-token steps on its KV cache) for fp32 and for
-``LUTConfig`` INT4 g128 / INT2 g64 (the decode matmuls run on ``csrc/lut_gemm.cpp``).
+``LUTConfig`` INT4 g128 / INT2 g64 (the decode matmuls run on ``csrc/lut_gemm.cpp``), each also with the tied
+output head on the kernels (``enable_lut(model, head_bits=4, head_group_size=32)``, "+ head"): llama.cpp's files
+quantize their output matrix too (Q4_0/Q6_K), so the "+ head" rows are the like-for-like comparison.
 
 llama.cpp (optional, never a dependency): through ``llama-cpp-python`` in a separate interpreter, given by
 ``--llama-python`` or ``$LLAMA_CPP_PYTHON`` (default ``/tmp/llama-venv/bin/python``), or the current one when
@@ -30,6 +32,7 @@ from benchmarks.common import print_rows, write_results
 
 PROMPT_LEN, NEW_TOKENS, REPEATS = 16, 32, 3
 LLAMA_TYPES = ["F32", "Q4_0", "Q2_K", "TQ2_0"]
+HEAD_BITS, HEAD_GROUP = 4, 32  # the "+ head" rows: INT4 g32 output head (llama.cpp uses Q6_K/Q4_0 for it)
 
 # Runs inside the llama-cpp-python interpreter; prints one JSON line {type: {"tok_s": .., "bytes": ..}}.
 _LLAMA_SCRIPT = r"""
@@ -108,7 +111,7 @@ def llama_rows(py: str | None, threads: int, cache: str):
 def our_rows(threads: int):
     from hf_efficient.evaluation import measure_speed
     from hf_efficient.models import load_model
-    from hf_efficient.quantization.lut import LUTConfig
+    from hf_efficient.quantization.lut import LUTConfig, enable_lut
 
     torch.set_num_threads(threads)
     rows = []
@@ -116,9 +119,13 @@ def our_rows(threads: int):
                       ("lut-int2-g64", LUTConfig(bits=2, group_size=64))]:
         kw = {"quantization_config": cfg} if cfg is not None else {}
         model, _ = load_model(None, dtype=torch.float32, **kw)
-        with torch.no_grad():
-            s = measure_speed(model, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, repeats=REPEATS)
-        rows.append({"name": f"ours {name}", "threads": threads, "decode_tok_s": s["decode_tok_s"]})
+        variants = [(name, False)] + ([(name + " + head", True)] if cfg is not None else [])
+        for label, head in variants:
+            if head:
+                enable_lut(model, head_bits=HEAD_BITS, head_group_size=HEAD_GROUP)
+            with torch.no_grad():
+                s = measure_speed(model, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, repeats=REPEATS)
+            rows.append({"name": f"ours {label}", "threads": threads, "decode_tok_s": s["decode_tok_s"]})
         del model
     return rows
 
@@ -141,7 +148,7 @@ def main(argv=None):
                      "ours fp32": ["llama.cpp F32"]}
         for r in ours:
             r["speedup_vs_our_fp32"] = r["decode_tok_s"] / fp32
-            ref = [(by_name[n], n) for n in same_bits[r["name"]] if by_name.get(n)]
+            ref = [(by_name[n], n) for n in same_bits[r["name"].removesuffix(" + head")] if by_name.get(n)]
             if ref:
                 best, name = max(ref)
                 r["llama_cpp_same_bits"] = name.split()[-1]
@@ -153,9 +160,10 @@ def main(argv=None):
                   {"model": "embedded SmolLM2-135M (GGUF Q4_1; ours dequantizes and requantizes on load)",
                    "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "repeats": REPEATS,
                    "llama_cpp_python": version or "not found",
-                   "note": "ours: HF generate (decode = generate - prefill); llama.cpp: timed single-token eval "
-                           "calls. llama.cpp 2-bit types fall back to a wider type for rows not a multiple "
-                           "of 256 (hidden size 576)."},
+                   "note": "ours: measure_speed (one-token forward steps on the prefill's KV cache); llama.cpp: "
+                           "timed single-token eval calls. llama.cpp 2-bit types fall back to a wider type for "
+                           "rows not a multiple of 256 (hidden size 576). '+ head': tied output head also on "
+                           f"the LUT kernels (INT{HEAD_BITS} g{HEAD_GROUP} runtime copy)."},
                   args.out, columns=["name", "threads", "decode_tok_s", "speedup_vs_our_fp32", "llama_cpp_same_bits",
                                      "llama_cpp_tok_s", "ours_over_llama_cpp", "file_MB", "note"])
 

@@ -112,3 +112,87 @@ def test_config_round_trip():
     cfg = LUTConfig(bits=2, group_size=64, fmt="int")
     d = cfg.to_dict()
     assert d["quant_method"] == "lut" and LUTConfig.from_dict(d).to_dict() == d
+
+
+def _head_model(tiny_dir, **head):
+    model = _load(tiny_dir, quantization_config=LUTConfig(bits=4, group_size=32))
+    enable_lut(model, **head)
+    return model
+
+
+def test_lut_head_quantized_copy_keeps_float_weights_and_tie(tiny_dir):
+    plain = _load(tiny_dir, quantization_config=LUTConfig(bits=4, group_size=32))
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    names = enable_lut(plain, head_bits=4, head_group_size=32)
+    head = plain.lm_head
+    assert "lm_head" in names and isinstance(head, lut_layer.LUTHead)
+    assert head.weight is plain.model.embed_tokens.weight  # still tied: the very same tensor
+    after = plain.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    q = head.quantized()
+    assert isinstance(q, QuantLinear) and q.fmt.bits == 4 and q.group_size == 32 and q._lut_enabled
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lut_head_forward_paths(tiny_dir, bits):
+    model = _head_model(tiny_dir, head_bits=bits, head_group_size=32)
+    head = model.lm_head
+    q = head.quantized()
+    g = torch.Generator().manual_seed(bits)
+    deq = q.dequantize()
+    with torch.no_grad():
+        # Decode-sized input: the LUT kernel, close to the dequantized head (int8 tables).
+        x1 = torch.randn(1, 1, 64, generator=g)
+        y1 = head(x1)
+        ref1 = torch.nn.functional.linear(x1, deq)
+        assert float((y1 - ref1).norm() / ref1.norm()) < 0.02
+        # Prefill-sized input: the dequantized copy exactly (same weights as decode, no float/quantized mix).
+        xp = torch.randn(1, MAX_LUT_ROWS + 5, 64, generator=g)
+        torch.testing.assert_close(head(xp), torch.nn.functional.linear(xp, deq), rtol=0, atol=1e-5)
+    # With gradients: the float weight, and gradients reach it.
+    x = torch.randn(2, 64, generator=g, requires_grad=True)
+    y = head(x)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, head.weight))
+    y.sum().backward()
+    assert head.weight.grad is not None and x.grad is not None
+
+
+def test_lut_head_follows_weight_changes_and_disables(tiny_dir):
+    model = _head_model(tiny_dir, head_bits=4, head_group_size=32)
+    head = model.lm_head
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = head(x)
+        head.weight.mul_(2.0)  # in place: the copy must be rebuilt, not reused
+        y2 = head(x)
+        torch.testing.assert_close(y2, 2 * y, rtol=0.03, atol=1e-3)
+        enable_lut(model, False)
+        assert type(model.lm_head) is torch.nn.Linear and "_lut_head" not in model.lm_head.__dict__
+        torch.testing.assert_close(model.lm_head(x), torch.nn.functional.linear(x, head.weight))
+
+
+def test_lut_head_generate_matches_reference_head(tiny_dir):
+    model = _head_model(tiny_dir, head_bits=4, head_group_size=32)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 11)
+    with torch.no_grad():
+        a = model(ids[:, :1]).logits
+        with reference_only():
+            b = model(ids[:, :1]).logits
+    assert float((a - b).norm() / b.norm()) < 0.03
+
+
+@pytest.mark.parametrize("kw, match", [(dict(head_bits=5), "head_bits must be 2, 3 or 4"),
+                                       (dict(head_bits=4, head_group_size=24), "multiple of 16")])
+def test_lut_head_bad_settings(tiny_dir, kw, match):
+    model = _load(tiny_dir, quantization_config=LUTConfig(bits=4, group_size=32))
+    with pytest.raises(ValueError, match=match):
+        enable_lut(model, **kw)
+
+
+def test_lut_head_refuses_quantized_head(tiny_dir):
+    model = _load(tiny_dir, quantization_config=LUTConfig(bits=4, group_size=32))
+    model.lm_head = QuantLinear.from_linear(torch.nn.Linear(64, 256), "int4_asym", 32)
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        enable_lut(model, head_bits=4)

@@ -179,7 +179,14 @@ def pack_stream(wbytes: torch.Tensor, steps_per_group: int, coef16: torch.Tensor
     parts = []
     for g in range(ng):
         parts += [wbytes[:, g * steps_per_group:(g + 1) * steps_per_group].reshape(nt, -1), cz[:, g]]
-    return torch.cat(parts, 1).contiguous().view(-1)
+    return stream_copy(torch.cat(parts, 1).view(-1))
+
+
+def stream_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a uint8 weight stream in storage the kernels read fastest: transparent huge pages where the OS
+    allows (``hf_efficient::hugepage_empty``), so a DRAM-bound GEMV is not slowed by a page walk every 4 KiB."""
+    out = ops().hugepage_empty(t.numel()) if available() else torch.empty(t.numel(), dtype=torch.uint8)
+    return out.copy_(t.reshape(-1))
 
 
 def kernel_group_size(group_size: int, in_features: int) -> int | None:
