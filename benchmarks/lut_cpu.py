@@ -98,6 +98,9 @@ def kernel_rows(shapes, threads_list, cases, group, repeats, llama=None, rounds=
             w0 = torch.randn(n, k)
             wfs = [w0] + [w0.clone() for _ in range(copies_for(w0.numel() * 4) - 1)]
             ws = {c: _copies(_weight(c[0], c[1], n, k, group)) for c in cases}
+            # Ablation: the same INT2 weights in ordinary 4 KiB pages (what huge pages buy, same run).
+            small = [dataclasses.replace(w, qweight=w.qweight.clone()) for w in ws[("int", 2)]] \
+                if ("int", 2) in ws else None
             ltypes = sorted({t for kind, bits in cases if kind == "int" for t in LLAMA_TYPES.get(bits, [])})
             best: dict = {}
             for _ in range(rounds):
@@ -106,6 +109,8 @@ def kernel_rows(shapes, threads_list, cases, group, repeats, llama=None, rounds=
                 keep("fp32", _time_rotating(wfs, x, repeats, threads, fn=torch.nn.functional.linear))
                 for c in cases:
                     keep(c, _time_rotating(ws[c], x, repeats, threads))
+                if small:
+                    keep("4k", _time_rotating(small, x, repeats, threads))
                 for t in ltypes if llama else []:
                     us, _ = llama.time_us(k, n, threads, t, nw=None, repeats=repeats)
                     keep(t, us / 1e6)
@@ -117,13 +122,15 @@ def kernel_rows(shapes, threads_list, cases, group, repeats, llama=None, rounds=
                      "fp32_linear_us": base * 1e6, "speedup_vs_fp32": base / ours, "dram_bound_us": bound * 1e6,
                      "ours_over_bound": ours / bound, "bound_2bit_codes_us": n * k / 4 / bw * 1e6,
                      "read_GB_s": bw / 1e9}
+                if (kind, bits) == ("int", 2) and "4k" in best:
+                    r.update(ours_4k_pages_us=best["4k"] * 1e6, huge_page_gain=best["4k"] / ours)
                 refs = [(best[t], t) for t in LLAMA_TYPES.get(bits, []) if kind == "int" and t in best]
                 if refs:
                     t_ref, name = min(refs)
                     r.update(llama_cpp=name, llama_cpp_us=t_ref * 1e6, speedup_vs_llama_cpp=t_ref / ours)
                 rows.append(r)
                 print_rows([r])
-            del w0, wfs, ws
+            del w0, wfs, ws, small
     return rows
 
 
@@ -158,7 +165,7 @@ def main(argv=None):
     write_results("lut_cpu_gemv_quick" if args.quick else "lut_cpu_gemv", rows, settings, args.out,
                   columns=["name", "threads", "ours_us", "fp32_linear_us", "speedup_vs_fp32", "dram_bound_us",
                            "ours_over_bound", "bound_2bit_codes_us", "llama_cpp", "llama_cpp_us",
-                           "speedup_vs_llama_cpp"])
+                           "speedup_vs_llama_cpp", "ours_4k_pages_us", "huge_page_gain"])
 
 
 if __name__ == "__main__":
