@@ -75,11 +75,11 @@ def bench_speed(ctxs, sparsities, threads, repeats, h=32, hkv=8, d=128, blk=64, 
     return rows
 
 
-def bench_recall(ctx, n_pos, sparsities, seed=0):
+def bench_recall(ctx, n_pos, sparsities, seed=0, gates_dir=None):
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from hf_efficient.attention.seer import SeerAttentionConfig, attach_gates, gates_of
+    from hf_efficient.attention.seer import SeerAttentionConfig, attach_gates, gates_of, load_gates
     from hf_efficient.attention.seer import decode as D
     from hf_efficient.data import token_ids
     from hf_efficient.kernels import seer_reference as R
@@ -97,9 +97,14 @@ def bench_recall(ctx, n_pos, sparsities, seed=0):
     model.set_attn_implementation("seer_decode_capture")
     with torch.no_grad():
         model(ids)
-    gates = attach_gates(model, SeerAttentionConfig(decode="sparse"), seed=seed, set_implementation=False)
+    if gates_dir:  # trained gates (e.g. saved by benchmarks/seer_quality.py)
+        load_gates(model, gates_dir, decode="sparse")
+        gates, label = gates_of(model), "gate (trained)"
+    else:
+        gates = attach_gates(model, SeerAttentionConfig(decode="sparse"), seed=seed, set_implementation=False)
+        label = "gate (random)"
     blk = gates[0].config.block_size
-    sums = {(m, sp): [] for sp in sparsities for m in ("gate (random)", "oracle", "sink+recent")}
+    sums = {(m, sp): [] for sp in sparsities for m in (label, "oracle", "sink+recent")}
     dens = {sp: [] for sp in sparsities}
     for li, gate in enumerate(gates_of(model)):
         qs, k = seen[li]
@@ -112,7 +117,7 @@ def bench_recall(ctx, n_pos, sparsities, seed=0):
             for sp in sparsities:
                 gate.config = gate.config.with_selection(sparsity=sp)
                 sel = dict(mode="sparsity", threshold=0.0, top_k=1, sparsity=sp, block=blk, sq=1, sk=p + 1)
-                masks = {"gate (random)": D.decode_block_mask(gate, qp, kp, use_cache=False),
+                masks = {label: D.decode_block_mask(gate, qp, kp, use_cache=False),
                          "oracle": R.select_block_mask(mass, **sel),
                          "sink+recent": R.select_block_mask(torch.arange(nkb, dtype=torch.float32).expand_as(mass),
                                                             **sel)}
@@ -122,7 +127,8 @@ def bench_recall(ctx, n_pos, sparsities, seed=0):
     rows = [{"selection": name, "sparsity": sp, "recall": sum(v) / len(v), "density": sum(dens[sp]) / len(dens[sp])}
             for (name, sp), v in sums.items()]
     settings = {"model": "SmolLM2-135M-Instruct (embedded), fp32", "context": ctx, "query_positions": n_pos,
-                "block": blk, "layers": len(gates), "gate": "random init (seed %d), decode selection" % seed}
+                "block": blk, "layers": len(gates), "gate": (f"trained, from {gates_dir}" if gates_dir else
+                                                             f"random init (seed {seed})") + ", decode selection"}
     return rows, settings
 
 
@@ -136,6 +142,7 @@ def main(argv=None):
     ap.add_argument("--recall", action="store_true", help="also measure selection recall on the embedded model")
     ap.add_argument("--recall-ctx", type=int, default=4096)
     ap.add_argument("--positions", type=int, default=16)
+    ap.add_argument("--gates", default=None, help="trained gates folder for --recall (default: random gates)")
     args = ap.parse_args(argv)
     sps = [float(s) for s in args.sparsities.split(",")]
     if args.ctxs:
@@ -147,9 +154,10 @@ def main(argv=None):
         print_rows(rows)
         write_results("seer_decode_cpu", rows, settings, args.out)
     if args.recall:
-        rows, settings = bench_recall(args.recall_ctx, args.positions, sps)
+        rows, settings = bench_recall(args.recall_ctx, args.positions, sps, gates_dir=args.gates)
         print_rows(rows)
-        write_results("seer_decode_recall_cpu", rows, settings, args.out)
+        write_results("seer_decode_recall_trained_cpu" if args.gates else "seer_decode_recall_cpu", rows, settings,
+                      args.out)
 
 
 if __name__ == "__main__":
