@@ -218,9 +218,11 @@ def rope_tables(n: int, dim: int, theta: float, device) -> tuple[torch.Tensor, t
     return tab[0][:n], tab[1][:n]
 
 
-def block_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE over the last dim of (..., n, d) with position = index along ``n``."""
-    cos, sin = rope_tables(x.shape[-2], x.shape[-1], theta, x.device)
+def block_rope(x: torch.Tensor, theta: float, first: int = 0) -> torch.Tensor:
+    """Rotate-half RoPE over the last dim of (..., n, d) with position = ``first`` + index along ``n`` (decode
+    rotates blocks at their absolute positions)."""
+    cos, sin = rope_tables(first + x.shape[-2], x.shape[-1], theta, x.device)
+    cos, sin = cos[first:], sin[first:]
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)

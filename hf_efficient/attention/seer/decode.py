@@ -44,24 +44,13 @@ from ...kernels import seer_reference as ref
 _MARK_DIMS = 16  # channels of each block's last key kept as its fingerprint
 
 
-def _rope_at(x: torch.Tensor, first: int, theta: float) -> torch.Tensor:
-    """Block RoPE on (..., n, g) with positions ``first .. first+n-1``; the tables and rotate-half rule of
-    :func:`ref.block_rope` (which always starts at 0), so features match the prefill gate's exactly."""
-    n, g = x.shape[-2:]
-    cos, sin = ref.rope_tables(first + n, g, theta, x.device)
-    cos, sin = cos[first:], sin[first:]
-    half = g // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
-
-
 def key_block_features(gate, key: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Gate K features (B, Hkv, stop-start, g) fp32 of key blocks ``start .. stop-1`` of ``key`` (B, Hkv, Sk, D),
     at their absolute block positions (the last block may be partial)."""
     blk, theta = gate.config.block_size, gate.config.rope_theta
     x = key[:, :, start * blk: min(stop * blk, key.shape[2])]
     pooled = ref.pool_blocks(x, blk, kinds=ref.GATE_KINDS["k"])
-    return _rope_at(torch.einsum("bhnd,hdg->bhng", pooled, gate.k_weight.float()), start, theta)
+    return ref.block_rope(torch.einsum("bhnd,hdg->bhng", pooled, gate.k_weight.float()), theta, start)
 
 
 def query_feature(gate, query: torch.Tensor, sk: int) -> torch.Tensor:
@@ -69,7 +58,7 @@ def query_feature(gate, query: torch.Tensor, sk: int) -> torch.Tensor:
     c = gate.config
     pooled = ref.pool_blocks(query, query.shape[2], kinds=ref.GATE_KINDS["q"])  # one "block": all Sq tokens
     proj = torch.einsum("bhnd,hdg->bhng", pooled, gate.q_weight.float())
-    return _rope_at(proj, (sk - 1) // c.block_size, c.rope_theta) * gate.q_weight.shape[-1] ** -0.5
+    return ref.block_rope(proj, c.rope_theta, (sk - 1) // c.block_size) * gate.q_weight.shape[-1] ** -0.5
 
 
 class DecodeGateCache:
