@@ -49,6 +49,8 @@ def main(argv=None):
     ap.add_argument("--sparsities", default="0.5,0.7,0.9")
     ap.add_argument("--recall-windows", type=int, default=4, help="held-out windows for attention-mass recall")
     ap.add_argument("--gates", default=None, help="where trained gates are saved (default OUT/seer_gates_smollm2)")
+    ap.add_argument("--init-gates", default=None,
+                    help="continue training gates saved by an earlier run (its --steps more steps, fresh optimizer)")
     ap.add_argument("--threads", type=int, default=None, help="CPU torch threads")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -59,7 +61,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     import hf_efficient  # noqa: F401  (registers seer_attention)
-    from hf_efficient.attention.seer import SeerAttentionConfig, configure, save_gates, train_gates
+    from hf_efficient.attention.seer import SeerAttentionConfig, configure, load_gates, save_gates, train_gates
     from hf_efficient.attention.seer.training import attention_recall
     from hf_efficient.data import sample_windows, token_ids
     from hf_efficient.evaluation import perplexity
@@ -80,6 +82,9 @@ def main(argv=None):
              "density": 1.0, "eval_s": time.perf_counter() - t0}]
     print(rows[-1], flush=True)
     cfg = SeerAttentionConfig(block_size=args.block_size, gate_dim=args.gate_dim)
+    if args.init_gates:
+        load_gates(model, args.init_gates)
+        cfg = None  # train_gates continues the loaded gates
     t0 = time.perf_counter()
     hist = train_gates(model, train_ids, config=cfg, seq_len=args.seq_len, steps=args.steps,
                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=True)
@@ -102,6 +107,7 @@ def main(argv=None):
     settings = {"model": f"embedded SmolLM2-135M-Instruct ({str(dtype)[6:]}, {dev.type})",
                 "block_size": args.block_size, "gate_dim": args.gate_dim, "train_steps": args.steps,
                 "batch_size": args.batch_size, "train_seq_len": args.seq_len, "lr": args.lr,
+                "init_gates": args.init_gates,
                 "train_s": t_train, "kl_first5": sum(hist[:n5]) / n5, "kl_last5": sum(hist[-n5:]) / n5,
                 "context": args.context, "eval_tokens": eval_ids.numel(), "recall_windows": args.recall_windows,
                 "gates": str(gates_dir), "note": "dense = SDPA; seer = gates trained here (base frozen), "
