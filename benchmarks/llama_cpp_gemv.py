@@ -4,7 +4,7 @@ Optional: ``llama-cpp-python`` lives in another interpreter (``benchmarks.lut_e2
 child process loads ``libggml-base``/``libggml-cpu`` with ctypes, quantizes random N x K weights with
 ``ggml_quantize_chunk`` and times ``ggml_mul_mat`` against one float32 activation row, the path llama.cpp's
 CPU backend runs for decode (activations quantized to Q8 inside the op). Each graph holds ``nw`` distinct weight
-copies of one quantized matrix (``nw``: by default enough to fill twice the last-level cache) so that every GEMV
+copies of one quantized matrix (at least ``nw``, and enough to fill ``fill_bytes``, e.g. twice the last-level cache) so that every GEMV
 streams its weights from DRAM, as in a decode step; the time is per GEMV, and includes ggml's per-graph thread
 start (amortized over the ``nw`` GEMVs).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-# Child: reads "K N threads nw repeats TYPE" lines, answers one JSON line per request.
+# Child: reads "K N threads nw fill_bytes repeats TYPE" lines, answers one JSON line per request.
 _SERVER = r"""
 import ctypes, glob, json, os, sys, time, statistics
 import numpy as np
@@ -57,16 +57,12 @@ def quantized(K, N, t):
             base.ggml_quantize_chunk(ty, w.ctypes.data, q.ctypes.data, 0, N, K, None)
         qweights[key] = (ty, wbytes, q)
     return qweights[key]
-def cache_bytes(text):  # sysfs cache size such as "480M"
-    return int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-llc = max([cache_bytes(open(f).read().strip()) for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size")]
-          or [32 << 20])
 print(json.dumps({"version": version}), flush=True)
 for line in sys.stdin:
-    K, N, threads, nw, repeats, t = line.split()
-    K, N, threads, nw, repeats = map(int, (K, N, threads, nw, repeats))
+    K, N, threads, nw, fill, repeats, t = line.split()
+    K, N, threads, nw, fill, repeats = map(int, (K, N, threads, nw, fill, repeats))
     ty, wbytes, q = quantized(K, N, t)
-    nw = nw if nw > 0 else max(4, -(-2 * llc // wbytes))
+    nw = max(nw, -(-fill // wbytes))
     ctx = base.ggml_init(InitParams(nw * (wbytes + 4096) + (256 << 20), None, False))
     xs = base.ggml_new_tensor_2d(ctx, 0, K, 1)
     x = np.random.default_rng(1).standard_normal(K, dtype=np.float32)
@@ -97,11 +93,11 @@ class LlamaGemv:
                                      stdout=subprocess.PIPE, text=True)
         self.version = json.loads(self.proc.stdout.readline())["version"]
 
-    def time_us(self, k: int, n: int, threads: int, qtype: str, nw: int | None = None,
+    def time_us(self, k: int, n: int, threads: int, qtype: str, nw: int = 4, fill_bytes: int = 0,
                 repeats: int = 10) -> tuple[float, int]:
-        """Median microseconds per GEMV of an n x k ``qtype`` matrix, and the matrix's bytes. ``nw``: weight copies
-        rotated over (None: enough to fill twice the last-level cache)."""
-        self.proc.stdin.write(f"{k} {n} {threads} {nw or 0} {repeats} {qtype}\n")
+        """Median microseconds per GEMV of an n x k ``qtype`` matrix, and the matrix's bytes. The timing rotates
+        over at least ``nw`` weight copies, and over enough of them to span ``fill_bytes``."""
+        self.proc.stdin.write(f"{k} {n} {threads} {nw} {fill_bytes} {repeats} {qtype}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:

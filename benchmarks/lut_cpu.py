@@ -6,10 +6,10 @@ point; 1-bit through the code-indexed engine with grid {0, 1}) plus NF4/FP4 two-
 measured in the same run by ``hf_efficient::read_probe`` (32-byte loads OR-ed together, at the same thread count)
 over a buffer of twice the last-level cache, so it is DRAM's rate; the buffer sits in transparent huge pages like
 our weight streams (``hugepage_empty``), which raises the measured rate (16 vs 10 GB/s on one core of the machine
-measured) and so makes the bound stricter. Every timed GEMV (ours, fp32, ggml) rotates
-over enough distinct copies of its weights to fill twice the last-level cache, so each one streams its weights
-from DRAM as in a decode step (a single 4096x4096 matrix would stay cache-resident on a large-L3 server). ``bound_2bit_codes_us`` is the
-bound for the 2-bit codes alone (the figure quoted in the issue). llama.cpp columns (optional, when
+measured) and so makes the bound stricter. Every timed GEMV (ours, fp32, ggml) rotates over enough distinct
+copies of its weights to fill twice the last-level cache, so each one streams its weights from DRAM as in a
+decode step (a single 4096x4096 matrix would stay cache-resident on a large-L3 server). ``bound_2bit_codes_us``
+is the bound for the 2-bit codes alone (the figure quoted in the issue). llama.cpp columns (optional, when
 ``llama-cpp-python`` is found): ggml's GEMV for TQ1_0 / TQ2_0 / Q2_K / Q4_0, timed interleaved with ours in the
 same run (``benchmarks/llama_cpp_gemv.py``); 2-bit rows compare with the faster of TQ2_0 and Q2_K.
 End-to-end decode (ours vs fp32 vs llama.cpp) is ``benchmarks/lut_e2e.py``.
@@ -112,7 +112,7 @@ def kernel_rows(shapes, threads_list, cases, group, repeats, llama=None, rounds=
                 if small:
                     keep("4k", _time_rotating(small, x, repeats, threads))
                 for t in ltypes if llama else []:
-                    us, _ = llama.time_us(k, n, threads, t, nw=None, repeats=repeats)
+                    us, _ = llama.time_us(k, n, threads, t, nw=MIN_NW, fill_bytes=2 * llc_bytes(), repeats=repeats)
                     keep(t, us / 1e6)
             base = best["fp32"]
             for kind, bits in cases:
@@ -159,7 +159,8 @@ def main(argv=None):
             llama.close()
     settings = {"group_size": 128, "repeats": args.repeats, "rounds": args.rounds, "isa": K.isa(),
                 "weight_copies_per_timing": f"enough to fill 2 x LLC ({llc_bytes() >> 20} MiB)",
-                "bandwidth_probe": "hf_efficient::read_probe over max(1 GiB, 2 x LLC)", "llama_cpp_python": llama.version if llama else "not found",
+                "bandwidth_probe": "hf_efficient::read_probe over max(1 GiB, 2 x LLC)",
+                "llama_cpp_python": llama.version if llama else "not found",
                 "note": "each figure: min over rounds of the median over repeats; ours and llama.cpp interleaved "
                         "in the same run, each rotating over distinct weight matrices"}
     write_results("lut_cpu_gemv_quick" if args.quick else "lut_cpu_gemv", rows, settings, args.out,

@@ -4,7 +4,8 @@
 // decode step, placed in transparent huge pages where the OS allows it (Linux madvise; elsewhere a plain
 // allocation). With 4 KiB pages a DRAM-bound stream pays a page walk every 64 lines and the hardware
 // prefetcher stops at each page boundary. On the machine measured, 2 MiB pages made a DRAM-resident
-// 4096x4096 INT2 GEMV 1.10-1.13x faster in a same-run ablation (docs/lut.md). The tensor is a view into a slightly larger buffer aligned to 2 MiB.
+// 4096x4096 INT2 GEMV 1.10-1.13x faster in a same-run ablation (docs/lut.md). The tensor is a view into a
+// slightly larger buffer, aligned to 2 MiB.
 //
 // read_probe(buf) -> int64: a memory-read bandwidth probe for the LUT benchmarks' bound.
 // It streams every byte of a buffer through 32-byte loads into four independent OR accumulators

@@ -7,8 +7,7 @@ is honoured exactly: the gate ignores padded keys and attention runs through the
 Decode and chunked prefill after a cache (query length != key length) run dense attention (SDPA, exact)
 unless ``config.decode`` is ``"sparse"`` / ``"sparse_kv"``: then up to ``block_size`` queries on an
 unpadded cache run the gate-selected sparse decode of :mod:`.decode` (longer chunks and padded batches stay
-dense). A layer without a
-gate raises instead of silently running dense.
+dense). A layer without a gate raises instead of silently running dense.
 """
 from __future__ import annotations
 

@@ -179,14 +179,20 @@ def pack_stream(wbytes: torch.Tensor, steps_per_group: int, coef16: torch.Tensor
     parts = []
     for g in range(ng):
         parts += [wbytes[:, g * steps_per_group:(g + 1) * steps_per_group].reshape(nt, -1), cz[:, g]]
-    return stream_copy(torch.cat(parts, 1).view(-1))
+    out = _stream_buffer(sum(p.shape[1] for p in parts) * nt)
+    torch.cat(parts, 1, out=out.view(nt, -1))
+    return out
+
+
+def _stream_buffer(nbytes: int) -> torch.Tensor:
+    """Uninitialised uint8 storage the kernels read fastest: transparent huge pages where the OS allows
+    (``hf_efficient::hugepage_empty``), so a DRAM-bound GEMV is not slowed by a page walk every 4 KiB."""
+    return ops().hugepage_empty(nbytes) if available() else torch.empty(nbytes, dtype=torch.uint8)
 
 
 def stream_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of a uint8 weight stream in storage the kernels read fastest: transparent huge pages where the OS
-    allows (``hf_efficient::hugepage_empty``), so a DRAM-bound GEMV is not slowed by a page walk every 4 KiB."""
-    out = ops().hugepage_empty(t.numel()) if available() else torch.empty(t.numel(), dtype=torch.uint8)
-    return out.copy_(t.reshape(-1))
+    """A copy of a uint8 weight stream in the kernels' storage (see :func:`_stream_buffer`)."""
+    return _stream_buffer(t.numel()).copy_(t.reshape(-1))
 
 
 def kernel_group_size(group_size: int, in_features: int) -> int | None:

@@ -38,8 +38,12 @@ def prepare_layer(layer: QuantLinear) -> kernel.LUTWeight | None:
     """Build (or reuse) the layer's kernel-layout weights; None if the kernels cannot run this layer."""
     if not supported(layer) or layer.qweight.device.type != "cpu":
         return None
-    key = _key(layer)
     cached = getattr(layer, "_lut", None)
+    if torch.compiler.is_compiling():
+        # The staleness key (ids and tensor versions) cannot be traced; weights do not change inside a compiled
+        # inference graph, so the copy enable_lut built is used as is (none built: decline).
+        return cached[1] if cached is not None else None
+    key = _key(layer)
     if cached is not None and cached[0] == key:
         return cached[1]
     w = kernel.prepare(layer.codes(), layer.fmt, layer.params(), layer.group_size)
@@ -135,13 +139,7 @@ def lut_fast_path(x: torch.Tensor, layer: QuantLinear):
         return None
     if x.numel() // max(x.shape[-1], 1) > MAX_LUT_ROWS:
         return None
-    if torch.compiler.is_compiling():
-        # Under torch.compile the staleness key (ids and tensor versions) cannot be traced; weights do not
-        # change inside a compiled inference graph, so the copy enable_lut built is used as is.
-        cached = getattr(layer, "_lut", None)
-        w = cached[1] if cached is not None else None
-    else:
-        w = prepare_layer(layer)
+    w = prepare_layer(layer)
     if w is None:
         return None
     y = w.matmul(x)
