@@ -29,6 +29,7 @@ SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672
 BATCHES = [1, 4, 16, 64]
 OURS = ["int4_asym", "fp4_asym", "nf4_asym", "int3_asym"]  # each format compiles its own kernels: few, to fit
 LUT_FORMATS = ["int3_asym"]
+GEMM_AT_SMALL_M = ["int4_asym"]
 LUT_SHAPES = [(4096, 4096)]  # the LUT kernel is 10-100x slower: timed on the smallest shape only
 GROUP = 128
 L2_BYTES = 50 * 2 ** 20
@@ -111,6 +112,18 @@ def gemlite_make(n, k, group):
     return (lambda i: lin if i == 0 else copy.deepcopy(lin)), nbytes
 
 
+def chosen_config(impl: str, m: int) -> str:
+    """The autotuner's pick for our kernel's latest call (``-`` for baselines)."""
+    if not impl.startswith("ours"):
+        return "-"
+    from hf_efficient.kernels import quant_gemm, quant_lut
+
+    kernel = (quant_lut._lut_kernel if impl.startswith("ours-lut") else quant_gemm._gemm_kernel
+              if impl.startswith("ours-gemm") or m > quant_gemm.GEMV_MAX_M else quant_gemm._gemv_kernel)
+    best = getattr(kernel, "best_config", None)
+    return " ".join(f"{k}={v}" for k, v in best.all_kwargs().items() if v is not None) if best else "?"
+
+
 def _ratios(rows, copy_bw):
     by = {}
     for r in rows:
@@ -123,19 +136,29 @@ def _ratios(rows, copy_bw):
                 r[name] = base[key] / r["us"]
 
 
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return f"{pkg} {version(pkg)}"
+
+
 def _write(rows, args, copy_bw, gl_reason):
     _ratios(rows, copy_bw)
-    settings = {"group_size": GROUP, "dtype": "bfloat16", "copy_bw_TB_s": copy_bw / 1e12, "gemlite": gl_reason or "ok",
+    settings = {"group_size": GROUP, "dtype": "bfloat16", "copy_bw_TB_s": copy_bw / 1e12,
+                "gemlite": gl_reason or _version("gemlite"),
                 "timing": "CUDA graph over n weight copies (together > 3x L2), median of 15 replays / n"}
     cols = ["N", "K", "M", "impl", "us", "weight_GB_s", "pct_copy_bw", "x_vs_bf16", "x_vs_tinygemm", "x_vs_gemlite",
-            "timing"]
-    write_results("quant_gemv_quick" if args.quick else "quant_gemv", rows, settings, args.out, columns=cols)
+            "timing", "config"]
+    write_results(args.name or ("quant_gemv_quick" if args.quick else "quant_gemv"), rows, settings, args.out,
+                  columns=cols)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16}, three formats")
+    ap.add_argument("--shapes", default=None, help="NxK list, e.g. 8192x28672,28672x8192 (default: all six)")
+    ap.add_argument("--name", default=None, help="results file stem (default quant_gemv[_quick])")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("quant_gemv needs CUDA")
@@ -145,6 +168,8 @@ def main(argv=None):
     shapes, batches, ours = SHAPES, BATCHES, OURS
     if args.quick:
         shapes, batches, ours = [(4096, 4096), (8192, 28672)], [1, 16], ["int4_asym", "nf4_asym", "int3_asym"]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
     print(f"device copy bandwidth (read+write): {copy_bw / 1e12:.3f} TB/s", flush=True)
@@ -167,11 +192,14 @@ def main(argv=None):
         for f in ours:
             kw = kernel_weight(f, n, k, GROUP, "cuda")
 
-            def make(i, kw=kw):
+            def make(i, kw=kw, which="auto"):
                 ki = kw if i == 0 else dataclasses.replace(kw, qweight=kw.qweight.clone(), params=kw.params.clone())
                 return lambda x: quant_matmul(x, ki.qweight, ki.params, ki.table, ki.table[:0], ki.table[:0], ki.N,
-                                              ki.K, ki.bits, ki.group_size, ki.mode, ki.decode, ki.v_off, "auto")
+                                              ki.K, ki.bits, ki.group_size, ki.mode, ki.decode, ki.v_off, which)
             impls[f"ours_{f}_g{GROUP}"] = (make, kw.nbytes())
+            if f in GEMM_AT_SMALL_M:
+                # is the tensor-core GEMM faster than the GEMV at M <= 8? (decides GEMV_MAX_M)
+                impls[f"ours-gemm_{f}_g{GROUP}"] = (lambda i, make=make: make(i, which="gemm"), kw.nbytes())
             if f in LUT_FORMATS and (n, k) in LUT_SHAPES:
                 impls[f"ours-lut_{f}_g{GROUP}"] = (
                     lambda i, kw=kw: (lambda x: quant_lut_gemm(x, kw)), kw.nbytes())
@@ -180,7 +208,7 @@ def main(argv=None):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             start = len(rows)
             for name, fns in built.items():
-                if name.startswith("ours-lut") and m not in (1, 16):
+                if (name.startswith("ours-lut") and m not in (1, 16)) or (name.startswith("ours-gemm") and m > 8):
                     continue
                 try:
                     t, how = time_rotating([(lambda f=f: f(x)) for f in fns])
@@ -190,7 +218,7 @@ def main(argv=None):
                         gl_reason = f"gemlite failed at M={m}: {e!r}"[:300]
                     continue
                 rows.append(dict(N=n, K=k, M=m, impl=name, us=t * 1e6, weight_GB_s=impls[name][1] / t / 1e9,
-                                 timing=how))
+                                 timing=how, config=chosen_config(name, m)))
             _ratios(rows[start:], copy_bw)
             print_rows(rows[start:])
         del w, impls, built

@@ -24,6 +24,61 @@ from benchmarks.common import write_results
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# Sink + local baseline: the same per-row block budget as SeerAttention's 'sparsity' mode, but the kept blocks
+# are the first one and the most recent ones (StreamingLLM-style), no gate. If the learned gate cannot beat
+# this trivial rule, it has learned nothing useful.
+_BASELINE = {"sparsity": 0.0, "block": 64, "records": None}
+
+
+def sink_local_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from hf_efficient.kernels import seer_reference as ref
+
+    sq, sk, blk = query.shape[2], key.shape[2], _BASELINE["block"]
+    if sq != sk or attention_mask is not None:
+        raise ValueError("the sink+local baseline is for unpadded prefill windows (perplexity) only")
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    nqb, nkb = -(-sq // blk), -(-sk // blk)
+    recency = torch.arange(nkb, device=query.device, dtype=torch.float32).expand(*query.shape[:2], nqb, nkb)
+    mask = ref.select_block_mask(recency, mode="sparsity", threshold=0.0, top_k=1, sparsity=_BASELINE["sparsity"],
+                                 block=blk, sq=sq, sk=sk)
+    if _BASELINE["records"] is not None:
+        p = ref.attention_probs(query, key, causal=True, scale=scale)
+        _BASELINE["records"].append({
+            "recall": (p * ref.expand_block_mask(mask, sq, sk, blk)).sum(-1).mean().item(),
+            "density": (mask.sum() / (ref.causal_block_mask(sq, sk, blk, query.device).sum() * mask.shape[0]
+                                      * mask.shape[1])).item()})
+    kv_idx, kv_cnt = ref.block_mask_to_indices(mask)
+    out = torch.ops.hf_efficient.seer_sparse_attention(query, key, value, kv_idx, kv_cnt, True, scale, blk)
+    return out.transpose(1, 2), None
+
+
+def _baseline_row(model, eval_ids, windows, sparsity, dense_ppl, context, block):
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    from hf_efficient.evaluation import perplexity
+
+    AttentionInterface.register("sink_local_baseline", sink_local_attention)
+    AttentionMaskInterface.register("sink_local_baseline", sdpa_mask)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("sink_local_baseline")
+    _BASELINE.update(sparsity=sparsity, block=block)
+    try:
+        t0 = time.perf_counter()
+        ppl = perplexity(model, eval_ids, context=context, progress=False)
+        t_eval = time.perf_counter() - t0
+        _BASELINE["records"] = recs = []
+        with torch.no_grad():
+            for w in windows:
+                model.get_decoder()(input_ids=w[None].to(model.device), use_cache=False)
+    finally:
+        _BASELINE["records"] = None
+        model.set_attn_implementation(before)
+    return {"name": f"sink+local sparsity {sparsity:.0%}", "sparsity": sparsity, "ppl": ppl,
+            "ppl_delta_pct": 100 * (ppl / dense_ppl - 1), "recall": sum(r["recall"] for r in recs) / len(recs),
+            "density": sum(r["density"] for r in recs) / len(recs), "eval_s": t_eval}
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -53,6 +108,9 @@ def main(argv=None):
                     help="continue training gates saved by an earlier run (its --steps more steps, fresh optimizer)")
     ap.add_argument("--threads", type=int, default=None, help="CPU torch threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="skip the sink+local rows (first block + most recent blocks, same budget, no gate)")
+    ap.add_argument("--name", default=None, help="results file stem (default seer_quality_<device>)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -103,6 +161,9 @@ def main(argv=None):
                      "ppl_delta_pct": 100 * (ppl / dense_ppl - 1), "recall": rec["recall"],
                      "density": rec["density"], "eval_s": t_eval})
         print(rows[-1], flush=True)
+        if args.baseline:
+            rows.append(_baseline_row(model, eval_ids, windows, sp, dense_ppl, args.context, args.block_size))
+            print(rows[-1], flush=True)
     n5 = min(5, len(hist))
     settings = {"model": f"embedded SmolLM2-135M-Instruct ({str(dtype)[6:]}, {dev.type})",
                 "block_size": args.block_size, "gate_dim": args.gate_dim, "train_steps": args.steps,
@@ -114,7 +175,7 @@ def main(argv=None):
                 "sparsity = share of each query block's causal key blocks skipped before the forced first + "
                 "diagonal blocks (density = kept / causal blocks, measured)"}
     print(settings, flush=True)
-    write_results(f"seer_quality_{dev.type}", rows, settings, out_dir)
+    write_results(args.name or f"seer_quality_{dev.type}", rows, settings, out_dir)
 
 
 if __name__ == "__main__":

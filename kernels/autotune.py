@@ -25,6 +25,12 @@ SPACES: dict[str, list[dict]] = {
         dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=8, **{_W: 4, _S: 3}),
         dict(BLOCK_N=128, BLOCK_C=4, SPLIT_K=2, **{_W: 4, _S: 3}),
         dict(BLOCK_N=16, BLOCK_C=4, SPLIT_K=8, **{_W: 4, _S: 1}),  # fits M = 8 at 8 bits
+        # Many small programs: at M = 1 the four above launch 256-512 programs on 4096 rows, 2-4 per SM,
+        # too few loads in flight to approach DRAM bandwidth (the H100 run reached 22-32 % of copy BW).
+        dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=16, **{_W: 4, _S: 2}),
+        dict(BLOCK_N=64, BLOCK_C=8, SPLIT_K=16, **{_W: 4, _S: 2}),
+        dict(BLOCK_N=16, BLOCK_C=16, SPLIT_K=32, **{_W: 4, _S: 2}),
+        dict(BLOCK_N=64, BLOCK_C=16, SPLIT_K=8, **{_W: 8, _S: 2}),
     ],
     # M > 8: decode a [BLOCK_N, BLOCK_C * 32] tile to the activation dtype and tl.dot it; SPLIT_K > 1 for
     # small M, where the M x N tile grid alone cannot fill the GPU.
@@ -32,6 +38,8 @@ SPACES: dict[str, list[dict]] = {
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_C=4, SPLIT_K=4, **{_W: 4, _S: 3}),
         dict(BLOCK_M=32, BLOCK_N=64, BLOCK_C=4, SPLIT_K=2, **{_W: 4, _S: 3}),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_C=2, SPLIT_K=1, **{_W: 8, _S: 3}),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_C=4, SPLIT_K=8, **{_W: 4, _S: 3}),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_C=2, SPLIT_K=16, **{_W: 4, _S: 4}),
     ],
     # LUT mpGEMM: one quantization group per K step; BLOCK_M rows share each decoded parity pattern.
     "lut": [
@@ -66,14 +74,21 @@ def valid(name: str, cfg: dict, args: dict) -> bool:
         return args.get("BLOCK_M", 1) * cfg["BLOCK_N"] * cfg["BLOCK_C"] * w <= 32 * threads
     m = args["M"]
     if name == "gemm":
-        # No M tile more than twice the batch: the extra rows are pure waste.
-        return cfg["BLOCK_M"] <= max(16, 2 * triton.next_power_of_2(m))
+        # No M tile more than twice the batch: the extra rows are pure waste. Split-K only for small M: a
+        # prefill-sized M fills the GPU with tiles alone, and its split workspace (SPLIT_K x M x N fp32) would
+        # be hundreds of MB.
+        return (cfg["BLOCK_M"] <= max(16, 2 * triton.next_power_of_2(m))
+                and (cfg.get("SPLIT_K", 1) == 1 or m <= GEMM_SPLIT_MAX_M))
     return cfg["BLOCK_M"] <= triton.next_power_of_2(m)
 
 
-def max_split(name: str) -> int:
-    """Largest SPLIT_K of a space (sizes the split-K workspace before the config is chosen)."""
-    return max(c.get("SPLIT_K", 1) for c in SPACES[name])
+GEMM_SPLIT_MAX_M = 64
+
+
+def max_split(name: str, args: dict) -> int:
+    """Largest SPLIT_K among the configs valid for the call ``args`` (sizes the split-K workspace before the
+    autotuner picks one)."""
+    return max((c.get("SPLIT_K", 1) for c in SPACES[name] if valid(name, c, args)), default=1)
 
 
 def space(name: str) -> list[dict]:

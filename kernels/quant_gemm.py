@@ -297,7 +297,9 @@ def _launch(kernel, name: str, x: torch.Tensor, kw: KernelWeight, block_m: int |
         return out
     if kw.K == 0:
         return out.zero_()
-    ws = torch.empty(max_split(name) * m * kw.N, device=x.device, dtype=torch.float32)
+    split = config.get("SPLIT_K", 1) if config else max_split(
+        name, {"M": m, "BITS": kw.bits, "BLOCK_M": block_m or 1, "GROUP": kw.group_size})
+    ws = torch.empty(split * m * kw.N if split > 1 else 1, device=x.device, dtype=torch.float32)
     tiles_m = lambda meta: triton.cdiv(m, meta["BLOCK_M"]) if block_m is None else 1  # noqa: E731
     if name == "gemv":
         grid = lambda meta: (triton.cdiv(kw.N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731

