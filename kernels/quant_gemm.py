@@ -32,6 +32,10 @@ from .quant_layout import KernelWeight
 
 GEMV_MAX_M = 8
 _ONE = 0x3F800000  # float32 1.0
+# Triton compiles one variant per divisibility-by-16 / ==1 pattern of the integer arguments: with all of them
+# specialized, every new (M, N, K) meant a fresh ~2 s compile (a 1,000-case fuzz did not finish in 200 s).
+# Only the row stride KW stays specialized: it is what lets a 32-code chunk load as one 128-bit access.
+SHAPE_ARGS = ["M", "N", "K", "P0W", "NG", "NC", "CPG", "GROUP", "M_BUCKET"]
 
 
 @triton.jit
@@ -185,7 +189,7 @@ def combine_chunks(c1, c2, cx, a, b, v_off, BITS: tl.constexpr, MODE: tl.constex
 
 
 @autotune("gemv")
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS)
 def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, P0W, NG, NC, CPG, GROUP, v_off,
                  M_BUCKET, BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -225,7 +229,7 @@ def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
 
 
 @autotune("gemm")
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS)
 def _gemm_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, P0W, NG, NC, CPG, GROUP, v_off,
                  M_BUCKET, BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr):
