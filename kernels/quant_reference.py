@@ -112,6 +112,8 @@ def lut_matmul_reference(x: torch.Tensor, kw: KernelWeight) -> torch.Tensor:
 # store rounds to nearest; the Triton interpreter truncates fp32 -> bf16 (< one ulp = 2**-7 relative).
 U = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -8}
 INTERP_BF16_OUT = 2.0 ** -7
+# Absolute output rounding in the subnormal range, twice the worst (half a subnormal step), like U.
+ETA = {torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -133}
 
 
 def random_kernel_weight(fmt_name: str, n: int, k: int, group: int, scale_dtype=torch.float16, special=None,
@@ -150,8 +152,9 @@ def random_kernel_weight(fmt_name: str, n: int, k: int, group: int, scale_dtype=
 def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0) -> dict:
     """Kernel output ``y`` vs the float32 reference, against the bound (per output element)
 
-    ``|y - ref| <= u_out |ref| + (u_w + 1e-5) sum_k |x_k w_k| + [INT fast path] 2**(bits-18) sum_k |x_k| a_k``:
-    ``u_out`` the output rounding (:data:`U`), ``u_w`` the rounding of the dequantized weight to the
+    ``|y - ref| <= u_out |ref| + eta_out + (u_w + 1e-5) sum_k |x_k w_k| + [INT fast path] 2**(bits-18) sum_k |x_k| a_k``:
+    ``u_out`` the output rounding (:data:`U`), ``eta_out`` its absolute floor where the output is subnormal
+    (:data:`ETA`: fp16 rounds results under 6.1e-5 to multiples of 2**-24), ``u_w`` the rounding of the dequantized weight to the
     activation dtype (GEMM), ``1e-5`` float32 summation order over K <= ~4096 (worst case K * 2**-24), and the
     last term the uniform-INT GEMV decode ``sum_x c = 2**bits (sum_x (1 + c/2**bits) - sum_x)``: both chunk
     sums carry at most 32 * 2**-24 of ``2 sum |x|``, multiplied by ``2**bits`` and the scale ``a``.
@@ -163,7 +166,7 @@ def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0
     ref = x.float() @ w.t()
     mag = x.float().abs() @ w.abs().t()
     u = INTERP_BF16_OUT if x.dtype == torch.bfloat16 and not y.is_cuda else U[x.dtype]
-    tol = u * ref.abs() + (u_w + 1e-5) * mag + 1e-30
+    tol = u * ref.abs() + ETA[x.dtype] + (u_w + 1e-5) * mag
     if kw.decode == DECODE_INT and kw.mode != MODE_TWO:
         gi = torch.arange(kw.K, device=w.device) // kw.group_size
         tol = tol + 2.0 ** (kw.bits - 18) * (x.float().abs() @ kw.params[0].float().abs()[:, gi].t())
