@@ -34,8 +34,10 @@ GEMV_MAX_M = 8
 _ONE = 0x3F800000  # float32 1.0
 # Triton compiles one variant per divisibility-by-16 / ==1 pattern of the integer arguments: with all of them
 # specialized, every new (M, N, K) meant a fresh ~2 s compile (a 1,000-case fuzz did not finish in 200 s).
-# Only the row stride KW stays specialized: it is what lets a 32-code chunk load as one 128-bit access.
-SHAPE_ARGS = ["M", "N", "K", "P0W", "NG", "NC", "CPG", "GROUP", "M_BUCKET"]
+# Two stay specialized: the row stride KW (a 32-code chunk loads as one 128-bit access) and K (with K % 16
+# known, the activation masks are uniform over each slot's W codes, so activations load as vectors: the
+# sm_90 GEMV loop is 732 instructions with K specialized, 875 without).
+SHAPE_ARGS = ["M", "N", "P0W", "NG", "NC", "CPG", "GROUP", "M_BUCKET"]
 
 
 @triton.jit

@@ -49,7 +49,7 @@ def codes_at(q_ptr, offs_k, offs_n, mask_n, KW, P0W, BITS: tl.constexpr):
 
 
 @autotune("lut")
-@triton.jit(do_not_specialize=["M", "N", "K", "KP", "P0W", "NG", "GROUP", "M_BUCKET"])  # see quant_gemm.SHAPE_ARGS
+@triton.jit(do_not_specialize=["M", "N", "P0W", "NG", "GROUP", "M_BUCKET"])  # see quant_gemm.SHAPE_ARGS
 def _lut_kernel(tab_ptr, q_ptr, p_ptr, masks_ptr, betas_ptr, out_ptr, M, N, K, KP, KW, P0W, NG, GROUP, M_BUCKET,
                 N_TERMS: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, JG: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
