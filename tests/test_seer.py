@@ -276,3 +276,28 @@ def test_gpu_model_uses_fused_gate(model, monkeypatch):
     out = gpu(ids.cuda()).logits.cpu()
     assert len(calls) == len(attention_modules(gpu))
     torch.testing.assert_close(out, cpu_logits, atol=2e-3, rtol=2e-3)
+
+
+def test_sink_local_baseline_of_the_quality_benchmark():
+    """The benchmark's trivial rule: each query block keeps the first key block and its most recent ones, with the
+    same budget as SeerAttention's 'sparsity' mode (keep_counts), and attends exactly over them."""
+    import math
+
+    from benchmarks.seer_quality import _BASELINE, sink_local_attention
+    from hf_efficient.kernels import seer_reference as ref
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 300, 32), torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 32)
+    _BASELINE.update(sparsity=0.6, block=64)
+    out, _ = sink_local_attention(None, q, k, v, None)
+    nb = math.ceil(300 / 64)
+    mask = torch.zeros(1, 4, nb, nb, dtype=torch.bool)
+    for i in range(nb):
+        n = ref.keep_counts(i + 1, "sparsity", 1, 0.6, nb)
+        assert n < i + 1 or i < 2  # the rule really skips blocks in the later rows
+        mask[..., i, max(0, i - n + 1):i + 1] = True
+        mask[..., i, 0] = True
+    want = ref.attention_reference(q, k, v, block_mask=mask, block=64).transpose(1, 2)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unpadded prefill"):
+        sink_local_attention(None, q[:, :, :1], k, v, None)
