@@ -6,7 +6,7 @@ shape through :data:`KEYS`, so other tools (the energy autotuner) can iterate th
 it picks the first valid config instead of timing (the interpreter's timings mean nothing).
 
 Validity rules (:func:`valid`): GEMV register budget (``BLOCK_M * BLOCK_N * BLOCK_C * W`` fp32 partial sums
-per step, at most 32 per thread), GEMM M tiles no more than twice the batch, LUT M tiles within the batch.
+per step, at most 32 per thread; the prefetching configs only for M <= 2), GEMM M tiles no more than twice the batch, LUT M tiles within the batch.
 """
 from __future__ import annotations
 
@@ -21,16 +21,21 @@ SPACES: dict[str, list[dict]] = {
     # row and chunk at 4 bits) over 1/SPLIT_K of K; splits meet in the last-arriver epilogue. Narrow tiles
     # with more splits keep enough loads in flight on short K / small N; wide ones for long rows.
     "gemv": [
-        dict(BLOCK_N=64, BLOCK_C=8, SPLIT_K=4, **{_W: 4, _S: 1}),
-        dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=8, **{_W: 4, _S: 3}),
-        dict(BLOCK_N=128, BLOCK_C=4, SPLIT_K=2, **{_W: 4, _S: 3}),
-        dict(BLOCK_N=16, BLOCK_C=4, SPLIT_K=8, **{_W: 4, _S: 1}),  # fits M = 8 at 8 bits
-        # Many small programs: at M = 1 the four above launch 256-512 programs on 4096 rows, 2-4 per SM,
-        # too few loads in flight to approach DRAM bandwidth (the H100 run reached 22-32 % of copy BW).
-        dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=16, **{_W: 4, _S: 2}),
-        dict(BLOCK_N=64, BLOCK_C=8, SPLIT_K=16, **{_W: 4, _S: 2}),
-        dict(BLOCK_N=16, BLOCK_C=16, SPLIT_K=32, **{_W: 4, _S: 2}),
-        dict(BLOCK_N=64, BLOCK_C=16, SPLIT_K=8, **{_W: 8, _S: 2}),
+        dict(BLOCK_N=64, BLOCK_C=8, SPLIT_K=4, PREFETCH=0, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=8, PREFETCH=0, **{_W: 4, _S: 3}),
+        dict(BLOCK_N=128, BLOCK_C=4, SPLIT_K=2, PREFETCH=0, **{_W: 4, _S: 3}),
+        dict(BLOCK_N=16, BLOCK_C=4, SPLIT_K=8, PREFETCH=0, **{_W: 4, _S: 1}),  # fits M = 8 at 8 bits
+        # Many small programs: at M = 1 the four above launch 256-512 programs on 4096 rows, 2-4 per SM
+        # (the H100 run reached 22-32 % of copy BW). More programs alone did not help on the H200 (19-27 %).
+        dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=16, PREFETCH=0, **{_W: 4, _S: 2}),
+        dict(BLOCK_N=64, BLOCK_C=8, SPLIT_K=16, PREFETCH=0, **{_W: 4, _S: 2}),
+        dict(BLOCK_N=16, BLOCK_C=16, SPLIT_K=32, PREFETCH=0, **{_W: 4, _S: 2}),
+        dict(BLOCK_N=64, BLOCK_C=16, SPLIT_K=8, PREFETCH=0, **{_W: 8, _S: 2}),
+        # Register double-buffering: the next K step's weights are in flight during this step's arithmetic
+        # (Triton's num_stages pipelines only loads that feed tl.dot; these loop loads were not pipelined).
+        dict(BLOCK_N=64, BLOCK_C=8, SPLIT_K=16, PREFETCH=1, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=16, PREFETCH=1, **{_W: 4, _S: 1}),
+        dict(BLOCK_N=16, BLOCK_C=16, SPLIT_K=32, PREFETCH=1, **{_W: 4, _S: 1}),
     ],
     # M > 8: decode a [BLOCK_N, BLOCK_C * 32] tile to the activation dtype and tl.dot it; SPLIT_K > 1 for
     # small M, where the M x N tile grid alone cannot fill the GPU.
@@ -71,7 +76,9 @@ def valid(name: str, cfg: dict, args: dict) -> bool:
     if name == "gemv":
         w = 2 if args["BITS"] == 3 else args["BITS"]
         threads = 32 * cfg.get(_W, 4)
-        return args.get("BLOCK_M", 1) * cfg["BLOCK_N"] * cfg["BLOCK_C"] * w <= 32 * threads
+        # PREFETCH holds a second weight tile in registers: only where the batch's partial sums leave room
+        return (args.get("BLOCK_M", 1) * cfg["BLOCK_N"] * cfg["BLOCK_C"] * w <= 32 * threads
+                and (not cfg.get("PREFETCH") or args.get("BLOCK_M", 1) <= 2))
     m = args["M"]
     if name == "gemm":
         # No M tile more than twice the batch: the extra rows are pure waste. Split-K only for small M: a

@@ -122,6 +122,17 @@ def load_chunks(q_ptr, offs_n, ch, mask_nc, KW, P0W, BITS: tl.constexpr):
 
 
 @triton.jit
+def load_step(q_ptr, p_ptr, offs_n, mask_n, offs_c, s, s_hi, N, NG, NC, CPG, KW, P0W, BLOCK_C: tl.constexpr,
+              BITS: tl.constexpr):
+    """Weights and group parameters of K step ``s`` (nothing is read when ``s >= s_hi``): ``(wa, wb, a, b, ch)``."""
+    ch = s * BLOCK_C + offs_c
+    mask_nc = mask_n[:, None] & (ch < tl.minimum(NC, s_hi * BLOCK_C))[None, :]  # step s_hi starts at chunk s_hi*BC
+    wa, wb = load_chunks(q_ptr, offs_n, ch, mask_nc, KW, P0W, BITS)
+    a, b = load_params(p_ptr, (ch // CPG)[None, :], offs_n[:, None], mask_nc, N, NG)
+    return wa, wb, a, b, ch
+
+
+@triton.jit
 def store_split(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, pid_k, SPLIT_K: tl.constexpr):
     """Write the ``[BM, BN]`` fp32 ``acc``; with split-K, the last split of the tile sums the workspace."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -194,7 +205,7 @@ def combine_chunks(c1, c2, cx, a, b, v_off, BITS: tl.constexpr, MODE: tl.constex
 @triton.jit(do_not_specialize=SHAPE_ARGS)
 def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, P0W, NG, NC, CPG, GROUP, v_off,
                  M_BUCKET, BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     W: tl.constexpr = 2 if BITS == 3 else BITS
@@ -210,11 +221,18 @@ def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
         acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_C], dtype=tl.float32)
-    for s in range(pid_k * per, tl.minimum(steps, (pid_k + 1) * per)):
-        ch = s * BLOCK_C + offs_c
-        mask_nc = mask_n[:, None] & (ch < NC)[None, :]
-        wa, wb = load_chunks(q_ptr, offs_n, ch, mask_nc, KW, P0W, BITS)
-        a, b = load_params(p_ptr, (ch // CPG)[None, :], offs_n[:, None], mask_nc, N, NG)
+    s_lo = pid_k * per
+    s_hi = tl.minimum(steps, (pid_k + 1) * per)
+    if PREFETCH:
+        nxt = load_step(q_ptr, p_ptr, offs_n, mask_n, offs_c, s_lo, s_hi, N, NG, NC, CPG, KW, P0W, BLOCK_C, BITS)
+    for s in range(s_lo, s_hi):
+        if PREFETCH:
+            # the next step's weights are requested before this step's arithmetic: their DRAM latency overlaps it
+            wa, wb, a, b, ch = nxt
+            nxt = load_step(q_ptr, p_ptr, offs_n, mask_n, offs_c, s + 1, s_hi, N, NG, NC, CPG, KW, P0W, BLOCK_C, BITS)
+        else:
+            wa, wb, a, b, ch = load_step(q_ptr, p_ptr, offs_n, mask_n, offs_c, s, s_hi, N, NG, NC, CPG, KW, P0W,
+                                         BLOCK_C, BITS)
         kk = ch[None, :, None] * 32 + offs_i[None, None, :]  # [1, BC, W]: k of slot 0
         if BLOCK_M == 1:
             c1, c2, cx = chunk_sums(wa, wb, x_ptr + kk, kk, kk >= 0, K, offs_i, t_ptr, v_off, BITS, MODE, DECODE)

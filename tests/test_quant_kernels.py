@@ -111,6 +111,12 @@ def test_every_config_matches_reference():
         for cfg in cfgs:
             check_close(fn(x, kw, config=cfg), x, kw, u_w=U[x.dtype] if kernel == "gemm" else 0.0,
                         what=f"{kernel} m={m} {cfg}")
+    # Long rows: every split owns 2+ K steps, so the prefetching configs really carry a tile across steps.
+    for cfg in space("gemv"):
+        k = 2 * cfg["SPLIT_K"] * cfg["BLOCK_C"] * 32 + 100
+        _, _, kw = make_weight("int4_asym", 20, k, 32, seed=k)
+        x = torch.randn(1, k, dtype=torch.float16)
+        check_close(quant_gemv(x, kw, config=cfg), x, kw, what=f"gemv k={k} {cfg}")
 
 
 def test_split_workspace_only_for_small_m():
