@@ -6,7 +6,8 @@ shape through :data:`KEYS`, so other tools (the energy autotuner) can iterate th
 it picks the first valid config instead of timing (the interpreter's timings mean nothing).
 
 Validity rules (:func:`valid`): GEMV register budget (``BLOCK_M * BLOCK_N * BLOCK_C * W`` fp32 partial sums
-per step, at most 32 per thread; the prefetching configs only for M <= 2), GEMM M tiles no more than twice the batch, LUT M tiles within the batch.
+per step, at most 32 per thread; the prefetching configs only for M <= 2), GEMM M tiles no more than twice the
+batch and split-K only up to M = 64, LUT M tiles within the batch.
 """
 from __future__ import annotations
 
