@@ -6,8 +6,8 @@ kernel layout, and every kernel is compared with the float32 reference computed 
 Tolerance (per output element, derived, not fitted): the kernels accumulate in float32 and round once to
 the output dtype, so ``|y - ref| <= u_out * |ref| + (u_w + 1e-5) * sum_k |x_k * w_k|`` where ``u_out`` is
 the output dtype's unit roundoff (fp16 2**-11, bf16 2**-9; we allow twice that; plus, for results in fp16's
-subnormal range, twice its absolute floor 2**-25: a GPU fuzz case with near-cancelling sums met it), ``u_w`` the same for
-kernels that round the dequantized weight to the activation dtype before ``tl.dot`` (GEMM; 0 for GEMV
+subnormal range, twice its absolute floor 2**-25: a GPU fuzz case with near-cancelling sums met it), ``u_w``
+the same for kernels that round the dequantized weight to the activation dtype before ``tl.dot`` (GEMM; 0 for GEMV
 and LUT, which multiply in float32), and ``1e-5`` covers float32 summation order over K <= 2**12
 (K * 2**-24 ~ 2.4e-4 worst case, ~sqrt(K) * 2**-24 typical; the LUT kernel also sums Walsh terms).
 On CPU the kernels run under TRITON_INTERPRET=1 (small shapes). The interpreter cannot ``tl.dot`` bf16
