@@ -157,8 +157,9 @@ def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0
     ``u_out`` the output rounding (:data:`U`), ``eta_out`` its absolute floor where the output is subnormal
     (:data:`ETA`: fp16 rounds results under 6.1e-5 to multiples of 2**-24), ``u_w`` the rounding of the
     dequantized weight to the activation dtype (GEMM), ``1e-5`` float32 summation order over K <= ~4096
-    (worst case K * 2**-24), and the last term the uniform-INT GEMV decode ``sum_x c = 2**bits (sum_x (1 + c/2**bits) - sum_x)``: both chunk
-    sums carry at most 32 * 2**-24 of ``2 sum |x|``, multiplied by ``2**bits`` and the scale ``a``.
+    (worst case K * 2**-24), and the last term the uniform-INT GEMV decode
+    ``sum_x c = 2**bits (sum_x (1 + c/2**bits) - sum_x)``: both chunk sums carry at most 32 * 2**-24 of
+    ``2 sum |x|``, multiplied by ``2**bits`` and the scale ``a``.
     Returns ``{"bad": count, "rel": max |err| / sum|x w|, "abs": max |err|, "finite": bool}``.
     """
     from .quant_layout import DECODE_INT, MODE_TWO
