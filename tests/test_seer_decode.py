@@ -252,3 +252,27 @@ def test_old_gate_files_load_with_dense_decode(model, tmp_path):
     (tmp_path / "seer_config.json").write_text(json.dumps(meta))
     assert load_gates(model, tmp_path).decode == "dense"
     assert load_gates(model, tmp_path, decode="sparse").decode == "sparse"
+
+
+def test_sink_recent_baseline_of_the_decode_ppl_benchmark():
+    """The decode-quality benchmark's trivial rule: the first key block plus the most recent ones, with the budget
+    of SeerAttention's 'sparsity' mode, exactly attended; prefill-shaped input is refused."""
+    import math
+
+    from benchmarks.seer_decode_ppl import _RECENT, sink_recent_decode
+    from hf_efficient.kernels import seer_reference as ref
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 1, 32), torch.randn(1, 2, 1000, 32), torch.randn(1, 2, 1000, 32)
+    _RECENT.update(sparsity=0.7, block=64)
+    out, _ = sink_recent_decode(None, q, k, v, None)
+    nkb = math.ceil(1000 / 64)
+    n = ref.keep_counts(nkb, "sparsity", 1, 0.7, nkb)
+    assert 1 < n < nkb - 1
+    mask = torch.zeros(1, 6, 1, nkb, dtype=torch.bool)
+    mask[..., 0] = True
+    mask[..., nkb - n:] = True
+    want = ref.attention_reference(q, k, v, block_mask=mask, block=64).transpose(1, 2)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="single-token"):
+        sink_recent_decode(None, torch.randn(1, 6, 2, 32), k, v, None)
