@@ -119,8 +119,7 @@ def bench_recall(ctx, n_pos, sparsities, seed=0, gates_dir=None):
                 sel = dict(mode="sparsity", threshold=0.0, top_k=1, sparsity=sp, block=blk, sq=1, sk=p + 1)
                 masks = {label: D.decode_block_mask(gate, qp, kp, use_cache=False),
                          "oracle": R.select_block_mask(mass, **sel),
-                         "sink+recent": R.select_block_mask(torch.arange(nkb, dtype=torch.float32).expand_as(mass),
-                                                            **sel)}
+                         "sink+recent": R.sink_recent_block_mask(mass.shape[:2], 1, p + 1, sparsity=sp, block=blk)}
                 for name, m in masks.items():
                     sums[(name, sp)].append((mass * m).sum(-1).mean().item())
                 dens[sp].append(masks["oracle"].float().mean().item())

@@ -35,10 +35,8 @@ def sink_recent_decode(module, query, key, value, attention_mask, scaling=None, 
     sq, sk, blk = query.shape[2], key.shape[2], _RECENT["block"]
     if sq != 1:
         raise ValueError("sink_recent_decode scores single-token decode steps only (prefill runs SDPA)")
-    nkb = -(-sk // blk)
-    recency = torch.arange(nkb, dtype=torch.float32, device=query.device).expand(*query.shape[:2], 1, nkb)
-    mask = ref.select_block_mask(recency, mode="sparsity", threshold=0.0, top_k=1, sparsity=_RECENT["sparsity"],
-                                 block=blk, sq=sq, sk=sk)
+    mask = ref.sink_recent_block_mask(query.shape[:2], sq, sk, sparsity=_RECENT["sparsity"], block=blk,
+                                      device=query.device)
     out = ref.attention_reference(query, key, value, causal=True, scale=scaling, block_mask=mask, block=blk)
     return out.transpose(1, 2), None
 

@@ -37,10 +37,8 @@ def sink_local_attention(module, query, key, value, attention_mask, scaling=None
     if sq != sk or attention_mask is not None:
         raise ValueError("the sink+local baseline is for unpadded prefill windows (perplexity) only")
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-    nqb, nkb = -(-sq // blk), -(-sk // blk)
-    recency = torch.arange(nkb, device=query.device, dtype=torch.float32).expand(*query.shape[:2], nqb, nkb)
-    mask = ref.select_block_mask(recency, mode="sparsity", threshold=0.0, top_k=1, sparsity=_BASELINE["sparsity"],
-                                 block=blk, sq=sq, sk=sk)
+    mask = ref.sink_recent_block_mask(query.shape[:2], sq, sk, sparsity=_BASELINE["sparsity"], block=blk,
+                                      device=query.device)
     if _BASELINE["records"] is not None:
         p = ref.attention_probs(query, key, causal=True, scale=scale)
         _BASELINE["records"].append({

@@ -278,6 +278,17 @@ def select_block_mask(scores: torch.Tensor, *, mode: str, threshold: float, top_
     return (keep | always) & causal
 
 
+def sink_recent_block_mask(lead: tuple, sq: int, sk: int, *, sparsity: float, block: int,
+                           device=None) -> torch.Tensor:
+    """The trivial selection the learned gate must beat (StreamingLLM-style): the 'sparsity' budget of
+    :func:`select_block_mask`, spent on each query block's first key block and its most recent ones.
+    ``lead``: the leading (B, H) dims of the returned (B, H, nQB, nKB) bool mask."""
+    nqb, nkb = -(-sq // block), -(-sk // block)
+    recency = torch.arange(nkb, dtype=torch.float32, device=device).expand(*lead, nqb, nkb)
+    return select_block_mask(recency, mode="sparsity", threshold=0.0, top_k=1, sparsity=sparsity, block=block,
+                             sq=sq, sk=sk)
+
+
 def gate_block_indices_reference(q, k, q_weight, k_weight, *, block: int, theta: float, mode: str,
                                  threshold: float, top_k: int, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of ``seer_gate.gate_block_indices``: gate logits -> block selection -> ``(kv_idx, kv_cnt)``."""

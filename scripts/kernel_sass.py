@@ -29,7 +29,9 @@ POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "p_ptr": "*bf16", "t_ptr": "*fp32
             "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
 
 
-def sass(kernel: str, fmt_name: str, cfg: dict, m: int, divisible: set[str], arch: int) -> str:
+def sass(kernel: str, fmt_name: str, cfg: dict, m: int, divisible: set[str], arch: int) -> tuple[str, str]:
+    """(SASS text, PTX text) of ``kernel`` for ``fmt_name`` and ``cfg``; ``divisible``: integer arguments
+    compiled as multiples of 16 (what Triton's specialisation would tell the compiler)."""
     fn = {"gemv": quant_gemm._gemv_kernel, "gemm": quant_gemm._gemm_kernel}[kernel].fn
     fmt = formats.get_format(fmt_name)
     const = {"BITS": fmt.bits, "MODE": SCHEME_MODE[fmt.scheme], "DECODE": choose_decode(fmt.grid)[0],
