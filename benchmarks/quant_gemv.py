@@ -159,6 +159,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16}, three formats")
     ap.add_argument("--shapes", default=None, help="NxK list, e.g. 8192x28672,28672x8192 (default: all six)")
     ap.add_argument("--name", default=None, help="results file stem (default quant_gemv[_quick])")
+    ap.add_argument("--batches", default=None, help="M list, e.g. 1,4 (default 1,4,16,64)")
+    ap.add_argument("--formats", default=None, help=f"our formats (default {','.join(OURS)})")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("quant_gemv needs CUDA")
@@ -170,6 +172,10 @@ def main(argv=None):
         shapes, batches, ours = [(4096, 4096), (8192, 28672)], [1, 16], ["int4_asym", "nf4_asym", "int3_asym"]
     if args.shapes:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    if args.batches:
+        batches = [int(v) for v in args.batches.split(",")]
+    if args.formats:
+        ours = args.formats.split(",")
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
     print(f"device copy bandwidth (read+write): {copy_bw / 1e12:.3f} TB/s", flush=True)
