@@ -37,7 +37,7 @@ _ONE = 0x3F800000  # float32 1.0
 # Two stay specialized: the row stride KW (a 32-code chunk loads as one 128-bit access) and K (with K % 16
 # known, the activation masks are uniform over each slot's W codes, so activations load as vectors: the
 # sm_90 GEMV loop is 732 instructions with K specialized, 875 without).
-SHAPE_ARGS = ["M", "N", "P0W", "NG", "NC", "GROUP", "M_BUCKET"]
+SHAPE_ARGS = ["M", "N", "P0W", "NG", "NC", "CPG", "GROUP", "M_BUCKET"]
 # ptxas keeps neither of the two constants of ``(w << s) & mask | 1.0`` in a register: it re-materialises one per
 # weight (90 of the 724 instructions of the sm_90 GEMV loop). ``(w & mask) * 2**s + 1.0`` written as one PTX
 # ``mad`` becomes a single LEA with 1.0 in a register (loop: 690). The interpreter runs no PTX: plain ops there.
@@ -159,8 +159,8 @@ def load_chunks(q_ptr, offs_n, ch, mask_nc, KW, P0W, BITS: tl.constexpr):
 
 
 @triton.jit
-def load_step(q_ptr, p_ptr, offs_n, mask_n, offs_c, s, s_hi, N, NG, NC, CPG: tl.constexpr, KW, P0W,
-              BLOCK_C: tl.constexpr, BITS: tl.constexpr):
+def load_step(q_ptr, p_ptr, offs_n, mask_n, offs_c, s, s_hi, N, NG, NC, CPG, KW, P0W, BLOCK_C: tl.constexpr,
+              BITS: tl.constexpr):
     """Weights and group parameters of K step ``s`` (nothing is read when ``s >= s_hi``): ``(wa, wb, a, b, ch)``."""
     ch = s * BLOCK_C + offs_c
     mask_nc = mask_n[:, None] & (ch < tl.minimum(NC, s_hi * BLOCK_C))[None, :]  # step s_hi starts at chunk s_hi*BC
@@ -192,20 +192,18 @@ def store_split(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, M, N, tile, pid_k
 
 @triton.jit
 def chunk_sums(wa, wb, xb, kk, xmask, K, offs_i, t_ptr, v_off, BITS: tl.constexpr, MODE: tl.constexpr,
-               DECODE: tl.constexpr, EVEN_K: tl.constexpr):
+               DECODE: tl.constexpr):
     """Per-chunk sums over the 32 codes of each chunk: ``(sum x*f, sum x*min(v, 0), sum x)``.
 
     Shape-polymorphic: ``wa``/``wb`` are ``[..., BN, BC, W]`` words and ``xb``/``kk``/``xmask`` the pointers,
     K indices and row mask of slot 0's activations, broadcastable against them (``[1, BC, W]`` for one row:
     everything stays 3-D, no layout change between the weight load and the multiply; ``[BM, 1, BC, W]``
     for several rows). ``f`` is ``1 + c/2**BITS`` for uniform INT grids (see module docstring), else ``v``.
-    ``EVEN_K`` (K % 32 == 0): a chunk is valid as a whole, so slot 0's mask serves every slot.
     """
     W: tl.constexpr = 2 if BITS == 3 else BITS
     P: tl.constexpr = 32 // W
     FAST_INT: tl.constexpr = DECODE == 1 and MODE != 2
-    xm = xmask & (kk < K)
-    x0 = tl.load(xb, mask=xm, other=0.0).to(tl.float32)
+    x0 = tl.load(xb, mask=xmask & (kk < K), other=0.0).to(tl.float32)
     sx = x0
     if FAST_INT:
         f0 = slot_unit(wa, wb, offs_i, 0, BITS)
@@ -214,7 +212,7 @@ def chunk_sums(wa, wb, xb, kk, xmask, K, offs_i, t_ptr, v_off, BITS: tl.constexp
     s1 = x0 * f0
     s2 = x0 * tl.minimum(f0, 0.0)
     for j in tl.static_range(1, P):
-        xj = tl.load(xb + j * W, mask=xm if EVEN_K else xmask & (kk + j * W < K), other=0.0).to(tl.float32)
+        xj = tl.load(xb + j * W, mask=xmask & (kk + j * W < K), other=0.0).to(tl.float32)
         if FAST_INT:
             v = slot_unit(wa, wb, offs_i, j, BITS)
         else:
@@ -242,8 +240,8 @@ def combine_chunks(c1, c2, cx, a, b, v_off, BITS: tl.constexpr, MODE: tl.constex
 
 @autotune("gemv")
 @triton.jit(do_not_specialize=SHAPE_ARGS)
-def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, P0W, NG, NC, CPG: tl.constexpr,
-                 GROUP, v_off, M_BUCKET, EVEN_K: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, P0W, NG, NC, CPG, GROUP, v_off,
+                 M_BUCKET, BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -274,12 +272,11 @@ def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
                                          BLOCK_C, BITS)
         kk = ch[None, :, None] * 32 + offs_i[None, None, :]  # [1, BC, W]: k of slot 0
         if BLOCK_M == 1:
-            c1, c2, cx = chunk_sums(wa, wb, x_ptr + kk, kk, kk >= 0, K, offs_i, t_ptr, v_off, BITS, MODE, DECODE,
-                                    EVEN_K)
+            c1, c2, cx = chunk_sums(wa, wb, x_ptr + kk, kk, kk >= 0, K, offs_i, t_ptr, v_off, BITS, MODE, DECODE)
             acc += combine_chunks(c1, c2, cx, a, b, v_off, BITS, MODE, DECODE)
         else:
             c1, c2, cx = chunk_sums(wa[None], wb[None], x_ptr + offs_m[:, None, None, None] * K + kk[None], kk[None],
-                                    mask_m[:, None, None, None], K, offs_i, t_ptr, v_off, BITS, MODE, DECODE, EVEN_K)
+                                    mask_m[:, None, None, None], K, offs_i, t_ptr, v_off, BITS, MODE, DECODE)
             acc += combine_chunks(c1, c2, cx, a[None], b[None], v_off, BITS, MODE, DECODE)
     if BLOCK_M == 1:
         res = tl.sum(acc, 1)[None, :]
@@ -290,8 +287,8 @@ def _gemv_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
 
 @autotune("gemm")
 @triton.jit(do_not_specialize=SHAPE_ARGS)
-def _gemm_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, P0W, NG, NC, CPG: tl.constexpr,
-                 GROUP, v_off, M_BUCKET, EVEN_K: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _gemm_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, P0W, NG, NC, CPG, GROUP, v_off,
+                 M_BUCKET, BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -377,7 +374,7 @@ def _launch(kernel, name: str, x: torch.Tensor, kw: KernelWeight, block_m: int |
     extra = {} if block_m is None else {"BLOCK_M": block_m}
     launch(x, kw.qweight, kw.params, kw.table, out, ws, cnt, m, kw.N, kw.K, kw.KW, kw.plane0_words, kw.n_groups,
            kw.Kp // 32, kw.group_size // 32, kw.group_size, kw.v_off, min(triton.next_power_of_2(m), 128),
-           EVEN_K=kw.K % 32 == 0, BITS=kw.bits, MODE=kw.mode, DECODE=kw.decode, **extra)
+           BITS=kw.bits, MODE=kw.mode, DECODE=kw.decode, **extra)
     return out
 
 

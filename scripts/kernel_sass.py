@@ -34,9 +34,7 @@ def sass(kernel: str, fmt_name: str, cfg: dict, m: int, divisible: set[str], arc
     compiled as multiples of 16 (what Triton's specialisation would tell the compiler)."""
     fn = {"gemv": quant_gemm._gemv_kernel, "gemm": quant_gemm._gemm_kernel}[kernel].fn
     fmt = formats.get_format(fmt_name)
-    # group 128 (4 chunks per group), K a multiple of 32
-    const = {"BITS": fmt.bits, "CPG": 4, "EVEN_K": True, "MODE": SCHEME_MODE[fmt.scheme],
-             "DECODE": choose_decode(fmt.grid)[0],
+    const = {"BITS": fmt.bits, "MODE": SCHEME_MODE[fmt.scheme], "DECODE": choose_decode(fmt.grid)[0],
              **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}}
     if kernel == "gemv":
         const["BLOCK_M"] = triton.next_power_of_2(m)
@@ -81,7 +79,7 @@ def main():
     ap.add_argument("--unspecialized", default="", help="comma-separated integer args compiled without "
                     "divisibility info (default: those in quant_gemm.SHAPE_ARGS)")
     args = ap.parse_args()
-    ints = {"M", "N", "K", "KW", "P0W", "NG", "NC", "GROUP", "M_BUCKET"}
+    ints = {"M", "N", "K", "KW", "P0W", "NG", "NC", "CPG", "GROUP", "M_BUCKET"}
     plain = set(args.unspecialized.split(",")) - {""} if args.unspecialized else set(quant_gemm.SHAPE_ARGS)
     bits = formats.get_format(args.fmt).bits
     call = {"GROUP": 128, "BITS": bits, "M": args.m, "BLOCK_M": triton.next_power_of_2(args.m)}
