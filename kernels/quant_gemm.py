@@ -39,8 +39,8 @@ _ONE = 0x3F800000  # float32 1.0
 # sm_90 GEMV loop is 732 instructions with K specialized, 875 without).
 SHAPE_ARGS = ["M", "N", "P0W", "NG", "NC", "CPG", "GROUP", "M_BUCKET"]
 # ptxas keeps neither of the two constants of ``(w << s) & mask | 1.0`` in a register: it re-materialises one per
-# weight (90 of the 724 instructions of the sm_90 GEMV loop). ``(w & mask) * 2**s + 1.0`` written as one PTX
-# ``mad`` becomes a single LEA with 1.0 in a register (loop: 690). The interpreter runs no PTX: plain ops there.
+# weight (~90 of the 724 instructions of the sm_90 INT4 GEMV loop). ``(w & mask) * 2**s + 1.0`` written as one PTX
+# ``mad`` becomes a single LEA with 1.0 in a register (loop: 643). The interpreter runs no PTX: plain ops there.
 _PTX = tl.constexpr(not interpreting())
 
 
@@ -87,6 +87,7 @@ def shift_or_one(w, LO: tl.constexpr, BITS: tl.constexpr, POS: tl.constexpr):
     else:
         m = w & MSK
     if LO <= POS:
+        # 1065353216 = 0x3F800000, float32 1.0
         r = tl.inline_asm_elementwise(f"mad.lo.u32 $0, $1, {1 << (POS - LO)}, 1065353216;", "=r,r", [m],
                                       dtype=tl.int32, is_pure=True, pack=1)
     else:
