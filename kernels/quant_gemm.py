@@ -31,7 +31,7 @@ from .autotune import autotune, fixed, interpreting, max_split
 from .quant_layout import KernelWeight
 
 GEMV_MAX_M = 8
-_ONE = 0x3F800000  # float32 1.0
+_ONE = tl.constexpr(0x3F800000)  # float32 1.0, as bits
 # Triton compiles one variant per divisibility-by-16 / ==1 pattern of the integer arguments: with all of them
 # specialized, every new (M, N, K) meant a fresh ~2 s compile (a 1,000-case fuzz did not finish in 200 s).
 # Two stay specialized: the row stride KW (a 32-code chunk loads as one 128-bit access) and K (with K % 16
@@ -75,7 +75,7 @@ def slot_unit(wa, wb, offs_i, J: tl.constexpr, BITS: tl.constexpr):
             t = (wa << (POS - J * BITS)) & (((1 << BITS) - 1) << POS)
         else:
             t = (wa >> (J * BITS - POS)) & (((1 << BITS) - 1) << POS)
-    return (t | 0x3F800000).to(tl.float32, bitcast=True)
+    return (t | _ONE).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -86,13 +86,11 @@ def shift_or_one(w, LO: tl.constexpr, BITS: tl.constexpr, POS: tl.constexpr):
         m = w & (MSK - 2 ** 32)  # the same bits as a signed int32 constant
     else:
         m = w & MSK
-    if LO <= POS:
-        # 1065353216 = 0x3F800000, float32 1.0
-        r = tl.inline_asm_elementwise(f"mad.lo.u32 $0, $1, {1 << (POS - LO)}, 1065353216;", "=r,r", [m],
-                                      dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        r = tl.inline_asm_elementwise(f"mad.hi.u32 $0, $1, {1 << (32 + POS - LO)}, 1065353216;", "=r,r", [m],
-                                      dtype=tl.int32, is_pure=True, pack=1)
+    # a left move multiplies by 2**(POS-LO) (low word); a right one takes the high word of m * 2**(32+POS-LO)
+    HALF: tl.constexpr = "lo" if LO <= POS else "hi"
+    MUL: tl.constexpr = 1 << (POS - LO) if LO <= POS else 1 << (32 + POS - LO)
+    r = tl.inline_asm_elementwise(f"mad.{HALF}.u32 $0, $1, {MUL}, {_ONE};", "=r,r", [m], dtype=tl.int32,
+                                  is_pure=True, pack=1)
     return r.to(tl.float32, bitcast=True)
 
 
@@ -130,7 +128,7 @@ def int_weights(c, a, b, v_off, BITS: tl.constexpr, MODE: tl.constexpr):
     moving the code's bits under the exponent of 1.0: no int-to-float conversion and no per-weight subtraction
     (the sm_90 GEMM loop, INT4 M = 16: 893 -> 797 instructions). The FMA rounds once, so the error stays below
     2**-24 of ``(c + v_off - z) a``'s larger terms, far inside the GEMM's bf16/fp16 weight rounding."""
-    f = ((c << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+    f = ((c << (23 - BITS)) | _ONE).to(tl.float32, bitcast=True)
     z = b if MODE == 1 else 0.0
     scale = a * (1 << BITS)
     offset = (v_off - z - (1 << BITS)) * a
