@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from hf_efficient import formats
-from hf_efficient.kernels.quant_layout import (DECODE_E2M1, DECODE_INT, DECODE_TABLE, SCHEME_MODE, choose_decode,
-                                               repack, unpack)
+from hf_efficient.kernels.quant_layout import (DECODE_E2M1, DECODE_INT, DECODE_TABLE, MODE_SYM, MODE_TWO, MODE_ZERO,
+                                               SCHEME_MODE, choose_decode, repack, unpack)
 from hf_efficient.kernels.quant_reference import dequantize_reference, lut_matmul_reference
 
 from hf_efficient.kernels.quant_reference import U, check_close, random_kernel_weight as make_weight  # noqa: E402
@@ -129,11 +129,24 @@ def test_split_workspace_only_for_small_m():
 
 
 def test_lut_reference_matches_dequant_reference():
+    """Both sides are float32 sums of the same products, in different orders and groupings: the LUT form
+    sums, per Walsh term t, |beta_t| * |coef| * (a 4-term table of x), so each output's rounding error is
+    at most ~(K + T) * 2**-24 times the sum of the magnitudes it adds (twice that, for the two sides)."""
+    from hf_efficient.kernels.quant_reference import walsh_terms
+
     for name in ("int3_asym", "nf4_asym", "fp4_sym"):
         _, _, kw = make_weight(name, 12, 96, 32, special="extreme")
         x = torch.randn(3, 96)
-        torch.testing.assert_close(lut_matmul_reference(x, kw), x @ dequantize_reference(kw).t(), rtol=1e-5,
-                                   atol=1e-4)
+        w = dequantize_reference(kw)
+        _, b1, b2 = walsh_terms(kw)
+        gi = torch.arange(kw.K) // kw.group_size
+        a, b = (p.float()[:, gi].abs() for p in kw.params)
+        # the coefficients of f1 and f2 per weight: a (sym), a and a*b (zero point), a and b (two scales)
+        coef = {MODE_SYM: a, MODE_ZERO: a * b.clamp(min=1), MODE_TWO: torch.maximum(a, b)}[kw.mode]
+        mag = x.abs() @ (coef * float((b1.abs() + b2.abs()).sum())).t() + x.abs() @ w.abs().t()
+        bound = 2 * (kw.K + len(b1)) * 2.0 ** -24 * mag
+        err = (lut_matmul_reference(x, kw) - x @ w.t()).abs()
+        assert (err <= bound).all(), f"{name}: max err {err.max():.3g}, excess {(err - bound).max():.3g}"
 
 
 def test_kernel_input_errors():
