@@ -4,12 +4,20 @@ The forward pass is, by default, the plain-torch reference: unpack the codes, de
 format's scale rule (:mod:`hf_efficient.formats`), and call ``F.linear``. Kernel packages plug faster
 paths in with :func:`register_fast_path`; a fast path is tried first and may decline (return None).
 Storage layout and tensor names: :mod:`hf_efficient.quantization.packing`.
+
+**One resident layout.** A kernel that reads another layout converts a layer once with
+:meth:`QuantLinear.adopt_layout`: the kernel's tensors become the layer's only copy of its weights and the
+stored (checkpoint-layout) buffers are freed. ``state_dict()`` (hence ``save_pretrained``), ``codes()``,
+``params()`` and ``dequantize()`` rebuild the checkpoint tensors from the kernel layout on demand through the
+layout's ``to_storage``, so checkpoints stay portable between devices and kernels; ``load_state_dict`` and
+:meth:`QuantLinear.release_layout` go back to the stored layout.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +78,24 @@ def reference_only():
         yield
     finally:
         _state.reference_only = old
+
+
+@dataclass
+class ResidentLayout:
+    """A layer's weights in a kernel's layout, held instead of the stored buffers.
+
+    ``kind`` names the layout (e.g. ``"cuda"``, ``"cpu-lut"``); fast paths check it before using ``meta``.
+    ``tensors`` become non-persistent buffers of the layer (named ``_rl_<name>``, so ``.to()`` moves them);
+    read them with :meth:`QuantLinear.layout_tensor`. ``to_storage(layer)`` returns the checkpoint tensors
+    (``qweight`` and the format's parameters, as :func:`storage_tensors` makes them) from those buffers.
+    ``meta`` is whatever else the kernel needs (Python values, never tensors).
+    """
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    to_storage: Callable[["QuantLinear"], dict[str, torch.Tensor]]
+    meta: Any = None
+    names: tuple[str, ...] = field(default=(), init=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,6 +187,9 @@ class QuantLinear(nn.Module):
                                                 dtype=torch.uint8 if p == "zeros" else self.scale_dtype))
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype or torch.float32),
                                  requires_grad=False) if bias else None
+        self.layout: ResidentLayout | None = None
+        self._register_state_dict_hook(_storage_into_state_dict)
+        self._register_load_state_dict_pre_hook(_release_before_load, with_module=True)
 
     # peft (and AutoGPTQ-era tools) look for these names on quantized linears.
     @property
@@ -185,19 +214,59 @@ class QuantLinear(nn.Module):
 
     def load_quantized(self, codes: torch.Tensor, params: dict) -> None:
         """Store codes (N, K) uint8 and per-group params {name: (N, n_groups)} into this layer's buffers."""
+        self.release_layout()
         for k, t in storage_tensors(self.fmt, codes, params, self.scale_dtype).items():
             getattr(self, k).copy_(t)
 
+    # --- the resident layout -------------------------------------------------------------------------
+    def storage_names(self) -> tuple[str, ...]:
+        return ("qweight",) + tuple(self.fmt.param_names)
+
+    def storage(self) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors (``qweight`` + params), rebuilt from the kernel layout if one is adopted."""
+        if self.layout is not None:
+            return self.layout.to_storage(self)
+        return {n: getattr(self, n) for n in self.storage_names()}
+
+    def layout_tensor(self, name: str) -> torch.Tensor:
+        return getattr(self, "_rl_" + name)
+
+    def adopt_layout(self, layout: ResidentLayout) -> None:
+        """Make ``layout`` this layer's only copy of its weights (any earlier layout is converted back first)."""
+        self.release_layout()
+        layout.names = tuple(layout.tensors)
+        for n, t in layout.tensors.items():
+            self.register_buffer("_rl_" + n, t, persistent=False)
+        layout.tensors = {}  # the buffers are the copy; .to() moves those, not this dict
+        self.layout = layout
+        for n in self.storage_names():  # free the stored copy, keep dtype and device
+            old = getattr(self, n)
+            self.register_buffer(n, old.new_empty(0))
+
+    def release_layout(self) -> None:
+        """Go back to the stored (checkpoint) layout; no-op without an adopted layout."""
+        layout = self.layout
+        if layout is None:
+            return
+        stored = layout.to_storage(self)
+        self.layout = None
+        for n in layout.names:
+            delattr(self, "_rl_" + n)
+        for n, t in stored.items():
+            self.register_buffer(n, t)
+
     def codes(self) -> torch.Tensor:
-        return unpack_codes(self.qweight, self.fmt.bits, self.in_features)
+        return unpack_codes(self.storage()["qweight"], self.fmt.bits, self.in_features)
 
     def params(self) -> dict:
-        return {p: getattr(self, p) for p in self.fmt.param_names}
+        st = self.storage()
+        return {p: st[p] for p in self.fmt.param_names}
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight this layer represents."""
-        cols = {p: expand_groups(t, self.in_features, self.group_size) for p, t in self.params().items()}
-        return formats.decode(self.fmt, self.codes(), cols, dtype)
+        st = self.storage()
+        cols = {p: expand_groups(st[p], self.in_features, self.group_size) for p in self.fmt.param_names}
+        return formats.decode(self.fmt, unpack_codes(st["qweight"], self.fmt.bits, self.in_features), cols, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_fmt is None and not getattr(_state, "reference_only", False):
@@ -215,5 +284,21 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         act = f", act_fmt={self.act_fmt.name}" if self.act_fmt else ""
+        lay = f", layout={self.layout.kind}" if self.layout is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt.name}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}{act}")
+                f"group_size={self.group_size}, bias={self.bias is not None}{act}{lay}")
+
+
+def _storage_into_state_dict(module: QuantLinear, state_dict, prefix, local_metadata):
+    # Checkpoints always hold the stored layout, whatever kernel layout the layer runs on.
+    if module.layout is not None:
+        for n, t in module.layout.to_storage(module).items():
+            state_dict[prefix + n] = t
+    return state_dict
+
+
+def _release_before_load(module: QuantLinear, state_dict, prefix, local_metadata, strict, missing_keys,
+                         unexpected_keys, error_msgs):
+    # Loaded tensors are in the stored layout: shape the buffers for them (a kernel adopts again on use).
+    if module.layout is not None and any(k.startswith(prefix) for k in state_dict):
+        module.release_layout()
