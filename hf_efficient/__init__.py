@@ -6,14 +6,33 @@ with plain ``from_pretrained`` only after this import.
 """
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+
 __version__ = "0.1.0"
 
-from . import registry as _registry
+_EXPORTS = {"AFPQConfig": ".quantization.afpq", "MoFQConfig": ".quantization.mofq",
+            "LUTConfig": ".quantization.lut", "quantize": ".quantization.api",
+            "load_quant_config": (".quantization.api", "load_config_file")}
+__all__ = ["__version__", *_EXPORTS]
 
-_registry.register_all()
 
-from .quantization.afpq import AFPQConfig  # noqa: E402
-from .quantization.api import load_config_file as load_quant_config, quantize  # noqa: E402
-from .quantization.mofq import MoFQConfig  # noqa: E402
+def _invoked_as_cli() -> bool:
+    # The `hf-efficient` console script imports this package only to reach hf_efficient.cli, and
+    # `hf-efficient --help` must not pay for torch + transformers (~10 s on a small CPU): the CLI
+    # registers everything itself before it runs a command.
+    return os.path.basename(sys.argv[0] if sys.argv else "") in ("hf-efficient", "hf-efficient.exe")
 
-__all__ = ["__version__", "AFPQConfig", "MoFQConfig", "quantize", "load_quant_config"]
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        mod, attr = _EXPORTS[name] if isinstance(_EXPORTS[name], tuple) else (_EXPORTS[name], name)
+        return getattr(importlib.import_module(mod, __name__), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if not _invoked_as_cli():
+    from . import registry as _registry
+
+    _registry.register_all()

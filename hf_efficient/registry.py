@@ -1,28 +1,30 @@
-"""The one registry of hf-efficient.
+"""The one registry of hf-efficient: what the capabilities hand to transformers.
 
-Every capability declares what it contributes (a quantization method, an attention function, a
-CLI subcommand, a row of the demo) by calling one ``add_*`` function at import time of its own
-module; :func:`register_all` imports the capability modules listed in :data:`CAPABILITY_MODULES`
-and then hands the transformers-facing entries to transformers. Adding a capability is one line
-in that tuple. Nothing else in the package talks to transformers' registries.
+Every capability declares what it contributes to transformers (a quantization config, an attention
+function) by calling one ``add_*`` function at import time of its own module; :func:`register_all`
+imports the modules listed in :data:`CAPABILITY_MODULES` and then hands the entries to transformers.
+Adding a capability is one line in that tuple. Nothing else in the package talks to transformers'
+registries.
+
+Capabilities register a config class only; this module pairs it with the one generic quantizer
+(:class:`hf_efficient.integrations.transformers.HfEfficientQuantizer`), so no capability imports the
+integrations layer. A method needing work after loading says so on its config (``after_load(model)``,
+``compileable``), not with a quantizer subclass. CLI subcommands live in :mod:`hf_efficient.cli`, demo
+rows in :mod:`hf_efficient.cli.demo_rows`.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-# Modules whose import contributes entries. Order is the order of demo rows and CLI commands.
+# Modules whose import contributes entries.
 CAPABILITY_MODULES: tuple[str, ...] = (
-    "hf_efficient.commands",
     "hf_efficient.attention.seer",
     "hf_efficient.quantization.afpq",
     "hf_efficient.quantization.mofq",
-    "hf_efficient.quantization.api",
     "hf_efficient.quantization.gpu",
     "hf_efficient.quantization.lut",
-    "hf_efficient.optim.demo",
 )
 
 
@@ -30,7 +32,14 @@ CAPABILITY_MODULES: tuple[str, ...] = (
 class QuantizationMethod:
     name: str
     config_cls: type
-    quantizer_cls: type
+    quantizer_cls: type | None = None  # None: the generic HfEfficientQuantizer
+
+    def quantizer(self) -> type:
+        if self.quantizer_cls is not None:
+            return self.quantizer_cls
+        from .integrations.transformers import HfEfficientQuantizer
+
+        return HfEfficientQuantizer
 
 
 @dataclass(frozen=True)
@@ -40,32 +49,10 @@ class AttentionFunction:
     mask_fn: Callable[..., Any] | None
 
 
-@dataclass(frozen=True)
-class Command:
-    """A ``hf-efficient <name>`` subcommand: ``configure(parser)`` adds arguments, ``run(args)`` runs it."""
-
-    name: str
-    help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int | None]
-
-
-@dataclass(frozen=True)
-class DemoRow:
-    """One row of the main job: ``build(base_model_path, device) -> model`` (None when not applicable)."""
-
-    name: str
-    description: str
-    build: Callable[..., Any]
-    default: bool = True
-
-
 @dataclass
 class Registry:
     quantization: dict[str, QuantizationMethod] = field(default_factory=dict)
     attention: dict[str, AttentionFunction] = field(default_factory=dict)
-    commands: dict[str, Command] = field(default_factory=dict)
-    demo_rows: dict[str, DemoRow] = field(default_factory=dict)
 
     def _add(self, table: dict, entry) -> None:
         old = table.get(entry.name)
@@ -79,20 +66,15 @@ REGISTRY = Registry()
 _applied: set[tuple[str, str]] = set()
 
 
-def add_quantization_method(name: str, config_cls: type, quantizer_cls: type) -> None:
+def add_quantization_method(name: str, config_cls: type, quantizer_cls: type | None = None) -> None:
+    """Register quant_method ``name`` for ``config_cls`` (a QuantConfigBase subclass).
+
+    ``quantizer_cls`` is for tests and outside plugins; our methods leave it None (the generic quantizer)."""
     REGISTRY._add(REGISTRY.quantization, QuantizationMethod(name, config_cls, quantizer_cls))
 
 
 def add_attention(name: str, fn: Callable[..., Any], mask_fn: Callable[..., Any] | None = None) -> None:
     REGISTRY._add(REGISTRY.attention, AttentionFunction(name, fn, mask_fn))
-
-
-def add_command(name: str, help: str, configure, run) -> None:
-    REGISTRY._add(REGISTRY.commands, Command(name, help, configure, run))
-
-
-def add_demo_row(name: str, description: str, build, default: bool = True) -> None:
-    REGISTRY._add(REGISTRY.demo_rows, DemoRow(name, description, build, default))
 
 
 def _apply_to_transformers() -> None:
@@ -111,8 +93,9 @@ def _apply_to_transformers() -> None:
                              f"{known_cfg.__module__}.{known_cfg.__qualname__}")
         if known_cfg is None:
             qauto.register_quantization_config(m.name)(m.config_cls)
-        if qauto.AUTO_QUANTIZER_MAPPING.get(m.name) is not m.quantizer_cls:
-            qauto.register_quantizer(m.name)(m.quantizer_cls)
+        quantizer = m.quantizer()
+        if qauto.AUTO_QUANTIZER_MAPPING.get(m.name) is not quantizer:
+            qauto.register_quantizer(m.name)(quantizer)
         _applied.add(("quant", m.name))
     for a in REGISTRY.attention.values():
         if ("attn", a.name) in _applied:

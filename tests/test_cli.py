@@ -71,3 +71,68 @@ def test_eval_and_demo_on_a_local_model(tiny_llama_dir, tmp_path, capsys):
     rc = main(["demo", "--model", str(tiny_llama_dir), "--rows", "fp32", "--context", "64", "--max-tokens", "100",
                "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1", "--no-progress"])
     assert rc == 0 and "| fp32 |" in capsys.readouterr().out
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    # The console script sets argv[0] to hf-efficient; `import hf_efficient` then defers registration.
+    code = ("import sys; sys.argv[0] = 'hf-efficient'\n"
+            "from hf_efficient.cli import main\n"
+            "for argv in (['--help'], ['quantize', '--help'], ['demo', '--help']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stdout
+
+
+def _subparsers():
+    import argparse
+
+    from hf_efficient.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_option_has_help_and_shows_its_default():
+    missing = [f"{name} {'/'.join(a.option_strings)}" for name, p in _subparsers().items() for a in p._actions
+               if a.option_strings and a.dest != "help" and not a.help]
+    assert not missing
+    text = _subparsers()["eval"].format_help()
+    assert "(default: 2048)" in text  # --context
+
+
+def test_demo_help_lists_the_rows():
+    from hf_efficient.cli.demo_rows import ROWS
+
+    text = " ".join(_subparsers()["demo"].format_help().split())
+    for row in ROWS:
+        assert row.name in text
+
+
+@pytest.mark.parametrize("method", ["afpq", "mofq", "lut"])
+def test_quantize_defaults_are_the_config_class_defaults(method, tmp_path):
+    from hf_efficient import registry
+    from hf_efficient.cli.quantize import config_from_args
+
+    args = _subparsers()["quantize"].parse_args(["--out", str(tmp_path), "--method", method])
+    cfg = config_from_args(args)
+    assert cfg.to_dict() == registry.register_all().quantization[method].config_cls().to_dict()
+
+
+def test_quantize_options_override_a_recipe(tmp_path):
+    from hf_efficient.cli.quantize import config_from_args
+
+    args = _subparsers()["quantize"].parse_args(["--out", str(tmp_path), "--config", "afpq-nf3-g64",
+                                                 "--group-size", "32", "--algorithm", "rtn"])
+    cfg = config_from_args(args)
+    assert (cfg.quant_method, cfg.bits, cfg.fmt, cfg.group_size, cfg.algorithm) == ("afpq", 3, "nf", 32, "rtn")
+
+
+def test_quantize_refuses_options_of_another_method(tmp_path, capsys):
+    rc = main(["quantize", "--out", str(tmp_path), "--method", "mofq", "--fmt", "nf"])
+    assert rc == 2 and "--fmt/--symmetric apply to afpq and lut" in capsys.readouterr().err

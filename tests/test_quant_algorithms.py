@@ -105,7 +105,7 @@ def test_cli_quantize_gptq_and_reload(tiny_llama_dir, tmp_path, capsys):
 
     out = tmp_path / "q"
     rc = main(["quantize", "--model", str(tiny_llama_dir), "--out", str(out), "--method", "mofq", "--bits", "4",
-               "--group-size", "32", "--calib-samples", "4", "--calib-seqlen", "64", "--act-order", "--no-progress"])
+               "--algorithm", "gptq", "--group-size", "32", "--calib-samples", "4", "--calib-seqlen", "64", "--act-order", "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "quantized 14 linear layers with mofq (gptq)" in text and "MoFQ W4: 14 layers" in text

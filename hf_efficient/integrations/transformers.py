@@ -1,8 +1,10 @@
 """The one transformers ``HfQuantizer`` of hf-efficient, driven by config classes.
 
-Every quantization method registers ``(name, ConfigClass, HfEfficientQuantizer)`` with
-:func:`hf_efficient.registry.add_quantization_method`; the config's
-:meth:`~hf_efficient.quantization.config.QuantConfigBase.layer_spec` says what each linear layer becomes.
+Every quantization method registers ``(name, ConfigClass)`` with
+:func:`hf_efficient.registry.add_quantization_method`, which pairs it with this quantizer; the config's
+:meth:`~hf_efficient.quantization.config.QuantConfigBase.layer_spec` says what each linear layer becomes,
+its optional ``after_load(model)`` runs once loading is done (e.g. LUT builds its kernel layout) and its
+``compileable`` attribute answers ``is_compileable``.
 
 Loading paths:
 * quantize on load (``from_pretrained(float_dir, quantization_config=cfg)``): linears become
@@ -201,7 +203,14 @@ class HfEfficientQuantizer(HfQuantizer):
         summary = self.quantization_config.summary()
         if summary:
             logger.info(summary)
+        after_load = getattr(self.quantization_config, "after_load", None)
+        if after_load is not None:
+            after_load(model)
         return model
+
+    @property
+    def is_compileable(self) -> bool:
+        return bool(getattr(self.quantization_config, "compileable", False))
 
     def is_serializable(self, **kwargs):
         return True

@@ -1,5 +1,5 @@
 """AdamW + gradient accumulation vs AdamA (fp32 / 8-bit states): one training loop for the
-``hf-efficient adama-demo`` command and ``benchmarks/adama_memory.py``.
+``hf-efficient adama-demo`` command (:mod:`hf_efficient.cli.adama_demo`) and ``benchmarks/adama_memory.py``.
 
 Every method trains the same model (same seed) on the same micro-batches in the same order; peak
 memory is CUDA max allocated (CPU: process RSS, which also counts the Python heap and is noisy).
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-
-from .. import registry
 
 METHODS = ("adamw", "adama", "adama8")
 
@@ -117,67 +115,3 @@ def format_rows(results: list[RunResult]) -> str:
                      f"{r.tokens_per_s / base.tokens_per_s:9.3f} {r.final_loss:10.4f} "
                      f"{r.final_loss / base.final_loss:9.4f}")
     return "\n".join(lines)
-
-
-def run_adama_demo(args) -> int:
-    from ..commands import check_writable_file, setup_runtime
-
-    check_writable_file(args.json)
-    device = setup_runtime(args)
-    import json
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..models import resolve_model_path
-
-    base = resolve_model_path(args.model)
-    tok = AutoTokenizer.from_pretrained(base)
-    batches = corpus_batches(tok, args.steps * args.accumulation, args.micro_batch, args.seq_len, seed=args.seed)
-
-    def build():
-        torch.manual_seed(args.seed)
-        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-
-    # 8-bit (de)quantization is plain torch per micro-batch: fine on a GPU, minutes per step on 2 CPU cores
-    methods = (args.methods or ("adamw,adama,adama8" if device.startswith("cuda") else "adamw,adama")).split(",")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        from ..commands import CliError
-
-        raise CliError(f"unknown method(s) {bad}; available: {list(METHODS)}")
-    results = []
-    for m in methods:
-        show = None if args.no_progress else (lambda meth, i, loss: print(f"  {meth} step {i + 1}/{args.steps}: "
-                                                                            f"loss {loss:.4f}", flush=True))
-        results.append(train_run(m, build, batches, steps=args.steps, accumulation=args.accumulation, lr=args.lr,
-                                 device=device, warmup_steps=1, progress=show))
-        print(f"{m}: losses {[round(x, 3) for x in results[-1].losses]}", flush=True)
-    print(f"\nAdamA demo on {base.name} ({device}): seq {args.seq_len}, micro-batch {args.micro_batch}, "
-          f"accumulation {args.accumulation}, {args.steps} steps, lr {args.lr}"
-          + (" (peak = process RSS on CPU)" if device == "cpu" else " (peak = CUDA max allocated)") + "\n")
-    print(format_rows(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "func"},
-                       "rows": [r.__dict__ for r in results]}, f, indent=2)
-        print(f"\nwrote {args.json}")
-    return 0
-
-
-def _configure(p) -> None:
-    from ..commands import add_model_args, positive_int
-
-    add_model_args(p)
-    p.add_argument("--steps", type=positive_int, default=5, help="optimizer steps (default 5)")
-    p.add_argument("--accumulation", type=positive_int, default=4, help="micro-batches per step (default 4)")
-    p.add_argument("--micro-batch", type=positive_int, default=1, help="sequences per micro-batch (default 1)")
-    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--lr", type=float, default=3e-5, help="learning rate (default 3e-5)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data windows (default 0)")
-    p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS)
-                   + " (default: all on CUDA; adamw,adama on CPU, where 8-bit states are slow)")
-
-
-registry.add_command("adama-demo", "train the embedded model briefly: AdamW + accumulation vs AdamA (memory, loss)",
-                     _configure, run_adama_demo)

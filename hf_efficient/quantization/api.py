@@ -106,8 +106,6 @@ def quantize_model(model: nn.Module, config: QuantConfigBase, windows: torch.Ten
     """
     from tqdm.auto import tqdm
 
-    from ..integrations.transformers import HfEfficientQuantizer
-
     device = next(model.parameters()).device
     skip = list(config.modules_to_not_convert)
     if getattr(model.config, "tie_word_embeddings", False):
@@ -154,7 +152,9 @@ def quantize_model(model: nn.Module, config: QuantConfigBase, windows: torch.Ten
             # Linears outside the decoder stack (no Hessian collected) get round-to-nearest.
             model.set_submodule(n, _make_quant_linear(m, n, config, None, None))
     model.config.quantization_config = config
-    model.hf_quantizer = HfEfficientQuantizer(config, pre_quantized=True)
+    # The registry pairs the config with its quantizer (capabilities never import the integrations layer).
+    quantizer_cls = registry.register_all().quantization[config.quant_method].quantizer()
+    model.hf_quantizer = quantizer_cls(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = config.quant_method
     summary = config.summary()
@@ -186,32 +186,6 @@ def quantize(model_path: str | os.PathLike | None, config: QuantConfigBase, out_
     return model, tok
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-
-def config_from_args(args) -> QuantConfigBase:
-    from ..commands import CliError
-    from .afpq.config import AFPQConfig
-    from .mofq.config import MoFQConfig
-
-    # Options given on the command line override a --config file; unset ones keep the file's values.
-    given = {k: v for k, v in dict(algorithm=args.algorithm, act_order=args.act_order or None,
-                                   calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen).items()
-             if v is not None}
-    common = dict(bits=args.bits, group_size=args.group_size, scale_dtype=args.scale_dtype,
-                  **{"algorithm": "gptq", "calib_samples": 64, "calib_seqlen": 512, **given})
-    try:
-        if args.config:
-            cfg = load_config_file(args.config)
-            return type(cfg).from_dict({**cfg.to_dict(), **given})
-        if args.method == "afpq":
-            return AFPQConfig(fmt=args.fmt, asymmetric=not args.symmetric, **common)
-        return MoFQConfig(act_bits=args.act_bits, **common)
-    except (ValueError, OSError) as e:
-        raise CliError(str(e)) from None
-
-
 HUB_CONFIGS = Path(__file__).resolve().parents[2] / "hub_configs"
 
 
@@ -234,42 +208,3 @@ def load_config_file(path: str | os.PathLike) -> QuantConfigBase:
     if method not in methods:
         raise ValueError(f"{path}: quant_method {method!r} is not one of ours ({sorted(methods)})")
     return methods[method].config_cls.from_dict(d)
-
-
-def _configure(p):
-    from ..commands import add_model_args, positive_int
-
-    add_model_args(p)
-    p.add_argument("--out", required=True, help="output directory of the quantized checkpoint")
-    p.add_argument("--config", default=None, help="JSON config (e.g. hub_configs/afpq-fp4-g128.json); overrides "
-                                                  "the format options below")
-    p.add_argument("--method", choices=("afpq", "mofq"), default="afpq")
-    p.add_argument("--fmt", choices=("fp", "nf", "int"), default="fp", help="afpq: number format (default fp)")
-    p.add_argument("--bits", type=positive_int, default=4)
-    p.add_argument("--group-size", type=int, default=128, help="columns per scale group; -1 per-channel")
-    p.add_argument("--symmetric", action="store_true", help="afpq: one absmax scale instead of two scales")
-    p.add_argument("--act-bits", type=positive_int, default=None, help="mofq: 8 for W8A8")
-    p.add_argument("--algorithm", choices=("gptq", "rtn"), default=None, help="default gptq (or the --config's)")
-    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
-    p.add_argument("--calib-samples", type=positive_int, default=None, help="calibration windows (default 64)")
-    p.add_argument("--calib-seqlen", type=positive_int, default=None, help="tokens per window (default 512)")
-    p.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-
-
-def _run(args) -> int:
-    from ..commands import check_writable_file, setup_runtime
-
-    out = Path(args.out)
-    check_writable_file(out / "config.json") if out.is_dir() else check_writable_file(out)
-    config = config_from_args(args)
-    device = setup_runtime(args)
-    model, _ = quantize(args.model, config, out, device=device, progress=not args.no_progress)
-    n = sum(1 for m in model.modules() if type(m).__name__ == "QuantLinear")
-    print(f"quantized {n} linear layers with {config.quant_method} ({config.algorithm}); wrote {out}")
-    if config.summary():
-        print(config.summary())
-    return 0
-
-
-registry.add_command("quantize", "quantize a model (AFPQ / MoFQ; GPTQ-style or RTN) into a packed checkpoint",
-                     _configure, _run)

@@ -7,12 +7,12 @@ Typical use::
     model = AutoModelForCausalLM.from_pretrained(base)
     load_gates(model, "gates/", sparsity=0.9)     # switches the model to seer_attention
 
-Gates come from :func:`train_gates` or ``hf-efficient train-gate``.
+Gates come from :func:`train_gates` or ``hf-efficient train-gate`` (:mod:`hf_efficient.cli.train_gate`).
 """
 from __future__ import annotations
 
 from ... import registry
-from . import commands, ops  # noqa: F401  (train-gate command; torch.ops.hf_efficient.seer_*)
+from . import ops  # noqa: F401  (torch.ops.hf_efficient.seer_*)
 from .attention import MissingGateError, attention_modules, seer_attention_forward
 from .config import SeerAttentionConfig
 from .gate import AttnGate, select_blocks

@@ -3,39 +3,28 @@ from __future__ import annotations
 
 import json
 
-from ... import registry
-from ...commands import CliError, add_model_args, positive_int, setup_runtime
+from .common import CliError, add_model_args, fraction, positive_int, setup_runtime
 
-
-def _fraction(text: str) -> float:
-    import argparse
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {v}")
-    return v
+HELP = "train SeerAttention gates by self-distillation and save them"
 
 
 def configure(p) -> None:
     add_model_args(p)
     p.add_argument("--out", required=True, help="folder for the trained gates (seer_gates.safetensors + "
                                                 "seer_config.json)")
-    p.add_argument("--seq-len", type=positive_int, default=1024, help="training window in tokens (default 1024)")
-    p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default 100)")
-    p.add_argument("--batch", type=positive_int, default=1, help="windows per step (default 1)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--block-size", type=positive_int, default=64, help="gate/kernel block size (default 64)")
-    p.add_argument("--gate-dim", type=positive_int, default=64, help="gate projection width (default 64)")
-    p.add_argument("--sparsity", type=_fraction, default=0.7, help="default block sparsity saved with the gates")
+    p.add_argument("--seq-len", type=positive_int, default=1024, help="training window in tokens")
+    p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps")
+    p.add_argument("--batch", type=positive_int, default=1, help="windows per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--block-size", type=positive_int, default=64, help="gate/kernel block size")
+    p.add_argument("--gate-dim", type=positive_int, default=64, help="gate projection width")
+    p.add_argument("--sparsity", type=fraction, default=0.7, help="default block sparsity saved with the gates")
     p.add_argument("--max-tokens", type=positive_int, default=300_000,
-                   help="training-split tokens to draw windows from (default 300000)")
-    p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here (default OUT/checkpoints)")
-    p.add_argument("--save-every", type=positive_int, default=25, help="checkpoint every N steps (default 25)")
+                   help="training-split tokens to draw windows from")
+    p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here (None: OUT/checkpoints)")
+    p.add_argument("--save-every", type=positive_int, default=25, help="checkpoint every N steps")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
-    p.add_argument("--seed", type=int, default=0, help="gate init and data-order seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="gate init and data-order seed")
 
 
 def run(args) -> int:
@@ -51,11 +40,11 @@ def run(args) -> int:
     device = setup_runtime(args)
     import torch
 
-    from ...data import token_ids
-    from ...models import load_model
-    from .config import SeerAttentionConfig
-    from .io import save_gates
-    from .training import train_gates
+    from ..attention.seer.config import SeerAttentionConfig
+    from ..attention.seer.io import save_gates
+    from ..attention.seer.training import train_gates
+    from ..data import token_ids
+    from ..models import load_model
 
     try:
         config = SeerAttentionConfig(block_size=args.block_size, gate_dim=args.gate_dim, sparsity=args.sparsity)
@@ -75,6 +64,3 @@ def run(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"history": history, "out": str(out)}, indent=1) + "\n")
     return 0
-
-
-registry.add_command("train-gate", "train SeerAttention gates by self-distillation and save them", configure, run)
