@@ -1,8 +1,8 @@
 """Triton GPU kernels of hf-efficient, installed as ``hf_efficient.kernels``.
 
 Rules of this package: import nothing from transformers/peft/accelerate; every kernel has a
-pure-torch twin in :mod:`hf_efficient.kernels.reference` that is both the test oracle and the
-fallback; kernels are exposed to models as ``torch.library`` ops (see :mod:`hf_efficient.ops`).
+pure-torch twin beside it (``<kernel>_reference.py``, e.g. ``quant_reference.py``) that is both the
+test oracle and the fallback; kernels are exposed to models as ``torch.library`` ops (see :mod:`hf_efficient.ops`).
 On a machine without CUDA the kernels still run under ``TRITON_INTERPRET=1`` (small shapes, tests).
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU runner. Run ON the GPU machine from the repo root (the device tool copies the tree there):
-#   bash scripts/gpu.sh [benchmark ...]      e.g. bash scripts/gpu.sh scale_add "quant_fuzz --cases 200"
+#   bash scripts/gpu.sh [benchmark ...]      e.g. bash scripts/gpu.sh quant_gemv "quant_fuzz --cases 200"
 # (a benchmark is a module name, optionally with its arguments in the same word)
 # It installs the wheels carried in .whl/ (made here by scripts/fetch_wheels.sh), builds the package
 # (csrc/) against the image's own torch, runs `pytest -m gpu`, then each named benchmark module
-# (benchmarks/<name>.py, default: $GPU_BENCHMARKS or scale_add) and leaves everything under $OUT:
+# (benchmarks/<name>.py, default: $GPU_BENCHMARKS or none) and leaves everything under $OUT:
 # pytest_gpu.log, bench.log, results.tgz (JSON + markdown tables), env.txt. GPU_TESTS=<paths> narrows
 # the test run (default: tests/; "none" skips it); GPU_TIMEOUT=<seconds> bounds each step (default: none), so
 # one slow step cannot eat a whole device call (benchmarks write their results as they go).
@@ -28,7 +28,7 @@ if [ "${GPU_TESTS:-tests}" != none ]; then
   "${limit[@]}" python3 -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 | tee "$OUT/pytest_gpu.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 fi
-[ $# -gt 0 ] || set -- ${GPU_BENCHMARKS:-scale_add}
+[ $# -gt 0 ] || set -- ${GPU_BENCHMARKS:-}
 for b in "$@"; do
   echo "== benchmark $b" | tee -a "$OUT/bench.log"
   # shellcheck disable=SC2086  # the benchmark's own arguments ride in the same word
