@@ -1,0 +1,196 @@
+"""AdamA's multi-tensor fold and update (Triton under TRITON_INTERPRET=1 on CPU, torch foreach) against
+the one-tensor-at-a-time reference; bf16 states (nearest and stochastic rounding); the optimizer's buckets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_efficient.kernels import adama_foreach, adama_reference
+from hf_efficient.optim import AdamA
+from tests.adama_reference import RefAdamA, batches, close, micro_grads, mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# sizes: below, at and across the Triton block (2048), a scalar, a 2-D tensor
+SHAPES = [(3000,), (7, 5), (1,), (2048,), (2049,)]
+FIRSTS = [True, False, True, False, True]
+SCALES = [1.0, 0.5, 1.0, 2.0, 0.25]
+
+
+def _triton():
+    pytest.importorskip("triton")
+    from hf_efficient.kernels import adama_fold
+
+    return adama_fold
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of bf16 values around |x| (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(x.float().abs().clamp_min(1e-30))) - 7)
+
+
+def _inputs(gdtype, sdtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(s, generator=g).to(gdtype) for s in SHAPES]
+    ms = [torch.randn(s, generator=g).to(sdtype) for s in SHAPES]
+    vs = [torch.rand(s, generator=g).to(sdtype) for s in SHAPES]
+    return grads, ms, vs
+
+
+def _fold(impl, grads, ms, vs, **kw):
+    ms, vs = [m.clone() for m in ms], [v.clone() for v in vs]
+    hp = dict(beta1=0.9, beta2=0.999, n=4)
+    if impl == "reference":
+        adama_reference.fold_reference(grads, ms, vs, FIRSTS, SCALES, **hp, **kw)
+    elif impl == "foreach":
+        adama_foreach.fold_foreach(grads, ms, vs, FIRSTS, SCALES, **hp, **kw)
+    else:
+        _triton().fold_triton(grads, ms, vs, FIRSTS, torch.tensor(SCALES), **hp, **kw)
+    return ms + vs
+
+
+@pytest.mark.parametrize("impl", ["triton", "foreach"])
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16])
+def test_fold_matches_reference(impl, gdtype, sdtype):
+    grads, ms, vs = _inputs(gdtype, sdtype)
+    ref = _fold("reference", grads, ms, vs)
+    out = _fold(impl, grads, ms, vs)
+    for a, b in zip(out, ref):
+        assert a.dtype == sdtype
+        if impl == "triton":  # same fp32 operations in the same order, same rounding: bit-exact
+            assert torch.equal(a, b)
+        elif sdtype == torch.float32:  # foreach fuses differently: a few fp32 ulps
+            torch.testing.assert_close(a, b, rtol=4 * 2**-23, atol=1e-7)
+        else:  # a different fp32 rounding (terms of size <= ~4: 1e-6 covers a few fp32 ulps, which matter where
+            # m cancels to ~0) can flip a bf16 rounding: at most one bf16 ulp more
+            assert bool(((a.float() - b.float()).abs() <= _bf16_ulp(b) + 1e-6).all())
+
+
+@pytest.mark.parametrize("impl", ["triton", "foreach"])
+def test_stochastic_rounding_of_bf16_states_is_unbiased(impl):
+    """Folding the same tiny increment many times: nearest rounding loses it, stochastic keeps it on average."""
+    n_el, steps, inc = 4096, 64, 1e-3  # 1e-3 of 1.0 is below bf16's half-ulp (2**-9): nearest never moves
+    expected = 1.0 + (1 - 0.9) * inc * steps
+    for stochastic in (False, True):
+        m = [torch.ones(n_el, dtype=torch.bfloat16)]
+        v = [torch.ones(n_el, dtype=torch.bfloat16)]
+        gen = torch.Generator().manual_seed(0)
+        for k in range(steps):
+            g = [torch.full((n_el,), inc)]
+            if impl == "triton":
+                _triton().fold_triton(g, m, v, [False], None, beta1=0.9, beta2=0.999, n=1,
+                                      seed=k + 1 if stochastic else None)
+            else:
+                adama_foreach.fold_foreach(g, m, v, [False], None, beta1=0.9, beta2=0.999, n=1,
+                                           generator=gen if stochastic else None)
+        mean = float(m[0].float().mean())
+        if stochastic:
+            # each element is a sum of 64 independent +-ulp roundings: the mean over 4096 is within 3 sigma
+            assert abs(mean - expected) < 3 * 2**-7 * (steps ** 0.5) / n_el ** 0.5 + 1e-6, mean
+            assert len(set(m[0].float().tolist())) > 1  # elements differ: rounding is random, not shared
+        else:
+            assert mean == 1.0
+
+
+@pytest.mark.parametrize("impl", ["triton", "foreach"])
+@pytest.mark.parametrize("pdtype,sdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                           (torch.float32, torch.bfloat16)])
+def test_update_matches_reference(impl, pdtype, sdtype):
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.randn(s, generator=g).to(pdtype) for s in SHAPES]
+    ms = [torch.randn(s, generator=g).to(sdtype) for s in SHAPES]
+    vs = [torch.rand(s, generator=g).to(sdtype) for s in SHAPES]
+    kw = dict(step_sizes=[0.1, 0.2, 0.3, 0.4, 0.5], sqrt_c2s=[0.5, 0.6, 0.7, 0.8, 0.9],
+              decays=[0.99, 1.0, 0.98, 0.97, 1.0], eps=1e-8)
+    ref, out = [p.clone() for p in ps], [p.clone() for p in ps]
+    adama_reference.update_reference(ref, ms, vs, **kw)
+    (_triton().update_triton if impl == "triton" else adama_foreach.update_foreach)(out, ms, vs, **kw)
+    for a, b in zip(out, ref):
+        if pdtype == torch.float32:  # m / denom vs addcdiv: a few ulps of the step (up to ~0.5 / 1e-3)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            assert bool(((a.float() - b.float()).abs() <= _bf16_ulp(b)).all())
+
+
+def test_triton_rejects_mixed_or_strided_inputs():
+    k = _triton()
+    grads, ms, vs = _inputs(torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="one gradient dtype"):
+        k.fold_triton([grads[0], grads[1].bfloat16()], ms[:2], vs[:2], FIRSTS[:2], None, beta1=0.9, beta2=0.9, n=1)
+    with pytest.raises(ValueError, match="contiguous"):
+        k.fold_triton([grads[1].t()], [ms[1].t()], [vs[1]], [True], None, beta1=0.9, beta2=0.9, n=1)
+
+
+@pytest.mark.parametrize("impl", ["triton", "foreach", "per_tensor"])
+@pytest.mark.parametrize("bucket_mb", [0.0, 32.0])
+def test_optimizer_backends_match_rule(impl, bucket_mb):
+    """Every backend, folding per gradient (bucket 0) or per backward (one bucket), follows AdamA's rule."""
+    if impl == "triton":
+        _triton()
+    n = 2
+    model, probe = mlp(), mlp()
+    opt = AdamA(model.parameters(), lr=1e-2, weight_decay=0.05, accumulation_steps=n, impl=impl,
+                bucket_mb=bucket_mb)
+    ref = RefAdamA(list(model.parameters()), lr=1e-2, weight_decay=0.05, n=n)
+    data = batches(1, 3 * n)
+    for s in range(3):
+        chunk = data[s * n:(s + 1) * n]
+        ref.step(micro_grads(probe, chunk, n, params=[p.float() for p in ref.params]))
+        for x, y in chunk:
+            ((model(x) - y).pow(2).mean() / n).backward()
+            assert not opt._pending  # the end-of-backward callback folded the last bucket
+            assert all(p.grad is None for p in model.parameters())
+        opt.step()
+    assert close(list(model.parameters()), ref.params, rtol=1e-5, atol=1e-6)
+
+
+def test_bucket_holds_gradients_until_full():
+    """With a bucket larger than one gradient, gradients wait in the queue (not in p.grad) until it fills."""
+    model = mlp(d=64, hidden=64)  # weights 16 KiB each in fp32
+    opt = AdamA(model.parameters(), bucket_mb=20 / 1024)  # 20 KiB: two weights fill it
+    seen = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda _p: seen.append(len(opt._pending_bytes) and
+                                                                    max(opt._pending_bytes.values())))
+    x = torch.randn(4, 64)
+    model(x).pow(2).mean().backward()
+    assert max(seen) > 0 and max(seen) < 20 * 1024 + 16 * 1024
+    assert not opt._pending and all(opt.state[p]["folds"] == 1 for p in model.parameters())
+
+
+def test_reentrant_partial_gradients_are_summed():
+    """Two gradients of one parameter inside one backward are parts of one micro-batch: summed, not folded twice."""
+    p = torch.nn.Parameter(torch.randn(8))
+    twin = torch.nn.Parameter(p.detach().clone())
+    opt = AdamA([p], lr=1e-2, weight_decay=0.0)
+    opt_ref = torch.optim.AdamW([twin], lr=1e-2, weight_decay=0.0)
+    g1, g2 = torch.randn(8), torch.randn(8)
+    opt._enqueue(p, g1)
+    opt._enqueue(p, g2)
+    opt.step()
+    twin.grad = g1 + g2
+    opt_ref.step()
+    torch.testing.assert_close(p, twin)
+
+
+def test_bf16_states_track_fp32():
+    """state_bits=16 stores m, v in bf16 (4 bytes/parameter) and stays close to fp32 states over 30 steps."""
+    def run(bits):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+        init = [p.detach().clone() for p in model.parameters()]
+        opt = AdamA(model.parameters(), lr=1e-3, accumulation_steps=4, state_bits=bits)
+        for i, (x, y) in enumerate(batches(2, 30 * 4, d=32, b=8)):
+            ((model(x) - y).pow(2).mean() / 4).backward()
+            if i % 4 == 3:
+                opt.step()
+        return model, opt, init
+    m32, o32, init = run(32)
+    m16, o16, _ = run(16)
+    assert o16.state[m16[0].weight]["exp_avg"].dtype == torch.bfloat16
+    assert o16.state_bytes() * 2 == o32.state_bytes()
+    for a, b, q in zip(m16.parameters(), m32.parameters(), init):
+        # bf16 keeps 8 significant bits (0.4 % per rounding); stochastic rounding adds noise, not bias
+        disp = float((a - b).detach().norm() / (b - q).detach().norm())
+        assert disp < 0.05, disp
