@@ -56,7 +56,7 @@ def test_triton_autotune_hooks_pick_the_rule_choice():
     win, _ = choose(ms, cfg.eps)
     chosen = hooks.last_pruned[int(win.key)]
     assert (tuned.best_config.kwargs, tuned.best_config.num_warps) == (chosen.kwargs, chosen.num_warps)
-    assert hooks.model.refits >= 1
+    assert len(hooks.model.rows) == 2  # each measurement went back into the cost model
 
 
 def test_dispatcher_runs_the_tabled_choice():
