@@ -69,7 +69,8 @@ def test_mofq_weight_mse_picks_the_better_format():
     cands = ["int4_sym", "fp4_sym"]
     assert select.best(select.weight_errors(uniform, cands, 128, torch.float16)) == "int4_sym"
     assert select.best(select.weight_errors(heavy, cands, 128, torch.float16)) == "fp4_sym"
-    cfg = MoFQConfig(bits=4, group_size=128)
+    cfg = MoFQConfig(bits=4, group_size=128, candidates="sym")
+    assert cfg.selection == "weight_mse" and not cfg.needs_calibration()
     for name, w in (("a", uniform), ("b", heavy)):
         cfg.record_choice(name, cfg.choose_format(name, w))
     assert cfg.layer_formats == {"a": "int4_sym", "b": "fp4_sym"}

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import registry
+from .card import install_card_writer
 from .config import QuantConfigBase, matches_module
 
 logger = logging.getLogger(__name__)
@@ -76,25 +77,91 @@ def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _make_quant_linear(lin: nn.Linear, name: str, config: QuantConfigBase, H, inputs):
-    """QuantLinear for ``lin``: GPTQ when a Hessian ``H`` is given, else round-to-nearest."""
-    from .gptq import gptq_quantize
-    from .linear import QuantLinear, rtn_quantize
+def _new_quant_linear(lin: nn.Linear, name: str, config: QuantConfigBase, fmt: str):
+    from .linear import QuantLinear
 
-    fmt = config.choose_format(name, lin.weight, inputs)
-    config.record_choice(name, fmt)
     spec = config.layer_spec(name)
     q = QuantLinear(lin.in_features, lin.out_features, fmt, spec.group_size, lin.bias is not None,
                     config.scale_torch_dtype, spec.act_fmt, device=lin.weight.device, dtype=lin.weight.dtype)
-    if H is not None:
-        codes, params = gptq_quantize(lin.weight, H, q.fmt, q.group_size, q.scale_dtype, config.act_order,
-                                      config.damp, name=name)
-    else:
-        codes, params = rtn_quantize(lin.weight, q.fmt, q.group_size, q.scale_dtype, name)
-    q.load_quantized(codes, params)
     if lin.bias is not None:
         q.bias.data.copy_(lin.bias.detach())
     return q
+
+
+def _make_quant_linear(lin: nn.Linear, name: str, config: QuantConfigBase, H, inputs):
+    """QuantLinear for ``lin``: GPTQ when a Hessian ``H`` is given, else round-to-nearest."""
+    return _quantize_linears({name: lin}, config, H, inputs)[name]
+
+
+def _quantize_linears(linears: dict, config: QuantConfigBase, H, inputs) -> dict:
+    """QuantLinears for linears that read the same input (Hessian ``H``, calibration sample ``inputs``).
+
+    Each layer's format is chosen (and recorded) first; layers that end up with the same format and group
+    size are then quantized as one row-stacked matrix: GPTQ treats rows independently given H, so this
+    equals quantizing them one by one, with one pass over the columns instead of several.
+    """
+    from .gptq import gptq_quantize
+    from .linear import rtn_quantize
+
+    out, by_format = {}, {}
+    for name, lin in linears.items():
+        fmt = config.choose_format(name, lin.weight, inputs)
+        config.record_choice(name, fmt)
+        q = _new_quant_linear(lin, name, config, fmt)
+        out[name] = q
+        by_format.setdefault((q.fmt.name, q.group_size), []).append(name)
+    for names in by_format.values():
+        q0 = out[names[0]]
+        label = "+".join(names)
+        if H is not None:
+            W = torch.cat([linears[n].weight for n in names])
+            codes, params = gptq_quantize(W, H, q0.fmt, q0.group_size, q0.scale_dtype, config.act_order,
+                                          config.damp, name=label)
+        else:
+            W = torch.cat([linears[n].weight for n in names])
+            codes, params = rtn_quantize(W, q0.fmt, q0.group_size, q0.scale_dtype, label)
+        row = 0
+        for n in names:
+            rows = slice(row, row + out[n].out_features)
+            out[n].load_quantized(codes[rows], {p: t[rows] for p, t in params.items()})
+            row = rows.stop
+    return out
+
+
+def _collect_layer_inputs(layer, names: dict, hidden, kwargs, want_hessian: bool, sample_tokens: int):
+    """Run ``layer`` over the calibration hidden states and gather what its linears see.
+
+    Linears fed the very same tensor (q/k/v from one norm, gate/up) form one input group, with one Hessian
+    and one token sample. Returns ``[(names, HessianAccumulator | None, sample (tokens, in))]``.
+    """
+    from .gptq import HessianAccumulator
+
+    seen: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, _n=n: seen.setdefault(_n, args[0]))
+             for n, m in names.items()]
+    groups: dict[tuple, list] = {}
+    try:
+        for h, kw in zip(hidden, kwargs):
+            seen.clear()
+            layer(h, **kw)
+            by_tensor: dict[tuple, list] = {}
+            for n, x in seen.items():
+                by_tensor.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), []).append(n)
+            for key, ns in by_tensor.items():
+                x = seen[ns[0]].reshape(-1, seen[ns[0]].shape[-1]).float()
+                g = groups.setdefault(tuple(ns), [HessianAccumulator(x.shape[-1], x.device) if want_hessian
+                                                  else None, [], 0])
+                if want_hessian:
+                    g[0].add(x)
+                # An evenly spread sample across windows for the format choice (MoFQ).
+                per_window = max(1, sample_tokens // max(1, len(hidden)))
+                if g[2] < sample_tokens:
+                    g[1].append(x[:: max(1, x.shape[0] // per_window)][:per_window])
+                    g[2] += len(g[1][-1])
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return [(list(ns), acc, torch.cat(xs)) for ns, (acc, xs, _) in groups.items()]
 
 
 @torch.no_grad()
@@ -103,6 +170,8 @@ def quantize_model(model: nn.Module, config: QuantConfigBase, windows: torch.Ten
     """Quantize ``model`` in place with ``config`` (GPTQ or RTN; MoFQ choices recorded in ``config``).
 
     ``windows`` (n, seqlen) calibration tokens are needed when ``config.needs_calibration()`` says so.
+    Without GPTQ only a token sample is needed (for MoFQ's output-error choice: ``config.selection_tokens``),
+    so only as many windows as hold twice that many tokens are run.
     """
     from tqdm.auto import tqdm
 
@@ -116,36 +185,21 @@ def quantize_model(model: nn.Module, config: QuantConfigBase, windows: torch.Ten
         raise ValueError(f"{type(config).__name__}: {config.needs_calibration()}; pass calibration windows")
     done = set()
     if calibrated:
+        gptq = config.algorithm == "gptq"
+        sample_tokens = getattr(config, "selection_tokens", MAX_SELECTION_TOKENS)
+        if not gptq:
+            windows = windows[: max(1, -(-2 * sample_tokens // windows.shape[1]))]
         layers = decoder_layers(model)
         prefix = next(n for n, m in model.named_modules() if m is layers)
         hidden, kwargs = _capture_first_layer_inputs(model, layers, windows, device)
         for i, layer in enumerate(tqdm(layers, desc=f"{config.quant_method} {config.algorithm}", disable=not progress)):
             names = {f"{prefix}.{i}.{n}": m for n, m in layer.named_modules() if f"{prefix}.{i}.{n}" in linears}
-            stats = {n: {"H": None, "x": []} for n in names}
-            hooks = []
-            for n, m in names.items():
-                def hook(mod, args, _n=n):
-                    x = args[0].reshape(-1, args[0].shape[-1])
-                    st = stats[_n]
-                    if config.algorithm == "gptq":
-                        if st["H"] is None:
-                            from .gptq import HessianAccumulator
-                            st["H"] = HessianAccumulator(x.shape[-1], x.device)
-                        st["H"].add(x)
-                    if sum(len(t) for t in st["x"]) < MAX_SELECTION_TOKENS:
-                        st["x"].append(x[:: max(1, x.shape[0] // 512)].float())
-                hooks.append(m.register_forward_pre_hook(hook))
-            try:
-                for h, kw in zip(hidden, kwargs):
-                    layer(h, **kw)
-            finally:
-                for h in hooks:
-                    h.remove()
-            for n, m in names.items():
-                st = stats[n]
-                H = st["H"].H if st["H"] is not None else None
-                model.set_submodule(n, _make_quant_linear(m, n, config, H, torch.cat(st["x"])))
-                done.add(n)
+            for group, acc, sample in _collect_layer_inputs(layer, names, hidden, kwargs, gptq, sample_tokens):
+                made = _quantize_linears({n: names[n] for n in group}, config, acc.H if acc is not None else None,
+                                         sample)
+                for n, q in made.items():
+                    model.set_submodule(n, q)
+                    done.add(n)
             hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
     for n, m in linears.items():
         if n not in done:
@@ -155,6 +209,7 @@ def quantize_model(model: nn.Module, config: QuantConfigBase, windows: torch.Ten
     # The registry pairs the config with its quantizer (capabilities never import the integrations layer).
     quantizer_cls = registry.register_all().quantization[config.quant_method].quantizer()
     model.hf_quantizer = quantizer_cls(config, pre_quantized=True)
+    install_card_writer(model)  # save_pretrained also writes README.md (what this is, how to load it)
     model.is_quantized = True
     model.quantization_method = config.quant_method
     summary = config.summary()

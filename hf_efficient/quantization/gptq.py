@@ -1,13 +1,19 @@
 """GPTQ-style calibrated quantization of one weight matrix, for every format of :mod:`hf_efficient.formats`.
 
 Columns are quantized one at a time; each column's rounding error is spread over the columns not yet
-quantized through the inverse Hessian ``H = 2 X Xᵀ / n`` of the layer inputs (Frantar et al., 2022), in
-blocks with lazy updates. The format only enters through ``formats.fit_params`` / ``encode`` / ``decode``,
-so symmetric, zero-point and AFPQ two-scale formats all work: AFPQ's (s_pos, s_neg) replace GPTQ's
-(scale, zero). Group parameters are fitted when the first column of a group is reached, on the
-error-updated weights (as GPTQ does); with ``act_order`` columns go by decreasing Hessian diagonal and
-group parameters are fitted up front on the original weights ("static groups"), so the stored layout
-stays in the original column order with contiguous groups.
+quantized through the upper Cholesky factor ``U`` of the damped inverse Hessian ``(H + λI)⁻¹``, with
+``H = 2 X Xᵀ / n`` over the layer inputs (Frantar et al., 2022). The work is organised as the paper's
+lazy block updates: inside a block of ``block_size`` columns, a column costs a handful of vector ops over
+the ``N`` output rows and one rank-1 update of the rest of the block; the columns after the block receive
+the block's accumulated errors in one matmul. Rows are independent given ``H``, so several layers that
+read the same input (q/k/v, gate/up) can be quantized as one stacked matrix with identical results.
+
+The format only enters through ``formats.fit_params`` and its value grid, so symmetric, zero-point and AFPQ
+two-scale formats all work: AFPQ's (s_pos, s_neg) replace GPTQ's (scale, zero). Without ``act_order`` a
+group's parameters are fitted when its first column is reached, on the weights as updated by the error
+feedback so far (GPTQ's groupwise variant); with ``act_order`` columns go by decreasing Hessian diagonal and
+group parameters are fitted up front on the original weights ("static groups"), so the stored layout stays
+in the original column order with contiguous groups.
 """
 from __future__ import annotations
 
@@ -54,7 +60,7 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 @contextlib.contextmanager
 def _one_cpu_thread(device: torch.device):
     """The per-column ops touch one column (~10³ values): splitting them over OpenMP threads costs more
-    than it saves (a 1536-value searchsorted took 6 ms on 2 busy threads vs 0.14 ms on one)."""
+    than it saves on a small, busy CPU."""
     if device.type != "cpu":
         yield
         return
@@ -66,14 +72,64 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(old)
 
 
+class _ColumnRounder:
+    """Round-to-nearest of one column (N,) onto the format's grid, given that column's group parameters.
+
+    Nearest-value search runs over the sorted distinct grid values (ties to the smaller value, as
+    :func:`formats.encode`); the index found is kept so the codes come out in one lookup at the end.
+    For two-scale formats the search runs over the whole grid with ``w`` divided by ``s_neg`` where
+    ``w < 0`` and by ``s_pos`` elsewhere: a non-negative ratio is never nearer a negative grid value than
+    to 0, so this equals encoding each sign against its own half-grid.
+    """
+
+    def __init__(self, fmt: formats.NumericFormat, device):
+        vals, codes = formats._nearest_table(fmt, "all")
+        self.fmt = fmt
+        self.vals = torch.tensor(vals, dtype=torch.float32, device=device)
+        self.mid = (self.vals[1:] + self.vals[:-1]) / 2
+        self.codes = torch.tensor(codes, dtype=torch.uint8, device=device)
+
+    def column_params(self, params: dict) -> dict:
+        """Per-column rows (..., N) of what :meth:`round` reads, from the format's group parameters."""
+        safe = lambda s: torch.where(s > 0, s, torch.ones_like(s))  # noqa: E731  (formats' zero-scale rule)
+        if self.fmt.scheme == "two_scale":
+            return {"sp": params["scales_pos"], "sn": params["scales_neg"],
+                    "dp": safe(params["scales_pos"]), "dn": safe(params["scales_neg"])}
+        out = {"s": params["scales"], "d": safe(params["scales"])}
+        if self.fmt.scheme == "zero_point":
+            out["z"] = params["zeros"]
+        return out
+
+    def round(self, w: torch.Tensor, p: dict, idx_out: torch.Tensor, q_out: torch.Tensor) -> None:
+        """Write the grid index of each value of ``w`` into ``idx_out`` and its decoded value into ``q_out``."""
+        scheme = self.fmt.scheme
+        if scheme == "two_scale":
+            neg = w < 0
+            x = w / torch.where(neg, p["dn"], p["dp"])
+        elif scheme == "zero_point":
+            x = (w / p["d"]).add_(p["z"])
+        else:
+            x = w / p["d"]
+        torch.searchsorted(self.mid, x, out=idx_out)
+        v = self.vals.index_select(0, idx_out)
+        if scheme == "two_scale":
+            torch.mul(v, torch.where(neg, p["sn"], p["sp"]), out=q_out)
+        elif scheme == "zero_point":
+            torch.mul(v.sub_(p["z"]), p["s"], out=q_out)
+        else:
+            torch.mul(v, p["s"], out=q_out)
+
+
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, fmt, group_size: int, scale_dtype=torch.float16,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128,
                   name: str | None = None) -> tuple[torch.Tensor, dict]:
     """Quantize ``weight`` (N, K) given the input Hessian ``H`` (K, K).
 
-    Returns ``(codes uint8 (N, K), {param: (N, n_groups) float32})`` in the original column order, ready
-    for :meth:`QuantLinear.load_quantized`.
+    ``group_size`` columns share parameters along K (the last group may be shorter); ``block_size`` is the
+    lazy-update block. Returns ``(codes uint8 (N, K), {param: (N, n_groups) float32})`` in the original
+    column order, ready for :meth:`QuantLinear.load_quantized`. Raises ValueError for a non-finite weight
+    or a Hessian of the wrong shape.
     """
     fmt = formats.get_format(fmt)
     check_finite(weight, name)
@@ -81,51 +137,59 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, fmt, group_size: int, s
     N, K = W.shape
     if H.shape != (K, K):
         raise ValueError(f"layer {name}: Hessian shape {tuple(H.shape)} does not match in_features {K}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    g = min(int(group_size), K)
     H = H.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0  # inputs that are always zero: any value works, zero is exact
 
-    ng = n_groups(K, group_size)
+    ng = n_groups(K, g)
     params = {p: torch.zeros(N, ng, device=W.device) for p in fmt.param_names}
     if act_order:
-        static = group_params(fmt, W, group_size, scale_dtype)
-        for p in params:
-            params[p].copy_(static[p])
+        params = group_params(fmt, W, g, scale_dtype)
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(K, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    U = _inverse_hessian_cholesky(H, damp)
-    group_of = (perm // group_size).tolist()
-    codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
+    group_of = perm // g
+    U = _inverse_hessian_cholesky(H[perm][:, perm], damp)
+    # Column k of the (permuted) weight is row k here: every per-column op reads contiguous memory.
+    WT = W[:, perm].T.contiguous()
+    QT = torch.empty_like(WT)
+    IDX = torch.empty(K, N, dtype=torch.long, device=W.device)
+    rounder = _ColumnRounder(fmt, W.device)
 
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1, D1 = WT[i1:i2], torch.empty(i2 - i1, N, device=W.device)
         U1 = U[i1:i2, i1:i2]
+        diag = torch.diag(U1)
+        R1 = U1 / diag[:, None]  # row i: how column i's rounding error moves the later columns
+        # Per-column parameter rows of this block; without act_order a group that starts inside the block
+        # overwrites its rows when it is fitted, a group begun in an earlier block is already fitted.
+        P1 = {k: t.contiguous() for k, t in
+              rounder.column_params({p: t[:, group_of[i1:i2]].T for p, t in params.items()}).items()}
         with _one_cpu_thread(W.device):
             for i in range(i2 - i1):
                 col = i1 + i
-                g = group_of[col]
-                if not act_order and perm[col] % group_size == 0:
-                    # Fit this group on the weights as updated by the error feedback so far.
-                    start, stop = col, min(col + group_size, K)
-                    cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : stop - start]
-                    fitted = formats.fit_params(fmt, cur, scale_dtype)
+                if not act_order and col % g == 0:
+                    # Fit this group on the weights as updated by the error feedback so far (the columns
+                    # past this block have had every earlier block's update, not yet this block's).
+                    stop = min(col + g, K)
+                    cur = W1[i: i + stop - col] if stop <= i2 else torch.cat([W1[i:], WT[i2:stop]])
+                    fitted = formats.fit_params(fmt, cur.T, scale_dtype)
                     for p in params:
-                        params[p][:, g] = fitted[p]
-                w = W1[:, i]
-                p_col = {p: t[:, g] for p, t in params.items()}
-                c = formats.encode(fmt, w, p_col)
-                q = formats.decode(fmt, c, p_col)
-                codes[:, col] = c
-                err = (w - q) / U1[i, i]
-                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-                Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+                        params[p][:, col // g] = fitted[p]
+                    for k, t in rounder.column_params(fitted).items():
+                        P1[k][i: min(stop, i2) - i1] = t
+                w = W1[i]
+                rounder.round(w, {k: t[i] for k, t in P1.items()}, IDX[col], QT[col])
+                torch.sub(w, QT[col], out=D1[i])
+                W1[i + 1:].addr_(R1[i, i + 1:], D1[i], alpha=-1)
+        if i2 < K:
+            WT[i2:].addmm_(U[i1:i2, i2:].T, D1 / diag[:, None], alpha=-1)
 
-    out = torch.empty_like(codes)
-    out[:, perm] = codes
-    return out, params
+    codes = torch.empty(N, K, dtype=torch.uint8, device=W.device)
+    codes[:, perm] = rounder.codes[IDX].T
+    return codes, params

@@ -1,4 +1,4 @@
-"""``MoFQConfig``: per layer, the better of an INT and an FP format at the same bit width."""
+"""``MoFQConfig``: per layer, the best of several formats (INT / FP / NF, symmetric or asymmetric) at one bit width."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,7 +6,14 @@ from collections import Counter
 from ... import formats
 from ..config import LayerSpec, QuantConfigBase, _err
 
-DEFAULT_CANDIDATES = {4: ["int4_sym", "fp4_sym"], 8: ["int8_sym", "fp8_sym"]}
+# "all": every format of the catalog at that width (the asymmetric ones are our best single formats, so the
+# per-layer choice must see them); "sym": the MoFQ paper's INT-vs-FP pair, one layout, chosen on load.
+CANDIDATE_SETS = {
+    "all": {b: [f"{k}{b}_{s}" for s in ("asym", "sym") for k in ("int", "fp", "nf") if f"{k}{b}_{s}" in formats.FORMATS]
+            for b in (2, 3, 4)} | {8: ["int8_sym", "fp8_sym"]},
+    "sym": {4: ["int4_sym", "fp4_sym"], 3: ["int3_sym", "fp3_sym"], 8: ["int8_sym", "fp8_sym"]},
+}
+DEFAULT_CANDIDATES = CANDIDATE_SETS["all"]
 SELECTIONS = ("weight_mse", "output_error")
 
 
@@ -14,30 +21,46 @@ class MoFQConfig(QuantConfigBase):
     """Mixture-of-formats quantization (MoFQ) as a transformers config.
 
     Args:
-        bits: 4 (W4: INT4 vs FP4-E2M1) or 8 (W8: INT8 vs FP8-E4M3); other widths need explicit ``candidates``.
+        bits: 2, 3, 4 or 8 (weights).
         group_size: columns per scale group (default 128; -1 per-channel, the usual choice for W8A8).
-        candidates: format names to choose from (default by bits, symmetric as in the paper).
+        candidates: format names to choose from, or a set name: "all" (default: INT-asym, AFPQ FP-asym and
+            NF-asym two-scale, INT/FP/NF-sym of that width; INT8/FP8 at 8 bits) or "sym" (the paper's INT-sym vs
+            FP-sym pair, which can be chosen on load).
         act_bits: None (weight-only) or 8: activations are quantized per token, in INT8 for layers that chose
             INT and FP8-E4M3 for layers that chose FP (W8A8).
-        selection: "weight_mse" (per-layer weight MSE; works on load) or "output_error" (per-layer output
-            error on calibration batches with activations quantized too; default when ``act_bits`` is set;
-            needs :func:`hf_efficient.quantization.quantize`).
+        selection: "output_error" (the paper's criterion: mean squared error of the layer's output on
+            calibration inputs, activations quantized too under W8A8; needs
+            :func:`hf_efficient.quantization.quantize`) or "weight_mse" (weight MSE; works on load when every
+            candidate stores the same tensors). Default: "weight_mse" when that works on load, else "output_error".
+        selection_tokens: calibration tokens per layer input on which output errors are measured (default
+            512; with ``algorithm="rtn"`` only as many calibration windows as hold them are run).
         layer_formats: {module name: chosen format}, filled by the selection and saved in the checkpoint.
+        With ``algorithm="gptq"`` the chosen format of each layer is then quantized with GPTQ.
     """
 
     quant_method_name = "mofq"
 
-    def __init__(self, bits: int = 4, group_size: int = 128, candidates: list[str] | None = None,
-                 act_bits: int | None = None, selection: str | None = None,
+    def __init__(self, bits: int = 4, group_size: int = 128, candidates: list[str] | str | None = None,
+                 act_bits: int | None = None, selection: str | None = None, selection_tokens: int = 512,
                  layer_formats: dict[str, str] | None = None, **kwargs):
+        if isinstance(candidates, str):
+            if candidates not in CANDIDATE_SETS:
+                raise _err("candidates", candidates, f"a list of format names or one of {sorted(CANDIDATE_SETS)}")
+            candidates = CANDIDATE_SETS[candidates].get(bits)
+            if candidates is None:
+                raise _err("bits", bits, f"this candidate set exists for bits {sorted(CANDIDATE_SETS['sym'])}")
         self.candidates = list(candidates) if candidates is not None else DEFAULT_CANDIDATES.get(bits)
         self.act_bits = act_bits
-        self.selection = selection or ("output_error" if act_bits else "weight_mse")
-        self.layer_formats = dict(layer_formats or {})
-        super().__init__(bits=bits, group_size=group_size, **kwargs)
         if self.candidates is None:
             raise _err("bits", bits, f"MoFQ has default candidates for bits {sorted(DEFAULT_CANDIDATES)}; "
                                      f"pass candidates=[...] for other widths")
+        one_layout = len({formats.get_format(c).param_names for c in self.candidates}) == 1
+        self.selection = selection or ("weight_mse" if one_layout and not act_bits else "output_error")
+        self.selection_tokens = selection_tokens
+        self.layer_formats = dict(layer_formats or {})
+        super().__init__(bits=bits, group_size=group_size, **kwargs)
+        if not isinstance(selection_tokens, int) or selection_tokens < 1:
+            raise _err("selection_tokens", selection_tokens, "a positive int")
         if not self.candidates:
             raise _err("candidates", candidates, "a non-empty list of format names")
         for c in self.candidates:
@@ -90,8 +113,8 @@ class MoFQConfig(QuantConfigBase):
         else:
             if inputs is None:
                 raise ValueError(f"MoFQ selection='output_error' needs calibration inputs for layer {name}")
-            errors = select.output_errors(weight, inputs, self.candidates, self.group_size_or_none(),
-                                          self.scale_torch_dtype, self.act_format, name)
+            errors = select.output_errors(weight, inputs[: self.selection_tokens], self.candidates,
+                                          self.group_size_or_none(), self.scale_torch_dtype, self.act_format, name)
         return select.best(errors)
 
     def record_choice(self, name: str, fmt: str) -> None:

@@ -1,4 +1,4 @@
-"""MoFQ's per-layer format choice: weight MSE (weight-only) or layer-output error (W8A8)."""
+"""MoFQ's per-layer format choice: weight MSE (on load) or layer-output error on calibration inputs."""
 from __future__ import annotations
 
 import torch
@@ -22,20 +22,27 @@ def weight_errors(w: torch.Tensor, candidates, group_size, scale_dtype, name=Non
 
 def output_errors(w: torch.Tensor, x: torch.Tensor, candidates, group_size, scale_dtype, act_format,
                   name=None) -> dict[str, float]:
-    """Mean squared output error of ``x @ W^T`` when both ``W`` (RTN) and ``x`` (per token) are quantized.
+    """Mean squared output error of ``x @ W^T`` when ``W`` (RTN) and, under W8A8, ``x`` (per token) are quantized.
 
     ``x``: calibration inputs of the layer, (tokens, in_features). ``act_format(weight_fmt)`` gives the
-    activation format paired with a weight format (None: activations stay float).
+    activation format paired with a weight format (None: activations stay float; then the error is
+    ``x @ (W_q - W)^T``, one matmul for all weight-only candidates together).
     """
     w = w.detach().float()
     x = x.float()
-    ref = x @ w.T
-    out = {}
+    out, weight_only = {}, []
     for c in candidates:
         a = act_format(c)
-        xq = formats.quantize_per_token(formats.get_format(a), x) if a else x
-        out[c] = (xq @ rtn_dequant(w, c, group_size, scale_dtype, name).T - ref).pow(2).mean().item()
-    return out
+        if a is None:
+            weight_only.append(c)
+            continue
+        xq = formats.quantize_per_token(formats.get_format(a), x)
+        out[c] = (xq @ rtn_dequant(w, c, group_size, scale_dtype, name).T - x @ w.T).pow(2).mean().item()
+    if weight_only:
+        delta = torch.cat([rtn_dequant(w, c, group_size, scale_dtype, name) - w for c in weight_only])
+        err = (x @ delta.T).pow(2).reshape(x.shape[0], len(weight_only), w.shape[0]).mean(dim=(0, 2))
+        out.update(zip(weight_only, err.tolist()))
+    return {c: out[c] for c in candidates}
 
 
 def best(errors: dict[str, float]) -> str:
