@@ -138,7 +138,7 @@ def distill_pregates(model: nn.Module, batches: Iterable[torch.Tensor], steps: i
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
