@@ -194,16 +194,20 @@ def test_quant_linear_fast_path(cpu_fast_path, fmt, m):
     from hf_efficient.quantization.gpu import force_kernel
 
     layer = _qlinear(fmt)
+    stored = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(m, 2, 96).half()
     with reference_only():
         ref = layer(x)
     y = layer(x)
-    assert hasattr(layer, "_hfe_kernel_qweight") and "_hfe_kernel_qweight" not in layer.state_dict()
+    # one resident copy: the kernel layout replaced the stored buffers, and checkpoints still hold the latter
+    assert layer.layout.kind == "cuda-triton" and layer.qweight.numel() == 0
+    assert all(torch.equal(v, stored[k]) for k, v in layer.state_dict().items())
     torch.testing.assert_close(y, ref, rtol=2e-3, atol=2e-3)
     with force_kernel("lut"):
         torch.testing.assert_close(layer(x), ref, rtol=2e-3, atol=2e-3)
-    # the repacked copy follows the stored weight when it changes
-    layer.qweight.copy_(torch.roll(layer.qweight, 1, 0))
+    # new weights go through load_quantized, which drops the layout; the next forward adopts it again
+    layer.load_quantized(torch.roll(layer.codes(), 1, 0), {k: v.float() for k, v in layer.params().items()})
+    assert layer.layout is None
     with reference_only():
         ref2 = layer(x)
     torch.testing.assert_close(layer(x), ref2, rtol=2e-3, atol=2e-3)
@@ -216,7 +220,7 @@ def test_choose_kernel_by_shape():
     assert gpu.GEMV_MAX_M == GEMV_MAX_M
     assert gpu.choose_kernel(1, 4) == "gemv" and gpu.choose_kernel(8, 3) == "gemv" and gpu.choose_kernel(9, 4) == "gemm"
     assert gpu.choose_kernel(16, 4) == "gemm"
-    with gpu.force_kernel("lut"):
+    with gpu.force_kernel("lut"):  # the LUT GEMM is an experiment: only ever chosen when forced
         assert gpu.choose_kernel(1, 4) == "lut"
     with pytest.raises(ValueError, match="kernel must be one of"):
         with gpu.force_kernel("fast"):
@@ -224,13 +228,13 @@ def test_choose_kernel_by_shape():
 
 
 def test_op_fake_and_compile(cpu_fast_path):
-    from hf_efficient.quantization.gpu import _TENSORS, _BUF, prepare_model, quant_linear_forward
+    from hf_efficient.quantization.gpu import _TRITON_TENSORS, prepare_model, quant_linear_forward
 
     layer = _qlinear("int4_asym", bias=False)
     x = torch.randn(3, 96).half()
-    quant_linear_forward(x, layer)  # repack
-    t = [getattr(layer, _BUF + n) for n in _TENSORS]
-    args = (x, *t, 40, 96, *layer._hfe_kernel_meta, "auto")
+    quant_linear_forward(x, layer)  # adopts the layout
+    t = [layer.layout_tensor(n) for n in _TRITON_TENSORS]
+    args = (x, *t, 40, 96, *layer.layout.meta, "auto")
     torch.library.opcheck(torch.ops.hf_efficient.quant_matmul.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 

@@ -1,19 +1,21 @@
-"""CUDA fast path of :class:`~hf_efficient.quantization.linear.QuantLinear`: Triton kernels as torch ops.
+"""CUDA fast path of :class:`~hf_efficient.quantization.linear.QuantLinear`.
 
-``torch.ops.hf_efficient.quant_matmul`` (a ``torch.library`` custom op with a fake implementation, so
-``torch.compile`` traces it without a graph break) multiplies activations by a weight in the kernel
-layout of :mod:`hf_efficient.kernels.quant_layout`, choosing the kernel by shape (:func:`choose_kernel`):
+A layer on CUDA adopts **one** kernel layout as its only copy of its weights
+(:meth:`QuantLinear.adopt_layout`; checkpoints are rebuilt from it on save):
 
-* ``M <= 8``            dequant-fused GEMV on CUDA cores (split-K, one launch)
-* ``M > 8``             dequant-fused GEMM on tensor cores (split-K for small M)
-* ``"lut"``             the bit-serial LUT GEMM, where :data:`LUT_WINS` says it measured faster
-                        (benchmarks/quant_gemv.py), or when forced with :func:`force_kernel`.
+* ``"cuda-mma"``: 2/3/4-bit weights of every format, group sizes that are multiples of 16, where the CUDA
+  extension builds (:mod:`hf_efficient.kernels.quant_mma`, tensor-core ``mma.sync`` for every M). Prompts
+  longer than :data:`MMA_MAX_M` rows dequantize the layer once per call and run cuBLAS.
+* ``"cuda-triton"``: everything else the Triton kernels run (8-bit weights; any format where the extension
+  is unavailable), through ``torch.ops.hf_efficient.quant_matmul``, which chooses by shape
+  (:func:`choose_kernel`): the dequant GEMV for ``M <= 8``, the dequant GEMM above. The bit-serial LUT GEMM
+  never won a measurement (docs/gpu_kernels.md) and runs only inside :func:`force_kernel` ("lut") — an
+  experiment, computing its terms per call rather than keeping buffers in every layer.
 
-Importing this module registers the fast path for every format on CUDA. A layer is repacked into the
-kernel layout once, on its first CUDA forward (or eagerly with :func:`prepare_model`, which
-``torch.compile`` users should call first: a layer that is still unpacked while compiling falls back to
-the reference path). The repacked tensors are non-persistent buffers (they follow ``.to()`` and are
-never saved).
+Layers adopt their layout when the quantizer finishes loading a model onto CUDA, or on their first CUDA
+forward, or with :func:`prepare_model` (call it before ``torch.compile``: a layer without its layout while
+compiling falls back to the reference path). Both ops are ``torch.library`` custom ops with fake
+implementations, so ``torch.compile`` traces them without graph breaks.
 """
 from __future__ import annotations
 
@@ -22,17 +24,16 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .linear import QuantLinear, register_fast_path
+from .linear import QuantLinear, ResidentLayout, register_fast_path, storage_tensors
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("auto", "gemv", "gemm", "lut")
+KERNELS = ("auto", "gemv", "gemm", "lut", "triton")  # "triton": the Triton layout even where mma could run
+MMA_MAX_M = 256  # above: dequantize + cuBLAS (prefill), where a full-size GEMM beats re-reading fragments
 GEMV_MAX_M = 8  # = kernels.quant_gemm.GEMV_MAX_M (not imported here: importing the kernels needs triton)
-# (bits, max M) pairs where the LUT kernel beat the dequant kernels on the H100 benchmark; see
-# docs/gpu_kernels.md. Empty: it never did, so "auto" never picks it.
-LUT_WINS: set[tuple[int, int]] = set()
 _forced: list[str] = []
 
 
@@ -51,30 +52,26 @@ def force_kernel(name: str):
 def choose_kernel(m: int, bits: int, requested: str = "auto") -> str:
     """Kernel for an ``(m, K) x (K, N)`` product with ``bits``-bit weights."""
     req = _forced[-1] if _forced else requested
-    if req != "auto":
+    if req not in ("auto", "triton"):
         return req
-    if any(bits == b and m <= mm for b, mm in LUT_WINS):
-        return "lut"
     return "gemv" if m <= GEMV_MAX_M else "gemm"
 
 
-def _kernel_weight(qweight, params, table, lut_masks, lut_betas, n, k, bits, group_size, mode, decode, v_off):
+def _kernel_weight(qweight, params, table, n, k, bits, group_size, mode, decode, v_off):
     from ..kernels.quant_layout import KernelWeight
 
-    return KernelWeight(qweight, params, table, n, k, bits, group_size, mode, decode, v_off,
-                        lut_masks if lut_masks.numel() else None, lut_betas if lut_betas.numel() else None)
+    return KernelWeight(qweight, params, table, n, k, bits, group_size, mode, decode, v_off)
 
 
 @torch.library.custom_op("hf_efficient::quant_matmul", mutates_args=())
-def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, table: torch.Tensor,
-                 lut_masks: torch.Tensor, lut_betas: torch.Tensor, n: int, k: int, bits: int, group_size: int,
-                 mode: int, decode: int, v_off: float, kernel: str) -> torch.Tensor:
-    """``x @ W.T`` for ``x`` (M, K) fp16/bf16 and W in kernel layout -> (M, N) in x's dtype.
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, table: torch.Tensor, n: int, k: int,
+                 bits: int, group_size: int, mode: int, decode: int, v_off: float, kernel: str) -> torch.Tensor:
+    """``x @ W.T`` for ``x`` (M, K) fp16/bf16 and W in the Triton kernel layout -> (M, N) in x's dtype.
 
     On CUDA (or under ``TRITON_INTERPRET=1``) a Triton kernel chosen by :func:`choose_kernel`; elsewhere
     the plain-torch reference.
     """
-    kw = _kernel_weight(qweight, params, table, lut_masks, lut_betas, n, k, bits, group_size, mode, decode, v_off)
+    kw = _kernel_weight(qweight, params, table, n, k, bits, group_size, mode, decode, v_off)
     if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from ..kernels.quant_reference import quant_matmul_reference
 
@@ -85,15 +82,14 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, t
     if which == "lut":
         from ..kernels.quant_lut import quant_lut_gemm
 
-        return quant_lut_gemm(x, kw)
+        return quant_lut_gemm(x, kw)  # computes its bit-serial terms per call: an experiment, not a default
     from ..kernels.quant_gemm import quant_gemm, quant_gemv
 
     return quant_gemv(x, kw) if which == "gemv" else quant_gemm(x, kw)
 
 
 @quant_matmul.register_fake
-def _quant_matmul_fake(x, qweight, params, table, lut_masks, lut_betas, n, k, bits, group_size, mode, decode,
-                       v_off, kernel):
+def _quant_matmul_fake(x, qweight, params, table, n, k, bits, group_size, mode, decode, v_off, kernel):
     torch._check(x.dim() == 2 and x.shape[1] == k, lambda: f"quant_matmul: x must be (M, {k})")
     return x.new_empty(x.shape[0], n)
 
@@ -101,77 +97,122 @@ def _quant_matmul_fake(x, qweight, params, table, lut_masks, lut_betas, n, k, bi
 # ------------------------------------------------------------------------------------------------
 # QuantLinear -> kernel layout, once
 # ------------------------------------------------------------------------------------------------
-_BUF = "_hfe_kernel_"
-_TENSORS = ("qweight", "params", "table", "lut_masks", "lut_betas")
+_TRITON_TENSORS = ("qweight", "params", "table")
+_MMA_TENSORS = ("qweight", "params", "tables")
 
 
 def supports(layer: QuantLinear) -> str | None:
     """None if the GPU kernels can run ``layer``; otherwise the reason they cannot."""
+    if layer.act_fmt is not None:
+        return "activation quantization"
+    if _mma_kind(layer):
+        return None
     if layer.fmt.bits not in (2, 3, 4, 8):
         return f"bits={layer.fmt.bits}"
     if layer.group_size % 32:
         return f"group_size={layer.group_size} is not a multiple of 32"
-    if layer.act_fmt is not None:
-        return "activation quantization"
     return None
 
 
+def _mma_kind(layer: QuantLinear) -> bool:
+    from ..kernels import quant_mma
+
+    forced_triton = bool(_forced) and _forced[-1] != "auto"
+    return (layer.fmt.bits in quant_mma.MMA_BITS and layer.group_size % 16 == 0 and not forced_triton
+            and layer.act_fmt is None and quant_mma.extension() is not None)
+
+
+def _from_kernel(layer: QuantLinear, codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict:
+    names = layer.fmt.param_names
+    params = {names[0]: a, **({names[1]: b} if len(names) > 1 else {})}
+    return storage_tensors(layer.fmt, codes, params, layer.scale_dtype)
+
+
+def _mma_storage(layer: QuantLinear) -> dict:
+    from ..kernels.quant_mma import MmaWeight, unpack
+
+    t = [layer.layout_tensor(n) for n in _MMA_TENSORS]
+    return _from_kernel(layer, *unpack(MmaWeight(*t, layer.out_features, layer.in_features, *layer.layout.meta)))
+
+
+def _triton_storage(layer: QuantLinear) -> dict:
+    from ..kernels.quant_layout import unpack
+
+    kw = _kernel_weight(*[layer.layout_tensor(n) for n in _TRITON_TENSORS], layer.out_features, layer.in_features,
+                        *layer.layout.meta)
+    return _from_kernel(layer, unpack(kw), kw.params[0], kw.params[1])
+
+
 def repack_layer(layer: QuantLinear) -> None:
-    """Repack ``layer``'s stored weight into the kernel layout (non-persistent buffers on its device)."""
-    from ..kernels.quant_layout import SCHEME_MODE, repack
-    from ..kernels.quant_lut import MAX_LUT_BITS, prepare_lut
+    """Give ``layer`` its kernel layout (``"cuda-mma"`` or ``"cuda-triton"``) as its only weight copy."""
+    from ..kernels.quant_layout import SCHEME_MODE
 
     reason = supports(layer)
     if reason:
         raise ValueError(f"the GPU kernels cannot run {layer.extra_repr()}: {reason}")
     fmt = layer.fmt
+    st = layer.storage()
     names = fmt.param_names
-    a = getattr(layer, names[0])
-    b = getattr(layer, names[1]).to(a.dtype) if len(names) > 1 else None
-    kw = repack(layer.codes(), a, b, fmt.grid, fmt.bits, layer.group_size, SCHEME_MODE[fmt.scheme])
-    if fmt.bits <= MAX_LUT_BITS:
-        prepare_lut(kw)
-    empty = torch.empty(0, device=a.device)
-    for name in _TENSORS:
-        t = getattr(kw, name)
-        layer.register_buffer(_BUF + name, empty if t is None else t, persistent=False)
-    layer._hfe_kernel_meta = (kw.bits, kw.group_size, kw.mode, kw.decode, kw.v_off)
-    layer._hfe_kernel_src = (layer.qweight.data_ptr(), layer.qweight._version)
+    a = st[names[0]]
+    b = st[names[1]].to(a.dtype) if len(names) > 1 else None
+    codes = layer.codes()
+    mode = SCHEME_MODE[fmt.scheme]
+    if _mma_kind(layer):
+        from ..kernels.quant_mma import pack
+
+        w = pack(codes, a, b, fmt.grid, fmt.bits, layer.group_size, mode)
+        layout = ResidentLayout("cuda-mma", {n: getattr(w, n) for n in _MMA_TENSORS}, _mma_storage,
+                                (w.bits, w.group_size, w.mode))
+    else:
+        from ..kernels.quant_layout import repack
+
+        kw = repack(codes, a, b, fmt.grid, fmt.bits, layer.group_size, mode)
+        layout = ResidentLayout("cuda-triton", {n: getattr(kw, n) for n in _TRITON_TENSORS}, _triton_storage,
+                                (kw.bits, kw.group_size, kw.mode, kw.decode, kw.v_off))
+    layer.adopt_layout(layout)
 
 
 def prepare_model(model: nn.Module) -> int:
-    """Repack every supported QuantLinear of ``model`` that sits on CUDA; returns how many."""
+    """Give every supported QuantLinear of ``model`` that sits on CUDA its kernel layout; returns how many."""
     count = 0
     for mod in model.modules():
-        if isinstance(mod, QuantLinear) and mod.qweight.is_cuda and supports(mod) is None:
-            repack_layer(mod)
+        if (isinstance(mod, QuantLinear) and supports(mod) is None
+                and any(t.is_cuda for t in mod.buffers(recurse=False))):
+            if not _ready(mod):
+                repack_layer(mod)
             count += 1
     return count
 
 
-def _fresh(layer: QuantLinear) -> bool:
-    if not hasattr(layer, "_hfe_kernel_meta"):
+def _ready(layer: QuantLinear) -> bool:
+    lay = layer.layout
+    if lay is None or lay.kind not in ("cuda-mma", "cuda-triton"):
         return False
-    if torch.compiler.is_compiling():
-        return True  # buffers are graph inputs; staleness is checked in eager mode
-    return layer._hfe_kernel_src == (layer.qweight.data_ptr(), layer.qweight._version)
+    return (lay.kind == "cuda-mma") == _mma_kind(layer) or torch.compiler.is_compiling()
 
 
 def quant_linear_forward(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor | None:
     """The fast path registered for QuantLinear on CUDA (declines by returning None)."""
     if x.dtype not in (torch.float16, torch.bfloat16) or supports(layer) is not None:
         return None
-    if not _fresh(layer):
+    if not _ready(layer):
         if torch.compiler.is_compiling():
-            logger.warning("QuantLinear not repacked before torch.compile: call "
+            logger.warning("QuantLinear has no kernel layout while compiling: call "
                            "hf_efficient.quantization.gpu.prepare_model(model) first; using the reference path")
             return None
         repack_layer(layer)
-    bits, group, mode, decode, v_off = layer._hfe_kernel_meta
-    t = [getattr(layer, _BUF + n) for n in _TENSORS]
     lead = x.shape[:-1]
-    y = torch.ops.hf_efficient.quant_matmul(x.reshape(-1, layer.in_features), *t, layer.out_features,
-                                            layer.in_features, bits, group, mode, decode, v_off, "auto")
+    x2 = x.reshape(-1, layer.in_features)
+    meta = layer.layout.meta
+    if layer.layout.kind == "cuda-mma":
+        if x2.shape[0] > MMA_MAX_M:
+            y = F.linear(x2, layer.dequantize(x.dtype))
+        else:
+            t = [layer.layout_tensor(n) for n in _MMA_TENSORS]
+            y = torch.ops.hf_efficient.quant_mma(x2, *t, layer.out_features, layer.in_features, *meta, 0)
+    else:
+        t = [layer.layout_tensor(n) for n in _TRITON_TENSORS]
+        y = torch.ops.hf_efficient.quant_matmul(x2, *t, layer.out_features, layer.in_features, *meta, "auto")
     y = y.reshape(*lead, layer.out_features)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
@@ -179,7 +220,7 @@ def quant_linear_forward(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor | 
 
 
 for _bits in (2, 3, 4, 8):
-    register_fast_path("*", _bits, "cuda", quant_linear_forward, name="triton")
+    register_fast_path("*", _bits, "cuda", quant_linear_forward, name="cuda")
 
 __all__ = ["quant_matmul", "choose_kernel", "force_kernel", "prepare_model", "repack_layer", "supports",
-           "quant_linear_forward", "KERNELS", "LUT_WINS"]
+           "quant_linear_forward", "KERNELS", "MMA_MAX_M"]

@@ -1,0 +1,301 @@
+// Mixed-input tensor-core matmul for low-bit weights: y (M, N) = x (M, K) @ W.T, W in the "mma" layout of
+// kernels/quant_mma.py (read that docstring first: it defines the layout this file decodes).
+//
+// One warp owns a 16-row tile of W and runs mma.sync m16n8k16 with W as the A operand (16 rows x 16 K) and the
+// activations as B (16 K x 8 rows of x), so M = 1..8 costs one MMA per 256 weights and larger M adds MMAs, not
+// weight traffic. Every format decodes the same way: each thread's 128-bit chunk holds its fragment's codes in
+// pair order, and a pair of codes indexes a pair table in shared memory whose entry is the two grid values as a
+// half2/bfloat162 — exactly the A fragment register. The table is replicated once per lane (entry e of lane l at
+// word e*32 + l), so the lookups of a warp never conflict on a bank. Scales stay out of the inner loop: per group
+// the fragment products accumulate unscaled (fp32), and at the group's end
+//   sym:        acc += a * S(v)
+//   zero point: acc += a * (S(v) - z * S(1))   (S(1): one more MMA with an all-ones A fragment)
+//   two scales: acc += a * S(max(v,0)) + b * S(min(v,0))
+// Split-K: every split writes an fp32 partial tile to a workspace; the last split to arrive at a tile (atomic
+// counter per tile, reset by that split) sums the partials and writes y. One launch per call.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "quant_mma_args.h"
+
+namespace hfe_mma {
+
+constexpr int BLOCK_K = 128;       // K per chunk (8 MMA slices of 16)
+constexpr int MODE_SYM = 0, MODE_ZERO = 1, MODE_TWO = 2;
+
+template <typename T> struct Pair;
+template <> struct Pair<__half> { using T2 = __half2; };
+template <> struct Pair<__nv_bfloat16> { using T2 = __nv_bfloat162; };
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t hmax0(uint32_t v) {
+  using T2 = typename Pair<T>::T2;
+  T2 r = __hmax2(*reinterpret_cast<T2*>(&v), T2{});
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t hmin0(uint32_t v) {
+  using T2 = typename Pair<T>::T2;
+  T2 r = __hmin2(*reinterpret_cast<T2*>(&v), T2{});
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+// A thread's chunk: the codes of 16 pairs (pair p = slice p/2, half p%2) of one row.
+template <int BITS> struct Chunk;
+template <> struct Chunk<4> {  // pair p = byte p
+  uint4 w;
+  __device__ __forceinline__ void load(const uint32_t* p) { w = __ldg(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ uint32_t idx(int p) const {  // p is a constant after unrolling
+    const uint32_t word = p < 4 ? w.x : p < 8 ? w.y : p < 12 ? w.z : w.w;
+    return __byte_perm(word, 0, 0x4440 | (p & 3));
+  }
+};
+template <> struct Chunk<2> {  // pair p = nibble p
+  uint2 w;
+  __device__ __forceinline__ void load(const uint32_t* p) { w = __ldg(reinterpret_cast<const uint2*>(p)); }
+  __device__ __forceinline__ uint32_t idx(int p) const {
+    const uint32_t word = p < 8 ? w.x : w.y;
+    return (word >> (4 * (p & 7))) & 0xF;
+  }
+};
+template <> struct Chunk<3> {  // pair p = nibble p of the low-two-bit plane | two bits p of the top-bit plane << 4
+  uint2 lo;
+  uint32_t hi;
+  __device__ __forceinline__ void load(const uint32_t* p) {  // 12-byte chunks: 4-byte alignment only
+    lo.x = __ldg(p);
+    lo.y = __ldg(p + 1);
+    hi = __ldg(p + 2);
+  }
+  __device__ __forceinline__ uint32_t idx(int p) const {
+    const uint32_t word = p < 8 ? lo.x : lo.y;
+    return ((word >> (4 * (p & 7))) & 0xF) | (((hi >> (2 * p)) & 3) << 4);
+  }
+};
+
+template <int BITS> __host__ __device__ constexpr int chunk_words() { return BITS == 4 ? 4 : BITS == 2 ? 2 : 3; }
+
+template <typename PT> __device__ __forceinline__ float to_f(PT v) { return static_cast<float>(v); }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// x (M, K) row stride ldx; qw: (Ntiles, KB, 16, 4, CW) int32 words; params: (Ntiles, NG, 16, 2) of PT;
+// table: 4**BITS uint32 pair entries; y (M, N); ws: (S, M, Npad) fp32; counters: one int per (CTA row, M tile).
+template <typename T, typename PT, int BITS, int MODE, int MT>
+__global__ void __launch_bounds__(WARPS * 32)
+quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t* __restrict__ qw,
+                 const PT* __restrict__ params, const uint32_t* __restrict__ table, T* __restrict__ y, int N,
+                 int Ntiles, int KB, int group, int NG, int blocks_per_split, int stage_blocks,
+                 float* __restrict__ ws, int* __restrict__ counters) {
+  constexpr int TE = 1 << (2 * BITS);  // pair-table entries
+  constexpr int CW = chunk_words<BITS>();
+  constexpr int ROWS = MT * 8;         // x rows staged per CTA
+  extern __shared__ __align__(16) uint32_t smem[];
+  uint32_t* tbl = smem;                                     // [TE][32]
+  T* xs = reinterpret_cast<T*>(smem + TE * 32);             // [ROWS][stage_k + 8]
+  __shared__ int last_flag;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  const int tile = blockIdx.x * WARPS + warp;
+  const int split = blockIdx.y, S = gridDim.y;
+  const int m0 = blockIdx.z * ROWS;
+  const int kb0 = split * blocks_per_split, kb1 = min(KB, kb0 + blocks_per_split);
+  const int stage_k = stage_blocks * BLOCK_K, xstride = stage_k + 8;  // +8: rows land on different banks
+
+  for (int i = threadIdx.x; i < TE * 32; i += blockDim.x) tbl[i] = table[i >> 5];
+
+  float acc[MT][4], cg[MT][4], c2[MT][4];
+#pragma unroll
+  for (int t = 0; t < MT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[t][i] = cg[t][i] = c2[t][i] = 0.f;
+
+  const bool live = tile < Ntiles;
+  const uint32_t* wrow = qw + ((size_t)tile * KB * 64 + g * 4 + q) * CW;  // chunk (tile, kb=0, g, q)
+  const PT* prow = params + (size_t)tile * NG * 32 + g * 2;
+  uint32_t ones = 0;
+  if constexpr (MODE == MODE_ZERO) {
+    T one2[2] = {T(1.0f), T(1.0f)};
+    ones = *reinterpret_cast<uint32_t*>(one2);
+  }
+
+  for (int ks = kb0; ks < kb1; ks += stage_blocks) {
+    const int kend = min(kb1, ks + stage_blocks);
+    __syncthreads();  // the previous stage's x is consumed
+    // Stage x[m0 : m0+ROWS, ks*128 : kend*128] (zero outside M and K) as 32-bit pairs.
+    const int pairs = (kend - ks) * BLOCK_K / 2;
+    for (int i = threadIdx.x; i < ROWS * pairs; i += blockDim.x) {
+      const int r = i / pairs, c = 2 * (i - r * pairs), m = m0 + r, k = ks * BLOCK_K + c;
+      uint32_t v = 0;
+      if (m < M) {
+        if (k + 1 < K && (ldx & 1) == 0) {
+          v = *reinterpret_cast<const uint32_t*>(x + (size_t)m * ldx + k);
+        } else if (k < K) {
+          T two[2] = {x[(size_t)m * ldx + k], T(0.0f)};
+          v = *reinterpret_cast<uint32_t*>(two);
+        }
+      }
+      *reinterpret_cast<uint32_t*>(xs + r * xstride + c) = v;
+    }
+    __syncthreads();
+    if (!live) continue;
+
+    Chunk<BITS> nxt0, nxt8;
+    nxt0.load(wrow + (size_t)ks * 64 * CW);
+    nxt8.load(wrow + ((size_t)ks * 64 + 32) * CW);
+    for (int kb = ks; kb < kend; ++kb) {
+      const Chunk<BITS> w0 = nxt0, w8 = nxt8;
+      if (kb + 1 < kend) {  // prefetch the next chunk pair while this one decodes
+        nxt0.load(wrow + (size_t)(kb + 1) * 64 * CW);
+        nxt8.load(wrow + ((size_t)(kb + 1) * 64 + 32) * CW);
+      }
+      const T* xb = xs + (kb - ks) * BLOCK_K + 2 * q;
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        // A fragment: rows g / g+8 (chunks w0 / w8) at K 2q..2q+1 (pair 2s) and 2q+8..2q+9 (pair 2s+1).
+        const uint32_t a0 = tbl[w0.idx(2 * s) * 32 + lane], a1 = tbl[w8.idx(2 * s) * 32 + lane];
+        const uint32_t a2 = tbl[w0.idx(2 * s + 1) * 32 + lane], a3 = tbl[w8.idx(2 * s + 1) * 32 + lane];
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+          const T* xr = xb + (t * 8 + g) * xstride + 16 * s;
+          const uint32_t b0 = *reinterpret_cast<const uint32_t*>(xr);
+          const uint32_t b1 = *reinterpret_cast<const uint32_t*>(xr + 8);
+          if constexpr (MODE == MODE_TWO) {
+            mma16816<T>(cg[t], hmax0<T>(a0), hmax0<T>(a1), hmax0<T>(a2), hmax0<T>(a3), b0, b1);
+            mma16816<T>(c2[t], hmin0<T>(a0), hmin0<T>(a1), hmin0<T>(a2), hmin0<T>(a3), b0, b1);
+          } else {
+            mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
+            if constexpr (MODE == MODE_ZERO) mma16816<T>(c2[t], ones, ones, ones, ones, b0, b1);
+          }
+        }
+        const int kpos = kb * BLOCK_K + 16 * (s + 1);
+        if (kpos % group == 0 || (s == 7 && kb + 1 == kb1)) {  // a group (or this split's share of it) ends
+          const PT* pp = prow + (size_t)((kpos - 1) / group) * 32;
+          const float ag = to_f(pp[0]), bg = to_f(pp[1]), ag8 = to_f(pp[16]), bg8 = to_f(pp[17]);
+#pragma unroll
+          for (int t = 0; t < MT; ++t) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float a = i < 2 ? ag : ag8, b = i < 2 ? bg : bg8;
+              if constexpr (MODE == MODE_SYM) acc[t][i] += a * cg[t][i];
+              else if constexpr (MODE == MODE_ZERO) acc[t][i] += a * (cg[t][i] - b * c2[t][i]);
+              else acc[t][i] += a * cg[t][i] + b * c2[t][i];
+              cg[t][i] = c2[t][i] = 0.f;
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Output: rows n = tile*16 + g (+8), columns m = m0 + t*8 + 2q (+1).
+  const int n0 = tile * 16 + g;
+  if (S == 1) {
+    if (live) {
+#pragma unroll
+      for (int t = 0; t < MT; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int m = m0 + t * 8 + 2 * q + (i & 1), n = n0 + (i >> 1) * 8;
+          if (m < M && n < N) y[(size_t)m * N + n] = T(acc[t][i]);
+        }
+    }
+    return;
+  }
+  const int Npad = Ntiles * 16;
+  if (live) {
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = m0 + t * 8 + 2 * q + (i & 1), n = n0 + (i >> 1) * 8;
+        if (m < M) ws[((size_t)split * M + m) * Npad + n] = acc[t][i];
+      }
+  }
+  __threadfence();
+  __syncthreads();
+  int* counter = counters + blockIdx.z * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0) {
+    const int arrived = atomicAdd(counter, 1);
+    last_flag = arrived == S - 1;
+    if (last_flag) *counter = 0;  // ready for the next call
+  }
+  __syncthreads();
+  if (!last_flag) return;
+  __threadfence();
+  // The last split sums all partials of this CTA's rows (coalesced along n).
+  const int rows_here = min(ROWS, M - m0), nb = blockIdx.x * WARPS * 16;
+  for (int i = threadIdx.x; i < rows_here * WARPS * 16; i += blockDim.x) {
+    const int m = m0 + i / (WARPS * 16), n = nb + i % (WARPS * 16);
+    if (n >= N) continue;
+    float s = 0.f;
+    for (int sp = 0; sp < S; ++sp) s += __ldcg(ws + ((size_t)sp * M + m) * Npad + n);
+    y[(size_t)m * N + n] = T(s);
+  }
+}
+
+}  // namespace hfe_mma
+
+// ---------------------------------------------------------------------------------------------------------------
+// Host side: one explicit instantiation of launch<BITS, MODE> per generated translation unit (kernels/quant_mma.py
+// writes them), so the 9 (bits, mode) pairs compile in parallel.
+namespace hfe_mma {
+
+
+template <typename T, typename PT, int BITS, int MODE, int MT>
+void launch_typed(const Args& a) {
+  constexpr int TE = 1 << (2 * BITS);
+  const int row_ctas = (a.Ntiles + WARPS - 1) / WARPS;
+  // x stage: about 32 KB of shared memory whatever M is.
+  const int stage_blocks = (MT == 1 ? 16 : MT == 2 ? 8 : 2);
+  const size_t smem = TE * 32 * 4 + (size_t)MT * 8 * (stage_blocks * BLOCK_K + 8) * sizeof(T);
+  auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT>;
+  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  dim3 grid(row_ctas, a.splits, (a.M + MT * 8 - 1) / (MT * 8));
+  kern<<<grid, WARPS * 32, smem, a.stream>>>(
+      static_cast<const T*>(a.x), a.M, a.K, a.ldx, a.qw, static_cast<const PT*>(a.params), a.table,
+      static_cast<T*>(a.y), a.N, a.Ntiles, a.KB, a.group, a.NG, a.blocks_per_split, stage_blocks, a.ws, a.counters);
+}
+
+template <typename T, typename PT, int BITS, int MODE>
+void launch_mt(const Args& a) {
+  switch (mtiles_for(a.M)) {
+    case 1: return launch_typed<T, PT, BITS, MODE, 1>(a);
+    case 2: return launch_typed<T, PT, BITS, MODE, 2>(a);
+    default: return launch_typed<T, PT, BITS, MODE, 8>(a);
+  }
+}
+
+template <int BITS, int MODE>
+void launch(const Args& a) {
+  if (a.bf16) {
+    if (a.params_f32) launch_mt<__nv_bfloat16, float, BITS, MODE>(a);
+    else launch_mt<__nv_bfloat16, __half, BITS, MODE>(a);
+  } else {
+    if (a.params_f32) launch_mt<__half, float, BITS, MODE>(a);
+    else launch_mt<__half, __half, BITS, MODE>(a);
+  }
+}
+
+}  // namespace hfe_mma

@@ -1,0 +1,24 @@
+// What the binding (quant_mma_binding.cpp) hands the kernel launcher (quant_mma.cuh).
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace hfe_mma {
+
+struct Args {
+  const void* x; int M, K, ldx;                                // activations (M, K), row stride ldx
+  const uint32_t* qw; const void* params; const uint32_t* table;  // weight in the mma layout
+  void* y; int N, Ntiles, KB, group, NG;                       // output (M, N); tiles of 16 rows, 128-K blocks
+  int blocks_per_split, splits;                                // split-K: grid.y = splits
+  float* ws; int* counters;                                    // split-K workspace (splits, M, Ntiles*16), counters
+  bool bf16, params_f32;
+  cudaStream_t stream;
+};
+
+// Rows of x per CTA, in 8-row MMA tiles: M <= 8 -> 1, <= 16 -> 2, else 8 (grid.z covers the rest).
+inline int mtiles_for(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : 8; }
+constexpr int WARPS = 8;  // 16-row tiles per CTA
+
+template <int BITS, int MODE> void launch(const Args& a);
+
+}  // namespace hfe_mma

@@ -1,0 +1,290 @@
+"""Mixed-input tensor-core matmul for 2/3/4-bit weights of every format (CUDA C++, ``cuda/quant_mma.cuh``).
+
+The kernel runs ``mma.sync.m16n8k16`` with the weight as the A operand, so one weight tile feeds up to 8 rows
+of activations per MMA (decode, M = 1..8) and more rows cost more MMAs, not more weight traffic. This module
+owns its weight layout (built once per layer, the layer's only copy on the GPU), the inverse of that layout
+(checkpoints stay in the stored layout), a plain-torch reference of what the kernel computes (the CPU tests'
+oracle), the JIT build of the extension (only where CUDA and ``nvcc`` exist) and the split-K choice.
+
+**The mma layout.** ``N`` is padded to ``Ntiles * 16`` rows and ``K`` to ``KB * 128`` (zero codes; zero scales
+for the padded rows and groups, zero activations for the padded K, so padding adds nothing).
+
+``qweight``  int32 ``(Ntiles, KB, 16, 4, CW)``: the *chunk* of row ``r`` of a tile, 128-K block ``kb`` and
+             thread-quad ``q`` holds the 32 codes ``k = kb*128 + 16*s + 8*h + 2*q + e`` (slice ``s`` < 8,
+             half ``h`` < 2, element ``e`` < 2) as 16 *pairs* ``p = 2*s + h`` of the codes ``(e=0, e=1)`` — the
+             K pairs of an m16n8k16 A fragment. 4 bits: pair ``p`` is byte ``p`` (low nibble ``e=0``); 2 bits:
+             nibble ``p``; 3 bits: nibble ``p`` of a two-bit plane (words 0-1) plus bits ``2p, 2p+1`` of the
+             top-bit plane (word 2). ``CW`` = 4, 2, 3 words. A warp's chunk loads for one block are 2 contiguous
+             runs of ``16 * 4 * CW * 4`` bytes (rows 0-7 and 8-15).
+``params``   ``(Ntiles, NG, 16, 2)``, NG = ``ceil(KB*128 / group)``: ``[..., 0] = a``, ``[..., 1] = b`` per
+             (row, group) as in :mod:`hf_efficient.kernels.quant_layout` (sym: b unused; zero point: b = z;
+             two scales: a = s_pos, b = s_neg); float16 when the stored scales are float16, else float32.
+``tables``   int32 ``(2, 4**bits)``: for activation dtype float16 (row 0) and bfloat16 (row 1), entry ``i``
+             (a pair index) holds the two grid values ``(v[c0], v[c1])`` as a half2/bfloat162 bit pattern.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .quant_layout import MODE_SYM, MODE_TWO, MODE_ZERO
+
+logger = logging.getLogger(__name__)
+
+MMA_BITS = (2, 3, 4)
+BLOCK_K = 128
+WARPS = 8  # = hfe_mma::WARPS (16-row tiles per CTA)
+CHUNK_WORDS = {2: 2, 3: 3, 4: 4}
+_SRC = Path(__file__).resolve().parent / "cuda"
+
+
+@dataclass
+class MmaWeight:
+    """A weight in the mma layout (module docstring); ``N`` x ``K`` logical shape."""
+
+    qweight: torch.Tensor
+    params: torch.Tensor
+    tables: torch.Tensor
+    N: int
+    K: int
+    bits: int
+    group_size: int
+    mode: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.params, self.tables))
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout
+# ------------------------------------------------------------------------------------------------
+
+def _pair_codes(idx: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two codes ``(c0, c1)`` a pair index stands for (see the chunk formats)."""
+    if bits == 3:
+        return (idx & 3) | (((idx >> 4) & 1) << 2), ((idx >> 2) & 3) | (((idx >> 5) & 1) << 2)
+    return idx & (2 ** bits - 1), idx >> bits
+
+
+def pair_tables(grid, bits: int, device=None) -> torch.Tensor:
+    """int32 ``(2, 4**bits)``: pair entries for float16 (row 0) and bfloat16 (row 1) activations."""
+    idx = torch.arange(4 ** bits)
+    c0, c1 = _pair_codes(idx, bits)
+    g = torch.tensor([0.0 if v != v else float(v) for v in grid], dtype=torch.float64)  # NaN codes never occur
+    rows = []
+    for dt in (torch.float16, torch.bfloat16):
+        lo = g[c0].to(dt).view(torch.int16).to(torch.int32) & 0xFFFF
+        hi = g[c1].to(dt).view(torch.int16).to(torch.int32) & 0xFFFF
+        rows.append((lo | (hi << 16)).to(torch.int32))  # wraps to two's complement like the kernel's uint32
+    return torch.stack(rows).to(device)
+
+
+def _words(fields: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack ``(..., F)`` fields of ``width`` bits (F * width a multiple of 32) into int32 ``(..., F*width/32)``."""
+    per = 32 // width
+    f = fields.to(torch.int64).reshape(*fields.shape[:-1], -1, per)
+    shifts = torch.arange(per, device=fields.device, dtype=torch.int64) * width
+    w = (f << shifts).sum(-1)
+    return torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
+
+
+def _unwords(words: torch.Tensor, width: int) -> torch.Tensor:
+    per = 32 // width
+    shifts = torch.arange(per, device=words.device, dtype=torch.int32) * width
+    return ((words.unsqueeze(-1) >> shifts) & (2 ** width - 1)).reshape(*words.shape[:-1], -1)
+
+
+def pack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, bits: int, group_size: int,
+         mode: int) -> MmaWeight:
+    """Codes uint8 ``(N, K)`` and per-group ``a``/``b`` ``(N, ceil(K / group_size))`` -> :class:`MmaWeight`."""
+    if bits not in MMA_BITS:
+        raise ValueError(f"the mma kernel runs bits {MMA_BITS}, got {bits}")
+    if group_size % 16 or group_size <= 0:
+        raise ValueError(f"group_size must be a positive multiple of 16 for the mma kernel, got {group_size}")
+    if mode not in (MODE_SYM, MODE_ZERO, MODE_TWO):
+        raise ValueError(f"mode must be MODE_SYM, MODE_ZERO or MODE_TWO, got {mode!r}")
+    n, k = codes.shape
+    ng = -(-k // group_size)
+    if a.shape != (n, ng) or (b is not None and b.shape != (n, ng)):
+        raise ValueError(f"params must be (N, n_groups) = {(n, ng)}, got {tuple(a.shape)} and "
+                         f"{None if b is None else tuple(b.shape)}")
+    if len(grid) != 2 ** bits:
+        raise ValueError(f"grid must have 2**bits = {2 ** bits} values, got {len(grid)}")
+    nt, kb = -(-n // 16), -(-k // BLOCK_K)
+    ngp = -(-kb * BLOCK_K // group_size)
+    c = torch.zeros(nt * 16, kb * BLOCK_K, dtype=torch.int64, device=codes.device)
+    c[:n, :k] = codes.to(torch.int64)
+    # (tile, r, kb, s, h, q, e) -> (tile, kb, r, q, s, h, e): chunk (tile, kb, r, q) lists pairs p = 2s + h
+    c = c.view(nt, 16, kb, 8, 2, 4, 2).permute(0, 2, 1, 5, 3, 4, 6).reshape(nt, kb, 16, 4, 16, 2)
+    c0, c1 = c[..., 0], c[..., 1]
+    if bits == 4:
+        qw = _words(c0 | (c1 << 4), 8)
+    elif bits == 2:
+        qw = _words(c0 | (c1 << 2), 4)
+    else:
+        qw = torch.cat([_words((c0 & 3) | ((c1 & 3) << 2), 4), _words((c0 >> 2) | ((c1 >> 2) << 1), 2)], -1)
+    pdt = torch.float16 if a.dtype == torch.float16 else torch.float32
+    p = torch.zeros(nt * 16, ngp, 2, dtype=pdt, device=codes.device)
+    p[:n, :ng, 0] = a.to(pdt)
+    p[:n, :ng, 1] = (a if b is None else b).to(pdt)
+    p = p.view(nt, 16, ngp, 2).permute(0, 2, 1, 3).contiguous()
+    return MmaWeight(qw.contiguous(), p, pair_tables(grid, bits, codes.device), n, k, bits, group_size, mode)
+
+
+def unpack(w: MmaWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes uint8 (N, K), a (N, n_groups), b (N, n_groups))`` back from the layout (params as stored here)."""
+    nt, kb = w.qweight.shape[:2]
+    if w.bits == 4:
+        f = _unwords(w.qweight, 8)
+        c0, c1 = f & 15, f >> 4
+    elif w.bits == 2:
+        f = _unwords(w.qweight, 4)
+        c0, c1 = f & 3, f >> 2
+    else:
+        lo, hi = _unwords(w.qweight[..., :2], 4), _unwords(w.qweight[..., 2:], 2)
+        c0, c1 = (lo & 3) | ((hi & 1) << 2), (lo >> 2) | ((hi >> 1) << 2)
+    c = torch.stack([c0, c1], -1).view(nt, kb, 16, 4, 8, 2, 2).permute(0, 2, 1, 4, 5, 3, 6)
+    codes = c.reshape(nt * 16, kb * BLOCK_K)[:w.N, :w.K].to(torch.uint8).contiguous()
+    ng = -(-w.K // w.group_size)
+    p = w.params.permute(0, 2, 1, 3).reshape(nt * 16, -1, 2)[:w.N, :ng]
+    return codes, p[..., 0].contiguous(), p[..., 1].contiguous()
+
+
+def dequantize_reference(w: MmaWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The float32 ``(N, K)`` weight the kernel multiplies by: grid values rounded to the activation dtype (the
+    pair tables), times the per-group rule in float32."""
+    codes, a, b = unpack(w)
+    row = 0 if dtype == torch.float16 else 1
+    n = 2 ** w.bits
+    idx = torch.arange(n, device=codes.device)
+    # entries whose pair is (c, 0): their low half is v[c] in the activation dtype
+    pair = idx if w.bits != 3 else (idx & 3) | ((idx >> 2) << 4)
+    lo = (w.tables[row, pair] & 0xFFFF).to(torch.int16)
+    v = lo.view(torch.float16 if dtype == torch.float16 else torch.bfloat16).float()[codes.long()]
+    gi = torch.arange(w.K, device=codes.device) // w.group_size
+    af, bf = a.float()[:, gi], b.float()[:, gi]
+    if w.mode == MODE_SYM:
+        return v * af
+    if w.mode == MODE_ZERO:
+        return (v - bf) * af
+    return torch.where(v >= 0, v * af, v * bf)
+
+
+# ------------------------------------------------------------------------------------------------
+# The extension: built on first use where CUDA and nvcc exist
+# ------------------------------------------------------------------------------------------------
+_lock = threading.Lock()
+_ext = None
+_ext_error: str | None = None
+_counters: dict[int, torch.Tensor] = {}
+
+
+def _source_hash() -> str:
+    h = hashlib.sha1()
+    for f in sorted(_SRC.iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def extension():
+    """The compiled extension, or None (with the reason logged once) where it cannot be built."""
+    global _ext, _ext_error
+    if _ext is not None or _ext_error is not None:
+        return _ext
+    with _lock:
+        if _ext is not None or _ext_error is not None:
+            return _ext
+        if not torch.cuda.is_available() or os.environ.get("HF_EFFICIENT_NO_CUDA_EXT") == "1":
+            _ext_error = "no CUDA device (or HF_EFFICIENT_NO_CUDA_EXT=1)"
+            return None
+        if torch.cuda.get_device_capability() < (8, 0):
+            _ext_error = "the mma kernel needs compute capability >= 8.0"
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+
+            tag = _source_hash()
+            build = Path(os.environ.get("HF_EFFICIENT_CACHE", Path.home() / ".cache" / "hf_efficient")) / f"mma_{tag}"
+            build.mkdir(parents=True, exist_ok=True)
+            sources = [str(_SRC / "quant_mma_binding.cpp")]
+            for bits in MMA_BITS:
+                for mode in (MODE_SYM, MODE_ZERO, MODE_TWO):
+                    f = build / f"inst_b{bits}_m{mode}.cu"
+                    f.write_text(f'#include "{_SRC / "quant_mma.cuh"}"\n'
+                                 f"template void hfe_mma::launch<{bits}, {mode}>(const hfe_mma::Args&);\n")
+                    sources.append(str(f))
+            major, minor = torch.cuda.get_device_capability()
+            _ext = load(name=f"hfe_quant_mma_{tag}", sources=sources, build_directory=str(build),
+                        extra_include_paths=[str(_SRC)], verbose=False,
+                        extra_cflags=["-O3"],
+                        extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{major}{minor},"
+                                           f"code=sm_{major}{minor}"])
+        except Exception as e:  # noqa: BLE001 - any build failure means "use the Triton kernels"
+            _ext_error = f"{type(e).__name__}: {e}"
+            logger.warning("hf_efficient: the CUDA mma kernel could not be built (%s); using the Triton kernels",
+                           str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return _ext
+
+
+def unavailable_reason() -> str | None:
+    extension()
+    return _ext_error
+
+
+def choose_splits(m: int, n: int, k: int, sms: int) -> int:
+    """Split-K factor: enough CTAs for two per SM, each split at least two 128-K blocks."""
+    kb = -(-k // BLOCK_K)
+    tiles = -(-n // 16)
+    row_ctas = -(-tiles // WARPS)
+    mt_rows = 8 if m <= 8 else 16 if m <= 16 else 64
+    ctas = row_ctas * -(-m // mt_rows)
+    want = max(1, -(-2 * sms // ctas))
+    return max(1, min(want, kb // 2 or 1))
+
+
+def _counter_buffer(device: torch.device, need: int) -> torch.Tensor:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _counters.get(idx)
+    if buf is None or buf.numel() < need:
+        # Zeroed once; the kernel's last split resets every counter it used, so it stays zero between calls.
+        buf = torch.zeros(max(need, 4096), dtype=torch.int32, device=device)
+        _counters[idx] = buf
+    return buf
+
+
+def quant_mma(x: torch.Tensor, w: MmaWeight, splits: int | None = None) -> torch.Tensor:
+    """``x @ W.T`` for ``x`` (M, K) float16/bfloat16 on CUDA -> (M, N) in ``x``'s dtype."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"the CUDA mma kernel is unavailable: {_ext_error}")
+    return mma_op(x, w.qweight, w.params, w.tables, w.N, w.K, w.bits, w.group_size, w.mode, splits or 0)
+
+
+@torch.library.custom_op("hf_efficient::quant_mma", mutates_args=())
+def mma_op(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, tables: torch.Tensor, n: int, k: int,
+           bits: int, group_size: int, mode: int, splits: int) -> torch.Tensor:
+    """The op under :func:`quant_mma` (``splits`` 0 = choose by shape)."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"quant_mma: x must be float16 or bfloat16, got {x.dtype}")
+    x = x.contiguous()
+    m = x.shape[0]
+    if not splits:
+        splits = choose_splits(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    kb = qweight.shape[1]
+    mt_rows = 8 if m <= 8 else 16 if m <= 16 else 64
+    need = -(-qweight.shape[0] // WARPS) * -(-m // mt_rows)
+    table = tables[0 if x.dtype == torch.float16 else 1]
+    return extension().quant_mma(x, qweight, params, table, _counter_buffer(x.device, need), n, k, bits,
+                                 group_size, mode, min(splits, kb))
+
+
+@mma_op.register_fake
+def _mma_fake(x, qweight, params, tables, n, k, bits, group_size, mode, splits):
+    torch._check(x.dim() == 2 and x.shape[1] == k, lambda: f"quant_mma: x must be (M, {k})")
+    return x.new_empty(x.shape[0], n)

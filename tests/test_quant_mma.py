@@ -1,0 +1,123 @@
+"""The CUDA mma kernel's layout and arithmetic, checked on the CPU; the kernel itself in the ``gpu`` tests.
+
+``emulate_fragments`` reads the layout the way ``kernels/cuda/quant_mma.cuh`` does (chunk words, byte/nibble
+extraction of pair p, the pair table) and places each decoded value where the kernel's A fragment puts it (row
+``tile*16 + r``, column ``kb*128 + 16*(p//2) + 8*(p%2) + 2*q + e``): a wrong permutation, shift or table entry
+in either the packer or the kernel's indexing shows up as a mismatch against the plain decode.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_efficient import formats
+from hf_efficient.kernels import quant_mma as Q
+from hf_efficient.kernels.quant_layout import SCHEME_MODE
+from hf_efficient.kernels.quant_reference import random_kernel_weight
+
+
+def _as_u32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int64) & 0xFFFFFFFF
+
+
+def emulate_fragments(w: Q.MmaWeight, dtype: torch.dtype) -> torch.Tensor:
+    """float32 (Ntiles*16, KB*128) grid values (rounded to ``dtype``) as the kernel's fragments hold them."""
+    nt, kb = w.qweight.shape[:2]
+    words = _as_u32(w.qweight)  # (nt, kb, 16, 4, CW)
+    out = torch.empty(nt * 16, kb * 128)
+    table = _as_u32(w.tables[0 if dtype == torch.float16 else 1])
+    view = torch.float16 if dtype == torch.float16 else torch.bfloat16
+    for p in range(16):
+        if w.bits == 4:  # Chunk<4>::idx: byte p&3 of word p>>2
+            idx = (words[..., p >> 2] >> (8 * (p & 3))) & 0xFF
+        elif w.bits == 2:  # Chunk<2>::idx: nibble p&7 of word p>>3
+            idx = (words[..., p >> 3] >> (4 * (p & 7))) & 0xF
+        else:  # Chunk<3>::idx
+            idx = ((words[..., p >> 3] >> (4 * (p & 7))) & 0xF) | (((words[..., 2] >> (2 * p)) & 3) << 4)
+        entry = table[idx]  # (nt, kb, 16, 4)
+        for e in range(2):
+            half = ((entry >> (16 * e)) & 0xFFFF).to(torch.int32).to(torch.int16).view(view).float()
+            s, h = divmod(p, 2)
+            q = torch.arange(4)
+            cols = 16 * s + 8 * h + 2 * q + e  # within a 128 block, per q
+            v = half.permute(0, 2, 1, 3)  # (nt, 16 rows, kb, 4 q)
+            full = out.view(nt, 16, kb, 128)
+            full[:, :, :, cols] = v
+    return out
+
+
+CASES = [  # (format, N, K, group): every family at 2/3/4 bits, K and N off the tile sizes, K < a group
+    ("int4_asym", 37, 150, 32), ("int4_sym", 16, 128, 128), ("nf4_asym", 20, 300, 64), ("fp4_asym", 33, 256, 128),
+    ("nf4_sym", 5, 40, 32), ("int3_asym", 18, 200, 32), ("nf3_asym", 17, 130, 64), ("fp3_sym", 3, 96, 96),
+    ("int2_asym", 40, 260, 64), ("int2_sym", 1, 16, 32), ("int4_asym", 7, 1, 32),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-g{c[3]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_layout_roundtrip_and_fragments(case, dtype):
+    name, n, k, group = case
+    fmt, codes, kw = random_kernel_weight(name, n, k, group, special="extreme")
+    a, b = kw.params[0], kw.params[1]
+    w = Q.pack(codes, a, b, fmt.grid, fmt.bits, group, SCHEME_MODE[fmt.scheme])
+    c2, a2, b2 = Q.unpack(w)
+    assert torch.equal(c2, codes) and torch.equal(a2.to(a.dtype), a) and torch.equal(b2.to(b.dtype), b)
+    # 3-bit weights take 3 bits
+    assert w.qweight.numel() * 32 == w.qweight.shape[0] * 16 * w.qweight.shape[1] * 128 * fmt.bits
+    frag = emulate_fragments(w, dtype)[:n, :k]
+    grid = torch.tensor(fmt.grid, dtype=torch.float64).to(dtype).float()
+    assert torch.equal(frag, grid[codes.long()])
+    # padding: zero codes decode to grid[0] but meet zero scales / zero activations; the padded params are 0
+    assert (w.params.permute(0, 2, 1, 3).reshape(-1, w.params.shape[1], 2)[n:] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["int4_asym", "nf4_asym", "fp4_sym", "int3_sym", "nf3_asym", "int2_asym"])
+def test_reference_equals_format_decode(name):
+    fmt, codes, kw = random_kernel_weight(name, 24, 200, 64, special="zero")
+    w = Q.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, 64, SCHEME_MODE[fmt.scheme])
+    # float32 decode of the same integers: the kernel's only extra rounding is the grid value to the dtype
+    params = {p: kw.params[i].float().repeat_interleave(64, 1)[:, :200] for i, p in enumerate(fmt.param_names)}
+    exact = formats.decode(fmt, codes, params)
+    for dt in (torch.float16, torch.bfloat16):
+        ref = Q.dequantize_reference(w, dt)
+        u = 2.0 ** -11 if dt == torch.float16 else 2.0 ** -8
+        assert ((ref - exact).abs() <= u * exact.abs() + 1e-30).all()
+
+
+def test_pack_errors():
+    fmt, codes, kw = random_kernel_weight("int4_asym", 4, 64, 32)
+    with pytest.raises(ValueError, match="bits"):
+        Q.pack(codes, kw.params[0], kw.params[1], list(range(256)), 8, 32, 1)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Q.pack(codes, kw.params[0], kw.params[1], fmt.grid, 4, 24, 1)
+    with pytest.raises(ValueError, match="params"):
+        Q.pack(codes, kw.params[0][:, :1], None, fmt.grid, 4, 32, 1)
+
+
+def test_splits_fill_the_gpu_and_respect_k():
+    assert Q.choose_splits(1, 28672, 8192, 132) <= 2          # 224 row CTAs nearly cover two per SM
+    assert Q.choose_splits(1, 4096, 11008, 132) > 4           # 32 row CTAs: split K
+    assert Q.choose_splits(1, 4096, 256, 132) == 1             # two blocks: no split
+    assert Q.choose_splits(64, 4096, 4096, 132) >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-g{c[3]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 33, 64, 100])
+def test_kernel_matches_reference(case, dtype, m):
+    from hf_efficient.kernels.quant_reference import ETA, U
+
+    name, n, k, group = case
+    fmt, codes, kw = random_kernel_weight(name, n, k, group, special="extreme", device="cuda")
+    w = Q.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, group, SCHEME_MODE[fmt.scheme])
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    for splits in (1, 2, 0):
+        y = Q.quant_mma(x, w, splits=splits)
+        wr = Q.dequantize_reference(w, dtype)
+        ref = x.float() @ wr.t()
+        # weights rounded to the dtype (in wr), float32 sums of |x w| over K, output rounded once
+        bound = U[dtype] * ref.abs() + 1e-5 * (x.float().abs() @ wr.abs().t()) + ETA[dtype]
+        err = (y.float() - ref).abs()
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert (err <= bound).all(), f"splits={splits}: {(err > bound).sum()} off, max {err.max():.3g}"
