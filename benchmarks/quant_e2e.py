@@ -7,7 +7,7 @@ The model is a minimal Llama decoder with Llama-2-7B's shapes (32 layers, hidden
 MLP 11008, vocab 32000; RMSNorm, rotary embeddings, SDPA attention over a static KV cache, SwiGLU),
 built directly on the GPU with random weights. Only its seven projection layers per block change
 between variants: ``nn.Linear`` bf16 (cuBLAS), :class:`~hf_efficient.quantization.QuantLinear` with AFPQ
-formats at group 128 (our Triton kernels through the registered CUDA fast path, exactly what a quantized
+formats at group 128 (our kernels through the registered CUDA fast path, exactly what a quantized
 HF model runs), and torch's int4 tinygemm (``_weight_int4pack_mm``, group 128). The embedding and the LM
 head stay bf16 in all variants. Every variant gets the same treatment: one decode step (including the
 greedy argmax feeding the next step) is captured in a CUDA graph and replayed, so the host never limits
@@ -161,7 +161,7 @@ def decode_speed(kind: str, new_tokens: int, prompt: int = 16) -> dict:
     end.synchronize()
     sec = start.elapsed_time(end) / 1e3
     lin_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.split(".")[-1] in
-                    ("_hfe_kernel_qweight", "_hfe_kernel_params", "w", "sz"))
+                    ("_rl_qweight", "_rl_params", "w", "sz"))
     lin_bytes += sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                      if ".blocks." in f".{n}" and p.dim() == 2)
     out = {"model": kind, "tokens_per_s": new_tokens / sec, "ms_per_token": 1e3 * sec / new_tokens,

@@ -1,9 +1,11 @@
-"""Low-bit weight GEMV/GEMM on the GPU: our Triton kernels vs cuBLAS bf16, torch tinygemm int4, gemlite.
+"""Low-bit weight GEMV/GEMM on the GPU: our kernels vs cuBLAS bf16, torch tinygemm int4, gemlite.
 
 Run: ``python -m benchmarks.quant_gemv [--out DIR] [--quick]`` (CUDA only). For each weight shape (N, K) and
 batch M it times cuBLAS bf16 ``F.linear``, ``torch._weight_int4pack_mm`` (tinygemm, int4 g128), gemlite
-A16W4 (int4 asym g128, when installed) and ours for INT4/INT3/INT2-asym and AFPQ FP4/NF4/NF3 (two scales)
-at group 128 through the shape dispatcher (``quant_matmul``), plus the LUT kernel on the smallest shape.
+A16W4 (int4 asym g128, when installed) and ours at group 128: the tensor-core mma kernel
+(``torch.ops.hf_efficient.quant_mma``, what a QuantLinear on CUDA runs) for INT4/INT3/INT2-asym, AFPQ
+FP4/NF4/NF3 (two scales) and NF4-sym, and the older Triton dequant kernels for INT4 (``ours-triton``).
+Every cell of the written table comes from this one run.
 
 Timing (honest for memory-bound kernels): every implementation gets ``n`` copies of its weights, enough
 that they together exceed 3x the 50 MB L2, and one CUDA graph calls it once per copy in turn, so each call
@@ -27,24 +29,44 @@ from benchmarks.common import print_rows, time_cuda, write_results
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
 BATCHES = [1, 4, 16, 64]
-OURS = ["int4_asym", "fp4_asym", "nf4_asym", "int3_asym"]  # each format compiles its own kernels: few, to fit
-LUT_FORMATS = ["int3_asym"]
-GEMM_AT_SMALL_M = ["int4_asym"]
-LUT_SHAPES = [(4096, 4096)]  # the LUT kernel is 10-100x slower: timed on the smallest shape only
+OURS = ["int4_asym", "fp4_asym", "nf4_asym", "nf4_sym", "int3_asym", "nf3_asym", "int2_asym"]
+TRITON = ["int4_asym"]  # the Triton kernels, still the fallback where the CUDA extension cannot build
 GROUP = 128
 L2_BYTES = 50 * 2 ** 20
 
 
-def kernel_weight(fmt_name, n, k, group, device, dtype=torch.bfloat16):
+def kernel_weight(fmt_name, n, k, group, device, layout="mma", dtype=torch.float16):
+    """Random codes and fp16 scales (the default scale dtype) of ``fmt_name`` in our ``layout``."""
     from hf_efficient import formats
-    from hf_efficient.kernels.quant_layout import SCHEME_MODE, repack
+    from hf_efficient.kernels import quant_layout, quant_mma
 
     fmt = formats.get_format(fmt_name)
     codes = torch.randint(0, 2 ** fmt.bits, (n, k), device=device, dtype=torch.uint8)
     ng = k // group
     a = (torch.rand(n, ng, device=device) * 0.01 + 1e-3).to(dtype)
     b = torch.randint(0, 2 ** fmt.bits, (n, ng), device=device).to(dtype) if fmt.scheme == "zero_point" else a
-    return repack(codes, a, None if fmt.scheme == "sym" else b, fmt.grid, fmt.bits, group, SCHEME_MODE[fmt.scheme])
+    pack = quant_mma.pack if layout == "mma" else quant_layout.repack
+    return pack(codes, a, None if fmt.scheme == "sym" else b, fmt.grid, fmt.bits, group,
+                quant_layout.SCHEME_MODE[fmt.scheme])
+
+
+def mma_make(w):
+    from hf_efficient.kernels.quant_mma import quant_mma
+
+    def make(i):
+        wi = w if i == 0 else dataclasses.replace(w, qweight=w.qweight.clone(), params=w.params.clone())
+        return lambda x: quant_mma(x, wi)
+    return make, w.nbytes()
+
+
+def triton_make(kw):
+    from hf_efficient.quantization.gpu import quant_matmul
+
+    def make(i):
+        ki = kw if i == 0 else dataclasses.replace(kw, qweight=kw.qweight.clone(), params=kw.params.clone())
+        return lambda x: quant_matmul(x, ki.qweight, ki.params, ki.table, ki.N, ki.K, ki.bits, ki.group_size,
+                                      ki.mode, ki.decode, ki.v_off, "auto")
+    return make, kw.nbytes()
 
 
 def copies_for(nbytes: int) -> int:
@@ -112,16 +134,19 @@ def gemlite_make(n, k, group):
     return (lambda i: lin if i == 0 else copy.deepcopy(lin)), nbytes
 
 
-def chosen_config(impl: str, m: int) -> str:
-    """The autotuner's pick for our kernel's latest call (``-`` for baselines)."""
-    if not impl.startswith("ours"):
-        return "-"
-    from hf_efficient.kernels import quant_gemm, quant_lut
+def chosen_config(impl: str, m: int, n: int, k: int) -> str:
+    """The configuration our kernel ran (``-`` for baselines)."""
+    if impl.startswith("ours-triton"):
+        from hf_efficient.kernels import quant_gemm
 
-    kernel = (quant_lut._lut_kernel if impl.startswith("ours-lut") else quant_gemm._gemm_kernel
-              if impl.startswith("ours-gemm") or m > quant_gemm.GEMV_MAX_M else quant_gemm._gemv_kernel)
-    best = getattr(kernel, "best_config", None)
-    return " ".join(f"{k}={v}" for k, v in best.all_kwargs().items() if v is not None) if best else "?"
+        kernel = quant_gemm._gemm_kernel if m > quant_gemm.GEMV_MAX_M else quant_gemm._gemv_kernel
+        best = getattr(kernel, "best_config", None)
+        return " ".join(f"{a}={v}" for a, v in best.all_kwargs().items() if v is not None) if best else "?"
+    if impl.startswith("ours"):
+        from hf_efficient.kernels.quant_mma import choose_splits
+
+        return f"mma splits={choose_splits(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)}"
+    return "-"
 
 
 def _ratios(rows, copy_bw):
@@ -164,9 +189,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("quant_gemv needs CUDA")
-    from hf_efficient.kernels.quant_lut import quant_lut_gemm
-    from hf_efficient.quantization.gpu import quant_matmul
-
     shapes, batches, ours = SHAPES, BATCHES, OURS
     if args.quick:
         shapes, batches, ours = [(4096, 4096), (8192, 28672)], [1, 16], ["int4_asym", "nf4_asym", "int3_asym"]
@@ -196,26 +218,14 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001
                 gl_reason = f"gemlite failed: {e!r}"[:300]
         for f in ours:
-            kw = kernel_weight(f, n, k, GROUP, "cuda")
-
-            def make(i, kw=kw, which="auto"):
-                ki = kw if i == 0 else dataclasses.replace(kw, qweight=kw.qweight.clone(), params=kw.params.clone())
-                return lambda x: quant_matmul(x, ki.qweight, ki.params, ki.table, ki.table[:0], ki.table[:0], ki.N,
-                                              ki.K, ki.bits, ki.group_size, ki.mode, ki.decode, ki.v_off, which)
-            impls[f"ours_{f}_g{GROUP}"] = (make, kw.nbytes())
-            if f in GEMM_AT_SMALL_M:
-                # is the tensor-core GEMM faster than the GEMV at M <= 8? (decides GEMV_MAX_M)
-                impls[f"ours-gemm_{f}_g{GROUP}"] = (lambda i, make=make: make(i, which="gemm"), kw.nbytes())
-            if f in LUT_FORMATS and (n, k) in LUT_SHAPES:
-                impls[f"ours-lut_{f}_g{GROUP}"] = (
-                    lambda i, kw=kw: (lambda x: quant_lut_gemm(x, kw)), kw.nbytes())
+            impls[f"ours_{f}_g{GROUP}"] = mma_make(kernel_weight(f, n, k, GROUP, "cuda"))
+            if f in TRITON:
+                impls[f"ours-triton_{f}_g{GROUP}"] = triton_make(kernel_weight(f, n, k, GROUP, "cuda", "triton"))
         built = {name: [make(i) for i in range(copies_for(nb))] for name, (make, nb) in impls.items()}
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             start = len(rows)
             for name, fns in built.items():
-                if (name.startswith("ours-lut") and m not in (1, 16)) or (name.startswith("ours-gemm") and m > 8):
-                    continue
                 try:
                     t, how = time_rotating([(lambda f=f: f(x)) for f in fns])
                 except Exception as e:  # noqa: BLE001
@@ -224,7 +234,7 @@ def main(argv=None):
                         gl_reason = f"gemlite failed at M={m}: {e!r}"[:300]
                     continue
                 rows.append(dict(N=n, K=k, M=m, impl=name, us=t * 1e6, weight_GB_s=impls[name][1] / t / 1e9,
-                                 timing=how, config=chosen_config(name, m)))
+                                 timing=how, config=chosen_config(name, m, n, k)))
             _ratios(rows[start:], copy_bw)
             print_rows(rows[start:])
         del w, impls, built
