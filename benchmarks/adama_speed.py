@@ -1,0 +1,163 @@
+"""AdamA's fused fold on the GPU: tokens/s and peak memory vs torch AdamW (fused) + accumulation,
+and where the optimizer's time goes (profiler breakdown).
+
+Run: ``python -m benchmarks.adama_speed [--out DIR] [--configs embedded,llama-1.4b] [--max-seconds 8]``
+(CUDA; ``--quick`` runs tiny shapes on the CPU).
+
+Methods, each on the same random-initialised model (same seed) and the same random tokens (speed
+and memory do not depend on the values), fp32 weights, bf16 autocast, micro-batch 4 x 512, N = 8:
+``adamw`` (torch AdamW fused, gradient accumulation: the baseline), ``adama`` (fp32 states, Triton
+multi-tensor fold per bucket), ``adama-unfused`` (the previous design: per-tensor plain-torch fold at
+every gradient, ``impl="per_tensor", bucket_mb=0``), ``adama-bf16`` (bf16 states, stochastic
+rounding), ``adama-8bit`` (block-wise 8-bit states, per-tensor plain torch).
+Theoretical memory cut = the bytes AdamA removes (the fp32 gradient buffer, and for low-bit states
+the saved state bytes) / AdamW's peak.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.adama_memory import EMBEDDED, LLAMA_1B4, builder
+from benchmarks.common import write_results
+
+METHODS = {
+    "adamw": None,
+    "adama": dict(state_bits=32),
+    "adama-unfused": dict(state_bits=32, impl="per_tensor", bucket_mb=0),
+    "adama-bf16": dict(state_bits=16),
+    "adama-8bit": dict(state_bits=8),
+}
+CONFIGS = {"embedded": (EMBEDDED, False), "llama-1.4b": (LLAMA_1B4, True)}
+
+
+def make_opt(method, model, n):
+    from hf_efficient.optim import AdamA
+
+    kw = METHODS[method]
+    if kw is None:
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+    return AdamA(model.parameters(), lr=1e-4, weight_decay=0.0, accumulation_steps=n, **kw)
+
+
+def run(method, build, batches, n, *, warmup, max_steps, max_seconds, device, profile=False):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = build().to(device).train()
+    opt = make_opt(method, model, n)
+    params = sum(p.numel() for p in model.parameters())
+
+    def step(s):
+        for i in range(n):
+            ids = batches[(s * n + i) % len(batches)].to(device, non_blocking=True)
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss / n
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for s in range(warmup):
+        step(s)
+    sync()
+    t0, done = time.perf_counter(), 0
+    while done < max_steps and (done < 2 or time.perf_counter() - t0 < max_seconds):
+        step(warmup + done)
+        done += 1
+    sync()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+    state = opt.state_bytes() if hasattr(opt, "state_bytes") else 8 * params
+    breakdown = None
+    if profile:
+        breakdown = profile_breakdown(step, warmup + done, device)
+    tokens = done * n * batches[0].numel()
+    del model, opt
+    return {"method": method, "params_M": params / 1e6, "peak_MB": peak, "tokens_per_s": tokens / seconds,
+            "steps_timed": done, "state_MB": state / 2**20, "breakdown": breakdown}
+
+
+def profile_breakdown(step, s0, device, steps=2):
+    """Device time inside AdamA's ``adama.fold`` / ``adama.update`` ranges vs the whole step (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for s in range(steps):
+            step(s0 + s)
+        sync()
+        wall = time.perf_counter() - t0
+    out = {"wall_ms_per_step": wall * 1e3 / steps}
+    dev_total = 0.0
+    for e in prof.key_averages():
+        dt = getattr(e, "self_device_time_total", 0.0) or 0.0
+        dev_total += dt
+    out["device_ms_per_step"] = dev_total / 1e3 / steps
+    for e in prof.key_averages():
+        if e.key in ("adama.fold", "adama.update"):
+            out[e.key] = {"calls_per_step": e.count / steps, "cpu_ms_per_step": e.cpu_time_total / 1e3 / steps,
+                          "device_ms_per_step": (getattr(e, "device_time_total", 0.0) or 0.0) / 1e3 / steps}
+    top = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total", 0.0) or e.self_cpu_time_total))
+    out["top"] = [{"op": e.key[:60], "ms_per_step": ((getattr(e, "self_device_time_total", 0.0) or e.self_cpu_time_total)
+                                                     / 1e3 / steps)} for e in top[:8]]
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--configs", default="embedded,llama-1.4b")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--big-methods", default="adamw,adama,adama-bf16",
+                    help="methods of the checkpointed 1.4B config (the per-tensor ones are slow there)")
+    ap.add_argument("--accumulation", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-seconds", type=float, default=8.0, help="timed seconds per method (>= 2 steps)")
+    ap.add_argument("--max-steps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke run)")
+    args = ap.parse_args(argv)
+    device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    configs = {"quick": (dict(EMBEDDED, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=1024), False)} \
+        if args.quick else {k: CONFIGS[k] for k in args.configs.split(",")}
+    if args.quick:
+        args.batch, args.seq_len, args.accumulation, args.max_steps = 2, 32, 2, 3
+    rows = []
+    for name, (cfg, ckpt) in configs.items():
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, cfg["vocab_size"], (args.batch, args.seq_len), generator=g) for _ in range(16)]
+        build = builder(cfg, ckpt)
+        base = None
+        for m in (args.big_methods if ckpt else args.methods).split(","):
+            r = run(m, build, batches, args.accumulation, warmup=2, max_steps=args.max_steps,
+                    max_seconds=args.max_seconds, device=device, profile=(m == "adama" and name in ("embedded", "quick")))
+            r["config"] = name + (" (checkpointed)" if ckpt else "")
+            if m == "adamw":
+                base = r
+            if base is not None:
+                grad_mb = 4 * r["params_M"] * 1e6 / 2**20
+                removed = 0.0 if m == "adamw" else grad_mb + base["state_MB"] - r["state_MB"]
+                r["throughput_ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
+                r["peak_cut"] = 1 - r["peak_MB"] / base["peak_MB"]
+                r["theoretical_cut"] = removed / base["peak_MB"]
+                r["share_of_theory"] = r["peak_cut"] / r["theoretical_cut"] if removed else None
+            print({k: v for k, v in r.items() if k != "breakdown"}, flush=True)
+            if r["breakdown"]:
+                print("profile:", r["breakdown"], flush=True)
+            rows.append(r)
+            write_results("adama_speed" + ("_quick" if args.quick else ""), rows,
+                          {k: v for k, v in vars(args).items() if k != "out"}, args.out,
+                          columns=["config", "method", "params_M", "peak_MB", "peak_cut", "theoretical_cut",
+                                   "share_of_theory", "tokens_per_s", "throughput_ratio", "steps_timed", "state_MB"])
+
+
+if __name__ == "__main__":
+    main()
