@@ -14,9 +14,11 @@ def _packages():
 
 
 def _extension():
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    # -mavx2 is not global: AVX2 code paths carry target attributes and are chosen at run time,
-    # so the same build runs (scalar fallback) on CPUs without AVX2.
+    # csrc/*.cpp (torch ops) and csrc/lut/*.cpp (the ATen-free LUT engines, one per ISA); csrc/lut/tools/
+    # holds stand-alone drivers that are not part of the extension.
+    sources = sorted(str(p.relative_to(ROOT)) for d in ("csrc", "csrc/lut") for p in (ROOT / d).glob("*.cpp"))
+    # No global -mavx2/-mavx512f: SIMD code paths carry target attributes and are chosen at run time
+    # (cpuid), so the same build runs on any CPU of its architecture (scalar fallback without AVX2).
     args = ["-O3", "-std=c++17", "-fopenmp"]
     return CppExtension("hf_efficient._C", sources, extra_compile_args={"cxx": args}, extra_link_args=["-fopenmp"])
 

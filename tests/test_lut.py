@@ -1,4 +1,5 @@
-"""C++ LUT kernels (csrc/lut_gemm.cpp) against their plain-torch twin (hf_efficient/quantization/lut/reference.py)."""
+"""C++ LUT kernels (csrc/lut_gemm.cpp, engines in csrc/lut/) against their plain-torch twin
+(hf_efficient/quantization/lut/reference.py); every engine this CPU runs against the scalar one, bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -29,6 +30,13 @@ def _spec(bits, engine, n, k, group, seed=0):
     return codes, grid, coef, zcoef
 
 
+ISAS = K.available_isas() if K.available() else ["scalar"]
+
+
+def _on(monkeypatch, isa):
+    monkeypatch.setenv("HF_EFFICIENT_LUT_ISA", isa)
+
+
 def _x(m, k, seed=1, outliers=False):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
     if outliers:
@@ -38,12 +46,13 @@ def _x(m, k, seed=1, outliers=False):
 
 @pytest.mark.parametrize("bits,engine", ENGINES)
 @pytest.mark.parametrize("m,n,k,group", SHAPES[:3])
-def test_tables_bit_exact(bits, engine, m, n, k, group):
+def test_tables_bit_exact(bits, engine, m, n, k, group, monkeypatch):
     _, grid, _, _ = _spec(bits, engine, n, k, group)
     x = _x(m, k, outliers=True)
     rtab, rts, rgs = R.lut_tables(x, grid, bits, group)
-    for force_scalar in (False, True):
-        tab, ts, gs = K.ops().lut_tables(x, grid, bits, group, force_scalar)
+    for isa in ISAS:
+        _on(monkeypatch, isa)
+        tab, ts, gs = K.ops().lut_tables(x, grid, bits, group)
         assert torch.equal(tab, rtab)
         assert torch.equal(ts, rts)
         torch.testing.assert_close(gs, rgs, rtol=1e-5, atol=1e-4)
@@ -52,18 +61,66 @@ def test_tables_bit_exact(bits, engine, m, n, k, group):
 @pytest.mark.parametrize("bits,engine", ENGINES)
 @pytest.mark.parametrize("m,n,k,group", SHAPES)
 @pytest.mark.parametrize("outliers", [False, True])
-def test_gemm_matches_reference_both_engines(bits, engine, m, n, k, group, outliers):
+def test_gemm_matches_reference_every_engine(bits, engine, m, n, k, group, outliers, monkeypatch):
     codes, grid, coef, zcoef = _spec(bits, engine, n, k, group)
     w = K.prepare_spec(codes, bits, group, grid, coef, zcoef)
     x = _x(m, k, outliers=outliers)
     _, _, coef_eff, zcoef_eff = K.stored_coefs(coef, zcoef)  # the fp16 coefficients the kernel stores
     ref = R.lut_gemm(x, codes, coef_eff, zcoef_eff, grid, bits, group)
-    y = w.matmul(x)
     ys = w.matmul(x, force_scalar=True)
     tol = 1e-5 * float(ref.abs().max()) + 1e-5
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=tol)
-    # Same integer sums and the same fma epilogue: the SIMD and scalar engines agree bit for bit.
-    assert torch.equal(y, ys)
+    torch.testing.assert_close(ys, ref, rtol=1e-5, atol=tol)
+    for isa in ISAS[1:]:
+        _on(monkeypatch, isa)
+        # Same integer sums and the same fma epilogue: every SIMD engine agrees with the scalar one bit for bit.
+        assert torch.equal(w.matmul(x), ys), isa
+
+
+def _dequant_reference(codes, grid, coef, zcoef, bits, group):
+    """The weights the stream holds, computed as the kernels do (bit-serial: coef * (2c - (2^b - 1) + zmul))."""
+    _, z16, ce, _ = K.stored_coefs(coef, zcoef)
+    n, k = codes.shape
+    cols = lambda t: expand_groups(t, R.padded_k(k), group)[:, :k]  # noqa: E731
+    if grid is None:
+        return cols(ce[..., 0]) * ((2 * codes.float() - (2 ** bits - 1)) + cols(z16.float()))
+    w = cols(ce[..., 0]) * grid[0][codes.long()]
+    for ch in range(1, grid.shape[0]):
+        w = w + cols(ce[..., ch]) * grid[ch][codes.long()]
+    return w
+
+
+@pytest.mark.parametrize("bits,engine", ENGINES)
+@pytest.mark.parametrize("n,k,group", [(37, 200, 32), (50, 260, 128), (70, 576, 64)])
+def test_codes_and_dequant_invert_the_packing(bits, engine, n, k, group, monkeypatch):
+    codes, grid, coef, zcoef = _spec(bits, engine, n, k, group)
+    w = K.prepare_spec(codes, bits, group, grid, coef, zcoef)
+    assert torch.equal(w.codes(), codes)
+    ref = _dequant_reference(codes, grid, coef, zcoef, bits, group)
+    for isa in ISAS:
+        _on(monkeypatch, isa)
+        assert torch.equal(w.dequantize(), ref), isa
+
+
+@pytest.mark.parametrize("bits,engine", [(4, "int"), (2, "int"), (3, "int"), (4, "grid2"), (3, "grid1")])
+@pytest.mark.parametrize("m", [33, 100])
+def test_prefill_path_is_blas_on_dequantized_blocks(bits, engine, m, monkeypatch):
+    """Above max_lut_rows() the op dequantizes row blocks and runs the float GEMM: equal to F.linear with the
+    dequantized weight up to float32 summation order (bounded by K ulps of sum |x||w|)."""
+    n, k, group = 1400, 200, 32  # more rows than one dequantized block (640), and a partial last tile
+    codes, grid, coef, zcoef = _spec(bits, engine, n, k, group)
+    w = K.prepare_spec(codes, bits, group, grid, coef, zcoef)
+    x = _x(m, k)
+    wd = _dequant_reference(codes, grid, coef, zcoef, bits, group)
+    ref = F.linear(x, wd)
+    bound = k * torch.finfo(torch.float32).eps * (x.abs() @ wd.abs().T)
+    for isa in ISAS:
+        _on(monkeypatch, isa)
+        y = w.matmul(x)
+        assert ((y - ref).abs() <= bound).all(), isa
+    monkeypatch.setenv("HF_EFFICIENT_LUT_MAX_ROWS", str(m))  # the same input on the table engine instead
+    _, _, ce, ze = K.stored_coefs(coef, zcoef)
+    lref = R.lut_gemm(x, codes[:40], ce[:40], ze[:40], grid, bits, group)  # rows are independent
+    torch.testing.assert_close(w.matmul(x)[:, :40], lref, rtol=1e-5, atol=1e-5 * float(lref.abs().max()) + 1e-5)
 
 
 def test_env_var_forces_scalar(monkeypatch):
@@ -71,8 +128,15 @@ def test_env_var_forces_scalar(monkeypatch):
     monkeypatch.setenv("HF_EFFICIENT_LUT_SCALAR", "1")
     assert K.isa() == "scalar"
     monkeypatch.setenv("HF_EFFICIENT_LUT_SCALAR", "0")
-    expected = "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else K.isa()
+    cap = torch.backends.cpu.get_cpu_capability()  # torch's own cpuid reading
+    expected = {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, K.isa())
     assert K.isa() == expected
+    assert K.available_isas()[-1] == expected and K.available_isas()[0] == "scalar"
+    monkeypatch.setenv("HF_EFFICIENT_LUT_ISA", "scalar")
+    assert K.isa() == "scalar"
+    monkeypatch.setenv("HF_EFFICIENT_LUT_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="HF_EFFICIENT_LUT_ISA must be"):
+        K.isa()
 
 
 def test_threads_do_not_change_results():
@@ -202,10 +266,14 @@ def test_opcheck_fake_impls():
     torch.library.opcheck(torch.ops.hf_efficient.lut_gemm.default,
                           (x, w.qweight, w.grid, 3, 32, 20, False))
     torch.library.opcheck(torch.ops.hf_efficient.lut_tables.default, (x, w.grid, 3, 32))
+    torch.library.opcheck(torch.ops.hf_efficient.lut_dequant.default, (w.qweight, w.grid, 3, 32, 80, 20))
+    torch.library.opcheck(torch.ops.hf_efficient.lut_codes.default, (w.qweight, 3, 32, 80, 20, True))
+    torch.library.opcheck(torch.ops.hf_efficient.lut_gemm.default,  # the prefill (dequantize + GEMM) path
+                          (torch.randn(40, 80), w.qweight, w.grid, 3, 32, 20, False))
 
 
 @pytest.mark.parametrize("bits,engine", [(4, "int"), (3, "int"), (2, "int"), (4, "grid2"), (2, "grid1")])
-def test_int16_headroom_long_groups(bits, engine):
+def test_int16_headroom_long_groups(bits, engine, monkeypatch):
     """Every lookup at +127 (equal positive activations, all-ones codes) over groups longer than the int16
     chunk: the accumulators must widen to int32 in time in both engines."""
     n, k, group = 40, 2048, 2048
@@ -218,6 +286,8 @@ def test_int16_headroom_long_groups(bits, engine):
     x = torch.ones(2, k)
     _, _, ce, ze = K.stored_coefs(coef, zcoef)
     ref = R.lut_gemm(x, codes, ce, ze, grid, bits, group)
-    y, ys = w.matmul(x), w.matmul(x, force_scalar=True)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-    assert torch.equal(y, ys)
+    ys = w.matmul(x, force_scalar=True)
+    torch.testing.assert_close(ys, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    for isa in ISAS[1:]:
+        monkeypatch.setenv("HF_EFFICIENT_LUT_ISA", isa)
+        assert torch.equal(w.matmul(x), ys), isa

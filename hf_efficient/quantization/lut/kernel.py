@@ -3,7 +3,10 @@
 ``prepare(codes, fmt, params, group_size)`` turns a layer's codes and per-group parameters (the storage of
 :class:`~hf_efficient.quantization.QuantLinear`) into a :class:`LUTWeight` in the kernel layout documented
 in ``csrc/lut_gemm.cpp``; ``LUTWeight.matmul(x)`` runs ``torch.ops.hf_efficient.lut_gemm``.
-Set ``HF_EFFICIENT_LUT_SCALAR=1`` (or pass ``force_scalar=True``) to run the portable scalar engine.
+Set ``HF_EFFICIENT_LUT_SCALAR=1`` (or pass ``force_scalar=True``) to run the portable scalar engine, and
+``HF_EFFICIENT_LUT_ISA=scalar|avx2|avx512|neon`` to cap the engine the CPU would otherwise get (see
+:func:`available_isas`). Inputs of more than ``lut_max_rows()`` rows (prefill) run a blocked dequantize + BLAS
+GEMM inside the same op.
 """
 from __future__ import annotations
 
@@ -46,8 +49,21 @@ def available() -> bool:
 
 
 def isa(force_scalar: bool = False) -> str:
-    """The engine ``lut_gemm`` runs: ``"avx2"`` or ``"scalar"``."""
+    """The best engine ``lut_gemm`` runs here: ``"avx512"``, ``"avx2"``, ``"neon"`` or ``"scalar"`` (chosen by cpuid
+    at run time; INT3 tiles run the AVX2 engine on AVX-512 CPUs)."""
     return ops().lut_isa(force_scalar)
+
+
+def available_isas() -> list[str]:
+    """Every engine this CPU can run, scalar first (each selectable with ``HF_EFFICIENT_LUT_ISA``)."""
+    best = isa()
+    order = ["scalar", "neon"] if best == "neon" else ["scalar", "avx2", "avx512"]
+    return order[:order.index(best) + 1]
+
+
+def max_lut_rows() -> int:
+    """Inputs with more rows than this run the dequantize + BLAS path (``HF_EFFICIENT_LUT_MAX_ROWS`` moves it)."""
+    return ops().lut_max_rows()
 
 
 def _register_fakes() -> None:
@@ -67,6 +83,14 @@ def _register_fakes() -> None:
         slots = kp // ref.slot_size(bits, grid is not None)
         return (x.new_empty(x.shape[0], ch, slots, 16, dtype=torch.int8), x.new_empty(x.shape[0], ng),
                 x.new_empty(x.shape[0], ng))
+
+    @torch.library.register_fake("hf_efficient::lut_dequant")
+    def _dequant_fake(qweight, grid, bits, group_size, in_features, out_features):
+        return qweight.new_empty(out_features, in_features, dtype=torch.float32)
+
+    @torch.library.register_fake("hf_efficient::lut_codes")
+    def _codes_fake(qweight, bits, group_size, in_features, out_features, code_indexed):
+        return qweight.new_empty(out_features, in_features, dtype=torch.uint8)
 
 
 _register_fakes()
@@ -224,6 +248,16 @@ class LUTWeight:
             x2 = x2.float()
         y = _gemm_op()(x2, self.qweight, self.grid, self.bits, self.group_size, self.out_features, force_scalar)
         return y.view(*x.shape[:-1], self.out_features) if x.dim() != 2 else y
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 ``(out_features, in_features)`` weight the stream holds (the prefill path's values)."""
+        return ops().lut_dequant(self.qweight, self.grid, self.bits, self.group_size, self.in_features,
+                                 self.out_features)
+
+    def codes(self) -> torch.Tensor:
+        """The uint8 ``(out_features, in_features)`` codes the stream holds (the inverse of the packing)."""
+        return ops().lut_codes(self.qweight, self.bits, self.group_size, self.in_features, self.out_features,
+                               self.grid is not None)
 
     def nbytes(self) -> int:
         return self.qweight.numel()

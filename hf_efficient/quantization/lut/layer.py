@@ -1,8 +1,11 @@
 """The LUT kernels as the CPU fast path of :class:`~hf_efficient.quantization.QuantLinear`.
 
-A layer runs on the LUT kernels once :func:`enable_lut` has permuted its weights into the kernel layout
-(``LUTConfig`` models do this when loaded; any QuantLinear model, e.g. AFPQ, can opt in). The permuted weights
-live beside the stored ones (``layer._lut``, never saved) and are rebuilt if the stored tensors change.
+The kernel is chosen by device and format, not by quantization method: every QuantLinear of 1..4 bits on the
+CPU (LUT, AFPQ two-scale FP/NF, MoFQ W4 ...) runs on the LUT kernels by default. Its weights are permuted into
+the kernel layout on its first CPU forward (``LUTConfig`` models, and :func:`enable_lut`, do it at once, which
+``torch.compile`` needs: the permutation is not traced). ``enable_lut(model, enabled=False)`` opts a model out.
+The permuted weights live beside the stored ones (``layer._lut``, never saved) and are rebuilt if the stored
+tensors change.
 The fast path declines (the plain-torch path runs) for non-CPU inputs, inputs needing gradients, group sizes
 the kernels cannot tile, and prefill-sized inputs above :data:`MAX_LUT_ROWS` rows, where a dequantized
 BLAS GEMM is faster than one LUT pass per row.
@@ -133,7 +136,7 @@ def _enable_head(model: nn.Module, bits: int, group_size: int) -> str:
 
 
 def lut_fast_path(x: torch.Tensor, layer: QuantLinear):
-    if not getattr(layer, "_lut_enabled", False) or x.device.type != "cpu":
+    if not getattr(layer, "_lut_enabled", True) or x.device.type != "cpu" or not kernel.available():
         return None
     if x.requires_grad and torch.is_grad_enabled():
         return None
