@@ -12,7 +12,7 @@ TORCH  ?= torch==2.13.0
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/lut/*.cpp csrc/lut/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
