@@ -21,6 +21,8 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
+// GCC 12's own AVX-512 intrinsic headers trip -Wmaybe-uninitialized (their _mm512_undefined_* idiom).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 namespace hf_efficient {
