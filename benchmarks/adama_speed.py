@@ -9,7 +9,7 @@ and memory do not depend on the values), fp32 weights, bf16 autocast, micro-batc
 ``adamw`` (torch AdamW fused, gradient accumulation: the baseline), ``adama`` (fp32 states, Triton
 multi-tensor fold per bucket), ``adama-unfused`` (the previous design: per-tensor plain-torch fold at
 every gradient, ``impl="per_tensor", bucket_mb=0``), ``adama-bf16`` (bf16 states, stochastic
-rounding), ``adama-8bit`` (block-wise 8-bit states, per-tensor plain torch).
+rounding), ``adama-8bit`` (block-wise 8-bit states, Triton 8-bit fold/update per bucket).
 Theoretical memory cut = the bytes AdamA removes (the fp32 gradient buffer, and for low-bit states
 the saved state bytes) / AdamW's peak.
 """
@@ -115,7 +115,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--configs", default="embedded,llama-1.4b")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--big-methods", default="adamw,adama,adama-bf16",
+    ap.add_argument("--big-methods", default="adamw,adama,adama-bf16,adama-8bit",
                     help="methods of the checkpointed 1.4B config (the per-tensor ones are slow there)")
     ap.add_argument("--accumulation", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)

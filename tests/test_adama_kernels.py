@@ -194,3 +194,75 @@ def test_bf16_states_track_fp32():
         # bf16 keeps 8 significant bits (0.4 % per rounding); stochastic rounding adds noise, not bias
         disp = float((a - b).detach().norm() / (b - q).detach().norm())
         assert disp < 0.05, disp
+
+
+def _q8_pair(shape, block, seed):
+    from hf_efficient.optim import lowbit
+
+    g = torch.Generator().manual_seed(seed)
+    m0 = torch.randn(shape, generator=g) * torch.randn(shape, generator=g).exp()
+    v0 = torch.rand(shape, generator=g) * torch.randn(shape, generator=g).exp()
+    out = []
+    for _ in range(2):
+        m, v = lowbit.Q8State.zeros(m0, True, block), lowbit.Q8State.zeros(v0, False, block)
+        m.store(m0)
+        v.store(v0)
+        out.append((m, v))
+    return out
+
+
+@pytest.mark.parametrize("shape,block", [((5000,), 256), ((33, 70), 64), ((256,), 256), ((3,), 256)])
+def test_q8_fold_kernel_matches_plain_torch(shape, block):
+    """The Triton 8-bit fold re-quantizes like lowbit.quantize_blockwise: same scales, codes equal up to
+    ties decided by one fp32 ulp (allowed: one code step on < 0.5 % of the elements)."""
+    k = pytest.importorskip("hf_efficient.kernels.adama_q8")
+    from hf_efficient.optim import lowbit
+
+    (m_ref, v_ref), (m_k, v_k) = _q8_pair(shape, block, 0)
+    grad = torch.randn(shape) * 0.3
+    for first in (True, False):
+        opt = AdamA([torch.nn.Parameter(torch.zeros(shape))], impl="per_tensor", accumulation_steps=4)
+        st = {"exp_avg": m_ref, "exp_avg_sq": v_ref, "folds": 0 if first else 1}
+        opt._fold_q8(st, grad, 0.9, 0.999, 4)
+        k.fold_q8_triton([grad], [m_k], [v_k], [first], None, beta1=0.9, beta2=0.999, n=4,
+                         mgrid=lowbit.value_map(True, "cpu"), vgrid=lowbit.value_map(False, "cpu"))
+        for a, b in ((m_k, m_ref), (v_k, v_ref)):
+            torch.testing.assert_close(a.scale, b.scale, rtol=2e-7, atol=0)
+            diff = (a.codes.int() - b.codes.int()).abs()
+            assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 5e-3
+
+
+def test_q8_update_kernel_matches_plain_torch():
+    k = pytest.importorskip("hf_efficient.kernels.adama_q8")
+    from hf_efficient.optim import lowbit
+    from hf_efficient.optim.adama import _ratio_bound
+
+    (m, v), _ = _q8_pair((3000,), 256, 1)
+    p_ref = torch.randn(3000)
+    p_k = p_ref.clone()
+    AdamA._update_q8(p_ref, m, v, lr=1e-2, wd=0.1, eps=1e-8, c1=1 - 0.9 ** 3, c2=1 - 0.999 ** 3, b1=0.9, b2=0.999)
+    a, c, d = adama_reference.bias_corrections(1e-2, 0.9, 0.999, 3, 0.1)
+    k.update_q8_triton([p_k], [m], [v], step_sizes=[a], sqrt_c2s=[c], decays=[d], eps=1e-8,
+                       bound=_ratio_bound(0.9, 0.999), mgrid=lowbit.value_map(True, "cpu"),
+                       vgrid=lowbit.value_map(False, "cpu"))
+    torch.testing.assert_close(p_k, p_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_q8_optimizer_with_kernels_tracks_plain_torch():
+    """AdamA(state_bits=8) through the Triton 8-bit kernels vs the per-tensor plain-torch path: 5 steps, N = 2."""
+    pytest.importorskip("hf_efficient.kernels.adama_q8")
+    from hf_efficient.optim import lowbit
+
+    models = [torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [AdamA(m.parameters(), lr=1e-2, accumulation_steps=2, state_bits=8, min_8bit_size=1024, impl=impl)
+            for m, impl in zip(models, ("per_tensor", "triton"))]
+    for x, y in batches(3, 10, d=64, b=8):
+        for m in models:
+            ((m(x) - y).pow(2).mean() / 2).backward()
+        if opts[0].state[models[0][0].weight]["folds"] == 2:
+            for o in opts:
+                o.step()
+    assert isinstance(opts[1].state[models[1][0].weight]["exp_avg"], lowbit.Q8State)
+    for a, b in zip(models[1].parameters(), models[0].parameters()):  # rare tie flips: a few 1e-4 at most
+        assert float((a - b).detach().norm() / (b.detach().norm() + 1e-12)) < 2e-3

@@ -298,11 +298,37 @@ class AdamA(Optimizer):
                     gen = self._generator(gs[0].device)
                     fold(gs, ms, vs, firsts, sub if sub is not None else [1.0] * len(gs), beta1=b1, beta2=b2, n=n,
                          generator=gen)
-        for i, st in enumerate(states):
-            if isinstance(st["exp_avg"], lowbit.Q8State):
+        q8 = [i for i, st in enumerate(states) if isinstance(st["exp_avg"], lowbit.Q8State)]
+        if q8 and self._q8_kernels(grads[q8[0]].device):
+            from hf_efficient.kernels import adama_q8
+
+            dev = grads[q8[0]].device
+            by_dtype = {}
+            for i in q8:
+                by_dtype.setdefault(grads[i].dtype, []).append(i)
+            for idx in by_dtype.values():
+                adama_q8.fold_q8_triton(
+                    [grads[i] for i in idx], [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
+                    [states[i]["folds"] == 0 for i in idx],
+                    torch.stack([scales[i] for i in idx]) if scales is not None else None, beta1=b1, beta2=b2, n=n,
+                    mgrid=lowbit.value_map(True, dev), vgrid=lowbit.value_map(False, dev),
+                    seed=self._next_seed() if self.stochastic_rounding else None)
+        else:
+            for i in q8:
                 g = grads[i].float() if scales is None else grads[i].float() * scales[i]
-                self._fold_q8(st, g, b1, b2, n)
+                self._fold_q8(states[i], g, b1, b2, n)
+        for st in states:
             st["folds"] += 1
+
+    def _q8_kernels(self, device: torch.device) -> bool:
+        """Whether 8-bit states go through the Triton kernels (:mod:`hf_efficient.kernels.adama_q8`)."""
+        if self.impl in ("foreach", "per_tensor") or self.block_size & (self.block_size - 1):
+            return False
+        if self.impl == "triton":
+            return True
+        from hf_efficient.kernels import HAS_TRITON
+
+        return device.type == "cuda" and HAS_TRITON
 
     def _fold_q8(self, st: dict, g: torch.Tensor, b1: float, b2: float, n: int) -> None:
         m, v = st["exp_avg"], st["exp_avg_sq"]
@@ -389,6 +415,7 @@ class AdamA(Optimizer):
             b1, b2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             launches: dict[tuple, list] = {}
+            q8_launches: dict[tuple, list] = {}
             for p in group["params"]:
                 st = self.state.get(p)
                 if not st or st["folds"] == 0:
@@ -398,10 +425,22 @@ class AdamA(Optimizer):
                 t = st["step"].item()
                 m, v = st["exp_avg"], st["exp_avg_sq"]
                 if isinstance(m, lowbit.Q8State):
-                    self._update_q8(p, m, v, lr=lr, wd=wd, eps=eps, c1=1.0 - b1 ** t, c2=1.0 - b2 ** t, b1=b1, b2=b2)
+                    if self._q8_kernels(p.device) and p.is_contiguous():
+                        q8_launches.setdefault((p.device, p.dtype), []).append(
+                            (p, m, v, lr / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t), 1.0 - lr * wd))
+                    else:
+                        self._update_q8(p, m, v, lr=lr, wd=wd, eps=eps, c1=1.0 - b1 ** t, c2=1.0 - b2 ** t,
+                                        b1=b1, b2=b2)
                     continue
                 launches.setdefault((p.device, p.dtype, m.dtype), []).append(
                     (p, m, v, lr / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t), 1.0 - lr * wd))
+            for (dev, _), rows in q8_launches.items():
+                from hf_efficient.kernels import adama_q8
+
+                ps, ms, vs, a, c, d = map(list, zip(*rows))
+                adama_q8.update_q8_triton(ps, ms, vs, step_sizes=a, sqrt_c2s=c, decays=d, eps=eps,
+                                          bound=_ratio_bound(b1, b2), mgrid=lowbit.value_map(True, dev),
+                                          vgrid=lowbit.value_map(False, dev))
             for (dev, _, _), rows in launches.items():
                 _, update, _ = _backend(self.impl, dev)
                 ps, ms, vs, a, c, d = map(list, zip(*rows))
