@@ -10,9 +10,10 @@ Per op and shape, in one run:
 2. the latency-optimal candidate and the energy-aware choice (least J within 1 + eps of the fastest, for
    eps = 5 % and 3 %) are re-measured ``--repeats`` times, interleaved, with ``--final-window`` s windows:
    these repeats are the reported J/op and latency (mean, and the spread as noise);
-3. the cost-model search runs live on the GPU (cold start: the other shapes measured before it in this
-   run, none for the first), and is also replayed on the exhaustive table with leave-this-shape-out prior
-   data, so both report measurements needed and the exhaustive energy of their choice vs the optimum.
+3. the cost-model search runs live on the GPU for the second GEMV shape (cold start: the first shape's
+   rows), before that shape's exhaustive sweep; :func:`analyze` then replays it on the exhaustive tables
+   (every shape, with and without cuBLAS, with the other shapes' rows as prior or none), reporting the
+   measurements needed and the exhaustive energy of the search's choice vs the exhaustive optimum.
 The exhaustive rows become the shipped table (``table_<gpu>.json`` -> hf_efficient/energy/tables/).
 """
 from __future__ import annotations
@@ -218,35 +219,82 @@ def run(args) -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
         _write(args, rows, table_rows, choices, gpu)
-    # Replays of the guided search on the measured tables, each shape's prior = the other shapes' rows
-    for (op, m, n, k), (feats, cache) in sweeps.items():
-        prior = [(r["features"], r["joules"], r["latency_s"]) for r in table_rows
-                 if r["op"] == op and r["shape"] != shape_key(m, n, k)]
-        opt = choose(list(cache.values()), cfg.eps)[0]
-        for name, pr in (("replay_cold", []), ("replay_prior", prior)):
-            if name == "replay_prior" and not pr:
-                continue
-            res = _replay(list(cache), feats, cache, pr, cfg)
-            for row in rows:
-                if row["op"] == op and row["shape"] == f"M={m} N={n} K={k}" and row["eps"] == EPS[0]:
-                    row[f"{name}_measurements"] = res.n_measured
-                    row[f"{name}_gap"] = cache[res.choice.key].joules / opt.joules - 1
     _write(args, rows, table_rows, choices, gpu)
+    analyze(str(_table_path(args.out, gpu)), args.out)
 
 
 def _write(args, rows, table_rows, choices, gpu) -> None:
-    from hf_efficient.energy.tables import FORMAT_VERSION, slug
+    from hf_efficient.energy.tables import FORMAT_VERSION
 
     settings = {"window_s": args.window, "final_window_s": args.final_window, "repeats": args.repeats, "eps": EPS,
                 "gemv_shapes": GEMV_SHAPES[: args.gemv_shapes], "gemm_shape": None if args.no_gemm else GEMM_SHAPE}
-    cols = ["op", "shape", "eps", "latency_tuned_J", "energy_tuned_J", "energy_saving", "latency_ratio",
-            "repeat_spread_J", "library_J", "candidates", "exhaustive_measurements", "live_search_measurements",
-            "live_search_gap", "replay_prior_measurements", "replay_prior_gap", "replay_cold_measurements",
-            "replay_cold_gap", "latency_choice", "energy_choice"]
+    cols = ["op", "shape", "eps", "latency_tuned_J", "energy_tuned_J", "energy_saving", "latency_tuned_us",
+            "energy_tuned_us", "latency_ratio", "repeat_spread_J", "library_J", "library_us", "candidates",
+            "exhaustive_measurements", "live_search_measurements", "live_search_gap", "latency_choice",
+            "energy_choice"]
     write_results("energy_autotune", rows, settings, args.out, columns=cols)
     table = {"format_version": FORMAT_VERSION, "gpu": gpu, "environment": environment(), "choices": choices,
              "rows": table_rows}
-    Path(args.out or ".", f"table_{slug(gpu)}.json").write_text(json.dumps(table, indent=1) + "\n")
+    _table_path(args.out, gpu).write_text(json.dumps(table, indent=1) + "\n")
+
+
+def _table_path(out: str | None, gpu: str) -> Path:
+    """With --out: ``OUT/table_<gpu>.json`` (to copy into the package); without: the shipped table itself."""
+    from hf_efficient.energy.tables import TABLE_DIR, slug
+
+    return Path(out, f"table_{slug(gpu)}.json") if out else TABLE_DIR / f"{slug(gpu)}.json"
+
+
+def analyze(table_json: str, out: str | None) -> list[dict]:
+    """Offline, on a measured table: the energy-aware choice and the guided search replayed (each lookup
+    stands for one measurement) over two spaces per op and shape: every candidate, and every candidate but
+    cuBLAS (the ops we write kernels for, quantized or fused, have no library twin). The numbers are the
+    exhaustive sweep's single ``--window`` measurements, not repeats: a saving is real only where it exceeds
+    both rows' tick noise. The prior of a replay is the other shapes' rows of the same op and space."""
+    from hf_efficient.energy import EnergyTuneConfig
+    from hf_efficient.energy.search import Measurement, choose
+
+    table = json.loads(Path(table_json).read_text())
+    rows = []
+    shapes = list(dict.fromkeys((r["op"], r["shape"]) for r in table["rows"]))
+    for space, drop in (("all", None), ("no cuBLAS", "library")):
+        for op, shape in shapes:
+            keep = lambda r: r["op"] == op and r["key"].split(":")[0] != drop  # noqa: E731
+            sel = [r for r in table["rows"] if keep(r) and r["shape"] == shape]
+            if len(sel) < 2:
+                continue
+            cache = {r["key"]: Measurement(r["key"], r["joules"], r["latency_s"], r["noise_rel"]) for r in sel}
+            feats = {r["key"]: r["features"] for r in sel}
+            prior = [(r["features"], r["joules"], r["latency_s"]) for r in table["rows"] if keep(r) and r["shape"] != shape]
+            lat = min(cache.values(), key=lambda m: m.latency_s)
+            for eps in EPS:
+                cfg = EnergyTuneConfig(eps=eps)
+                e, why = choose(list(cache.values()), eps)
+                row = {"op": op, "shape": shape, "space": space, "eps": eps, "latency_choice": lat.key,
+                       "energy_choice": e.key, "reason": why, "latency_tuned_J": lat.joules,
+                       "energy_tuned_J": e.joules, "energy_saving": 1 - e.joules / lat.joules,
+                       "latency_ratio": e.latency_s / lat.latency_s, "tick_noise_J": max(lat.noise_rel, e.noise_rel),
+                       "candidates": len(cache), "budget": cfg.budget(len(cache))}
+                for name, pr in (("replay_cold", []), ("replay_prior", prior)):
+                    if name == "replay_prior" and not pr:
+                        continue
+                    res = _replay(list(cache), feats, cache, pr, cfg)
+                    row[f"{name}_measurements"] = res.n_measured
+                    row[f"{name}_gap"] = cache[res.choice.key].joules / e.joules - 1
+                rows.append(row)
+    cols = ["op", "shape", "space", "eps", "latency_tuned_J", "energy_tuned_J", "energy_saving", "latency_ratio",
+            "tick_noise_J", "reason", "candidates", "budget", "replay_prior_measurements", "replay_prior_gap",
+            "replay_cold_measurements", "replay_cold_gap", "latency_choice", "energy_choice"]
+    env = table.get("environment", {})
+    settings = {"source": "hf_efficient/energy/tables/" + Path(table_json).name, "measured_on": env.get("device"),
+                "measured": env.get("date"), "note": "single exhaustive-sweep windows, no repeats; replays: "
+                "model_search with each lookup standing for one measurement"}
+    jpath, mpath = write_results("energy_autotune_offline", rows, settings, out, columns=cols)
+    md = mpath.read_text().splitlines()
+    md[2] = (f"measured on {env.get('device')} ({env.get('date')}, torch {env.get('torch')}, triton "
+             f"{env.get('triton')}); this analysis is CPU-only")
+    mpath.write_text("\n".join(md) + "\n")
+    return rows
 
 
 def plot(result_json: str, table_json: str, png: str) -> None:
@@ -279,6 +327,8 @@ def plot(result_json: str, table_json: str, png: str) -> None:
                 ax.scatter([p["latency_s"] * 1e6], [p["joules"] * 1e3], s=160, facecolors="none", edgecolors="k",
                            marker=mark, label=lab)
         ax.set_title(f"{op} {shape} ({table['gpu']})", fontsize=9)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("latency per call (µs)")
         ax.set_ylabel("energy per call (mJ)")
         ax.legend(fontsize=7)
@@ -298,10 +348,14 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=12, help="processes compiling the candidates up front")
     ap.add_argument("--dry-run", action="store_true", help="CPU self-check of this script with made-up "
                     "measurements on tiny shapes (Triton interpreter); its output is not a result")
+    ap.add_argument("--analyze", metavar="TABLE_JSON", help="only the offline choices and search replays")
     ap.add_argument("--plot", nargs=3, metavar=("RESULT_JSON", "TABLE_JSON", "PNG"), help="only draw the plot")
     args = ap.parse_args(argv)
     if args.plot:
         plot(*args.plot)
+        return
+    if args.analyze:
+        print_rows(analyze(args.analyze, args.out))
         return
     run(args)
 

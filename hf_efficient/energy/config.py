@@ -19,8 +19,10 @@ class EnergyTuneConfig:
                                                                "candidates is measured"})
     min_measurements: int = field(default=3, metadata={"help": "guided search: measure at least this many"})
     batch: int = field(default=2, metadata={"help": "candidates measured per round before the model is refit"})
-    min_gain: float = field(default=0.01, metadata={"help": "stop once no unmeasured candidate is predicted "
-                                                             "to save more than this fraction of energy"})
+    early_stop: bool = field(default=False, metadata={"help": "guided search: stop before the budget once no "
+                                                               "unmeasured candidate is predicted to save min_gain"})
+    min_gain: float = field(default=0.01, metadata={"help": "with early_stop: the predicted saving (fraction of "
+                                                             "energy) still worth a measurement"})
     explore: float = field(default=0.05, metadata={"help": "extra latency slack on *predicted* latencies when "
                                                             "picking what to measure (the model errs)"})
     version: int = 1
@@ -38,12 +40,14 @@ class EnergyTuneConfig:
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not isinstance(self.early_stop, bool):
+            raise ValueError(f"early_stop must be a bool, got {self.early_stop!r}")
         if self.version != 1:
             raise ValueError(f"version must be 1 (the only format this release reads), got {self.version!r}")
 
     def budget(self, n_candidates: int) -> int:
         """How many of ``n_candidates`` the guided search may measure."""
-        return min(n_candidates, max(self.min_measurements, math.ceil(self.budget_frac * n_candidates)))
+        return min(n_candidates, max(self.min_measurements, math.floor(self.budget_frac * n_candidates + 1e-9)))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -70,16 +70,23 @@ def exhaustive_search(keys: Sequence[str], measure: Callable[[str], Measurement]
     return SearchResult(choice, reason, measured, rounds=1)
 
 
+def _impl_of(key: str) -> str:
+    return key.split(":")[0]
+
+
 def model_search(keys: Sequence[str], features: Callable[[str], dict], measure: Callable[[str], Measurement],
-                 model, config: EnergyTuneConfig | None = None, progress: bool = False) -> SearchResult:
+                 model, config: EnergyTuneConfig | None = None, progress: bool = False,
+                 group: Callable[[str], str] = _impl_of) -> SearchResult:
     """Cost-model-guided search over ``keys``.
 
     ``features(key)`` gives the cost model's input for a candidate, ``measure(key)`` runs it, ``model`` is a
     :class:`~hf_efficient.energy.costmodel.CostModel` (its prior data, if any, is the cold start). Each round
     measures ``config.batch`` candidates: the predicted-fastest one until a latency anchor exists, then the
     lowest predicted energy among those predicted within the latency bound; after each round the model is
-    refit with the new measurements. Stops at ``config.budget(len(keys))`` measurements, or earlier once no
-    unmeasured candidate is predicted to save more than ``config.min_gain`` over the current choice."""
+    refit with the new measurements, spending the whole budget unless ``config.early_stop``. A cold model (too few rows to fit) first measures the predicted best
+    of each ``group`` (implementation), so the trees see every implementation before ranking. Stops at ``config.budget(len(keys))`` measurements, or earlier once no
+    unmeasured candidate is predicted to save more than ``config.min_gain`` over the current choice (with
+    ``config.early_stop``)."""
     from tqdm.auto import tqdm
 
     cfg = config or EnergyTuneConfig()
@@ -91,6 +98,17 @@ def model_search(keys: Sequence[str], features: Callable[[str], dict], measure: 
     measured: dict[str, Measurement] = {}
     rounds = 0
     bar = tqdm(total=budget, desc="model search", disable=not progress)
+    if len(model.rows) < model.min_fit:
+        pred = dict(zip(keys, model.predict([feats[k] for k in keys])))
+        seeds: dict[str, str] = {}
+        for k in sorted(keys, key=lambda k: pred[k][0]):
+            seeds.setdefault(group(k), k)
+        picks = list(seeds.values())[:budget]
+        for k in picks:
+            measured[k] = measure(k)
+            bar.update(1)
+        model.update([feats[k] for k in picks], [(measured[k].joules, measured[k].latency_s) for k in picks])
+        rounds += 1
     while len(measured) < budget:
         rest = [k for k in keys if k not in measured]
         if not rest:
@@ -109,11 +127,13 @@ def model_search(keys: Sequence[str], features: Callable[[str], dict], measure: 
         ranked = sorted((k for k in rest if pred[k][1] <= bound * (1 + cfg.explore) and k not in picks),
                         key=lambda k: pred[k][0])
         enough = len(measured) >= cfg.min_measurements
-        if enough and current is not None and not picks and \
+        if cfg.early_stop and enough and current is not None and not picks and \
                 (not ranked or pred[ranked[0]][0] > current.joules * (1 - cfg.min_gain)):
             break  # nothing left is predicted to beat the choice we have
-        if not enough:  # below the minimum, fill up with the lowest predicted energy anywhere
-            ranked += sorted((k for k in rest if k not in ranked and k not in picks), key=lambda k: pred[k][0])
+        # Budget left but nothing predicted inside the bound: the latency model errs by a few per cent near
+        # the bound, so spend it on the candidates predicted nearest to the bound, cheapest first among ties
+        ranked += sorted((k for k in rest if k not in ranked and k not in picks),
+                         key=lambda k: (round(pred[k][1] / bound, 2), pred[k][0]))
         picks += ranked[: max(0, min(cfg.batch, budget - len(measured)) - len(picks))]
         if not picks:
             break
