@@ -110,6 +110,38 @@ def profile_breakdown(step, s0, device, steps=2):
     return out
 
 
+def kernel_checks(device) -> dict:
+    """The Triton kernels against the plain-torch reference on this device (max abs error / codes differing)."""
+    from hf_efficient.kernels import adama_fold, adama_q8, adama_reference
+    from hf_efficient.optim import AdamA, lowbit
+
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = [(4096, 577), (3,), (2049,)]
+    out = {}
+    for sd in (torch.float32, torch.bfloat16):
+        grads = [torch.randn(s, device=device, generator=g) for s in shapes]
+        ms = [torch.randn(s, device=device, generator=g).to(sd) for s in shapes]
+        vs = [torch.rand(s, device=device, generator=g).to(sd) for s in shapes]
+        a, b = ([m.clone() for m in ms], [v.clone() for v in vs]), ([m.clone() for m in ms], [v.clone() for v in vs])
+        adama_reference.fold_reference(grads, *a, [True, False, True], [1.0] * 3, beta1=0.9, beta2=0.999, n=8)
+        adama_fold.fold_triton(grads, *b, [True, False, True], None, beta1=0.9, beta2=0.999, n=8)
+        out[f"fold_{sd}"] = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+    m0 = torch.randn(1 << 20, device=device, generator=g)
+    st = [(lowbit.Q8State.zeros(m0, True, 256), lowbit.Q8State.zeros(m0, False, 256)) for _ in range(2)]
+    for m, v in st:
+        m.store(m0)
+        v.store(m0.abs())
+    grad = torch.randn(1 << 20, device=device, generator=g)
+    AdamA([torch.nn.Parameter(m0)], impl="per_tensor")._fold_q8({"exp_avg": st[0][0], "exp_avg_sq": st[0][1],
+                                                                 "folds": 0}, grad, 0.9, 0.999, 8)
+    adama_q8.fold_q8_triton([grad], [st[1][0]], [st[1][1]], [True], None, beta1=0.9, beta2=0.999, n=8,
+                            mgrid=lowbit.value_map(True, device), vgrid=lowbit.value_map(False, device))
+    out["q8_codes_differing"] = float(sum((x.codes != y.codes).float().mean() for x, y in zip(st[0], st[1])) / 2)
+    out["q8_max_code_step"] = int(max((x.codes.int() - y.codes.int()).abs().max() for x, y in zip(st[0], st[1])))
+    print("kernel checks:", out, flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None)
@@ -130,6 +162,7 @@ def main(argv=None):
         if args.quick else {k: CONFIGS[k] for k in args.configs.split(",")}
     if args.quick:
         args.batch, args.seq_len, args.accumulation, args.max_steps = 2, 32, 2, 3
+    checks = kernel_checks(device) if device == "cuda" else None
     rows = []
     for name, (cfg, ckpt) in configs.items():
         g = torch.Generator().manual_seed(0)
@@ -154,7 +187,7 @@ def main(argv=None):
                 print("profile:", r["breakdown"], flush=True)
             rows.append(r)
             write_results("adama_speed" + ("_quick" if args.quick else ""), rows,
-                          {k: v for k, v in vars(args).items() if k != "out"}, args.out,
+                          {**{k: v for k, v in vars(args).items() if k != "out"}, "kernel_checks": checks}, args.out,
                           columns=["config", "method", "params_M", "peak_MB", "peak_cut", "theoretical_cut",
                                    "share_of_theory", "tokens_per_s", "throughput_ratio", "steps_timed", "state_MB"])
 
