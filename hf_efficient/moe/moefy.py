@@ -23,24 +23,25 @@ def balanced_clusters(rows: torch.Tensor, k: int, iters: int = 10, seed: int = 0
     n = rows.shape[0]
     if n % k:
         raise ValueError(f"num_experts={k} must divide the FFN width {n}")
+    if iters < 1:
+        raise ValueError(f"iters={iters} is invalid; allowed: >= 1")
     cap = n // k
     x = nn.functional.normalize(rows.float(), dim=-1)
     g = torch.Generator().manual_seed(seed)
     centroids = x[torch.randperm(n, generator=g)[:k]]
-    assign = torch.empty(n, dtype=torch.long)
     for _ in range(iters):
         score = x @ centroids.T                                   # (n, k)
-        order = torch.argsort(score.reshape(-1), descending=True)
-        assign.fill_(-1)
-        count = torch.zeros(k, dtype=torch.long)
-        for flat in order.tolist():                               # greedy: best (neuron, cluster) pairs first
+        order = torch.argsort(score.reshape(-1), descending=True).tolist()
+        assign, count = [-1] * n, [0] * k
+        for flat in order:                                        # greedy: best (neuron, cluster) pairs first
             i, c = divmod(flat, k)
             if assign[i] < 0 and count[c] < cap:
                 assign[i] = c
                 count[c] += 1
+        assign_t = torch.tensor(assign)
         centroids = nn.functional.normalize(
-            torch.stack([x[assign == c].mean(0) for c in range(k)]), dim=-1)
-    return assign
+            torch.stack([x[assign_t == c].mean(0) for c in range(k)]), dim=-1)
+    return assign_t
 
 
 @torch.no_grad()

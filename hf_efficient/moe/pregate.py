@@ -118,23 +118,31 @@ def distill_pregates(model: nn.Module, batches: Iterable[torch.Tensor], steps: i
                      progress: bool = True) -> list[float]:
     """Top-k distillation: train each pre-gate to predict the next router's top-k from its own layer's input.
 
-    ``batches``: input-id tensors (B, T), cycled for ``steps`` steps; the model's own routing runs (no
-    substitution). Only pre-gate weights change. Returns the loss per step."""
+    ``batches``: input-id tensors (B, T). The model runs once per batch with its own routing (no substitution) to
+    collect every router's input; the pre-gates then take ``steps`` Adam steps on those cached states, one batch
+    per step, cycling (the states do not depend on the pre-gates, so one forward per batch suffices). Only
+    pre-gate weights change. Returns the loss per step."""
     layers = find_moe_layers(model)
     pre = _pregated(layers)
-    params = pregate_parameters(model)
-    opt = torch.optim.Adam(params, lr=lr)
     batches = list(batches)
     if not batches:
         raise ValueError("distill_pregates: batches is empty")
     device = layers[0].router.weight.device
+    cached = []
+    with torch.no_grad():
+        for ids in tqdm(batches, desc="router inputs", disable=not progress):
+            with _router_inputs(layers) as h:
+                model(input_ids=ids.to(device))
+            # Teacher logits now, so the steps below touch only the pre-gates.
+            cached.append([(h[l.position],
+                            nn.functional.linear(h[l.position + 1], layers[l.position + 1].router.weight))
+                           for l in pre])
+    opt = torch.optim.Adam(pregate_parameters(model), lr=lr)
     losses = []
     for step in tqdm(range(steps), desc="distil pre-gates", disable=not progress):
-        with torch.no_grad(), _router_inputs(layers) as h:
-            model(input_ids=batches[step % len(batches)].to(device))
-        loss = sum(_topk_distill_loss(l.block.pregate(h[l.position])[0],
-                                      nn.functional.linear(h[l.position + 1], layers[l.position + 1].router.weight),
-                                      layers[l.position + 1].top_k) for l in pre) / len(pre)
+        feats = cached[step % len(cached)]
+        loss = sum(_topk_distill_loss(l.block.pregate(x)[0], teacher, layers[l.position + 1].top_k)
+                   for l, (x, teacher) in zip(pre, feats)) / len(pre)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
