@@ -61,7 +61,7 @@ def test_hard_concrete_prob_nonzero_matches_sampling():
     g = HardConcreteGate(5)
     with torch.no_grad():
         g.log_alpha.copy_(torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]))
-    n = 20000
+    n = 4000
     freq = torch.stack([g.sample() > 0 for _ in range(n)]).float().mean(0)
     p = g.prob_nonzero().detach()
     # 5 binomial standard deviations: fails by chance with probability < 1e-6 per gate
@@ -130,8 +130,8 @@ def _set_gates(p, case):
                 g.log_alpha.fill_(30)
 
 
-@pytest.mark.parametrize("case", ["random", "module_off", "units_all_off", "all_on"])
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case, bias", [("random", True), ("module_off", True), ("units_all_off", True),
+                                        ("all_on", True), ("random", False), ("units_all_off", False)])
 def test_pruned_model_matches_masked_model(case, bias):
     m = tiny_model(bias=bias)
     x, am = batch()
@@ -303,3 +303,22 @@ def test_espeak_synthesis_and_dataset(tmp_path):
     assert b["input_features"].shape[0] == 2 and b["input_features"].shape[-1] == 16
     assert (b["labels"] >= 0).sum() == sum(len(t) for t in ds["text"][:2])
     assert word_error_rate(["a b c d"], ["a x c"]) == pytest.approx(0.5)
+
+
+def test_magnitude_masks_keep_the_largest_units():
+    from hf_efficient.pruning import magnitude_masks
+
+    m = tiny_model(layers=1)
+    with torch.no_grad():
+        m.encoder.layers[0].feed_forward1.linear2.weight[:, 5] = 0.0  # neuron 5 contributes nothing
+        m.encoder.layers[0].self_attn.o_proj.weight[:, 8:16] = 0.0  # neither does head 1
+    full = magnitude_masks(m, 1.0)
+    assert all(bool(v.all()) for v in full.values())
+    half = magnitude_masks(m, 0.5)
+    counts = unit_counts(m)[0]
+    for kind in MODULE_KINDS:
+        assert int(half[f"0_{kind}_units"].sum()) == math.ceil(counts[kind] / 2)
+    assert half["0_ffn1_units"][5] == 0 and half["0_attn_units"][1] == 0
+    assert count_params(prune_parakeet(m, half)) < count_params(m)
+    with pytest.raises(ValueError, match="keep_fraction"):
+        magnitude_masks(m, 0.0)

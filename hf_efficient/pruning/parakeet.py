@@ -15,6 +15,7 @@ whose outputs equal the masked model's in eval mode.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -401,3 +402,40 @@ class PrunedParakeetForCTC(_parakeet_ctc_cls()):
         layout = getattr(config, "pruning_layout", None)
         if layout is not None and not _skip_layout:
             _resize_to_layout(self, layout)
+
+
+@torch.no_grad()
+def magnitude_masks(model, keep_fraction: float) -> dict[str, torch.Tensor]:
+    """Baseline masks: in every unit group keep the ``ceil(keep_fraction * n)`` units of largest weight norm.
+
+    A unit's score is ``||input weights|| * ||output weights||`` (heads: q/k/v/relative-k rows and o_proj
+    columns of the head; FFN neurons: linear1 row, linear2 column; conv channels: the two GLU rows of
+    pointwise_conv1 and the pointwise_conv2 column). Whole modules are kept. Keys as in
+    :meth:`ParakeetL0Pruner.masks`, values 0/1.
+    """
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction={keep_fraction!r}: must be in (0, 1]")
+    enc = _check_model(model)
+    masks = {}
+    for i, block in enumerate(enc.layers):
+        for kind in MODULE_KINDS:
+            mod = getattr(block, _MODULE_ATTR[kind])
+            if isinstance(mod, (_Absent, _BiasOnly)):
+                continue
+            if kind == "attn":
+                h, d = mod.o_proj.in_features // mod.head_dim, mod.head_dim
+                rows = sum(getattr(mod, n).weight.view(h, d, -1).pow(2).sum((1, 2))
+                           for n in ("q_proj", "k_proj", "v_proj", "relative_k_proj"))
+                score = rows.sqrt() * mod.o_proj.weight.view(-1, h, d).pow(2).sum((0, 2)).sqrt()
+            elif kind == "conv":
+                c = mod.depthwise_conv.out_channels
+                w1 = mod.pointwise_conv1.weight.squeeze(-1)
+                score = (w1[:c].norm(dim=1) * w1[c:].norm(dim=1)) * mod.pointwise_conv2.weight.squeeze(-1).norm(dim=0)
+            else:
+                score = mod.linear1.weight.norm(dim=1) * mod.linear2.weight.norm(dim=0)
+            n = score.numel()
+            keep = max(1, math.ceil(keep_fraction * n - 1e-9))
+            m = torch.zeros(n, device="cpu", dtype=torch.float64)
+            m[torch.argsort(score.float().cpu(), descending=True)[:keep]] = 1.0
+            masks[f"{i}_{kind}_units"] = m
+    return masks
