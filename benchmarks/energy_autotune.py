@@ -1,7 +1,8 @@
 """Energy-aware vs latency-optimal kernel choice, and cost-model search vs exhaustive search (GPU + NVML).
 
 Run: ``python -m benchmarks.energy_autotune [--out DIR]`` on an NVIDIA GPU with NVML bindings;
-``python -m benchmarks.energy_autotune --plot RESULT.json`` (CPU) draws energy vs latency per op.
+``python -m benchmarks.energy_autotune --plot TABLE.json PNG`` and ``--analyze TABLE.json`` (CPU) draw energy
+vs latency per op and replay the searches on a measured table.
 
 Per op and shape, in one run:
 1. exhaustive: every candidate of the op (:mod:`hf_efficient.energy.variants`: three Triton reductions x
@@ -297,43 +298,10 @@ def analyze(table_json: str, out: str | None) -> list[dict]:
     return rows
 
 
-def plot(result_json: str, table_json: str, png: str) -> None:
-    """Energy vs latency of every measured candidate per op and shape, choices marked (matplotlib)."""
-    import matplotlib
+def plot(table_json: str, png: str) -> None:
+    from hf_efficient.energy.plot import plot_table
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = json.loads(Path(result_json).read_text())["rows"]
-    table = json.loads(Path(table_json).read_text())
-    shapes = list(dict.fromkeys((r["op"], r["shape"]) for r in table["rows"]))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.5), squeeze=False)
-    colors = {"acc1d": "tab:blue", "acc2d": "tab:orange", "dot": "tab:green", "gemm": "tab:purple",
-              "library": "tab:red"}
-    for ax, (op, shape) in zip(axes[0], shapes):
-        pts = [r for r in table["rows"] if r["op"] == op and r["shape"] == shape]
-        for impl, col in colors.items():
-            sel = [r for r in pts if r["key"].split(":")[0] == impl]
-            if sel:
-                ax.scatter([r["latency_s"] * 1e6 for r in sel], [r["joules"] * 1e3 for r in sel], s=18, c=col,
-                           label=impl if impl != "library" else "cuBLAS")
-        res = next((r for r in rows if r["op"] == op and r["shape"].replace("M=", "").replace(" N=", "x")
-                    .replace(" K=", "x") == shape and r["eps"] == 0.05), None)
-        if res:
-            by_key = {r["key"]: r for r in pts}
-            for key, mark, lab in ((res["latency_choice"], "s", "latency choice"),
-                                   (res["energy_choice"], "*", "energy choice (eps 5 %)")):
-                p = by_key[key]
-                ax.scatter([p["latency_s"] * 1e6], [p["joules"] * 1e3], s=160, facecolors="none", edgecolors="k",
-                           marker=mark, label=lab)
-        ax.set_title(f"{op} {shape} ({table['gpu']})", fontsize=9)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("latency per call (µs)")
-        ax.set_ylabel("energy per call (mJ)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    plot_table(json.loads(Path(table_json).read_text()), png)
 
 
 def main(argv=None) -> None:
@@ -349,7 +317,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dry-run", action="store_true", help="CPU self-check of this script with made-up "
                     "measurements on tiny shapes (Triton interpreter); its output is not a result")
     ap.add_argument("--analyze", metavar="TABLE_JSON", help="only the offline choices and search replays")
-    ap.add_argument("--plot", nargs=3, metavar=("RESULT_JSON", "TABLE_JSON", "PNG"), help="only draw the plot")
+    ap.add_argument("--plot", nargs=2, metavar=("TABLE_JSON", "PNG"), help="only draw energy vs latency")
     args = ap.parse_args(argv)
     if args.plot:
         plot(*args.plot)

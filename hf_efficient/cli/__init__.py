@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "quantize": "quantize",
     "train-gate": "train_gate",
     "adama-demo": "adama_demo",
+    "energy-tune": "energy",
 }
 
 
