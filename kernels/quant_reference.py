@@ -193,7 +193,7 @@ FUZZ_FORMATS = ("int4_asym", "int3_asym", "int2_asym", "int8_asym", "int4_sym", 
 
 def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_failures: int = 5,
          fmt_names=FUZZ_FORMATS) -> dict:
-    """``cases`` random products through ``kernel`` ("gemv", "gemm" or "lut") checked with :func:`compare`.
+    """``cases`` random products through ``kernel`` ("mma", "gemv", "gemm" or "lut") checked with :func:`compare`.
 
     Random format (of ``fmt_names``), N in [1, 700], K in [1, 1500] (mostly not multiples of the
     group or block sizes), M (1..8 for the GEMV, up to 100 for the GEMM, 1..9 for the LUT kernel), group
@@ -204,33 +204,54 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
     import random
     import time
 
-    from .autotune import space, valid
-    from .quant_gemm import GEMV_MAX_M, quant_gemm, quant_gemv
-    from .quant_lut import MAX_LUT_BITS, quant_lut_gemm
     from .. import formats
+    from .quant_layout import SCHEME_MODE
 
     rng = random.Random(seed)
-    fn = {"gemv": quant_gemv, "gemm": quant_gemm, "lut": quant_lut_gemm}[kernel]
-    names = [f for f in fmt_names if kernel != "lut" or formats.get_format(f).bits <= MAX_LUT_BITS]
+    if kernel == "mma":
+        from . import quant_mma
+
+        max_bits = max(quant_mma.MMA_BITS)
+
+        def fn(x, kw, codes, fmt, config):  # config: the split-K factor (0 = the shape rule)
+            w = quant_mma.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, kw.group_size,
+                               SCHEME_MODE[fmt.scheme])
+            return quant_mma.quant_mma(x, w, splits=config)
+    else:
+        from .autotune import space, valid
+        from .quant_gemm import quant_gemm, quant_gemv
+        from .quant_lut import MAX_LUT_BITS, quant_lut_gemm
+
+        max_bits = MAX_LUT_BITS if kernel == "lut" else 8
+        triton_fn = {"gemv": quant_gemv, "gemm": quant_gemm, "lut": quant_lut_gemm}[kernel]
+
+        def fn(x, kw, codes, fmt, config):
+            return triton_fn(x, kw, config=config)
+    names = [f for f in fmt_names if formats.get_format(f).bits <= max_bits]
     worst_rel, worst_abs, t0, counts, failures, n_bad = 0.0, 0.0, time.time(), {}, [], 0
     for i in range(cases):
         name = rng.choice(names)
         group = rng.choice([32, 64, 128])
         n, k = rng.randint(1, 700), rng.randint(1, 1500)
         dtype = rng.choice([torch.float16, torch.bfloat16])
-        m = {"gemv": lambda: rng.choice(range(1, GEMV_MAX_M + 1)),
+        m = {"gemv": lambda: rng.choice(range(1, 9)),  # 1..GEMV_MAX_M
              "gemm": lambda: rng.choice([1, 2, 9, 16, 17, 33, 64, 100]),
+             "mma": lambda: rng.choice([1, 1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 100, 256]),
              "lut": lambda: rng.randint(1, 9)}[kernel]()
         special = rng.choice([None, None, "zero", "extreme"])
         # fp16 tops out at 65504: an INT8 group scaled x1000 times x30 overflows it (in the reference too),
         # so fp16 cases use milder extremes; bf16 takes x1000 / x1e-3 scales and x30 activations.
-        _, _, kw = random_kernel_weight(name, n, k, group, special=special, seed=i, device=device,
-                                        extreme=1000.0 if dtype == torch.bfloat16 else 10.0)
-        args = {"GROUP": group, "BITS": kw.bits, "M": m, "BLOCK_M": 1 << (m - 1).bit_length()}
-        cfg = next(c for c in space(kernel) if valid(kernel, c, args))
+        fmt, codes, kw = random_kernel_weight(name, n, k, group, special=special, seed=i, device=device,
+                                              extreme=1000.0 if dtype == torch.bfloat16 else 10.0)
+        if kernel == "mma":
+            cfg = rng.choice([0, 0, 1, 2, 3, 7])
+        else:
+            args = {"GROUP": group, "BITS": kw.bits, "M": m, "BLOCK_M": 1 << (m - 1).bit_length()}
+            cfg = next(c for c in space(kernel) if valid(kernel, c, args))
         x = torch.randn(m, k, device=device).to(dtype) * rng.choice([1.0, 0.01] + ([30.0] if dtype == torch.bfloat16
                                                                                   else []))
-        r = compare(fn(x, kw, config=cfg), x, kw, u_w=U[dtype] if kernel == "gemm" else 0.0)
+        # the GEMM and the mma kernel round the (unscaled / scaled) weight to the activation dtype
+        r = compare(fn(x, kw, codes, fmt, cfg), x, kw, u_w=U[dtype] if kernel in ("gemm", "mma") else 0.0)
         worst_rel, worst_abs = max(worst_rel, r["rel"]), max(worst_abs, r["abs"])
         counts[name] = counts.get(name, 0) + 1
         if r["bad"]:

@@ -255,7 +255,7 @@ def test_op_fake_and_compile(cpu_fast_path):
 # without compiling every format x dtype x M-bucket variant (~2 s each on the H100).
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["gemv", "gemm", "lut"])
+@pytest.mark.parametrize("kernel", ["mma", "gemv", "gemm", "lut"])
 def test_gpu_fuzz(kernel):
     from hf_efficient.kernels.quant_reference import fuzz
 
