@@ -125,7 +125,10 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = to
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint import check_model_dir
+
     p = resolve_model_path(path)
+    check_model_dir(p)  # a truncated/corrupt weight file fails here naming the file, not deep in safetensors
     try:
         tokenizer = AutoTokenizer.from_pretrained(p)
         model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, **kwargs)

@@ -77,10 +77,11 @@ def test_quantize_on_load_save_reload(case, float_dir, tmp_path):
         assert _rel(logits, ref(IDS).logits) < tol
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
-    assert not any(k.endswith("proj.weight") for k in saved)  # packed under names nn.Linear lacks
+    # packed under names nn.Linear lacks; its `weight` holds only format_version 2's 1-element load guard
+    assert all(saved[k].shape == (1,) for k in saved if k.endswith("proj.weight"))
     assert saved["model.layers.0.mlp.down_proj.qweight"].dtype == torch.int32
     saved_cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert saved_cfg["format_version"] == 1 and saved_cfg["quant_method"] == make().quant_method
+    assert saved_cfg["format_version"] == 2 and saved_cfg["quant_method"] == make().quant_method
     if fmt is None:
         assert set(saved_cfg["layer_formats"]) == set(qls)
     again = _load(tmp_path)
@@ -137,8 +138,10 @@ def test_load_without_plugin_is_loud(float_dir, tmp_path):
             "m = A.from_pretrained(sys.argv[1]); print(type(m.model.layers[0].mlp.up_proj).__name__)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
     text = out.stdout + out.stderr
-    # transformers does not raise, but the packed names cannot land in nn.Linear: a report lists them.
-    assert "Unknown quantization type" in text and "qweight" in text and "UNEXPECTED" in text and "MISSING" in text
+    # format_version 2's guards: each layer's 1-element `weight` cannot land in nn.Linear, so transformers
+    # raises (it would otherwise initialise every linear at random); its report names the package.
+    assert out.returncode != 0 and "Linear" not in out.stdout
+    assert "ignore_mismatched_sizes" in text and "MISMATCH" in text and "import_hf_efficient" in text
 
 
 def test_modules_to_not_convert(float_dir):
@@ -162,7 +165,7 @@ def test_modules_to_not_convert(float_dir):
     (dict(group_size=-2), "group_size=-2"),
     (dict(scale_dtype="float64"), "scale_dtype"),
     (dict(algorithm="awq"), "algorithm"),
-    (dict(format_version=2), "format_version=2"),
+    (dict(format_version=3), "format_version=3"),
     (dict(bogus=1), "unknown fields \\['bogus'\\]"),
 ])
 def test_afpq_config_errors(kwargs, match):
@@ -225,7 +228,7 @@ def _variant(saved, tmp_path, edit_tensors=None, edit_config=None):
 
 def test_unknown_format_version(saved_afpq, tmp_path):
     d = _variant(saved_afpq, tmp_path, edit_config=lambda c: c.update(format_version=7))
-    with pytest.raises(ValueError, match="format_version=7.*reads checkpoint format_version 1"):
+    with pytest.raises(ValueError, match=r"format_version=7.*reads checkpoint format_version \(1, 2\)"):
         _load(d)
 
 

@@ -12,13 +12,19 @@ Loading paths:
   checkpoint's float weight reaches :class:`QuantizeOnLoad`, which returns ``qweight`` and the scales
   (round-to-nearest; MoFQ picks the format here). The placeholder is removed after loading.
 * pre-quantized (a directory saved by ``save_pretrained`` or ``hf_efficient.quantization.quantize``): the
-  layers are rebuilt from the saved config and the stored tensors load by name. Their names (``qweight``,
-  ``scales``, ...) are not ``nn.Linear``'s, so loading without ``import hf_efficient`` fails on
-  missing/unexpected keys instead of producing garbage.
+  layers are rebuilt from the saved config and the stored tensors load by name. The files are checked first
+  (a truncated safetensors file fails naming it) and every float tensor after (NaN/inf scales fail naming the
+  tensor).
+
+Saving writes format_version 2: beside the packed tensors, a ``(1,)`` guard tensor under each layer's
+``weight`` name (see :mod:`hf_efficient.quantization.packing`), so transformers *without* ``import
+hf_efficient`` stops with a size-mismatch error instead of silently initialising every linear at random;
+and a model card (README.md) that says what the checkpoint is and how to load it.
 """
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -27,8 +33,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from .. import formats
+from ..checkpoint import CheckpointError, check_finite, check_safetensors_file
+from ..quantization.card import install_card_writer
 from ..quantization.config import QuantConfigBase, matches_module
 from ..quantization.linear import QuantLinear, rtn_quantize, storage_tensors
+from ..quantization.packing import FORMAT_VERSION, GUARD_KEY, GUARD_TENSOR, guard_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +87,13 @@ def _checkpoint_shapes(files) -> dict[str, tuple]:
     shapes = {}
     for f in files or []:
         if str(f).endswith(".safetensors"):
-            with safe_open(str(f), "pt") as h:
-                for k in h.keys():
-                    shapes[k] = tuple(h.get_slice(k).get_shape())
+            check_safetensors_file(f)
+            try:
+                with safe_open(str(f), "pt") as h:
+                    for k in h.keys():
+                        shapes[k] = tuple(h.get_slice(k).get_shape())
+            except Exception as e:  # safetensors raises its own SafetensorError type
+                raise CheckpointError(f"{f} is corrupt: {e}") from None
     return shapes
 
 
@@ -95,6 +108,8 @@ def check_checkpoint(model, converted: list[str], files, what: str) -> None:
         m = model.get_submodule(name)
         want = {k: tuple(t.shape) for k, t in m.state_dict().items() if k != "weight"}
         have = {k[len(name) + 1:]: v for k, v in shapes.items() if k.startswith(name + ".")}
+        if have.get(GUARD_TENSOR) == tuple(guard_tensor().shape) and GUARD_TENSOR not in want:
+            del have[GUARD_TENSOR]  # format_version 2's load guard, not a tensor of the layer
         if not have:
             problems.append(f"{name}: no tensors in the checkpoint")
             continue
@@ -169,6 +184,12 @@ class HfEfficientQuantizer(HfQuantizer):
         self._converted = replace_linears(model, cfg, skip, placeholder=not self.pre_quantized)
         if self.pre_quantized:
             check_checkpoint(model, self._converted, checkpoint_files, type(cfg).__name__)
+            # The guards (GUARD_KEY, <layer>.weight) exist to stop a load without this package; here they are
+            # expected and skipped. Patterns are searched in every unexpected key name.
+            ignore = set(model._keys_to_ignore_on_load_unexpected or ())
+            ignore.add(re.escape(GUARD_KEY) + "$")
+            ignore.add(r"^(?:" + "|".join(re.escape(n) for n in self._converted) + r")\." + GUARD_TENSOR + "$")
+            model._keys_to_ignore_on_load_unexpected = ignore
         if not self._converted:
             logger.warning("%s: no nn.Linear layer was converted (modules_to_not_convert=%s)",
                            type(cfg).__name__, cfg.modules_to_not_convert)
@@ -196,6 +217,8 @@ class HfEfficientQuantizer(HfQuantizer):
                     problems.append(f"{name}.{t_name}: missing from the checkpoint or not loaded")
             if m.bias is not None:
                 m.bias.requires_grad_(False)
+            if not problems:
+                check_finite({f"{name}.{k}": t for k, t in m.state_dict().items()})
         if problems:
             raise QuantizationLoadError(
                 f"{type(self.quantization_config).__name__} checkpoint does not match the model "
@@ -203,9 +226,14 @@ class HfEfficientQuantizer(HfQuantizer):
         summary = self.quantization_config.summary()
         if summary:
             logger.info(summary)
+        install_card_writer(model)
         after_load = getattr(self.quantization_config, "after_load", None)
         if after_load is not None:
             after_load(model)
+        if any(t.is_cuda for t in model.buffers()):
+            from ..quantization.gpu import prepare_model
+
+            prepare_model(model)  # each layer's kernel layout now, as its only copy (not at the first forward)
         return model
 
     @property
@@ -214,6 +242,18 @@ class HfEfficientQuantizer(HfQuantizer):
 
     def is_serializable(self, **kwargs):
         return True
+
+    def get_state_dict_and_metadata(self, model):
+        """The model's tensors plus the format_version 2 load guards (see the module docstring)."""
+        state_dict = dict(model.state_dict())
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear) and f"{name}.{GUARD_TENSOR}" not in state_dict:
+                state_dict[f"{name}.{GUARD_TENSOR}"] = guard_tensor()
+        state_dict[GUARD_KEY] = guard_tensor()
+        # config.json is written after this call: it must announce the layout the files now have.
+        self.quantization_config.format_version = FORMAT_VERSION
+        return state_dict, {"hf_efficient": "quantized by hf-efficient: pip install hf-efficient, then "
+                                            "`import hf_efficient` before from_pretrained"}
 
     @property
     def is_trainable(self) -> bool:

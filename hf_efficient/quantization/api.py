@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import registry
+from .card import install_card_writer
 from .config import QuantConfigBase, matches_module
 
 logger = logging.getLogger(__name__)
@@ -208,6 +209,7 @@ def quantize_model(model: nn.Module, config: QuantConfigBase, windows: torch.Ten
     # The registry pairs the config with its quantizer (capabilities never import the integrations layer).
     quantizer_cls = registry.register_all().quantization[config.quant_method].quantizer()
     model.hf_quantizer = quantizer_cls(config, pre_quantized=True)
+    install_card_writer(model)  # save_pretrained also writes README.md (what this is, how to load it)
     model.is_quantized = True
     model.quantization_method = config.quant_method
     summary = config.summary()

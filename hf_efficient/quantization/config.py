@@ -14,7 +14,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import formats
 from .linear import SCALE_DTYPES
-from .packing import FORMAT_VERSION
+from .packing import FORMAT_VERSION, READABLE_FORMAT_VERSIONS
 
 ALGORITHMS = ("rtn", "gptq")
 DEFAULT_SKIP = ("lm_head",)
@@ -88,10 +88,10 @@ class QuantConfigBase(QuantizationConfigMixin):
         self._validate_common()
 
     def _validate_common(self) -> None:
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
             raise _err("format_version", self.format_version,
-                       f"this hf-efficient reads checkpoint format_version {FORMAT_VERSION} only; upgrade hf-efficient "
-                       f"or re-quantize the model")
+                       f"this hf-efficient reads checkpoint format_version {READABLE_FORMAT_VERSIONS}; upgrade "
+                       f"hf-efficient or re-quantize the model")
         if not isinstance(self.bits, int) or isinstance(self.bits, bool):
             raise _err("bits", self.bits, "an int")
         if not (isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 1)):

@@ -1,4 +1,4 @@
-"""Bit packing of codes and the storage layout of a quantized linear layer (format_version 1).
+"""Bit packing of codes and the storage layout of a quantized linear layer (format_version 2).
 
 Packed codes
 ------------
@@ -24,12 +24,25 @@ when ``g`` does not divide ``K`` the last group is shorter (no padding is stored
 
 Weight ``W[n, k]`` = ``formats.decode(fmt, code[n, k], {p: tensor[n, k // g]})``; see :mod:`hf_efficient.formats`
 for the scale rules. Which format a layer uses is recorded in the checkpoint's ``quantization_config``.
+
+Load guards (format_version 2)
+------------------------------
+transformers without ``import hf_efficient`` does not know our ``quant_method``: it only warns, builds plain
+``nn.Linear`` layers, drops the packed tensors as "unexpected" and initialises every weight at random (a
+model with perplexity ~5e16, no error). A version-2 checkpoint therefore also stores, per quantized layer,
+``<layer>.weight`` = uint8 ``[FORMAT_VERSION]`` (shape ``(1,)``, :data:`GUARD_TENSOR`), which a plain
+``nn.Linear`` cannot accept: vanilla loading stops with a size-mismatch ``RuntimeError``, and its load report
+lists :data:`GUARD_KEY`, which names the package to import. With the import, the guards are checked and
+skipped. Version 1 (no guards) still loads.
 """
 from __future__ import annotations
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+GUARD_TENSOR = "weight"
+GUARD_KEY = "hf_efficient.requires__pip_install_hf_efficient__then__import_hf_efficient"
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
@@ -88,3 +101,8 @@ def group_index(k: int, group_size: int, device=None) -> torch.Tensor:
 def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
     """Per-group tensor ``(N, n_groups)`` -> per-column ``(N, k)``."""
     return t.index_select(-1, group_index(k, group_size, t.device))
+
+
+def guard_tensor() -> torch.Tensor:
+    """The ``(1,)`` uint8 tensor stored as each layer's :data:`GUARD_TENSOR` and as :data:`GUARD_KEY`."""
+    return torch.tensor([FORMAT_VERSION], dtype=torch.uint8)
