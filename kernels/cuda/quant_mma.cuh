@@ -96,6 +96,15 @@ template <> struct Chunk<3> {  // pair p = nibble p of the low-two-bit plane | t
 
 template <int BITS> __host__ __device__ constexpr int chunk_words() { return BITS == 4 ? 4 : BITS == 2 ? 2 : 3; }
 
+// One (row g, row g+8) pair of group parameters, raw: converted only where used, so a prefetch does not stall.
+template <typename PT> struct GroupParams {
+  PT a, b, a8, b8;
+  __device__ __forceinline__ void load(const PT* row, int gi) {  // row: params of (tile, group 0, row g)
+    const PT* p = row + (size_t)gi * 32;
+    a = p[0]; b = p[1]; a8 = p[16]; b8 = p[17];
+  }
+};
+
 template <typename PT> __device__ __forceinline__ float to_f(PT v) { return static_cast<float>(v); }
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -140,6 +149,8 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     ones = *reinterpret_cast<uint32_t*>(one2);
   }
 
+  int gi = kb0 * BLOCK_K / group;      // the group being accumulated
+  int next_end = (gi + 1) * group;     // the K position where it ends
   for (int ks = kb0; ks < kb1; ks += stage_blocks) {
     const int kend = min(kb1, ks + stage_blocks);
     __syncthreads();  // the previous stage's x is consumed
@@ -162,13 +173,20 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     if (!live) continue;
 
     Chunk<BITS> nxt0, nxt8;
+    GroupParams<PT> nfirst, nlast;  // the groups of the next block's first and last slice
     nxt0.load(wrow + (size_t)ks * 64 * CW);
     nxt8.load(wrow + ((size_t)ks * 64 + 32) * CW);
+    nfirst.load(prow, ks * BLOCK_K / group);
+    nlast.load(prow, (ks * BLOCK_K + BLOCK_K - 1) / group);
     for (int kb = ks; kb < kend; ++kb) {
       const Chunk<BITS> w0 = nxt0, w8 = nxt8;
-      if (kb + 1 < kend) {  // prefetch the next chunk pair while this one decodes
+      const GroupParams<PT> pfirst = nfirst, plast = nlast;
+      const int gfirst = kb * BLOCK_K / group, glast = (kb * BLOCK_K + BLOCK_K - 1) / group;
+      if (kb + 1 < kend) {  // prefetch the next block's weights and scales while this one decodes
         nxt0.load(wrow + (size_t)(kb + 1) * 64 * CW);
         nxt8.load(wrow + ((size_t)(kb + 1) * 64 + 32) * CW);
+        nfirst.load(prow, (kb + 1) * BLOCK_K / group);
+        nlast.load(prow, ((kb + 1) * BLOCK_K + BLOCK_K - 1) / group);
       }
       const T* xb = xs + (kb - ks) * BLOCK_K + 2 * q;
 #pragma unroll
@@ -190,9 +208,14 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
           }
         }
         const int kpos = kb * BLOCK_K + 16 * (s + 1);
-        if (kpos % group == 0 || (s == 7 && kb + 1 == kb1)) {  // a group (or this split's share of it) ends
-          const PT* pp = prow + (size_t)((kpos - 1) / group) * 32;
-          const float ag = to_f(pp[0]), bg = to_f(pp[1]), ag8 = to_f(pp[16]), bg8 = to_f(pp[17]);
+        if (kpos == next_end || (s == 7 && kb + 1 == kb1)) {  // a group (or this split's share of it) ends
+          GroupParams<PT> p = gi == glast ? plast : pfirst;
+          if (gi != glast && gi != gfirst) p.load(prow, gi);  // groups < 64 wide: more than two per block
+          const float ag = to_f(p.a), bg = to_f(p.b), ag8 = to_f(p.a8), bg8 = to_f(p.b8);
+          if (kpos == next_end) {
+            ++gi;
+            next_end += group;
+          }
 #pragma unroll
           for (int t = 0; t < MT; ++t) {
 #pragma unroll
