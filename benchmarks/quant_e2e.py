@@ -171,27 +171,69 @@ def decode_speed(kind: str, new_tokens: int, prompt: int = 16) -> dict:
     return out
 
 
+HF_CONFIGS = {"hf-bf16": None, "hf-int4_asym": dict(bits=4, group_size=128, fmt="int"),
+              "hf-nf4_asym": dict(bits=4, group_size=128, fmt="nf"), "hf-fp4_asym": dict(bits=4, group_size=128, fmt="fp")}
+
+
+@torch.no_grad()
+def hf_generate_speed(kind: str, path: str, new_tokens: int, prompt: int = 16) -> dict:
+    """The user's path: ``from_pretrained(path, quantization_config=...)`` then ``generate`` with a static cache
+    and ``torch.compile`` of the forward ("reduce-overhead": CUDA graphs), timed after a warm-up generate."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_efficient import AFPQConfig
+
+    t0 = time.time()
+    cfg = HF_CONFIGS[kind]
+    q = {"quantization_config": AFPQConfig(**cfg)} if cfg else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda", **q).eval()
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
+    for _ in range(2):  # compile + capture
+        model.generate(ids, **gen)
+    build_s = time.time() - t0
+    torch.cuda.synchronize()
+    t = time.time()
+    model.generate(ids, **gen)
+    torch.cuda.synchronize()
+    sec = time.time() - t
+    out = {"model": kind, "tokens_per_s": new_tokens / sec, "ms_per_token": 1e3 * sec / new_tokens,
+           "linear_weight_GB": None, "build_s": build_s, "layers": model.config.num_hidden_layers}
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--kinds", default="bf16,tinygemm,fp4_asym,nf4_asym,int4_asym")
+    ap.add_argument("--hf-dir", default=None, help="also time HF generate (static cache + torch.compile) on this "
+                    "bf16 checkpoint (e.g. the one benchmarks.quant_load_memory writes)")
+    ap.add_argument("--hf-kinds", default=",".join(HF_CONFIGS))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("quant_e2e needs CUDA")
     rows = []
-    for kind in args.kinds.split(","):
+    jobs = [(k, lambda k=k: decode_speed(k, args.new_tokens)) for k in args.kinds.split(",") if k]
+    if args.hf_dir:
+        jobs += [(k, lambda k=k: hf_generate_speed(k, args.hf_dir, args.new_tokens)) for k in args.hf_kinds.split(",")]
+    for kind, job in jobs:
         try:
-            rows.append(decode_speed(kind, args.new_tokens))
+            rows.append(job())
         except Exception as e:  # noqa: BLE001
             print(f"{kind} failed: {e!r}"[:400], flush=True)
             continue
         base = {r["model"]: r["tokens_per_s"] for r in rows}
         for r in rows:
-            r["x_vs_bf16"] = r["tokens_per_s"] / base["bf16"] if "bf16" in base else None
-            r["x_vs_tinygemm"] = r["tokens_per_s"] / base["tinygemm"] if "tinygemm" in base else None
+            pre = "hf-" if r["model"].startswith("hf-") else ""  # HF rows compare with the HF bf16 row
+            r["x_vs_bf16"] = r["tokens_per_s"] / base[pre + "bf16"] if pre + "bf16" in base else None
+            r["x_vs_tinygemm"] = r["tokens_per_s"] / base["tinygemm"] if "tinygemm" in base and not pre else None
         print_rows(rows[-1:])
-        write_results("quant_e2e", rows, {"model": "Llama-2-7B-shaped, random weights", "batch": 1,
+        write_results("quant_e2e", rows, {"model": "Llama-2-7B-shaped, random weights (hf-* rows: the --hf-dir "
+                                          "checkpoint through from_pretrained + generate)", "batch": 1,
                                           "prompt": 16, "new_tokens": args.new_tokens, "group_size": GROUP,
                                           "timing": "one CUDA graph per decode step, replayed"}, args.out)
 
