@@ -141,7 +141,8 @@ def _finals(keys: list[str], measure, repeats: int) -> dict[str, dict]:
         j = [m.joules for m in ms]
         t = [m.latency_s for m in ms]
         out[k] = {"J": statistics.mean(j), "s": statistics.mean(t),
-                  "J_spread": (max(j) - min(j)) / statistics.mean(j), "s_spread": (max(t) - min(t)) / statistics.mean(t),
+                  "J_spread": (max(j) - min(j)) / statistics.mean(j),
+                  "s_spread": (max(t) - min(t)) / statistics.mean(t),
                   "J_noise_tick": statistics.mean(m.noise_rel for m in ms)}
     return out
 
@@ -266,7 +267,8 @@ def analyze(table_json: str, out: str | None) -> list[dict]:
                 continue
             cache = {r["key"]: Measurement(r["key"], r["joules"], r["latency_s"], r["noise_rel"]) for r in sel}
             feats = {r["key"]: r["features"] for r in sel}
-            prior = [(r["features"], r["joules"], r["latency_s"]) for r in table["rows"] if keep(r) and r["shape"] != shape]
+            prior = [(r["features"], r["joules"], r["latency_s"]) for r in table["rows"]
+                     if keep(r) and r["shape"] != shape]
             lat = min(cache.values(), key=lambda m: m.latency_s)
             for eps in EPS:
                 cfg = EnergyTuneConfig(eps=eps)

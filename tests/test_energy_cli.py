@@ -66,7 +66,6 @@ def test_tune_writes_table_and_plot(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tune.torch, "randn", lambda *a, device=None, dtype=None, **k: real_randn(*a, **k).half())
     monkeypatch.setattr(measure, "NVMLCounter", Counter)
     monkeypatch.setattr(measure, "measure_op", fake_measure)
-    monkeypatch.setattr(tune.torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(tune, "linear_shapes", lambda cfg: [(48, 64, 3)])
     out, png = tmp_path / "t.json", tmp_path / "t.png"
     assert main(["energy-tune", str(tiny_model), "--out", str(out), "--plot", str(png), "--no-progress"]) == 0

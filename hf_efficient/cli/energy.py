@@ -1,7 +1,7 @@
 """``hf-efficient energy-tune``: energy-aware kernel choices for the linear shapes of a model (NVIDIA GPU)."""
 from __future__ import annotations
 
-from .common import CliError, check_writable_file, positive_int
+from .common import CliError, check_writable_file
 
 HELP = "energy-aware kernel choices for a model's linear shapes (GPU + NVML)"
 

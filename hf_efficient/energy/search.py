@@ -80,13 +80,14 @@ def model_search(keys: Sequence[str], features: Callable[[str], dict], measure: 
     """Cost-model-guided search over ``keys``.
 
     ``features(key)`` gives the cost model's input for a candidate, ``measure(key)`` runs it, ``model`` is a
-    :class:`~hf_efficient.energy.costmodel.CostModel` (its prior data, if any, is the cold start). Each round
-    measures ``config.batch`` candidates: the predicted-fastest one until a latency anchor exists, then the
-    lowest predicted energy among those predicted within the latency bound; after each round the model is
-    refit with the new measurements, spending the whole budget unless ``config.early_stop``. A cold model (too few rows to fit) first measures the predicted best
-    of each ``group`` (implementation), so the trees see every implementation before ranking. Stops at ``config.budget(len(keys))`` measurements, or earlier once no
-    unmeasured candidate is predicted to save more than ``config.min_gain`` over the current choice (with
-    ``config.early_stop``)."""
+    :class:`~hf_efficient.energy.costmodel.CostModel` (its prior data, if any, is the cold start). A cold
+    model (too few rows to fit) first measures the predicted best of each ``group`` (implementation), so
+    the trees see every implementation before ranking. Each round then measures ``config.batch``
+    candidates: the predicted-fastest one until a latency anchor exists, then the lowest predicted energy
+    among those predicted within the latency bound (then those predicted nearest to it); after each round
+    the model is refit with the new measurements. Spends ``config.budget(len(keys))`` measurements, or
+    stops earlier, with ``config.early_stop``, once no unmeasured candidate is predicted to save more than
+    ``config.min_gain`` over the current choice."""
     from tqdm.auto import tqdm
 
     cfg = config or EnergyTuneConfig()

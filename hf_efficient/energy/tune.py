@@ -88,6 +88,4 @@ def tune_shapes(shapes: list[tuple[int, int]], batches=(1,), config: EnergyTuneC
                                   "joules": mm.joules, "latency_s": mm.latency_s, "noise_rel": mm.noise_rel})
         log.info("%s %s: %d of %d measured in %.1f s -> %s", op, shape_key(m, n, k), res.n_measured, len(cands),
                  time.perf_counter() - t0, res.choice.key)
-        del x, w
-        torch.cuda.empty_cache()
     return table
