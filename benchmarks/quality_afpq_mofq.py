@@ -6,6 +6,9 @@ weights; GPTQ rows share the same calibration windows (training plays); PPL is s
 held-out tokens. Results are rewritten after each row, so an interrupted run keeps what it measured.
 
 Run: ``python -m benchmarks.quality_afpq_mofq [--max-tokens 4096] [--groups 128,64] [--out DIR]``.
+Generalisation table: ``--heldout plays,news,generated --calib-source mixed --name quality_heldout`` scores
+every row on the held-out plays, a news text (another domain) and text the float model wrote from prompts
+it never saw in calibration (``hf_efficient.data.heldout_ids``); one ``ppl_<set>`` column each.
 Split the rows over processes (``--threads 1`` each: GPTQ's per-column loop gains nothing from more) with
 ``--shard k/n --out DIR_k`` and join them with ``--merge DIR_0 ... DIR_n-1 --out DIR``; each shard scores the
 same fp32 baseline. ``--device cuda`` works but is no faster: that loop is launch-bound on a GPU.
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_results
-from hf_efficient.data import token_ids
+from hf_efficient.data import heldout_ids
 from hf_efficient.evaluation import perplexity, state_dict_bytes
 from hf_efficient.models import load_model
 from hf_efficient.quantization.afpq import AFPQConfig
@@ -53,6 +56,12 @@ def mofq_w4_rows(group: int) -> list[tuple[str, dict]]:
                                 ("pure FP4-sym", ["fp4_sym"]))]
 
 
+def mofq_asym_rows(group: int) -> list[tuple[str, dict]]:
+    """MoFQ over every 4-bit format (INT/FP/NF, asym two-scale or zero point, and sym), by layer output error."""
+    return [(f"MoFQ-asym W4 g{group} {algo.upper()}", dict(cls=MoFQConfig, bits=4, group_size=group, algorithm=algo))
+            for algo in ("rtn", "gptq")]
+
+
 def mofq_w8a8_rows() -> list[tuple[str, dict]]:
     return [(f"{name} per-channel RTN", dict(cls=MoFQConfig, bits=8, group_size=-1, candidates=cands, act_bits=8))
             for name, cands in (("MoFQ W8A8", ["int8_sym", "fp8_sym"]), ("pure INT8 W8A8", ["int8_sym"]),
@@ -60,13 +69,15 @@ def mofq_w8a8_rows() -> list[tuple[str, dict]]:
 
 
 COLUMNS = ["name", "ppl", "delta_ppl", "size_mb", "quant_s"]
+HELDOUT = ("plays", "news", "generated")
 
 
 def plan_rows(groups: list[int], bits: list[int]) -> list[tuple[str, dict | None]]:
     single = [r for g in groups for b in bits for r in single_format_rows(b, g)]
     # Cheap rows first (RTN, MoFQ), GPTQ last: an interrupted run on a busy CPU still has a full RTN table.
     return [("fp32", None)] + [r for r in single if r[0].endswith("RTN")] + \
-        [r for g in groups for r in mofq_w4_rows(g)] + mofq_w8a8_rows() + [r for r in single if r[0].endswith("GPTQ")]
+        [r for g in groups for r in mofq_w4_rows(g)] + mofq_w8a8_rows() + [r for r in single if r[0].endswith("GPTQ")] \
+        + [r for g in groups for r in mofq_asym_rows(g)]
 
 
 def merge(dirs: list[str], out: str | None) -> list[dict]:
@@ -104,6 +115,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way; TF32 stays off)")
     ap.add_argument("--shard", default="0/1", help="k/n: run every n-th row starting at k (fp32 always)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="join shard results and exit")
+    ap.add_argument("--heldout", default="plays", help=f"comma-separated held-out texts among {HELDOUT}")
+    ap.add_argument("--calib-source", default="plays", help="calibration text (hf_efficient.data.calibration_windows)")
+    ap.add_argument("--name", default="quality_afpq_mofq", help="result file name")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.merge:
@@ -117,8 +131,12 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False  # the table compares formats, not TF32 rounding
 
     base, tok = load_model(None, dtype=torch.float32, device=args.device)
-    ids = token_ids(tok, "eval", args.max_tokens)
-    windows = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
+    heldout = args.heldout.split(",")
+    evals = {h: heldout_ids(tok, h, args.max_tokens, base) for h in heldout}
+    ids = evals[heldout[0]]
+    windows = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0, source=args.calib_source,
+                                  model=base)
+    columns = COLUMNS if heldout == ["plays"] else ["name"] + [f"ppl_{h}" for h in heldout] + ["size_mb", "quant_s"]
     plan = plan_rows([int(g) for g in args.groups.split(",")], [int(b) for b in args.bits.split(",")])
     if args.only:
         plan = [(name, s) for name, s in plan if name == "fp32" or re.search(args.only, name)]
@@ -127,7 +145,7 @@ def main(argv=None):
     settings = {"model": "SmolLM2-135M-Instruct (embedded, dequantized Q4_1)", "device": args.device,
                 "eval_tokens": int(ids.numel()),
                 "context": args.context, "stride": args.context // 2, "calib_windows": args.calib_samples,
-                "calib_seqlen": args.calib_seqlen, "calib_split": "train plays", "eval_split": "held-out plays",
+                "calib_seqlen": args.calib_seqlen, "calib_split": args.calib_source, "eval_split": ",".join(heldout),
                 "scale_dtype": "float16", "modules_to_not_convert": ["lm_head"], "note": NOTE,
                 "command": "python -m benchmarks.quality_afpq_mofq " + " ".join(sys.argv[1:] if argv is None else argv)}
     rows, fp32_ppl = [], None
@@ -137,21 +155,23 @@ def main(argv=None):
             model, extra = base, {}
         else:
             spec = dict(spec)
-            cfg = spec.pop("cls")(calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, **spec)
+            cfg = spec.pop("cls")(calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                                  calib_source=args.calib_source, **spec)
             model = copy.deepcopy(base)
             quantize_model(model, cfg, windows if cfg.needs_calibration() else None, progress=False)
             extra = {"config": cfg.to_dict()}
             if isinstance(cfg, MoFQConfig):
                 extra["summary"] = cfg.summary()
         qtime = time.time() - t0
-        ppl = perplexity(model, ids, context=args.context, progress=False)
+        ppls = {f"ppl_{h}": perplexity(model, e, context=args.context, progress=False) for h, e in evals.items()}
+        ppl = ppls[f"ppl_{heldout[0]}"]
         fp32_ppl = fp32_ppl or ppl
-        r = {"name": name, "ppl": ppl, "delta_ppl": ppl - fp32_ppl, "size_mb": state_dict_bytes(model) / 2**20,
+        r = {"name": name, "ppl": ppl, "delta_ppl": ppl - fp32_ppl, **ppls, "size_mb": state_dict_bytes(model) / 2**20,
              "quant_s": qtime, **extra}
         rows.append(r)
-        print(f"{name:40s} ppl={ppl:8.3f}  (+{ppl - fp32_ppl:.3f})  size={r['size_mb']:.1f} MiB  "
-              f"{extra.get('summary', '')}", flush=True)
-        write_results("quality_afpq_mofq", rows, settings, args.out, columns=COLUMNS)
+        print(f"{name:40s} " + " ".join(f"{k}={v:8.3f}" for k, v in ppls.items()) +
+              f"  size={r['size_mb']:.1f} MiB  {qtime:.0f} s  {extra.get('summary', '')}", flush=True)
+        write_results(args.name, rows, settings, args.out, columns=columns)
         if model is not base:
             del model
 

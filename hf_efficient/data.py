@@ -132,3 +132,176 @@ def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> tor
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
     return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
+
+
+# ------------------------------------------------------------------------------------------------
+# Other text: a held-out domain that is not Shakespeare, text the model writes itself, and the
+# calibration mixes built from them.
+# ------------------------------------------------------------------------------------------------
+
+NEWS_PACKAGE = "gensim"
+NEWS_FILE = "test/test_data/lee_background.cor"
+
+
+def news_text() -> str:
+    """~300 short Australian news reports (2001; the Lee background corpus, ~75k tokens), one per line.
+
+    Shipped as test data inside the ``gensim`` wheel (installed with ``--no-deps``: only the file is read,
+    gensim is never imported). Modern prose on fires, politics and sport: a domain far from the plays, used
+    held out to check that calibration on one domain does not over-fit to it.
+    """
+    spec = importlib.util.find_spec(NEWS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError("the news text ships in the gensim wheel: run `pip install --no-deps gensim==4.4.0` "
+                          "(the README's setup does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / NEWS_FILE
+    if not path.is_file():
+        raise CorpusError(f"news text missing from the installed gensim: {path}")
+    return path.read_text(encoding="utf-8")
+
+
+# Short, varied prompts (instructions, not Shakespeare): the model's own continuations are the data-free
+# calibration text of LLM-QAT / BitDistiller. Two disjoint sets, so the held-out text is not calibration text.
+GENERATION_PROMPTS = {
+    "calib": ("Write a short news report about a new bridge opening in a city.",
+              "Explain how photosynthesis works to a high-school student.",
+              "Write a Python function that checks whether a number is prime, and explain it.",
+              "Describe a day in the life of a nurse working a night shift.",
+              "Give three tips for saving money on groceries.",
+              "Summarise the causes of the First World War.",
+              "Write a product review of a pair of running shoes.",
+              "Tell a short story about a robot that learns to paint."),
+    "eval": ("Write an email asking a colleague to reschedule a meeting.",
+             "Explain what inflation is and why central banks raise interest rates.",
+             "Describe the water cycle in simple terms.",
+             "Write a short story about two friends lost in a forest.",
+             "Give instructions for baking a loaf of bread.",
+             "Explain how a computer stores numbers in binary."),
+}
+
+
+def generated_text(model, tokenizer, split: str = "calib", new_tokens: int = 320, seed: int = 0,
+                   progress: bool = True) -> str:
+    """Text ``model`` writes itself from the prompts of ``split`` ("calib" or "eval"), sampled at temperature 0.8.
+
+    Generating costs about as much as a calibration pass, so the result is cached under
+    ``<cache_dir>/generated``, keyed by the model's weights (a checksum), the split, length and seed.
+    """
+    if split not in GENERATION_PROMPTS:
+        raise ValueError(f"split must be one of {sorted(GENERATION_PROMPTS)}, got {split!r}")
+    from .models import cache_dir
+
+    key = _model_key(model, tokenizer) + f"-{split}-{new_tokens}-{seed}"
+    path = cache_dir() / "generated" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["text"]
+    texts = _generate(model, tokenizer, GENERATION_PROMPTS[split], new_tokens, seed, progress)
+    text = "\n\n".join(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"prompts": list(GENERATION_PROMPTS[split]), "text": text}))
+    os.replace(tmp, path)
+    return text
+
+
+def _model_key(model, tokenizer) -> str:
+    h = hashlib.sha256(str(len(tokenizer)).encode())
+    with torch.no_grad():
+        for p in list(model.parameters())[:4] + list(model.parameters())[-2:]:
+            h.update(p.detach().float().reshape(-1)[:4096].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompts, new_tokens: int, seed: int, progress: bool) -> list[str]:
+    """One batched ``generate`` call over all prompts (left padding), so the cost is ``new_tokens`` steps."""
+    device = next(model.parameters()).device
+    if getattr(tokenizer, "chat_template", None):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=False) for p in prompts]
+    else:
+        texts = list(prompts)
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
+    torch.manual_seed(seed)
+    gen = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens // 2, do_sample=True,
+                         temperature=0.8, top_p=0.95, pad_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(g[enc.input_ids.shape[1]:], skip_special_tokens=True).strip() for g in gen]
+
+
+CALIB_SOURCES = ("plays", "generated", "mixed")
+
+
+def calibration_windows(tokenizer, n: int, seqlen: int, seed: int = 0, source: str = "mixed", model=None,
+                        progress: bool = True) -> torch.Tensor:
+    """``(n, seqlen)`` calibration token windows.
+
+    ``source``: "plays" (the training plays), "generated" (text ``model`` writes itself from short prompts),
+    "mixed" (default: half and half, so calibration is not one author's verse), a text file or a folder
+    of ``*.txt`` files, or ``"dataset:NAME[:SPLIT[:COLUMN]]"`` for any ``datasets`` dataset already in the
+    local cache (column default ``text``).
+    """
+    if source in ("plays", "generated", "mixed"):
+        parts = {"plays": n} if source == "plays" else {"generated": n} if source == "generated" \
+            else {"plays": n - n // 2, "generated": n // 2}
+        out = []
+        for i, (kind, k) in enumerate(parts.items()):
+            if k == 0:
+                continue
+            if kind == "plays":
+                pool = token_ids(tokenizer, "train", max(4 * k * seqlen, 50_000))
+            else:
+                if model is None:
+                    raise ValueError(f"calibration source {source!r} needs the model (it generates the text)")
+                pool = tokenizer(generated_text(model, tokenizer, "calib", progress=progress),
+                                 add_special_tokens=False, return_tensors="pt").input_ids[0]
+            out.append(sample_windows(pool, k, seqlen, seed + i))
+        return torch.cat(out)
+    return sample_windows(tokenizer(_user_text(source), add_special_tokens=False, return_tensors="pt").input_ids[0],
+                          n, seqlen, seed)
+
+
+def _user_text(source: str) -> str:
+    if source.startswith("dataset:"):
+        import datasets
+
+        name, split, column = (source[len("dataset:"):].split(":") + ["train", "text"])[:3]
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as e:  # datasets raises many types for a missing/offline dataset
+            raise ValueError(f"calibration source {source!r}: datasets could not load {name!r} split {split!r} "
+                             f"({type(e).__name__}: {e})") from None
+        if column not in ds.column_names:
+            raise ValueError(f"calibration source {source!r}: no column {column!r} (columns: {ds.column_names})")
+        return "\n\n".join(str(t) for t in ds[column])
+    p = Path(source)
+    if p.is_dir():
+        files = sorted(p.glob("*.txt"))
+        if not files:
+            raise ValueError(f"calibration source {source!r}: folder has no *.txt files")
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    raise ValueError(f"calibration source {source!r} is not one of {CALIB_SOURCES}, a text file, a folder of "
+                     f"*.txt files or 'dataset:NAME[:SPLIT[:COLUMN]]'")
+
+
+def heldout_ids(tokenizer, name: str, max_tokens: int, model=None) -> torch.Tensor:
+    """1-D token ids of a held-out evaluation text: "plays" (held-out plays), "news" or "generated"."""
+    if name == "plays":
+        return token_ids(tokenizer, "eval", max_tokens)
+    if name == "news":
+        text = news_text()[: max_tokens * 8]
+    elif name == "generated":
+        if model is None:
+            raise ValueError("held-out 'generated' text needs the float model that writes it")
+        text = generated_text(model, tokenizer, "eval")
+    else:
+        raise ValueError(f"held-out text must be 'plays', 'news' or 'generated', got {name!r}")
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][:max_tokens]

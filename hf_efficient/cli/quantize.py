@@ -33,6 +33,8 @@ def configure(p) -> None:
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal")
     p.add_argument("--calib-samples", type=positive_int, default=None, help=f"calibration windows ({_CLASS_DEFAULT})")
     p.add_argument("--calib-seqlen", type=positive_int, default=None, help=f"tokens per window ({_CLASS_DEFAULT})")
+    p.add_argument("--calib-source", default=None, help=f"calibration text: mixed, plays, generated, a .txt file or "
+                                                         f"folder, or dataset:NAME[:SPLIT[:COLUMN]] ({_CLASS_DEFAULT})")
     p.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help=f"storage dtype of the scales ({_CLASS_DEFAULT})")
 
@@ -43,7 +45,8 @@ def config_from_args(args):
     from ..quantization.api import load_config_file
 
     given = dict(bits=args.bits, group_size=args.group_size, scale_dtype=args.scale_dtype, algorithm=args.algorithm,
-                 act_order=args.act_order or None, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+                 act_order=args.act_order or None, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                 calib_source=args.calib_source)
     method = args.method
     if method in ("afpq", "lut"):
         given.update(fmt=args.fmt, asymmetric=False if args.symmetric else None)

@@ -3,7 +3,8 @@
 Quantize-on-load sees one tensor at a time; GPTQ and MoFQ's output-error selection need the layer inputs,
 so this runs as its own step and writes a pre-quantized checkpoint that ``from_pretrained`` reloads:
 
-1. calibration windows come from the corpus's training plays (``hf_efficient.data``, via ``datasets``);
+1. calibration windows come from ``config.calib_source`` (``hf_efficient.data``): by default half training
+   plays, half text the model writes itself from short prompts; or the user's files / ``datasets`` dataset;
 2. the inputs of the first decoder layer are captured, then each decoder layer in turn: hooks collect
    its linears' inputs (Hessians; a token subsample for MoFQ), each linear is quantized (GPTQ or RTN, in the
    format the config gives or chooses) and replaced by a QuantLinear, and the layer is re-run to produce
@@ -44,12 +45,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def calibration_windows(tokenizer, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``(n, seqlen)`` token windows sampled from the training (calibration) plays."""
-    from ..data import sample_windows, token_ids
+def calibration_windows(tokenizer, n: int, seqlen: int, seed: int = 0, source: str = "plays", model=None,
+                        progress: bool = True) -> torch.Tensor:
+    """``(n, seqlen)`` calibration token windows from ``source`` (see :func:`hf_efficient.data.calibration_windows`;
+    "generated" and "mixed" need the float ``model``, which writes that text)."""
+    from ..data import calibration_windows as windows
 
-    pool = token_ids(tokenizer, "train", max(4 * n * seqlen, 50_000))
-    return sample_windows(pool, n, seqlen, seed)
+    return windows(tokenizer, n, seqlen, seed, source, model, progress)
 
 
 @torch.no_grad()
@@ -222,16 +224,16 @@ def quantize(model_path: str | os.PathLike | None, config: QuantConfigBase, out_
              *, device: str = "cpu", seed: int = 0, progress: bool = True):
     """Load a float model (None = the embedded model), quantize it with ``config``, optionally save it.
 
-    Calibration uses ``config.calib_samples`` windows of ``config.calib_seqlen`` tokens from the training
-    plays. Returns ``(model, tokenizer)``; with ``out_dir`` the pre-quantized checkpoint (packed safetensors,
+    Calibration uses ``config.calib_samples`` windows of ``config.calib_seqlen`` tokens from
+    ``config.calib_source`` (default: training plays mixed with text the model generates itself). Returns ``(model, tokenizer)``; with ``out_dir`` the pre-quantized checkpoint (packed safetensors,
     config with ``quantization_config``) and the tokenizer are written there, reloadable with
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` after ``import hf_efficient``.
     """
     from ..models import load_model
 
     model, tok = load_model(model_path, dtype=torch.float32, device=device)
-    windows = calibration_windows(tok, config.calib_samples, config.calib_seqlen, seed) \
-        if config.needs_calibration() else None
+    windows = calibration_windows(tok, config.calib_samples, config.calib_seqlen, seed, config.calib_source, model,
+                                  progress) if config.needs_calibration() else None
     quantize_model(model, config, windows, progress=progress)
     if out_dir is not None:
         out = Path(out_dir)
@@ -241,7 +243,14 @@ def quantize(model_path: str | os.PathLike | None, config: QuantConfigBase, out_
     return model, tok
 
 
-HUB_CONFIGS = Path(__file__).resolve().parents[2] / "hub_configs"
+def hub_configs_dir() -> Path:
+    """The recipes folder: package data ``hf_efficient/hub_configs`` in an installed wheel, the repository's
+    top-level ``hub_configs/`` in a source checkout (editable install)."""
+    installed = Path(__file__).resolve().parents[1] / "hub_configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "hub_configs"
+
+
+HUB_CONFIGS = hub_configs_dir()
 
 
 def load_config_file(path: str | os.PathLike) -> QuantConfigBase:

@@ -95,7 +95,7 @@ class MoFQConfig(QuantConfigBase):
         if self.layer_formats:
             return None
         if self.selection == "output_error":
-            return "selection='output_error' (W8A8) measures layer outputs on calibration data"
+            return "selection='output_error' measures layer outputs on calibration data"
         layouts = {formats.get_format(c).param_names for c in self.candidates}
         if len(layouts) > 1:
             return (f"candidates {self.candidates} store different tensors, so the choice must be made before "
