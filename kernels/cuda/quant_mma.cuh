@@ -105,6 +105,10 @@ template <typename PT> struct GroupParams {
   }
 };
 
+// Explicit conversions: torch extensions build with __CUDA_NO_HALF_CONVERSIONS__ (no implicit float <-> half).
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <typename PT> __device__ __forceinline__ float to_f(PT v) { return static_cast<float>(v); }
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -145,7 +149,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   const PT* prow = params + (size_t)tile * NG * 32 + g * 2;
   uint32_t ones = 0;
   if constexpr (MODE == MODE_ZERO) {
-    T one2[2] = {T(1.0f), T(1.0f)};
+    T one2[2] = {from_f<T>(1.0f), from_f<T>(1.0f)};
     ones = *reinterpret_cast<uint32_t*>(one2);
   }
 
@@ -163,7 +167,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
         if (k + 1 < K && (ldx & 1) == 0) {
           v = *reinterpret_cast<const uint32_t*>(x + (size_t)m * ldx + k);
         } else if (k < K) {
-          T two[2] = {x[(size_t)m * ldx + k], T(0.0f)};
+          T two[2] = {x[(size_t)m * ldx + k], from_f<T>(0.0f)};
           v = *reinterpret_cast<uint32_t*>(two);
         }
       }
@@ -241,7 +245,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int m = m0 + t * 8 + 2 * q + (i & 1), n = n0 + (i >> 1) * 8;
-          if (m < M && n < N) y[(size_t)m * N + n] = T(acc[t][i]);
+          if (m < M && n < N) y[(size_t)m * N + n] = from_f<T>(acc[t][i]);
         }
     }
     return;
@@ -274,7 +278,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     if (n >= N) continue;
     float s = 0.f;
     for (int sp = 0; sp < S; ++sp) s += __ldcg(ws + ((size_t)sp * M + m) * Npad + n);
-    y[(size_t)m * N + n] = T(s);
+    y[(size_t)m * N + n] = from_f<T>(s);
   }
 }
 
