@@ -42,7 +42,7 @@ def make_opt(method, model, n):
     return AdamA(model.parameters(), lr=1e-4, weight_decay=0.0, accumulation_steps=n, **kw)
 
 
-def run(method, build, batches, n, *, warmup, max_steps, max_seconds, device, profile=False):
+def run(method, build, batches, n, *, warmup, max_steps, max_seconds, device, profile=0):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -72,9 +72,7 @@ def run(method, build, batches, n, *, warmup, max_steps, max_seconds, device, pr
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
     state = opt.state_bytes() if hasattr(opt, "state_bytes") else 8 * params
-    breakdown = None
-    if profile:
-        breakdown = profile_breakdown(step, warmup + done, device)
+    breakdown = profile_breakdown(step, warmup + done, device, profile) if profile else None
     tokens = done * n * batches[0].numel()
     del model, opt
     return {"method": method, "params_M": params / 1e6, "peak_MB": peak, "tokens_per_s": tokens / seconds,
@@ -82,7 +80,8 @@ def run(method, build, batches, n, *, warmup, max_steps, max_seconds, device, pr
 
 
 def profile_breakdown(step, s0, device, steps=2):
-    """Device time inside AdamA's ``adama.fold`` / ``adama.update`` ranges vs the whole step (profiler)."""
+    """Per optimizer step: wall time, and the CPU and device time inside AdamA's ``adama.fold`` /
+    ``adama.update`` profiler ranges, plus the largest ops by self time (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -94,20 +93,41 @@ def profile_breakdown(step, s0, device, steps=2):
             step(s0 + s)
         sync()
         wall = time.perf_counter() - t0
-    out = {"wall_ms_per_step": wall * 1e3 / steps}
-    dev_total = 0.0
-    for e in prof.key_averages():
-        dt = getattr(e, "self_device_time_total", 0.0) or 0.0
-        dev_total += dt
-    out["device_ms_per_step"] = dev_total / 1e3 / steps
-    for e in prof.key_averages():
+    events = prof.key_averages()
+    dev = lambda e, k: (getattr(e, k, 0.0) or 0.0) / 1e3 / steps  # noqa: E731 - us total -> ms per step
+    out = {"wall_ms": wall * 1e3 / steps, "device_busy_ms": sum(dev(e, "self_device_time_total") for e in events)}
+    for e in events:
         if e.key in ("adama.fold", "adama.update"):
-            out[e.key] = {"calls_per_step": e.count / steps, "cpu_ms_per_step": e.cpu_time_total / 1e3 / steps,
-                          "device_ms_per_step": (getattr(e, "device_time_total", 0.0) or 0.0) / 1e3 / steps}
-    top = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total", 0.0) or e.self_cpu_time_total))
-    out["top"] = [{"op": e.key[:60], "ms_per_step": ((getattr(e, "self_device_time_total", 0.0) or e.self_cpu_time_total)
-                                                     / 1e3 / steps)} for e in top[:8]]
+            out[e.key] = {"calls": e.count / steps, "cpu_ms": e.cpu_time_total / 1e3 / steps,
+                          "device_ms": dev(e, "device_time_total")}
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    top = sorted(events, key=lambda e: -(getattr(e, key, 0.0) or 0.0))[:10]
+    out["top"] = [{"op": e.key[:60], "ms": dev(e, key)} for e in top]
     return out
+
+
+def profile_rows(name, methods, build, batches, n, device, steps) -> list[dict]:
+    """Flat rows (one per measured range) of a profiled run of each method."""
+    rows = []
+    for m in methods:
+        r = run(m, build, batches, n, warmup=2, max_steps=1, max_seconds=0.0, device=device, profile=steps)
+        b = r["breakdown"]
+        print(m, b, flush=True)
+        rows.append({"config": name, "method": m, "range": "whole step (wall)", "ms_per_step": b["wall_ms"],
+                     "share_of_step": 1.0})
+        for k in ("adama.fold", "adama.update"):
+            if k in b:
+                t = b[k]["device_ms"] if device == "cuda" else b[k]["cpu_ms"]
+                rows.append({"config": name, "method": m, "range": f"{k} ({b[k]['calls']:.0f} calls, "
+                             f"{'device' if device == 'cuda' else 'cpu'})", "ms_per_step": t,
+                             "share_of_step": t / b["wall_ms"]})
+                if device == "cuda":
+                    rows.append({"config": name, "method": m, "range": f"{k} (host cpu)", "ms_per_step": b[k]["cpu_ms"],
+                                 "share_of_step": b[k]["cpu_ms"] / b["wall_ms"]})
+        for t in b["top"][:6]:
+            rows.append({"config": name, "method": m, "range": f"op {t['op']}", "ms_per_step": t["ms"],
+                         "share_of_step": t["ms"] / b["wall_ms"]})
+    return rows
 
 
 def kernel_checks(device) -> dict:
@@ -155,23 +175,35 @@ def main(argv=None):
     ap.add_argument("--max-seconds", type=float, default=8.0, help="timed seconds per method (>= 2 steps)")
     ap.add_argument("--max-steps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke run)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="instead of timing: profile STEPS steps of adamw and adama on the first config and write "
+                         "adama_profile_<device>.{json,md}")
     args = ap.parse_args(argv)
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     configs = {"quick": (dict(EMBEDDED, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=1024), False)} \
         if args.quick else {k: CONFIGS[k] for k in args.configs.split(",")}
+    if args.quick and args.profile:  # the CPU profile: the convergence benchmark's model and batch shape
+        configs = {"small (2x128, vocab 8192)": (dict(EMBEDDED, num_hidden_layers=2, hidden_size=128,
+                                                      intermediate_size=344, num_attention_heads=4,
+                                                      num_key_value_heads=2, vocab_size=8192), False)}
     if args.quick:
-        args.batch, args.seq_len, args.accumulation, args.max_steps = 2, 32, 2, 3
-    checks = kernel_checks(device) if device == "cuda" else None
+        args.batch, args.seq_len, args.accumulation, args.max_steps = (4, 64, 4, 3) if args.profile else (2, 32, 2, 3)
+    checks = kernel_checks(device) if device == "cuda" and not args.profile else None
     rows = []
     for name, (cfg, ckpt) in configs.items():
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, cfg["vocab_size"], (args.batch, args.seq_len), generator=g) for _ in range(16)]
         build = builder(cfg, ckpt)
+        if args.profile:
+            rows = profile_rows(name, ["adamw", "adama"], build, batches, args.accumulation, device, args.profile)
+            write_results(f"adama_profile_{device}", rows, {k: v for k, v in vars(args).items() if k != "out"},
+                          args.out, columns=["config", "method", "range", "ms_per_step", "share_of_step"])
+            return
         base = None
         for m in (args.big_methods if ckpt else args.methods).split(","):
             r = run(m, build, batches, args.accumulation, warmup=2, max_steps=args.max_steps,
-                    max_seconds=args.max_seconds, device=device, profile=(m == "adama" and name in ("embedded", "quick")))
+                    max_seconds=args.max_seconds, device=device)
             r["config"] = name + (" (checkpointed)" if ckpt else "")
             if m == "adamw":
                 base = r
@@ -183,8 +215,6 @@ def main(argv=None):
                 r["theoretical_cut"] = removed / base["peak_MB"]
                 r["share_of_theory"] = r["peak_cut"] / r["theoretical_cut"] if removed else None
             print({k: v for k, v in r.items() if k != "breakdown"}, flush=True)
-            if r["breakdown"]:
-                print("profile:", r["breakdown"], flush=True)
             rows.append(r)
             write_results("adama_speed" + ("_quick" if args.quick else ""), rows,
                           {**{k: v for k, v in vars(args).items() if k != "out"}, "kernel_checks": checks}, args.out,

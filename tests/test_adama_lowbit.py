@@ -1,8 +1,9 @@
 """8-bit block-wise states: the quantizer's error bounds, and AdamA-8bit within tolerance of fp32 AdamA.
 
 Documented tolerance (docs/adama.md): after 30 steps of a small MLP, 8-bit states are within 6 %
-(N = 1) / 15 % (N = 8) relative L2 of the fp32 states (measured ~3 % / ~8-11 %), the parameters'
-displacement within 10 % of fp32's, and the final loss within 2 %.
+(N = 1) / 15 % (N = 8) relative L2 of the fp32 states with nearest rounding (measured ~3-4 % / ~8-11 %),
+9 % / 20 % with stochastic rounding (measured ~4-6 % / ~11-13 %), the parameters' displacement within
+10 % of fp32's, and the final loss within 2 %.
 """
 from __future__ import annotations
 
@@ -98,10 +99,12 @@ def _train(n, steps=30, **kw):
     return model, opt, total
 
 
-@pytest.mark.parametrize("n,state_tol", [(1, 0.06), (8, 0.15)])
-def test_8bit_within_tolerance_of_fp32(n, state_tol):
+@pytest.mark.parametrize("n,stochastic,state_tol", [(1, False, 0.06), (8, False, 0.15), (1, True, 0.09), (8, True, 0.2)])
+def test_8bit_within_tolerance_of_fp32(n, stochastic, state_tol):
+    """Stochastic rounding (the default) trades a larger instantaneous state error (noise, measured ~1.4x
+    nearest's) for no bias: over 500 steps it matched fp32 states' loss where nearest did not (docs/adama.md)."""
     m32, o32, loss32 = _train(n)
-    m8, o8, loss8 = _train(n, state_bits=8)
+    m8, o8, loss8 = _train(n, state_bits=8, stochastic_rounding=stochastic)
     p0 = list(_mlp().parameters())
     quantized = 0
     for p32, p8, q in zip(m32.parameters(), m8.parameters(), p0):

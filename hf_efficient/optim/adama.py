@@ -83,8 +83,9 @@ class AdamA(Optimizer):
             stochastic rounding by default) or 8 (block-wise 8-bit m and v, :mod:`.lowbit`, for tensors
             with at least ``min_8bit_size`` elements; smaller ones keep fp32 states).
         stochastic_rounding: round re-stored low-bit states stochastically (random numbers from a
-            generator seeded with ``seed``, saved in the state dict). None: on for 16, off for 8 (the
-            measured better choice of each; docs/adama.md).
+            generator seeded with ``seed``, saved in the state dict; on CUDA the kernels' own counter-based
+            generator, seeded per launch). Default on: over 500 steps it kept bf16 and 8-bit states within
+            0.02 % of fp32 AdamA's final loss, where round-to-nearest 8-bit lost 0.8 % (docs/adama.md).
         per_param_clip: if set, clip each parameter's micro-batch mean gradient to this norm before
             folding (the only clipping possible once gradients are freed).
         fold_on_hook: fold in ``register_post_accumulate_grad_hook`` (default, saves gradient memory).
@@ -102,7 +103,7 @@ class AdamA(Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, accumulation_steps: int = 1,
                  state_bits: int = 32, block_size: int = 256, min_8bit_size: int = 4096,
-                 stochastic_rounding: bool | None = None, seed: int = 0, per_param_clip: float | None = None,
+                 stochastic_rounding: bool = True, seed: int = 0, per_param_clip: float | None = None,
                  fold_on_hook: bool = True, bucket_mb: float = 32.0, impl: str = "auto", process_group=None,
                  track_grad_norm: bool = False):
         _check("lr", lr, isinstance(lr, (int, float)) and lr >= 0, "a float >= 0")
@@ -120,7 +121,7 @@ class AdamA(Optimizer):
         self.state_bits = state_bits
         self.block_size = block_size
         self.min_8bit_size = min_8bit_size
-        self.stochastic_rounding = (state_bits == 16) if stochastic_rounding is None else bool(stochastic_rounding)
+        self.stochastic_rounding = bool(stochastic_rounding) and state_bits < 32
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self._launches = 0  # seeds the kernels' stochastic rounding: a new random stream per launch
