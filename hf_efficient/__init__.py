@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 _EXPORTS = {"AFPQConfig": ".quantization.afpq", "MoFQConfig": ".quantization.mofq",
             "LUTConfig": ".quantization.lut", "quantize": ".quantization.api",
             "load_quant_config": (".quantization.api", "load_config_file"),
-            "enable_pregated_offload": ".moe", "EnergyTuneConfig": ".energy", "EnergyMeter": ".energy"}
+            "enable_pregated_offload": ".moe", "EnergyTuneConfig": ".energy", "EnergyMeter": ".energy",
+            "L0PruningConfig": ".pruning", "PruningTrainer": ".pruning", "PrunedParakeetForCTC": ".pruning"}
 __all__ = ["__version__", *_EXPORTS]
 
 
