@@ -106,7 +106,7 @@ def main(argv=None):
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: a shared machine oversubscribes)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("/tmp/pruning_conformer"))
