@@ -251,3 +251,17 @@ def test_prepare_clip_convert_round_trip(tmp_path, one_thread):
 def test_convert_refuses_unprepared_model():
     with pytest.raises(ValueError, match="prepare_qat"):
         convert(_tiny(), BitDistillerConfig())
+
+
+def test_zero_point_closed_form_equals_catalog_encode_at_ties():
+    from hf_efficient import formats
+    from hf_efficient.distill.fake_quant import _zero_point_round_trip
+
+    fmt = formats.get_format("int3_asym")
+    s = torch.full((1, 1), 0.25)
+    z = torch.full((1, 1), 3.0)
+    # x = w/s + z lands exactly on every midpoint c + 0.5, on the codes, outside the range, and near 0.
+    x = torch.cat([torch.arange(-2, 10, 0.5), torch.tensor([0.49999997, 0.5000001, -0.0, 1e-30, 7.5, 7.4999995])])
+    w = ((x - 3.0) * 0.25)[None]
+    want = formats.decode(fmt, formats.encode(fmt, w, {"scales": s, "zeros": z}), {"scales": s, "zeros": z})
+    assert torch.equal(_zero_point_round_trip(fmt, w, s, z), want)
