@@ -14,11 +14,17 @@ from torch import nn
 
 from ..quantization.linear import QuantLinear
 
+UNSUPPORTED_OPTIONS = ("use_dora", "lora_bias")
+
 
 class QuantLoraLinear(nn.Module, LoraLayer):
     """LoRA adapter around a frozen :class:`QuantLinear`: ``y = base(x) + B(A(dropout(x))) * scaling``.
 
-    The base stays packed; merging would need re-quantization, so ``merge`` is refused.
+    Plain LoRA (and rsLoRA's scaling) only. What it does not do it refuses with a ``ValueError`` /
+    ``NotImplementedError`` instead of silently running plain LoRA: DoRA (``use_dora``; its magnitude
+    vector needs the dequantized weight norm per step), ``lora_bias``, mixed-adapter batches
+    (``adapter_names=`` in forward/generate), and merging (the base stays packed; merging would need
+    re-quantization).
     """
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -26,11 +32,19 @@ class QuantLoraLinear(nn.Module, LoraLayer):
     def __init__(self, base_layer: QuantLinear, adapter_name: str, config=None, r: int = 0, lora_alpha: int = 1,
                  **kwargs):
         super().__init__()
+        for option in UNSUPPORTED_OPTIONS:
+            if kwargs.get(option) or getattr(config, option, False):
+                raise ValueError(f"LoraConfig({option}=True) is not supported on hf-efficient's quantized layers "
+                                 f"({base_layer.fmt.name}); use plain LoRA ({option}=False)")
         LoraLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **_update_kwargs(kwargs))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:
+            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported on "
+                                      "hf-efficient's quantized layers; activate one adapter set with "
+                                      "model.set_adapter(...) instead")
         out = self.base_layer(x)
         if self.disable_adapters:
             return out
