@@ -176,7 +176,7 @@ def main(argv=None):
     ap.add_argument("--max-steps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke run)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                    help="instead of timing: profile STEPS steps of adamw and adama on the first config and write "
+                    help="instead of timing: profile STEPS steps of adamw, adama and adama-unfused on the first config; write "
                          "adama_profile_<device>.{json,md}")
     args = ap.parse_args(argv)
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
@@ -196,7 +196,9 @@ def main(argv=None):
         batches = [torch.randint(0, cfg["vocab_size"], (args.batch, args.seq_len), generator=g) for _ in range(16)]
         build = builder(cfg, ckpt)
         if args.profile:
-            rows = profile_rows(name, ["adamw", "adama"], build, batches, args.accumulation, device, args.profile)
+            args.configs = name
+            rows = profile_rows(name, ["adamw", "adama", "adama-unfused"], build, batches, args.accumulation, device,
+                                args.profile)
             write_results(f"adama_profile_{device}", rows, {k: v for k, v in vars(args).items() if k != "out"},
                           args.out, columns=["config", "method", "range", "ms_per_step", "share_of_step"])
             return

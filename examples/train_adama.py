@@ -28,8 +28,9 @@ def load(args):
     return load_model(args.model)[0], tok
 
 
-def plain_loop(model, windows, n, steps):
-    opt = AdamA(model.parameters(), lr=3e-5, weight_decay=0.01, accumulation_steps=n)
+def plain_loop(model, windows, n, steps, state_bits):
+    # state_bits: 32 (fp32 m, v), 16 (bf16) or 8 (block-wise 8-bit); low-bit states round stochastically
+    opt = AdamA(model.parameters(), lr=3e-5, weight_decay=0.01, accumulation_steps=n, state_bits=state_bits)
     for step in range(steps):
         total = 0.0
         for i in range(n):
@@ -41,7 +42,7 @@ def plain_loop(model, windows, n, steps):
         print(f"plain loop step {step + 1}: loss {total:.4f}")
 
 
-def trainer_recipe(model, windows, n, steps):
+def trainer_recipe(model, windows, n, steps, state_bits):
     from transformers import Trainer, TrainingArguments
 
     data = [{"input_ids": w, "labels": w} for w in windows]
@@ -51,7 +52,7 @@ def trainer_recipe(model, windows, n, steps):
                                  max_grad_norm=0.0,  # global-norm clipping cannot work once gradients are freed
                                  use_cpu=not torch.cuda.is_available())
         trainer = Trainer(model=model, args=args, train_dataset=data,
-                          optimizers=adama_optimizers(model, args),  # the one-line switch
+                          optimizers=adama_optimizers(model, args, state_bits=state_bits),  # the one-line switch
                           callbacks=[AdamACallback()])  # optional: logs AdamA's grad norm instead of Trainer's 0
         trainer.train()
 
@@ -63,13 +64,14 @@ def main():
     ap.add_argument("--accumulation", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--state-bits", type=int, default=32, choices=(32, 16, 8))
     args = ap.parse_args()
     from hf_efficient.data import sample_windows, token_ids
 
     model, tok = load(args)
     windows = sample_windows(token_ids(tok, "train", 50_000), args.steps * args.accumulation, args.seq_len)
-    plain_loop(model.train(), windows, args.accumulation, args.steps)
-    trainer_recipe(model, list(windows), args.accumulation, args.steps)
+    plain_loop(model.train(), windows, args.accumulation, args.steps, args.state_bits)
+    trainer_recipe(model, list(windows), args.accumulation, args.steps, args.state_bits)
 
 
 if __name__ == "__main__":
