@@ -16,7 +16,8 @@ _EXPORTS = {"AFPQConfig": ".quantization.afpq", "MoFQConfig": ".quantization.mof
             "LUTConfig": ".quantization.lut", "quantize": ".quantization.api",
             "load_quant_config": (".quantization.api", "load_config_file"),
             "enable_pregated_offload": ".moe", "EnergyTuneConfig": ".energy", "EnergyMeter": ".energy",
-            "L0PruningConfig": ".pruning", "PruningTrainer": ".pruning", "PrunedParakeetForCTC": ".pruning"}
+            "L0PruningConfig": ".pruning", "PruningTrainer": ".pruning", "PrunedParakeetForCTC": ".pruning",
+            "BitDistillerConfig": ".distill", "BitDistillerCallback": ".distill"}
 __all__ = ["__version__", *_EXPORTS]
 
 

@@ -185,3 +185,25 @@ def test_fake_quant_disabled_restores_state():
     with fake_quant_disabled(model):
         assert not model.model.layers[0].self_attn.q_proj.quant_enabled
     assert model.model.layers[0].self_attn.q_proj.quant_enabled and not layer.quant_enabled
+
+
+def test_cli_distill_writes_a_reloadable_checkpoint_and_resumes(tiny_llama_dir, tmp_path, one_thread):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_efficient.cli import main
+    from hf_efficient.quantization.linear import QuantLinear
+
+    out = tmp_path / "run"
+    common = ["distill", "--model", str(tiny_llama_dir), "--out", str(out), "--bits", "3", "--group-size", "32",
+              "--samples", "4", "--prompt-len", "6", "--gen-len", "6", "--batch", "2", "--clip-grid", "2",
+              "--save-every", "1", "--device", "cpu", "--no-progress"]
+    assert main(common + ["--steps", "1"]) == 0
+    assert (out / "checkpoints" / "checkpoint-1").is_dir() and (out / "data" / "dataset_info.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    assert main(common + ["--steps", "2", "--json", str(tmp_path / "r.json")]) == 0  # resumes from step 1
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert main(common[:-1] + ["--steps", "1", "--fmt", "nf", "--bits", "2"]) == 2  # invalid: NF2 does not exist

@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "train-gate": "train_gate",
     "adama-demo": "adama_demo",
     "energy-tune": "energy",
+    "distill": "distill",
 }
 
 
