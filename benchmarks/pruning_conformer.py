@@ -126,8 +126,15 @@ def main(argv=None):
     test_ds = build_speech_dataset(SpeechSpec("eval", a.test_n, TEST_VOICES, seed=a.seed + 1), progress=a.progress)
     print(f"data: {len(train_ds)} train / {len(test_ds)} test utterances ({time.time() - t_start:.0f} s)", flush=True)
 
-    teacher = ParakeetForCTC(make_teacher_config(a, tok)).to(a.device)
-    teacher = train_ctc(teacher, a, train_ds, collator, a.teacher_steps, a.lr, "teacher")
+    # a trained teacher is reused across runs with the same data/model/steps (it is the slowest stage)
+    key = f"teacher-n{a.train_n}-h{a.hidden}-l{a.layers}-a{a.heads}-s{a.teacher_steps}-lr{a.lr}-b{a.batch}-seed{a.seed}"
+    if (a.work / key / "config.json").exists():
+        teacher = ParakeetForCTC.from_pretrained(a.work / key).to(a.device).eval()
+        print(f"[teacher] reloaded from {a.work / key}", flush=True)
+    else:
+        teacher = ParakeetForCTC(make_teacher_config(a, tok)).to(a.device)
+        teacher = train_ctc(teacher, a, train_ds, collator, a.teacher_steps, a.lr, "teacher")
+        teacher.save_pretrained(a.work / key)
 
     student = copy.deepcopy(teacher).train()
     cfg = L0PruningConfig(target_sparsity=a.target, warmup_steps=int(0.6 * a.prune_steps), gate_lr=0.1,

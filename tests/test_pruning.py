@@ -53,6 +53,7 @@ def test_config_rejects_bad_values(kwargs, field):
 def test_config_ramp_and_roundtrip():
     c = L0PruningConfig(target_sparsity=0.6, warmup_steps=10, distill_layers=[0, 2])
     assert [c.target_at(s) for s in (0, 5, 10, 50)] == pytest.approx([0.0, 0.3, 0.6, 0.6])
+    assert [c.target_at(s, start=0.2) for s in (0, 5, 10)] == pytest.approx([0.2, 0.4, 0.6])
     assert L0PruningConfig.from_dict(c.to_dict()) == c
 
 
@@ -232,6 +233,7 @@ def test_pruning_trainer_steps_logs_and_prunes(tmp_path):
     for key in ("ctc_loss", "distill_loss", "lagrangian", "lambda1", "lambda2", "target_sparsity"):
         assert all(math.isfinite(entry[key]) for entry in logs)
     assert logs[-1]["target_sparsity"] == pytest.approx(0.5)
+    assert logs[0]["lambda1"] <= 0  # below the ramped target from the first step: lambda1 only goes down
     assert any(not torch.equal(g.log_alpha, gates0[k]) for k, g in tr.pruner.gates.items())
     assert not torch.equal(tr.lambdas.detach(), torch.zeros(2))
     teacher = tr.teacher.state_dict()

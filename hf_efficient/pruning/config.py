@@ -16,7 +16,8 @@ class L0PruningConfig:
     )
     warmup_steps: int = field(
         default=100,
-        metadata={"help": "Steps over which the target sparsity ramps linearly from 0 to target_sparsity."},
+        metadata={"help": "Steps over which the target sparsity ramps linearly to target_sparsity, from the "
+                  "gates' initial expected sparsity (so the Lagrangian starts at zero)."},
     )
     structures: tuple[str, ...] = field(
         default=STRUCTURES,
@@ -66,11 +67,11 @@ class L0PruningConfig:
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"format_version={self.format_version!r}: this version reads {FORMAT_VERSION}")
 
-    def target_at(self, step: int) -> float:
-        """The ramped target sparsity at optimizer step ``step``."""
+    def target_at(self, step: int, start: float = 0.0) -> float:
+        """The target sparsity at optimizer step ``step``, ramped linearly from ``start``."""
         if self.warmup_steps == 0:
             return self.target_sparsity
-        return self.target_sparsity * min(1.0, step / self.warmup_steps)
+        return start + (self.target_sparsity - start) * min(1.0, step / self.warmup_steps)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

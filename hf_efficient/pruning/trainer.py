@@ -2,7 +2,8 @@
 
 Objective per step (Lagrangian relaxation of "reach sparsity t"):
 ``ctc_weight * CTC + distill_weight * layerwise_distill + lambda1 * (s - t) + lambda2 * (s - t)^2``,
-where ``s`` is the gates' differentiable expected sparsity and ``t`` the ramped target. The model,
+where ``s`` is the gates' differentiable expected sparsity and ``t`` the target, ramped from the
+gates' initial expected sparsity to ``target_sparsity``. The model,
 the gates and the distillation maps descend on it; lambda1/lambda2 *ascend* (their gradient is
 negated), so the penalty grows until the expected size meets the target.
 """
@@ -51,6 +52,8 @@ class PruningTrainer(Trainer):
         self.distiller = LayerwiseDistiller(hidden, layers).to(dev)
         self.lambdas = nn.Parameter(torch.zeros(2, device=dev))
         self.lambdas.register_hook(lambda g: -g)  # gradient ascent on lambda
+        with torch.no_grad():
+            self.start_sparsity = float(self.pruner.expected_sparsity())
         self._pruning_logs: dict[str, list[float]] = defaultdict(list)
 
     def create_optimizer(self, model=None):
@@ -60,7 +63,8 @@ class PruningTrainer(Trainer):
         extra = [
             {"params": list(self.pruner.parameters()), "lr": cfg.gate_lr, "weight_decay": 0.0},
             {"params": list(self.distiller.parameters()), "lr": self.args.learning_rate, "weight_decay": 0.0},
-            {"params": [self.lambdas], "lr": cfg.lambda_lr, "weight_decay": 0.0},
+            # no momentum: lambda must turn as soon as the gap changes sign, not tens of steps later
+            {"params": [self.lambdas], "lr": cfg.lambda_lr, "weight_decay": 0.0, "betas": (0.0, 0.999)},
         ]
         for g in extra:
             if any(id(p) in ids for p in g["params"]):
@@ -80,7 +84,7 @@ class PruningTrainer(Trainer):
                 inputs["attention_mask"], target_length=outputs.hidden_states[-1].shape[1])
         distill = self.distiller(outputs.hidden_states, t_out.hidden_states, frame_mask)
         s = self.pruner.expected_sparsity()
-        target = cfg.target_at(self.state.global_step)
+        target = cfg.target_at(self.state.global_step, self.start_sparsity)
         gap = s - target
         lagrangian = self.lambdas[0] * gap + self.lambdas[1] * gap * gap
         loss = cfg.ctc_weight * outputs.loss + cfg.distill_weight * distill + lagrangian
