@@ -5,6 +5,7 @@ and :func:`format_table` / :func:`write_json` report a list of results.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -186,20 +187,84 @@ class EvalResult:
 def evaluate(model, tokenizer, name: str, eval_ids: torch.Tensor | None, *, context: int = 2048,
              stride: int | None = None, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3,
              sample_prompt: str | None = DEFAULT_PROMPT, size_bytes: int | None = None,
-             progress: bool = True) -> EvalResult:
-    """Run every measurement on one model. ``eval_ids=None`` skips perplexity; ``sample_prompt=None`` the sample."""
+             progress: bool = True, phase=None) -> EvalResult:
+    """Run every measurement on one model. ``eval_ids=None`` skips perplexity; ``sample_prompt=None`` the sample.
+
+    ``phase``: optional context-manager factory ``phase(name)`` wrapped around each measurement ("perplexity",
+    "speed", "sample"), e.g. to announce it and time it."""
     device = next(model.parameters()).device
     res = EvalResult(name=name)
+    phase = phase or (lambda _name: contextlib.nullcontext())
     with PeakMemory(device) as mem:
         if eval_ids is not None:
-            res.ppl = perplexity(model, eval_ids, context=context, stride=stride, progress=progress)
+            with phase("perplexity"):
+                res.ppl = perplexity(model, eval_ids, context=context, stride=stride, progress=progress)
         if new_tokens > 0:
-            res.__dict__.update(measure_speed(model, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats))
+            with phase("speed"):
+                res.__dict__.update(measure_speed(model, prompt_len=prompt_len, new_tokens=new_tokens,
+                                                  repeats=repeats))
     res.peak_mem_mb = mem.peak_bytes / 2**20
     res.size_mb = (size_bytes if size_bytes is not None else state_dict_bytes(model)) / 2**20
     if sample_prompt:
-        res.sample = generate_sample(model, tokenizer, sample_prompt)
+        with phase("sample"):
+            res.sample = generate_sample(model, tokenizer, sample_prompt)
     return res
+
+
+class KernelCensus:
+    """Counts which implementation ran each QuantLinear forward inside a ``with`` block.
+
+    Every registered fast path is wrapped to count the calls it served (not the ones it declined), and the
+    plain-torch reference path (dequantize + matmul) is counted too, so a report can say which kernel ran
+    instead of which one was meant to. ``counts``: {implementation name: calls}. Float models count nothing.
+    """
+
+    REFERENCE = "reference (dequantize + matmul)"
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def __enter__(self):
+        from .quantization import linear
+
+        self._linear = linear
+        self._saved_paths = {k: list(v) for k, v in linear._FAST_PATHS.items()}
+        for key, entries in linear._FAST_PATHS.items():
+            linear._FAST_PATHS[key] = [(n, self._wrap(n, fn)) for n, fn in entries]
+        self._saved_ref = linear.QuantLinear.reference_forward
+        census, ref = self, self._saved_ref
+
+        def reference_forward(layer, x):
+            census._count(KernelCensus.REFERENCE)
+            return ref(layer, x)
+
+        linear.QuantLinear.reference_forward = reference_forward
+        return self
+
+    def _wrap(self, name, fn):
+        def counted(x, layer):
+            y = fn(x, layer)
+            if y is not None:
+                self._count(name)
+            return y
+
+        return counted
+
+    def __exit__(self, *exc):
+        self._linear._FAST_PATHS.clear()
+        self._linear._FAST_PATHS.update(self._saved_paths)
+        self._linear.QuantLinear.reference_forward = self._saved_ref
+        return False
+
+    def summary(self) -> str:
+        """``"lut_cpu 96 %, reference (dequantize + matmul) 4 %"`` (share of QuantLinear calls), or "float"."""
+        total = sum(self.counts.values())
+        if not total:
+            return "float (torch matmul)"
+        return ", ".join(f"{n} {100 * c / total:.0f} %" for n, c in sorted(self.counts.items(), key=lambda kv: -kv[1]))
 
 
 _COLUMNS = [("name", "model", "{}"), ("ppl", "PPL", "{:.3f}"), ("prefill_tok_s", "prefill tok/s", "{:.1f}"),

@@ -68,9 +68,36 @@ def test_eval_and_demo_on_a_local_model(tiny_llama_dir, tmp_path, capsys):
     assert "| model | PPL |" in printed and "sample:" in printed
     res = json.loads(out.read_text())["results"][0]
     assert res["ppl"] > 1.0
-    rc = main(["demo", "--model", str(tiny_llama_dir), "--rows", "fp32", "--context", "64", "--max-tokens", "100",
-               "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1", "--no-progress"])
-    assert rc == 0 and "| fp32 |" in capsys.readouterr().out
+
+
+def test_demo_runs_rows_in_fresh_processes_and_writes_a_report(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = main(["demo", "--model", str(tiny_llama_dir), "--rows", "fp32,lut-int2-g64", "--context", "64",
+               "--max-tokens", "100", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1", "--no-progress",
+               "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    for text in ("== row 1/2 fp32", "== row 2/2 lut-int2-g64", "| fp32 |", "| lut-int2-g64 |", "Rows:", "Columns:",
+                 "Kernels:", "report written:"):
+        assert text in printed, text
+    report = json.loads((out / "demo.json").read_text())
+    fp32, lut = report["rows"]
+    assert fp32["extra"]["kernel"].startswith("float") and fp32["status"] == "ok"
+    assert sum(lut["extra"]["kernel_calls"].values()) > 0  # the census saw the quantized layers run
+    for r in (fp32, lut):
+        # each row's own process: its peak is above the pre-model baseline, and both are real numbers
+        assert r["peak_mem_mb"] > r["extra"]["baseline_rss_mb"] > 50 and r["extra"]["row_mem_mb"] > 0
+        assert set(r["extra"]["timings_s"]) >= {"perplexity", "speed", "sample"}
+    assert (out / "demo.md").read_text().count("| lut-int2-g64 |") == 1
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("ppl,expect", [(30.0, "ok"), (50.0, "degraded"), (591391.0, "BROKEN"),
+                                        (float("nan"), "BROKEN")])
+def test_demo_flags_broken_rows(ppl, expect):
+    from hf_efficient.cli.demo_report import status
+
+    assert status({"name": "x", "ppl": ppl}, baseline_ppl=30.0).startswith(expect)
 
 
 def test_help_imports_neither_torch_nor_transformers():
