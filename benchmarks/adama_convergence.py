@@ -214,7 +214,8 @@ def finish(args, rows):
     out = args.out or RESULTS_DIR
     write_results(args.name, rows, settings, out, columns=cols)
     plot(rows, Path(out) / f"{args.name}.png",
-         f"{args.steps} steps x {args.accumulation} micro-batches x {args.batch} x {args.seq_len} tokens ({args.device})")
+         f"{args.steps} steps x {args.accumulation} micro-batches x {args.batch} x {args.seq_len} tokens "
+         f"({args.device})")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,6 @@ def run(method, build, batches, n, *, warmup, max_steps, max_seconds, device, pr
     state = opt.state_bytes() if hasattr(opt, "state_bytes") else 8 * params
     breakdown = profile_breakdown(step, warmup + done, device, profile) if profile else None
     tokens = done * n * batches[0].numel()
-    del model, opt
     return {"method": method, "params_M": params / 1e6, "peak_MB": peak, "tokens_per_s": tokens / seconds,
             "steps_timed": done, "state_MB": state / 2**20, "breakdown": breakdown}
 
@@ -176,7 +175,8 @@ def main(argv=None):
     ap.add_argument("--max-steps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke run)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                    help="instead of timing: profile STEPS steps of adamw, adama and adama-unfused on the first config; write "
+                    help="instead of timing: profile STEPS steps of adamw, adama and adama-unfused on the first "
+                         "config; write "
                          "adama_profile_<device>.{json,md}")
     args = ap.parse_args(argv)
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"

@@ -172,7 +172,8 @@ def update_triton(params, exp_avgs, exp_avg_sqs, *, step_sizes, sqrt_c2s, decays
     _check("parameter", params, _DTYPE_CODE, dev)
     _check("state", list(exp_avgs) + list(exp_avg_sqs), (torch.float32, torch.bfloat16), dev)
     tab = torch.tensor([[p.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel()]
-                        for p, m, v in zip(params, exp_avgs, exp_avg_sqs)], dtype=torch.int64).to(dev, non_blocking=True)
+                        for p, m, v in zip(params, exp_avgs, exp_avg_sqs)], dtype=torch.int64)
+    tab = tab.to(dev, non_blocking=True)
     hp = torch.tensor(list(zip(step_sizes, sqrt_c2s, decays)), dtype=torch.float64).to(dev, non_blocking=True)
     progs = _programs(tuple(p.numel() for p in params), dev)
     _update_kernel[(progs.shape[0],)](tab, hp, progs, float(eps), P=_DTYPE_CODE[params[0].dtype],

@@ -190,7 +190,8 @@ def test_reentrant_partial_gradients_are_summed():
                                                  (8, "triton", 8, 0.10)])  # the interpreter is slow: fewer steps
 def test_low_bit_stochastic_states_track_fp32(bits, impl, steps, tol):
     """bf16 / 8-bit states with stochastic rounding (the default) stay close to fp32 states over 30 steps
-    of N = 4 (parameter displacement vs fp32 AdamA's after ``steps`` steps; bf16 keeps 8 significant bits, the 8-bit grid ~4 %
+    of N = 4 (parameter displacement vs fp32 AdamA's after ``steps`` steps; bf16 keeps 8 significant bits,
+    the 8-bit grid ~4 %
     spacing; the rounding noise averages out instead of biasing)."""
     def run(bits, impl):
         torch.manual_seed(0)

@@ -99,7 +99,8 @@ def _train(n, steps=30, **kw):
     return model, opt, total
 
 
-@pytest.mark.parametrize("n,stochastic,state_tol", [(1, False, 0.06), (8, False, 0.15), (1, True, 0.09), (8, True, 0.2)])
+@pytest.mark.parametrize("n,stochastic,state_tol",
+                         [(1, False, 0.06), (8, False, 0.15), (1, True, 0.09), (8, True, 0.2)])
 def test_8bit_within_tolerance_of_fp32(n, stochastic, state_tol):
     """Stochastic rounding (the default) trades a larger instantaneous state error (noise, measured ~1.4x
     nearest's) for no bias: over 500 steps it matched fp32 states' loss where nearest did not (docs/adama.md)."""

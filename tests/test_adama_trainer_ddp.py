@@ -42,7 +42,8 @@ def _train(out_dir, per_device, resume=None, save_steps=None):
         output_dir=out_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=N, max_steps=STEPS,
         learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=1, logging_steps=1, report_to=[], use_cpu=True,
         seed=0, max_grad_norm=0.0, weight_decay=0.1, disable_tqdm=True, dataloader_num_workers=0,
-        train_sampling_strategy="sequential", save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        train_sampling_strategy="sequential", save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}})
     trainer = Trainer(model=model, args=args, train_dataset=_Data(), optimizers=adama_optimizers(model, args),
                       callbacks=[AdamACallback()])

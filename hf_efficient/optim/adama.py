@@ -309,7 +309,8 @@ class AdamA(Optimizer):
                 by_dtype.setdefault(grads[i].dtype, []).append(i)
             for idx in by_dtype.values():
                 adama_q8.fold_q8_triton(
-                    [grads[i] for i in idx], [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
+                    [grads[i] for i in idx], [states[i]["exp_avg"] for i in idx],
+                    [states[i]["exp_avg_sq"] for i in idx],
                     [states[i]["folds"] == 0 for i in idx],
                     torch.stack([scales[i] for i in idx]) if scales is not None else None, beta1=b1, beta2=b2, n=n,
                     mgrid=lowbit.value_map(True, dev), vgrid=lowbit.value_map(False, dev),
