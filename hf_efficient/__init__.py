@@ -28,10 +28,17 @@ def _invoked_as_cli() -> bool:
     return os.path.basename(sys.argv[0] if sys.argv else "") in ("hf-efficient", "hf-efficient.exe")
 
 
+# Submodules reachable as attributes after a bare `import hf_efficient` (hf_efficient.models.load_default()).
+_SUBMODULES = ("models", "data", "evaluation", "formats", "checkpoint", "quantization", "attention", "optim",
+               "integrations")
+
+
 def __getattr__(name):
     if name in _EXPORTS:
         mod, attr = _EXPORTS[name] if isinstance(_EXPORTS[name], tuple) else (_EXPORTS[name], name)
         return getattr(importlib.import_module(mod, __name__), attr)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
