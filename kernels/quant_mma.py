@@ -109,6 +109,9 @@ def pack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, bit
         raise ValueError(f"group_size must be a positive multiple of 16 for the mma kernel, got {group_size}")
     if mode not in (MODE_SYM, MODE_ZERO, MODE_TWO):
         raise ValueError(f"mode must be MODE_SYM, MODE_ZERO or MODE_TWO, got {mode!r}")
+    if codes.device != a.device or (b is not None and b.device != a.device):
+        raise ValueError(f"codes, a and b must be on one device, got {codes.device}, {a.device}, "
+                         f"{None if b is None else b.device}")
     n, k = codes.shape
     ng = -(-k // group_size)
     if a.shape != (n, ng) or (b is not None and b.shape != (n, ng)):
@@ -272,7 +275,12 @@ def mma_op(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, tables:
     """The op under :func:`quant_mma` (``splits`` 0 = choose by shape)."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"quant_mma: x must be float16 or bfloat16, got {x.dtype}")
+    if not all(t.device == x.device for t in (qweight, params, tables)):
+        # checked here too: an error raised inside the extension may not cross into Python cleanly
+        raise ValueError(f"quant_mma: x is on {x.device} but the weight on {qweight.device}")
     x = x.contiguous()
+    if x.data_ptr() % 4:  # the kernel stages activation pairs as 32-bit words
+        x = x.clone()
     m = x.shape[0]
     if not splits:
         splits = choose_splits(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)

@@ -214,7 +214,7 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
         max_bits = max(quant_mma.MMA_BITS)
 
         def fn(x, kw, codes, fmt, config):  # config: the split-K factor (0 = the shape rule)
-            w = quant_mma.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, kw.group_size,
+            w = quant_mma.pack(codes.to(kw.params.device), kw.params[0], kw.params[1], fmt.grid, fmt.bits, kw.group_size,
                                SCHEME_MODE[fmt.scheme])
             return quant_mma.quant_mma(x, w, splits=config)
     else:

@@ -3,14 +3,16 @@
 A layer on CUDA adopts **one** kernel layout as its only copy of its weights
 (:meth:`QuantLinear.adopt_layout`; checkpoints are rebuilt from it on save):
 
-* ``"cuda-mma"``: 2/3/4-bit weights of every format, group sizes that are multiples of 16, where the CUDA
-  extension builds (:mod:`hf_efficient.kernels.quant_mma`, tensor-core ``mma.sync`` for every M). Prompts
-  longer than :data:`MMA_MAX_M` rows dequantize the layer once per call and run cuBLAS.
-* ``"cuda-triton"``: everything else the Triton kernels run (8-bit weights; any format where the extension
-  is unavailable), through ``torch.ops.hf_efficient.quant_matmul``, which chooses by shape
-  (:func:`choose_kernel`): the dequant GEMV for ``M <= 8``, the dequant GEMM above. The bit-serial LUT GEMM
-  never won a measurement (docs/gpu_kernels.md) and runs only inside :func:`force_kernel` ("lut") — an
-  experiment, computing its terms per call rather than keeping buffers in every layer.
+* ``"cuda-triton"`` (default): the Triton kernels through ``torch.ops.hf_efficient.quant_matmul``, which
+  chooses by shape (:func:`choose_kernel`): the dequant GEMV for ``M <= 8``, the dequant GEMM above.
+* ``"cuda-mma"`` (opt-in, ``with force_kernel("mma"):`` while the layer first runs or :func:`prepare_model`
+  is called): the tensor-core CUDA kernel of :mod:`hf_efficient.kernels.quant_mma` for 2/3/4-bit weights,
+  where the extension builds. It runs every format at nearly the same speed, but on the H200 it measured
+  slower than the Triton kernels at M = 1 and 16 (docs/gpu_kernels.md), so "auto" does not choose it.
+  Prompts longer than :data:`MMA_MAX_M` rows dequantize the layer once per call and run cuBLAS.
+
+The bit-serial LUT GEMM never won a measurement and runs only inside ``force_kernel("lut")``: an experiment
+that computes its terms per call instead of keeping buffers in every layer.
 
 Layers adopt their layout when the quantizer finishes loading a model onto CUDA, or on their first CUDA
 forward, or with :func:`prepare_model` (call it before ``torch.compile``: a layer without its layout while
@@ -31,7 +33,7 @@ from .linear import QuantLinear, ResidentLayout, register_fast_path, storage_ten
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("auto", "gemv", "gemm", "lut", "triton")  # "triton": the Triton layout even where mma could run
+KERNELS = ("auto", "gemv", "gemm", "lut", "mma")
 MMA_MAX_M = 256  # above: dequantize + cuBLAS (prefill), where a full-size GEMM beats re-reading fragments
 GEMV_MAX_M = 8  # = kernels.quant_gemm.GEMV_MAX_M (not imported here: importing the kernels needs triton)
 _forced: list[str] = []
@@ -52,7 +54,7 @@ def force_kernel(name: str):
 def choose_kernel(m: int, bits: int, requested: str = "auto") -> str:
     """Kernel for an ``(m, K) x (K, N)`` product with ``bits``-bit weights."""
     req = _forced[-1] if _forced else requested
-    if req not in ("auto", "triton"):
+    if req not in ("auto", "mma"):  # "mma" layers never reach the Triton op; others run it as "auto"
         return req
     return "gemv" if m <= GEMV_MAX_M else "gemm"
 
@@ -117,9 +119,10 @@ def supports(layer: QuantLinear) -> str | None:
 def _mma_kind(layer: QuantLinear) -> bool:
     from ..kernels import quant_mma
 
-    forced_triton = bool(_forced) and _forced[-1] != "auto"
-    return (layer.fmt.bits in quant_mma.MMA_BITS and layer.group_size % 16 == 0 and not forced_triton
-            and layer.act_fmt is None and quant_mma.extension() is not None)
+    # Measured (benchmarks/results/quant_gemv_summary.md): the mma kernel is slower than the Triton kernels at
+    # M = 1 and 16, so "auto" keeps the Triton layout and the mma kernel runs only when forced.
+    return (bool(_forced) and _forced[-1] == "mma" and layer.fmt.bits in quant_mma.MMA_BITS
+            and layer.group_size % 16 == 0 and layer.act_fmt is None and quant_mma.extension() is not None)
 
 
 def _from_kernel(layer: QuantLinear, codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict:

@@ -166,8 +166,8 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       if (m < M) {
         if (k + 1 < K && (ldx & 1) == 0) {
           v = *reinterpret_cast<const uint32_t*>(x + (size_t)m * ldx + k);
-        } else if (k < K) {
-          T two[2] = {x[(size_t)m * ldx + k], from_f<T>(0.0f)};
+        } else if (k < K) {  // odd row stride (or the last column): two scalar loads
+          T two[2] = {x[(size_t)m * ldx + k], k + 1 < K ? x[(size_t)m * ldx + k + 1] : from_f<T>(0.0f)};
           v = *reinterpret_cast<uint32_t*>(two);
         }
       }
