@@ -163,3 +163,14 @@ def test_quantize_options_override_a_recipe(tmp_path):
 def test_quantize_refuses_options_of_another_method(tmp_path, capsys):
     rc = main(["quantize", "--out", str(tmp_path), "--method", "mofq", "--fmt", "nf"])
     assert rc == 2 and "--fmt/--symmetric apply to afpq and lut" in capsys.readouterr().err
+
+
+def test_quantize_records_measured_perplexity_in_the_model_card(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(["quantize", "--model", str(tiny_llama_dir), "--out", str(out), "--method", "afpq", "--group-size", "32",
+               "--eval-tokens", "150", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    ppl = float(printed.split("perplexity ")[1].split()[0])
+    card = (out / "README.md").read_text()
+    assert f"| perplexity | {ppl:.3f} (150 held-out tokens" in card and "| algorithm | rtn" in card

@@ -35,6 +35,9 @@ def configure(p) -> None:
     p.add_argument("--calib-seqlen", type=positive_int, default=None, help=f"tokens per window ({_CLASS_DEFAULT})")
     p.add_argument("--calib-source", default=None, help=f"calibration text: mixed, plays, generated, a .txt file or "
                                                          f"folder, or dataset:NAME[:SPLIT[:COLUMN]] ({_CLASS_DEFAULT})")
+    p.add_argument("--eval-tokens", type=int, default=0,
+                   help="score this many held-out tokens (context 2048) after quantizing and record the perplexity "
+                        "in the checkpoint's model card (0: skip)")
     p.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help=f"storage dtype of the scales ({_CLASS_DEFAULT})")
 
@@ -73,7 +76,21 @@ def run(args) -> int:
     device = setup_runtime(args)
     from ..quantization.api import quantize
 
-    model, _ = quantize(args.model, config, out, device=device, progress=not args.no_progress)
+    if args.eval_tokens < 0:
+        raise CliError(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
+    model, tok = quantize(args.model, config, None, device=device, progress=not args.no_progress)
+    if args.eval_tokens:
+        from ..data import token_ids
+        from ..evaluation import perplexity
+
+        ids = token_ids(tok, "eval", args.eval_tokens)
+        ppl = perplexity(model, ids, context=min(2048, ids.numel()), progress=not args.no_progress)
+        model.hf_efficient_metrics = {"perplexity": ppl, "perplexity_on": f"{ids.numel()} held-out tokens of the "
+                                                                          f"eval plays, context 2048"}
+        print(f"perplexity {ppl:.3f} on {ids.numel()} held-out tokens")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)  # packed tensors, config and the model card (with the perplexity if measured)
+    tok.save_pretrained(out)
     n = sum(1 for m in model.modules() if type(m).__name__ == "QuantLinear")
     print(f"quantized {n} linear layers with {config.quant_method} ({config.algorithm}); wrote {out}")
     if config.summary():
