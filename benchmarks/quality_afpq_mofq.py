@@ -75,9 +75,10 @@ HELDOUT = ("plays", "news", "generated")
 def plan_rows(groups: list[int], bits: list[int]) -> list[tuple[str, dict | None]]:
     single = [r for g in groups for b in bits for r in single_format_rows(b, g)]
     # Cheap rows first (RTN, MoFQ), GPTQ last: an interrupted run on a busy CPU still has a full RTN table.
+    asym = [r for g in groups for r in mofq_asym_rows(g)]
     return [("fp32", None)] + [r for r in single if r[0].endswith("RTN")] + \
-        [r for g in groups for r in mofq_w4_rows(g)] + mofq_w8a8_rows() + [r for r in single if r[0].endswith("GPTQ")] \
-        + [r for g in groups for r in mofq_asym_rows(g)]
+        [r for r in asym if r[0].endswith("RTN")] + [r for g in groups for r in mofq_w4_rows(g)] + mofq_w8a8_rows() + \
+        [r for r in single if r[0].endswith("GPTQ")] + [r for r in asym if r[0].endswith("GPTQ")]
 
 
 def merge(dirs: list[str], out: str | None) -> list[dict]:

@@ -225,7 +225,8 @@ def quantize(model_path: str | os.PathLike | None, config: QuantConfigBase, out_
     """Load a float model (None = the embedded model), quantize it with ``config``, optionally save it.
 
     Calibration uses ``config.calib_samples`` windows of ``config.calib_seqlen`` tokens from
-    ``config.calib_source`` (default: training plays mixed with text the model generates itself). Returns ``(model, tokenizer)``; with ``out_dir`` the pre-quantized checkpoint (packed safetensors,
+    ``config.calib_source`` (default: training plays mixed with text the model generates itself).
+    Returns ``(model, tokenizer)``; with ``out_dir`` the pre-quantized checkpoint (packed safetensors,
     config with ``quantization_config``) and the tokenizer are written there, reloadable with
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` after ``import hf_efficient``.
     """

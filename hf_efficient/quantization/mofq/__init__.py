@@ -1,4 +1,4 @@
-"""MoFQ: per layer, INT or FP at the same bit width, whichever quantizes that layer better.
+"""MoFQ: per layer, the format of one bit width (INT / FP / NF, asym or sym) that quantizes that layer best.
 
 Registers quant_method ``"mofq"`` with transformers (the registry pairs it with the generic quantizer).
 """
