@@ -31,7 +31,7 @@ def generate_training_data(model, tokenizer, n_samples: int = 256, prompt_len: i
 
     ``prompts``: extra user prompts (strings), used first and cut/left-aligned to ``prompt_len`` tokens;
     the rest are windows of the training plays. Generation runs until ``gen_len`` new tokens for every row
-    (end-of-sequence tokens are not special here: each row keeps exactly ``gen_len`` sampled tokens).
+    (end-of-sequence is suppressed: each row holds exactly ``gen_len`` sampled tokens).
     Deterministic in ``seed`` on a given device.
     """
     import datasets
@@ -58,30 +58,23 @@ def generate_training_data(model, tokenizer, n_samples: int = 256, prompt_len: i
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
     rows = []
-    try:
-        for start in tqdm(range(0, len(all_prompts), batch_size), desc="generating", disable=not progress):
-            ids = all_prompts[start: start + batch_size].to(device)
-            rows += _sample(model, ids, gen_len, temperature, gen).cpu().tolist()
-    finally:
-        model.train(was_training)
+    # generate() samples from the global RNG: seed it inside a fork so the caller's stream is untouched.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            for start in tqdm(range(0, len(all_prompts), batch_size), desc="generating", disable=not progress):
+                ids = all_prompts[start: start + batch_size].to(device)
+                # min = max new tokens: end-of-sequence is suppressed, every row has exactly gen_len tokens.
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                     temperature=temperature, top_k=0, top_p=1.0, min_new_tokens=gen_len,
+                                     max_new_tokens=gen_len, pad_token_id=tokenizer.eos_token_id)
+                rows += out.cpu().tolist()
+        finally:
+            model.train(was_training)
     return datasets.Dataset.from_dict({
         "input_ids": rows,
         "prompt_len": [prompt_len] * len(rows),
         "text": tokenizer.batch_decode([r[prompt_len:] for r in rows], skip_special_tokens=True),
     })
 
-
-def _sample(model, ids: torch.Tensor, n_new: int, temperature: float, gen: torch.Generator) -> torch.Tensor:
-    """Ancestral sampling with a KV cache and our own generator (``generate`` would use the global RNG)."""
-    out = model(input_ids=ids, use_cache=True)
-    past, seq = out.past_key_values, ids
-    for i in range(n_new):
-        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=gen)
-        seq = torch.cat([seq, nxt], dim=1)
-        if i + 1 < n_new:
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-    return seq
