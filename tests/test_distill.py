@@ -127,7 +127,7 @@ def test_loss_errors(kwargs, match):
 # clipping search
 # ------------------------------------------------------------------------------------------------
 def _brute_force_clip(w, x, cfg):
-    """Reference: loop over rows, groups and candidate pairs, scoring ‖x_g (w_g − Q(clamp(w_g)))ᵀ‖² directly."""
+    """Reference: loop over rows, groups and candidate pairs, scoring ‖x_g (w_g − Q(clamp w_g))ᵀ‖²."""
     n, k = w.shape
     gs = cfg.group_size
     lo_out, hi_out = torch.zeros(n, k // gs), torch.zeros(n, k // gs)
@@ -186,7 +186,8 @@ def test_search_clip_rejects_bad_hessian():
 # config
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(bits=5), "bits"), (dict(fmt="nf", bits=2), "bits"), (dict(fmt="mx"), "fmt"), (dict(group_size=0), "group_size"),
+    (dict(bits=5), "bits"), (dict(fmt="nf", bits=2), "bits"), (dict(fmt="mx"), "fmt"),
+    (dict(group_size=0), "group_size"),
     (dict(loss="jsd"), "loss"), (dict(beta=2.0), "beta"), (dict(clip_grid=0), "clip_grid"),
     (dict(clip_min_ratio=0.0), "clip_min_ratio"), (dict(scale_dtype="int8"), "scale_dtype"),
     (dict(asymmetric="yes"), "asymmetric"), (dict(format_version=9), "format_version")])

@@ -79,8 +79,8 @@ class BitDistillerCallback(TrainerCallback):
         if not fake_quant_layers(model):
             if cfg.needs_teacher and self.teacher is None:
                 if resuming:
-                    raise ValueError("BitDistillerCallback: resuming from a checkpoint with teacher=None would copy the "
-                                     "trained weights as the teacher; pass teacher=<the float model>")
+                    raise ValueError("BitDistillerCallback: resuming from a checkpoint with teacher=None would copy "
+                                     "the trained weights as the teacher; pass teacher=<the float model>")
                 self.teacher = self._frozen_copy(model)
             calib = self.calibration
             if cfg.clip and calib is None and not resuming:
