@@ -324,3 +324,10 @@ def test_magnitude_masks_keep_the_largest_units():
     assert count_params(prune_parakeet(m, half)) < count_params(m)
     with pytest.raises(ValueError, match="keep_fraction"):
         magnitude_masks(m, 0.0)
+
+
+def test_pruning_trainer_refuses_a_ready_optimizer(tmp_path):
+    m = tiny_model(layers=1, dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="optimizers"):
+        PruningTrainer(model=m, args=args, optimizers=(torch.optim.SGD(m.parameters(), lr=0.1), None))

@@ -21,6 +21,10 @@ from .distill import LayerwiseDistiller
 from .parakeet import ParakeetL0Pruner, prune_parakeet
 
 
+def _constant(step: int) -> float:
+    return 1.0
+
+
 class PruningTrainer(Trainer):
     """Trainer for a ParakeetForCTC that adds L0 gates, a frozen teacher and the Lagrangian.
 
@@ -38,6 +42,9 @@ class PruningTrainer(Trainer):
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("model=None: PruningTrainer needs the ParakeetForCTC to prune")
+        if (kwargs.get("optimizers") or (None, None))[0] is not None:
+            raise ValueError("optimizers=(optimizer, ...): PruningTrainer builds its optimizer itself (it adds the "
+                             "gates, distillation maps and lambdas); pass optimizer_cls_and_kwargs instead")
         self.pruning_config = pruning_config or L0PruningConfig()
         # The teacher must be copied before the pruner's hooks exist: deepcopy would copy them.
         teacher = teacher if teacher is not None else copy.deepcopy(model)
@@ -71,6 +78,16 @@ class PruningTrainer(Trainer):
                 raise ValueError("the pruning parameters are already in the optimizer")
             opt.add_param_group(g)
         return opt
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        sched = super().create_scheduler(num_training_steps, optimizer)
+        # The gates, maps and lambdas keep a constant rate: a decayed gate rate freezes the masks before the
+        # expected size has settled on the target (seen: 0.57 for a 0.5 target with linear decay).
+        lambdas = getattr(sched, "lr_lambdas", None)
+        if lambdas is not None:
+            for i in range(len(lambdas) - 3, len(lambdas)):
+                lambdas[i] = _constant
+        return sched
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.pruning_config
