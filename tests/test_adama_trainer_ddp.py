@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import tiny_llama_config
 
 WORLD, N, STEPS = 2, 2, 4
+TIMEOUT_S = 900  # ~30 s on an idle 2-core machine; generous for a shared one, but never a hung CI job
 
 
 class _Data(torch.utils.data.Dataset):
@@ -65,6 +68,7 @@ def _worker(rank, port, out):
     import torch.distributed as dist
 
     if dist.is_initialized():
+        dist.barrier()  # leave together: a rank tearing gloo down while the other still talks can hang it
         dist.destroy_process_group()
 
 
@@ -75,7 +79,14 @@ def _free_port():
 
 
 def test_trainer_two_processes_equal_one_process_and_resume(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=2):  # raises if a rank fails
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the 2-process Trainer run did not finish within {TIMEOUT_S} s")
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert all(r["world"] == WORLD and not r["fold_on_hook"] for r in res)  # DDP path: fold after each micro-batch
     single = _train(str(tmp_path / "single"), WORLD)  # one process, same global micro-batch of 2 sequences
