@@ -102,7 +102,8 @@ def test_bf16_params_keep_fp32_states_and_track_reference():
     assert close(list(model.parameters()), ref.params, rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("state_bits,dtype", [(32, torch.float32), (32, torch.bfloat16), (8, torch.float32)])
+@pytest.mark.parametrize("state_bits,dtype", [(32, torch.float32), (32, torch.bfloat16), (16, torch.float32),
+                                              (8, torch.float32)])
 def test_state_dict_round_trip_resumes_exactly(state_bits, dtype):
     n, kw = 2, dict(lr=1e-2, weight_decay=0.01, state_bits=state_bits, min_8bit_size=64, block_size=64)
     data = batches(5, 12)
@@ -123,8 +124,8 @@ def test_state_dict_round_trip_resumes_exactly(state_bits, dtype):
     opt2.load_state_dict(ck["opt"])
     for p in second.parameters():
         st = opt2.state[p]
-        if state_bits == 32:
-            assert st["exp_avg"].dtype == torch.float32
+        if state_bits in (32, 16):
+            assert st["exp_avg"].dtype == (torch.float32 if state_bits == 32 else torch.bfloat16)
     _train(second, opt2, [(x.to(dtype), y.to(dtype)) for x, y in data[6:]], n)
     for a, b in zip(full.parameters(), second.parameters()):
         assert torch.equal(a, b)
@@ -232,6 +233,7 @@ def test_dropped_optimizer_releases_model():
     (dict(betas=(0.9, 1.0)), "betas"), (dict(lr=-1.0), "lr"), (dict(state_bits=4), "state_bits"),
     (dict(accumulation_steps=0), "accumulation_steps"), (dict(per_param_clip=0.0), "per_param_clip"),
     (dict(eps=-1.0), "eps"), (dict(weight_decay=-0.1), "weight_decay"), (dict(block_size=0), "block_size"),
+    (dict(impl="cuda"), "impl"), (dict(bucket_mb=-1), "bucket_mb"),
 ])
 def test_bad_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
