@@ -5,54 +5,30 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import hf_efficient
 from hf_efficient.checkpoint import CheckpointError, check_safetensors_file
 from hf_efficient.quantization.card import MARKER
 from hf_efficient.quantization.packing import FORMAT_VERSION, GUARD_KEY, GUARD_TENSOR
+from tests.quant_checkpoints import load, rewrite, save_tiny_float
 
 IDS = torch.tensor([[1, 5, 9, 200, 17, 3, 42, 77]])
 
 
 @pytest.fixture(scope="module")
 def float_dir(tmp_path_factory):
-    from transformers import LlamaForCausalLM
-
-    from conftest import tiny_llama_config
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("float")
-    LlamaForCausalLM(tiny_llama_config()).save_pretrained(d)
-    return d
-
-
-def _load(path, **kw):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+    return save_tiny_float(tmp_path_factory.mktemp("float"))
 
 
 @pytest.fixture(scope="module")
 def saved(float_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("afpq")
-    m = _load(float_dir, quantization_config=hf_efficient.AFPQConfig(bits=4, group_size=32))
+    m = load(float_dir, quantization_config=hf_efficient.AFPQConfig(bits=4, group_size=32))
     m.save_pretrained(d)
     with torch.no_grad():
         torch.save(m(IDS).logits, d / "expected.pt")
     return d
-
-
-def _copy(src, dst, edit_tensors=None, edit_config=None):
-    sd = load_file(src / "model.safetensors")
-    cfg = json.loads((src / "config.json").read_text())
-    if edit_tensors:
-        edit_tensors(sd)
-    if edit_config:
-        edit_config(cfg["quantization_config"])
-    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 def test_saved_checkpoint_carries_guards(saved):
@@ -77,7 +53,7 @@ def test_load_without_import_fails_in_a_fresh_process(saved):
 
 
 def test_load_with_import_is_exact_and_quiet(saved, caplog):
-    m = _load(saved)
+    m = load(saved)
     with torch.no_grad():
         assert torch.equal(m(IDS).logits, torch.load(saved / "expected.pt"))
     assert "UNEXPECTED" not in caplog.text and GUARD_KEY not in caplog.text
@@ -89,8 +65,8 @@ def test_format_version_1_still_loads(saved, tmp_path):
         for k in [k for k in sd if k == GUARD_KEY or (k.endswith("." + GUARD_TENSOR) and sd[k].shape == (1,))]:
             del sd[k]
 
-    d = _copy(saved, tmp_path, strip, lambda c: c.update(format_version=1))
-    m = _load(d)
+    d = rewrite(saved, tmp_path, strip, lambda c: c.update(format_version=1))
+    m = load(d)
     assert m.config.quantization_config.format_version == 1
     with torch.no_grad():
         assert torch.equal(m(IDS).logits, torch.load(saved / "expected.pt"))
@@ -109,7 +85,7 @@ def test_truncated_file_is_named(saved, tmp_path, keep):
         check_safetensors_file(f)
     (tmp_path / "config.json").write_text((saved / "config.json").read_text())
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        _load(tmp_path)  # through transformers, with the import: our check runs before any tensor is read
+        load(tmp_path)  # through transformers, with the import: our check runs before any tensor is read
 
 
 def test_corrupt_header_is_named(tmp_path):
@@ -136,9 +112,9 @@ def test_non_finite_scale_is_refused_naming_the_tensor(saved, tmp_path, tensor, 
     def poison(sd):
         sd[tensor][3, 1] = value
 
-    d = _copy(saved, tmp_path, poison)
+    d = rewrite(saved, tmp_path, poison)
     with pytest.raises(CheckpointError, match=tensor.replace(".", r"\.") + " holds 1 non-finite"):
-        _load(d)
+        load(d)
 
 
 def test_model_card(saved, tmp_path):
@@ -147,7 +123,7 @@ def test_model_card(saved, tmp_path):
                  "import hf_efficient", "| format_version | 2 |", "perplexity | not measured"):
         assert text in card, text
     # a README that is not ours is never overwritten; ours carries measured metrics when known
-    m = _load(saved)
+    m = load(saved)
     (tmp_path / "README.md").write_text("my notes")
     m.save_pretrained(tmp_path)
     assert (tmp_path / "README.md").read_text() == "my notes"
@@ -157,7 +133,7 @@ def test_model_card(saved, tmp_path):
 
 
 def test_model_card_lists_mofq_choices(float_dir, tmp_path):
-    m = _load(float_dir, quantization_config=hf_efficient.load_quant_config("mofq-w4"))
+    m = load(float_dir, quantization_config=hf_efficient.load_quant_config("mofq-w4"))
     m.save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
     n = sum(card.count(f"{f} (") for f in ("int4_sym", "fp4_sym"))

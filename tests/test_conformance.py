@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import hf_efficient
@@ -19,6 +19,7 @@ from hf_efficient import registry
 from hf_efficient.checkpoint import CheckpointError
 from hf_efficient.integrations.transformers import QuantizationLoadError
 from hf_efficient.quantization import QuantLinear, reference_only
+from tests.quant_checkpoints import load, rewrite, save_tiny_float
 
 # method -> a config that quantizes a tiny Llama on load (hidden 64, MLP 96: group 32 divides both)
 ROWS = {
@@ -36,20 +37,7 @@ def test_every_registered_method_has_a_row():
 
 @pytest.fixture(scope="module")
 def float_dir(tmp_path_factory):
-    from transformers import LlamaForCausalLM
-
-    from conftest import tiny_llama_config
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("float")
-    LlamaForCausalLM(tiny_llama_config()).save_pretrained(d)
-    return d
-
-
-def _load(path, **kw):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+    return save_tiny_float(tmp_path_factory.mktemp("float"))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +45,7 @@ def saved(float_dir, tmp_path_factory):
     """Each method's model quantized on load, its logits, and its saved checkpoint."""
     out = {}
     for method, make in ROWS.items():
-        m = _load(float_dir, quantization_config=make())
+        m = load(float_dir, quantization_config=make())
         d = tmp_path_factory.mktemp(method)
         m.save_pretrained(d)
         with torch.no_grad():
@@ -108,7 +96,7 @@ def test_load_converts_every_linear_and_freezes_it(method, saved):
 @pytest.mark.parametrize("method", ROWS)
 def test_forward_matches_the_dequantized_reference(method, saved, float_dir):
     m, _ = saved[method]
-    ref = _load(float_dir)
+    ref = load(float_dir)
     with torch.no_grad():
         for name, mod in m.named_modules():
             if isinstance(mod, QuantLinear):
@@ -138,7 +126,7 @@ def test_lora_trains_only_adapters(method, saved):
 
     from hf_efficient.integrations.peft import get_peft_model
 
-    m = _load(saved[method][1])
+    m = load(saved[method][1])
     pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -160,7 +148,7 @@ def test_lora_refuses_what_it_does_not_do(option, saved):
 
     from hf_efficient.integrations.peft import get_peft_model
 
-    m = _load(saved["afpq"][1])
+    m = load(saved["afpq"][1])
     with pytest.raises(ValueError, match=f"{option}=True.*not supported"):
         get_peft_model(m, LoraConfig(r=4, target_modules=["q_proj"], **{option: True}))
 
@@ -170,7 +158,7 @@ def test_lora_refuses_mixed_adapter_batches(saved):
 
     from hf_efficient.integrations.peft import get_peft_model
 
-    pm = get_peft_model(_load(saved["afpq"][1]), LoraConfig(r=4, target_modules=["q_proj"])).eval()
+    pm = get_peft_model(load(saved["afpq"][1]), LoraConfig(r=4, target_modules=["q_proj"])).eval()
     with pytest.raises(NotImplementedError, match="adapter_names"):
         pm(IDS.repeat(2, 1), adapter_names=["default", "__base__"])
 
@@ -184,15 +172,6 @@ def test_torch_compile_matches_eager(method, saved):
         torch.testing.assert_close(compiled(IDS).logits, m(IDS).logits, rtol=0, atol=0)
 
 
-def _damaged(saved_dir, tmp_path, edit):
-    tmp_path.mkdir()
-    sd = load_file(saved_dir / "model.safetensors")
-    edit(sd)
-    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    (tmp_path / "config.json").write_text((saved_dir / "config.json").read_text())
-    return tmp_path
-
-
 @pytest.mark.parametrize("method", ROWS)
 def test_damaged_checkpoints_are_refused(method, saved, tmp_path):
     d = saved[method][1]
@@ -200,10 +179,10 @@ def test_damaged_checkpoints_are_refused(method, saved, tmp_path):
     scale = next(k for k in sorted(sd) if k.startswith("model.layers.1.") and sd[k].is_floating_point()
                  and k.rsplit(".", 1)[1].startswith("scales"))
     with pytest.raises(QuantizationLoadError, match="missing"):
-        _load(_damaged(d, tmp_path / "missing", lambda s: s.pop(scale)))
+        load(rewrite(d, tmp_path / "missing", lambda s: s.pop(scale)))
 
     def nan(s):
         s[scale][0, 0] = float("nan")
 
     with pytest.raises(CheckpointError, match=scale.replace(".", r"\.") + " holds 1 non-finite"):
-        _load(_damaged(d, tmp_path / "nan", nan))
+        load(rewrite(d, tmp_path / "nan", nan))

@@ -16,6 +16,7 @@ import hf_efficient  # noqa: F401  (registers afpq/mofq)
 from hf_efficient import AFPQConfig, MoFQConfig, load_quant_config
 from hf_efficient.integrations.transformers import QuantizationLoadError
 from hf_efficient.quantization import QuantLinear
+from tests.quant_checkpoints import load, rewrite
 
 VOCAB = 256
 
@@ -34,10 +35,7 @@ def float_dir(tmp_path_factory):
     return d
 
 
-def _load(path, **kw):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+_load = load
 
 
 IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -215,15 +213,7 @@ def saved_afpq(float_dir, tmp_path_factory):
 
 
 def _variant(saved, tmp_path, edit_tensors=None, edit_config=None):
-    sd = load_file(saved / "model.safetensors")
-    cfg = json.loads((saved / "config.json").read_text())
-    if edit_tensors:
-        edit_tensors(sd)
-    if edit_config:
-        edit_config(cfg["quantization_config"])
-    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    return tmp_path
+    return rewrite(saved, tmp_path, edit_tensors, edit_config)
 
 
 def test_unknown_format_version(saved_afpq, tmp_path):
