@@ -49,6 +49,8 @@ class PruningTrainer(Trainer):
         # The teacher must be copied before the pruner's hooks exist: deepcopy would copy them.
         teacher = teacher if teacher is not None else copy.deepcopy(model)
         super().__init__(*args, **kwargs)
+        # Every term of our loss is a per-batch mean: Trainer must divide it by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
         dev = next(self.model.parameters()).device
         self.teacher = teacher.to(dev).eval().requires_grad_(False)
         self.pruner = ParakeetL0Pruner(self.model, self.pruning_config).to(dev)
