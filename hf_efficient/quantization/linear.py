@@ -131,14 +131,26 @@ def group_params(fmt: formats.NumericFormat, w: torch.Tensor, group_size: int, s
     return formats.fit_params(fmt, w.reshape(n, ng, group_size), scale_dtype)
 
 
+# Elements quantized at a time: the float32 copies, per-column parameters and search indices of one chunk
+# stay near 40 MB, so quantizing a large tensor on load costs about that much beyond the tensor itself.
+RTN_CHUNK_ELEMENTS = 2 ** 20
+
+
 def rtn_quantize(w: torch.Tensor, fmt: formats.NumericFormat, group_size: int, scale_dtype: torch.dtype,
                  name: str | None = None) -> tuple[torch.Tensor, dict]:
-    """Round-to-nearest: ``(codes uint8 (N, K), {param: (N, n_groups) float32})``."""
+    """Round-to-nearest: ``(codes uint8 (N, K), {param: (N, n_groups) float32})``, a block of rows at a time."""
     check_finite(w, name)
-    w = w.detach().float()
-    params = group_params(fmt, w, group_size, scale_dtype)
-    cols = {p: expand_groups(t, w.shape[1], group_size) for p, t in params.items()}
-    return formats.encode(fmt, w, cols), params
+    n, k = w.shape
+    step = max(1, RTN_CHUNK_ELEMENTS // max(k, 1))
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for r in range(0, n, step):
+        wc = w[r:r + step].detach().float()
+        p = group_params(fmt, wc, group_size, scale_dtype)
+        codes[r:r + step] = formats.encode(fmt, wc, {q: expand_groups(t, k, group_size) for q, t in p.items()})
+        for q, t in p.items():
+            parts.setdefault(q, []).append(t)
+    return codes, {q: torch.cat(ts) for q, ts in parts.items()}
 
 
 def storage_tensors(fmt: formats.NumericFormat, codes: torch.Tensor, params: dict, scale_dtype: torch.dtype) -> dict:

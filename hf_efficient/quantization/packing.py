@@ -67,13 +67,17 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes must be < 2**{bits} = {2 ** bits}, got a code {int(codes.max())}")
     k = codes.shape[-1]
     words = packed_width(k, bits)
-    padded = torch.zeros(*codes.shape[:-1], words * per, dtype=torch.int64, device=codes.device)
-    padded[..., :k] = codes.to(torch.int64)
+    rows = codes.reshape(-1, k)
+    out = torch.empty(rows.shape[0], words, dtype=torch.int32, device=codes.device)
     shifts = torch.arange(per, device=codes.device, dtype=torch.int64) * bits
-    acc = (padded.view(*codes.shape[:-1], words, per) << shifts).sum(-1)
-    # Wrap into int32 two's complement explicitly (an out-of-range int64->int32 cast is not defined behaviour).
-    acc = torch.where(acc >= 2 ** 31, acc - 2 ** 32, acc)
-    return acc.to(torch.int32)
+    step = max(1, 2 ** 20 // max(k, 1))  # int64 temporaries of ~2**20 elements, not 8 bytes per code at once
+    for r in range(0, rows.shape[0], step):
+        padded = torch.zeros(min(step, rows.shape[0] - r), words * per, dtype=torch.int64, device=codes.device)
+        padded[:, :k] = rows[r:r + step]
+        acc = (padded.view(-1, words, per) << shifts).sum(-1)
+        # Wrap into int32 two's complement explicitly (an out-of-range int64->int32 cast is not defined behaviour).
+        out[r:r + step] = torch.where(acc >= 2 ** 31, acc - 2 ** 32, acc)
+    return out.view(*codes.shape[:-1], words)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
