@@ -63,3 +63,23 @@ def test_adopted_tensors_follow_to_and_load_quantized_releases():
     codes, params = q.codes(), q.params()
     q.load_quantized(codes, {p: t.float() for p, t in params.items()})
     assert q.layout is None and q.qweight.numel() > 0
+
+
+@pytest.mark.parametrize("fmt", ["int4_asym", "fp4_asym", "nf3_sym", "int2_asym", "int8_sym"])
+def test_rtn_in_row_blocks_equals_whole_tensor(fmt, monkeypatch):
+    """Quantize-on-load works on blocks of rows (bounded temporaries): the codes and scales must not depend on
+    the block size, including blocks smaller than one row and a last short block."""
+    from hf_efficient import formats
+    from hf_efficient.quantization import linear
+    from hf_efficient.quantization.packing import pack_codes, unpack_codes
+
+    f = formats.get_format(fmt)
+    w = torch.randn(37, 300)
+    whole = linear.rtn_quantize(w, f, 64, torch.float16)
+    for elements in (600, 1, 299 * 5):
+        monkeypatch.setattr(linear, "RTN_CHUNK_ELEMENTS", elements)
+        codes, params = linear.rtn_quantize(w, f, 64, torch.float16)
+        assert torch.equal(codes, whole[0]) and all(torch.equal(params[k], whole[1][k]) for k in params)
+    packed = pack_codes(whole[0], f.bits)
+    assert torch.equal(unpack_codes(packed, f.bits, 300), whole[0])
+    assert torch.equal(pack_codes(whole[0].view(1, 37, 300), f.bits)[0], packed)
