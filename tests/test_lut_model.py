@@ -33,7 +33,7 @@ def _load(path, **kw):
 def test_quantize_on_load_runs_lut_and_matches_reference(tiny_dir, kw):
     model = _load(tiny_dir, quantization_config=LUTConfig(**kw))
     qlayers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    assert qlayers and all(getattr(m, "_lut_enabled", False) and hasattr(m, "_lut") for m in qlayers)
+    assert qlayers and all(m._lut_enabled and m.layout is not None and m.layout.kind == "cpu-lut" for m in qlayers)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     calls = []
     orig = lut_layer.kernel.LUTWeight.matmul
@@ -46,6 +46,25 @@ def test_quantize_on_load_runs_lut_and_matches_reference(tiny_dir, kw):
         with reference_only():
             b = model(ids).logits
     assert len(calls) == len(qlayers)
+    assert float((a - b).norm() / b.norm()) < 0.02
+
+
+@pytest.mark.parametrize("method", ["afpq-fp4", "afpq-nf4", "mofq-w4"])
+def test_afpq_and_mofq_models_run_the_cpu_kernels_by_default(tiny_dir, method):
+    """The kernel is chosen by device and format: AFPQ (two-scale FP/NF) and MoFQ W4 models on the CPU run
+    every linear on the LUT engine without enable_lut, converting each layer on its first forward."""
+    from hf_efficient import AFPQConfig, MoFQConfig
+
+    cfg = {"afpq-fp4": AFPQConfig(bits=4, group_size=32, fmt="fp"), "afpq-nf4": AFPQConfig(bits=4, group_size=32,
+           fmt="nf"), "mofq-w4": MoFQConfig(bits=4, group_size=32)}[method]
+    model = _load(tiny_dir, quantization_config=cfg)
+    qlayers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with reference_only():
+            b = model(ids).logits
+        a = model(ids).logits
+    assert qlayers and all(m.layout is not None and m.layout.kind == "cpu-lut" for m in qlayers)
     assert float((a - b).norm() / b.norm()) < 0.02
 
 
@@ -66,23 +85,51 @@ def test_save_reload_generate(tiny_dir, tmp_path):
     assert torch.equal(again.generate(ids, max_new_tokens=6, do_sample=False), out)
 
 
-def test_fast_path_declines_and_follows_weight_changes():
+def test_default_on_adopts_one_copy_and_follows_reloads():
+    """A plain QuantLinear on the CPU takes the LUT path without enable_lut; the stream becomes its only copy
+    of the codes; checkpoints, dequantize and the gradient path are the stored layout's, bit for bit."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 40)
     q = QuantLinear.from_linear(lin, "int4_asym", group_size=32)
     x = torch.randn(3, 64)
-    ref = q.reference_forward(x)
-    assert torch.equal(q(x), ref)  # not opted in: reference path
-    enable_lut(q)
+    sd = {k: v.clone() for k, v in q.state_dict().items()}
+    deq, ref = q.dequantize(), q.reference_forward(x)
     y = q(x)
+    assert q.layout is not None and q.layout.kind == "cpu-lut" and q.qweight.numel() == 0
     assert not torch.equal(y, ref) and float((y - ref).norm() / ref.norm()) < 0.02  # LUT path, bias included
-    big = torch.randn(MAX_LUT_ROWS + 1, 64)
-    assert torch.equal(q(big), q.reference_forward(big))  # prefill-sized: BLAS on dequantized weights
-    q.load_quantized(q.codes() ^ 1, q.params())  # in-place change of the stored codes
+    after = q.state_dict()
+    assert set(after) == set(sd) and all(torch.equal(after[k], sd[k]) for k in sd)
+    assert torch.equal(q.dequantize(), deq)
+    big = torch.randn(MAX_LUT_ROWS + 1, 64)  # prefill-sized: BLAS on dequantized blocks
+    torch.testing.assert_close(q(big), torch.nn.functional.linear(big, deq, lin.bias), rtol=1e-5, atol=1e-5)
+    xg = x.clone().requires_grad_()
+    yg = q(xg)  # with gradients: F.linear on the dequantized stream, equal to the reference path
+    assert torch.equal(yg, ref)
+    yg.sum().backward()
+    assert torch.equal(xg.grad, deq.sum(0).expand(3, -1))
+    q.load_quantized(q.codes() ^ 1, q.params())  # new codes: back to the stored layout, re-adopted on use
+    assert q.layout is None
     ref2 = q.reference_forward(x)
-    assert float((q(x) - ref2).norm() / ref2.norm()) < 0.02  # the kernel layout was rebuilt
+    assert float((q(x) - ref2).norm() / ref2.norm()) < 0.02 and q.layout.kind == "cpu-lut"
     enable_lut(q, enabled=False)
-    assert torch.equal(q(x), ref2)
+    assert q.layout is None and torch.equal(q(x), ref2)
+
+
+@pytest.mark.parametrize("fmt", ["int2_asym", "int3_asym", "int4_asym", "int4_sym", "fp4_asym", "fp3_asym",
+                                 "nf4_sym", "nf4_asym", "nf3_asym"])
+def test_resident_stream_round_trips_every_format(fmt):
+    q = QuantLinear.from_linear(torch.nn.Linear(200, 70, bias=False), fmt, group_size=64)
+    sd = {k: v.clone() for k, v in q.state_dict().items()}
+    deq = q.dequantize()
+    before = sum(t.numel() * t.element_size() for t in q.buffers())
+    assert lut_layer.prepare_layer(q) is not None and q.layout.kind == "cpu-lut"
+    held = sum(t.numel() * t.element_size() for t in q.buffers())
+    stream = q.layout_tensor("stream").numel()
+    assert held <= before - sd["qweight"].numel() * 4 + stream + 2 * 16 * 4  # one copy (+ a grid of <= 2 x 16)
+    after = q.state_dict()
+    assert all(torch.equal(after[k], sd[k]) for k in sd)
+    assert torch.equal(q.dequantize(), deq)
+    assert torch.equal(lut_layer._weight(q).dequantize(), deq)  # the prefill path's weights are the layer's
 
 
 def test_unsupported_group_size_keeps_reference_path():
@@ -199,19 +246,22 @@ def test_lut_head_refuses_quantized_head(tiny_dir):
 
 
 def test_lut_layers_run_under_torch_compile(tiny_dir):
-    """Inside a compiled graph the LUT fast path uses the copies enable_lut built (its staleness key is not
-    traceable): the compiled decode-sized forward calls the kernels and matches eager."""
+    """The adopted stream is read inside the compiled graph: every quantized layer is one lut_gemm node of a
+    single graph (no graph break), and the compiled forward matches eager."""
     model = _load(tiny_dir, quantization_config=LUTConfig(bits=4, group_size=32))
     ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(5))
     nq = sum(isinstance(m, QuantLinear) for m in model.modules())
-    calls = []
-    orig = lut_layer.kernel.LUTWeight.matmul
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
     with torch.no_grad():
         eager = model(ids).logits
-        lut_layer.kernel.LUTWeight.matmul = lambda self, x, **k: calls.append(1) or orig(self, x, **k)
-        try:  # the Python wrapper runs while the graph is traced: every layer must take the kernel path
-            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
-        finally:
-            lut_layer.kernel.LUTWeight.matmul = orig
-    assert len(calls) == nq
+        compiled = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
+    assert len(graphs) == 1
+    nodes = [n for n in graphs[0].graph.nodes if n.target is torch.ops.hf_efficient.lut_gemm.default]
+    assert len(nodes) == nq
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -1,14 +1,19 @@
 """The LUT kernels as the CPU fast path of :class:`~hf_efficient.quantization.QuantLinear`.
 
 The kernel is chosen by device and format, not by quantization method: every QuantLinear of 1..4 bits on the
-CPU (LUT, AFPQ two-scale FP/NF, MoFQ W4 ...) runs on the LUT kernels by default. Its weights are permuted into
-the kernel layout on its first CPU forward (``LUTConfig`` models, and :func:`enable_lut`, do it at once, which
-``torch.compile`` needs: the permutation is not traced). ``enable_lut(model, enabled=False)`` opts a model out.
-The permuted weights live beside the stored ones (``layer._lut``, never saved) and are rebuilt if the stored
-tensors change.
-The fast path declines (the plain-torch path runs) for non-CPU inputs, inputs needing gradients, group sizes
-the kernels cannot tile, and prefill-sized inputs above :data:`MAX_LUT_ROWS` rows, where a dequantized
-BLAS GEMM is faster than one LUT pass per row.
+CPU (LUT, AFPQ two-scale FP/NF, MoFQ W4 ...) runs on the LUT kernels by default. A layer converts its weights
+once into the kernel's stream and adopts it as its **resident layout** (:meth:`QuantLinear.adopt_layout`,
+kind ``"cpu-lut"``): the stream is the layer's only copy of its codes, the stored ``qweight`` is freed, and
+``state_dict()`` / ``codes()`` / ``dequantize()`` rebuild the checkpoint tensors from the stream
+(``lut_codes``, the inverse of the packing). The per-group parameters (1-2 % of the bytes) are kept as
+they are, so the round trip is exact. Conversion happens on a layer's first CPU forward, or at once through
+:func:`enable_lut` (``LUTConfig`` models call it when loaded); call it before ``torch.compile``, which cannot
+trace the conversion. ``enable_lut(model, enabled=False)`` goes back to the stored layout and the reference path.
+
+Inputs of up to ``kernel.max_lut_rows()`` rows (decode) run the table kernels; larger ones (prefill) the same
+op's blocked dequantize + BLAS GEMM. Inputs that need gradients get ``F.linear`` on the dequantized stream,
+which equals the reference path bit for bit and is differentiable. Group sizes the kernels cannot tile keep
+the reference path.
 
 The float output head (``lm_head``, often tied to the embeddings and then never quantized by the configs) can
 also run on the kernels: ``enable_lut(model, head_bits=4)`` keeps the float weight as it is (saved, tied,
@@ -18,18 +23,16 @@ quantized output matrix. At decode the head is the largest single matmul of a sm
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ... import formats
-from ..linear import QuantLinear, register_fast_path
+from ..linear import QuantLinear, ResidentLayout, register_fast_path
+from ..packing import pack_codes
 from . import kernel
 
-MAX_LUT_ROWS = 32
-
-
-def _key(layer: QuantLinear) -> tuple:
-    ts = [layer.qweight] + [getattr(layer, p) for p in layer.fmt.param_names]
-    return tuple((id(t), t._version) for t in ts)
+KIND = "cpu-lut"
+MAX_LUT_ROWS = 32  # the C++ default of kernel.max_lut_rows(): decode-sized inputs run the table kernels
 
 
 def supported(layer: QuantLinear) -> bool:
@@ -37,21 +40,42 @@ def supported(layer: QuantLinear) -> bool:
             and kernel.kernel_group_size(layer.group_size, layer.in_features) is not None)
 
 
+def _weight(layer: QuantLinear) -> kernel.LUTWeight:
+    """The adopted stream as a LUTWeight (a view of the layer's buffers, nothing copied)."""
+    bits, group_size, coded = layer.layout.meta
+    grid = layer.layout_tensor("grid") if coded else None
+    return kernel.LUTWeight(layer.layout_tensor("stream"), grid, bits, group_size, layer.in_features,
+                            layer.out_features)
+
+
+def _to_storage(layer: QuantLinear) -> dict:
+    """Checkpoint tensors from the stream: the codes by the inverse of the packing, the params as kept."""
+    stream = layer.layout_tensor("stream")
+    w = _weight(layer)
+    if stream.device.type != "cpu":  # the unpacking op runs on the CPU
+        w.qweight, w.grid = stream.cpu(), None if w.grid is None else w.grid.cpu()
+    out = {"qweight": pack_codes(w.codes(), layer.fmt.bits).to(stream.device)}
+    out.update({p: layer.layout_tensor(p) for p in layer.fmt.param_names})
+    return out
+
+
 def prepare_layer(layer: QuantLinear) -> kernel.LUTWeight | None:
-    """Build (or reuse) the layer's kernel-layout weights; None if the kernels cannot run this layer."""
-    if not supported(layer) or layer.qweight.device.type != "cpu":
+    """The layer's weights in the kernel layout, converting it (adopting the layout) the first time; None if
+    the kernels cannot run this layer."""
+    lay = layer.layout
+    if lay is not None and lay.kind == KIND:
+        return _weight(layer)
+    if torch.compiler.is_compiling() or not supported(layer):
+        return None  # the conversion is not traceable: enable_lut before torch.compile
+    st = layer.storage()
+    if st["qweight"].device.type != "cpu":
         return None
-    cached = getattr(layer, "_lut", None)
-    if torch.compiler.is_compiling():
-        # The staleness key (ids and tensor versions) cannot be traced; weights do not change inside a compiled
-        # inference graph, so the copy enable_lut built is used as is (none built: decline).
-        return cached[1] if cached is not None else None
-    key = _key(layer)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    w = kernel.prepare(layer.codes(), layer.fmt, layer.params(), layer.group_size)
-    layer._lut = (key, w)
-    return w
+    params = {p: st[p] for p in layer.fmt.param_names}
+    w = kernel.prepare(layer.codes(), layer.fmt, params, layer.group_size)
+    tensors = {"stream": w.qweight, **({"grid": w.grid} if w.grid is not None else {}),
+               **{p: t.clone() for p, t in params.items()}}
+    layer.adopt_layout(ResidentLayout(KIND, tensors, _to_storage, meta=(w.bits, w.group_size, w.grid is not None)))
+    return _weight(layer)
 
 
 def enable_lut(model: nn.Module, enabled: bool = True, *, head_bits: int | None = None,
@@ -62,7 +86,7 @@ def enable_lut(model: nn.Module, enabled: bool = True, *, head_bits: int | None 
     ``nn.Linear``) a runtime-only INT ``head_bits`` zero-point copy with ``head_group_size`` groups, used by
     no-grad forwards (:class:`LUTHead`); its float weight stays in place (ties, saving and training see it
     unchanged). Returns the names of the layers that will use the kernels. ``enabled=False`` switches back
-    to the default paths and frees the permuted and quantized copies.
+    to the stored layout and the reference path (and frees the head's quantized copy).
     """
     if enabled and not kernel.available():
         raise RuntimeError("enable_lut: the hf_efficient C++ extension is not built")
@@ -74,7 +98,8 @@ def enable_lut(model: nn.Module, enabled: bool = True, *, head_bits: int | None 
             continue
         m._lut_enabled = enabled
         if not enabled:
-            m.__dict__.pop("_lut", None)
+            if m.layout is not None and m.layout.kind == KIND:
+                m.release_layout()
         elif prepare_layer(m) is not None:
             names.append(name)
     if enabled and head_bits is not None:
@@ -138,13 +163,13 @@ def _enable_head(model: nn.Module, bits: int, group_size: int) -> str:
 def lut_fast_path(x: torch.Tensor, layer: QuantLinear):
     if not getattr(layer, "_lut_enabled", True) or x.device.type != "cpu" or not kernel.available():
         return None
-    if x.requires_grad and torch.is_grad_enabled():
-        return None
-    if x.numel() // max(x.shape[-1], 1) > MAX_LUT_ROWS:
-        return None
     w = prepare_layer(layer)
     if w is None:
         return None
+    if torch.is_grad_enabled() and (x.requires_grad or (layer.bias is not None and layer.bias.requires_grad)):
+        # Training (e.g. LoRA on a frozen quantized base): the exact weights, differentiable in x.
+        bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+        return F.linear(x, w.dequantize().to(x.dtype), bias)
     y = w.matmul(x)
     if layer.bias is not None:
         y = y + layer.bias.float()
