@@ -105,19 +105,18 @@ def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
     return words.to(torch.int32)
 
 
-def repack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, bits: int, group_size: int,
-           mode: int) -> KernelWeight:
-    """Build the kernel layout from codes uint8 ``(N, K)`` and per-group ``a``/``b`` ``(N, n_groups)``.
-
-    ``grid`` is the value grid by code (sequence of 2**bits floats). ``b`` may be None for MODE_SYM.
-    Raises ValueError for unsupported bits, group sizes or mismatched shapes.
-    """
-    if bits not in KERNEL_BITS:
-        raise ValueError(f"bits must be one of {KERNEL_BITS} for the GPU kernels, got {bits}")
-    if group_size % 32:
-        raise ValueError(f"group_size must be a multiple of 32 for the GPU kernels, got {group_size}")
+def check_weight_args(codes, a, b, grid, bits: int, group_size: int, mode: int, allowed_bits, group_multiple: int,
+                      who: str) -> tuple[int, int, int]:
+    """Validate the inputs of a kernel-layout builder; returns ``(N, K, n_groups)`` or raises ValueError."""
+    if bits not in allowed_bits:
+        raise ValueError(f"bits must be one of {tuple(allowed_bits)} for {who}, got {bits}")
+    if group_size <= 0 or group_size % group_multiple:
+        raise ValueError(f"group_size must be a positive multiple of {group_multiple} for {who}, got {group_size}")
     if mode not in (MODE_SYM, MODE_ZERO, MODE_TWO):
         raise ValueError(f"mode must be MODE_SYM, MODE_ZERO or MODE_TWO, got {mode!r}")
+    if codes.device != a.device or (b is not None and b.device != a.device):
+        raise ValueError(f"codes, a and b must be on one device, got {codes.device}, {a.device}, "
+                         f"{None if b is None else b.device}")
     n, k = codes.shape
     ng = -(-k // group_size)
     if a.shape != (n, ng) or (b is not None and b.shape != (n, ng)):
@@ -125,6 +124,17 @@ def repack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, b
                          f"{None if b is None else tuple(b.shape)}")
     if len(grid) != 2 ** bits:
         raise ValueError(f"grid must have 2**bits = {2 ** bits} values, got {len(grid)}")
+    return n, k, ng
+
+
+def repack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, bits: int, group_size: int,
+           mode: int) -> KernelWeight:
+    """Build the kernel layout from codes uint8 ``(N, K)`` and per-group ``a``/``b`` ``(N, n_groups)``.
+
+    ``grid`` is the value grid by code (sequence of 2**bits floats). ``b`` may be None for MODE_SYM.
+    Raises ValueError for unsupported bits, group sizes or mismatched shapes.
+    """
+    n, k, ng = check_weight_args(codes, a, b, grid, bits, group_size, mode, KERNEL_BITS, 32, "the GPU kernels")
     kp = ng * group_size
     c = torch.zeros(n, kp, dtype=torch.int64, device=codes.device)
     c[:, :k] = codes.to(torch.int64)

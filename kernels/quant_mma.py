@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .quant_layout import MODE_SYM, MODE_TWO, MODE_ZERO
+from .quant_layout import MODE_SYM, MODE_TWO, MODE_ZERO, check_weight_args
 
 logger = logging.getLogger(__name__)
 
@@ -103,22 +103,7 @@ def _unwords(words: torch.Tensor, width: int) -> torch.Tensor:
 def pack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, bits: int, group_size: int,
          mode: int) -> MmaWeight:
     """Codes uint8 ``(N, K)`` and per-group ``a``/``b`` ``(N, ceil(K / group_size))`` -> :class:`MmaWeight`."""
-    if bits not in MMA_BITS:
-        raise ValueError(f"the mma kernel runs bits {MMA_BITS}, got {bits}")
-    if group_size % 16 or group_size <= 0:
-        raise ValueError(f"group_size must be a positive multiple of 16 for the mma kernel, got {group_size}")
-    if mode not in (MODE_SYM, MODE_ZERO, MODE_TWO):
-        raise ValueError(f"mode must be MODE_SYM, MODE_ZERO or MODE_TWO, got {mode!r}")
-    if codes.device != a.device or (b is not None and b.device != a.device):
-        raise ValueError(f"codes, a and b must be on one device, got {codes.device}, {a.device}, "
-                         f"{None if b is None else b.device}")
-    n, k = codes.shape
-    ng = -(-k // group_size)
-    if a.shape != (n, ng) or (b is not None and b.shape != (n, ng)):
-        raise ValueError(f"params must be (N, n_groups) = {(n, ng)}, got {tuple(a.shape)} and "
-                         f"{None if b is None else tuple(b.shape)}")
-    if len(grid) != 2 ** bits:
-        raise ValueError(f"grid must have 2**bits = {2 ** bits} values, got {len(grid)}")
+    n, k, ng = check_weight_args(codes, a, b, grid, bits, group_size, mode, MMA_BITS, 16, "the mma kernel")
     nt, kb = -(-n // 16), -(-k // BLOCK_K)
     ngp = -(-kb * BLOCK_K // group_size)
     c = torch.zeros(nt * 16, kb * BLOCK_K, dtype=torch.int64, device=codes.device)

@@ -236,30 +236,23 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     }
   }
 
-  // Output: rows n = tile*16 + g (+8), columns m = m0 + t*8 + 2q (+1).
-  const int n0 = tile * 16 + g;
-  if (S == 1) {
-    if (live) {
-#pragma unroll
-      for (int t = 0; t < MT; ++t)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int m = m0 + t * 8 + 2 * q + (i & 1), n = n0 + (i >> 1) * 8;
-          if (m < M && n < N) y[(size_t)m * N + n] = from_f<T>(acc[t][i]);
-        }
-    }
-    return;
-  }
-  const int Npad = Ntiles * 16;
+  // Output: rows n = tile*16 + g (+8), columns m = m0 + t*8 + 2q (+1); with split-K, this split's fp32 partial.
+  const int n0 = tile * 16 + g, Npad = Ntiles * 16;
   if (live) {
 #pragma unroll
     for (int t = 0; t < MT; ++t)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = m0 + t * 8 + 2 * q + (i & 1), n = n0 + (i >> 1) * 8;
-        if (m < M) ws[((size_t)split * M + m) * Npad + n] = acc[t][i];
+        if (m >= M) continue;
+        if (S == 1) {
+          if (n < N) y[(size_t)m * N + n] = from_f<T>(acc[t][i]);
+        } else {
+          ws[((size_t)split * M + m) * Npad + n] = acc[t][i];
+        }
       }
   }
+  if (S == 1) return;
   __threadfence();
   __syncthreads();
   int* counter = counters + blockIdx.z * gridDim.x + blockIdx.x;
