@@ -180,7 +180,10 @@ GENERATION_PROMPTS = {
 }
 
 
-def generated_text(model, tokenizer, split: str = "calib", new_tokens: int = 320, seed: int = 0,
+GENERATED_TOKENS = 320  # per prompt
+
+
+def generated_text(model, tokenizer, split: str = "calib", new_tokens: int | None = None, seed: int = 0,
                    progress: bool = True) -> str:
     """Text ``model`` writes itself from the prompts of ``split`` ("calib" or "eval"), sampled at temperature 0.8.
 
@@ -191,6 +194,7 @@ def generated_text(model, tokenizer, split: str = "calib", new_tokens: int = 320
         raise ValueError(f"split must be one of {sorted(GENERATION_PROMPTS)}, got {split!r}")
     from .models import cache_dir
 
+    new_tokens = new_tokens or GENERATED_TOKENS
     key = _model_key(model, tokenizer) + f"-{split}-{new_tokens}-{seed}"
     path = cache_dir() / "generated" / f"{key}.json"
     if path.is_file():

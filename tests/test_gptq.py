@@ -184,6 +184,7 @@ def test_generated_calibration_text_is_cached(tiny_llama_dir, tmp_path, monkeypa
 
     monkeypatch.setenv("HF_EFFICIENT_CACHE", str(tmp_path))
     monkeypatch.setattr("hf_efficient.data.GENERATION_PROMPTS", {"calib": ("Hello", "Write a poem."), "eval": ("Hi",)})
+    monkeypatch.setattr("hf_efficient.data.GENERATED_TOKENS", 24)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     t = generated_text(model, tok, "calib", new_tokens=24, progress=False)
@@ -191,5 +192,5 @@ def test_generated_calibration_text_is_cached(tiny_llama_dir, tmp_path, monkeypa
     assert generated_text(model, tok, "calib", new_tokens=24, progress=False) == t  # from the cache
     assert len(list((tmp_path / "generated").glob("*.json"))) == 1
     # ("mixed" adds windows of the training plays; with this test's empty cache that would re-tokenize them)
-    w = calibration_windows(tok, 4, 16, source="generated", model=model)
-    assert w.shape == (4, 16)
+    w = calibration_windows(tok, 4, 16, source="generated", model=model)  # the cached text: no new file
+    assert w.shape == (4, 16) and len(list((tmp_path / "generated").glob("*.json"))) == 1
