@@ -53,10 +53,10 @@ def test_quantize_on_load_runs_lut_and_matches_reference(tiny_dir, kw):
 def test_afpq_and_mofq_models_run_the_cpu_kernels_by_default(tiny_dir, method):
     """The kernel is chosen by device and format: AFPQ (two-scale FP/NF) and MoFQ W4 models on the CPU run
     every linear on the LUT engine without enable_lut, converting each layer on its first forward."""
-    from hf_efficient import AFPQConfig, MoFQConfig
+    from hf_efficient import AFPQConfig, load_quant_config
 
     cfg = {"afpq-fp4": AFPQConfig(bits=4, group_size=32, fmt="fp"), "afpq-nf4": AFPQConfig(bits=4, group_size=32,
-           fmt="nf"), "mofq-w4": MoFQConfig(bits=4, group_size=32)}[method]
+           fmt="nf"), "mofq-w4": load_quant_config("mofq-w4")}[method]  # the shipped recipe
     model = _load(tiny_dir, quantization_config=cfg)
     qlayers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
