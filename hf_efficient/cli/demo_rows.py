@@ -33,9 +33,9 @@ class DemoRow:
 ROWS: tuple[DemoRow, ...] = (
     DemoRow("fp32", "unmodified model, float32", "torch fp32 matmul"),
     DemoRow("afpq-fp4-g128", "AFPQ FP4-E2M1 two-scale (s_pos/s_neg), group 128, RTN on load",
-            "plain-torch dequantize + matmul (no CPU kernel)", "afpq-fp4-g128"),
+            "C++ LUT GEMV, code-indexed two-channel tables (decode) / dequantize + matmul (prefill)", "afpq-fp4-g128"),
     DemoRow("mofq-w4", "MoFQ W4: INT4 or FP4-E2M1 per layer by weight MSE, group 128, RTN on load",
-            "plain-torch dequantize + matmul (no CPU kernel)", "mofq-w4"),
+            "C++ LUT GEMV (decode) / dequantize + matmul (prefill)", "mofq-w4"),
     DemoRow("lut-int4-g128", "T-MAC LUT INT4 with zero point, group 128, RTN on load",
             "C++ LUT GEMV (decode) / dequantize + matmul (prefill)", "lut-int4-g128"),
     DemoRow("lut-int2-g64", "T-MAC LUT INT2 with zero point, group 64, RTN on load",
