@@ -89,7 +89,7 @@ def measure(model, prompt, decode_ids, device, warm_steps, offload=None) -> tupl
     kv = {cache_kwarg(model): DynamicCache(config=model.config), "use_cache": True}
     sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, **kv)
+    model(input_ids=prompt, **kv)
     sync(device)
     t_prefill = time.perf_counter() - t0
     prefill_stats = offload.stats.to_dict() if offload else {}

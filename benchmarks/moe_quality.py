@@ -33,6 +33,7 @@ def main(argv=None):
     ap.add_argument("--distill-windows", type=int, default=8, help="256-token train windows for distillation")
     ap.add_argument("--distill-steps", type=int, default=300)
     ap.add_argument("--e2e-steps", type=int, default=0, help="end-to-end Trainer steps after distillation")
+    ap.add_argument("--no-ppl", action="store_true", help="recall only (perplexity runs are the slow part on CPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -41,7 +42,8 @@ def main(argv=None):
     dense, tok = load_default()
     ev = token_ids(tok, "eval", max_tokens=a.eval_tokens)
     tr = token_ids(tok, "train", max_tokens=400_000)
-    settings = dict(eval_tokens=ev.numel(), context=a.context, experts=a.experts, top_k=a.top_k,
+    settings = dict(ppl_measured=not a.no_ppl, eval_tokens=ev.numel(), context=a.context, experts=a.experts,
+                    top_k=a.top_k,
                     calib_windows=a.calib_windows, distill_windows=a.distill_windows, distill_steps=a.distill_steps,
                     e2e_steps=a.e2e_steps, threads=a.threads, model="SmolLM2-135M-Instruct (embedded), MoEfied")
     rows, t0 = [], time.time()
@@ -49,6 +51,7 @@ def main(argv=None):
     def add(name, ppl, **kw):
         rows.append({"variant": name, "ppl": ppl, **kw, "elapsed_s": time.time() - t0})
         own = next((r["ppl"] for r in rows if r["variant"] == "moe_own_routers"), None)
+        own = None if own is None or own != own else own  # NaN when perplexity was skipped
         for r in rows:
             if own:
                 r["vs_moe_own_pct"] = 100 * (r["ppl"] / own - 1)
@@ -56,7 +59,8 @@ def main(argv=None):
         write_results("moe_quality", rows, settings, a.out,
                       columns=["variant", "ppl", "vs_moe_own_pct", "recall_at_k", "elapsed_s"])
 
-    ppl = lambda m: perplexity(m, ev, context=a.context, progress=False)  # noqa: E731
+    def ppl(m):
+        return float("nan") if a.no_ppl else perplexity(m, ev, context=a.context, progress=False)
     with torch.no_grad():
         add("dense", ppl(dense))
         moe = moefy(dense, a.experts, a.top_k, sample_windows(tr, a.calib_windows, 256, seed=1), progress=False)
@@ -64,7 +68,7 @@ def main(argv=None):
         del dense
         add("moe_own_routers", ppl(moe))
     add_pregates(moe)
-    rec_windows = sample_windows(ev, 4, 256, seed=2)
+    rec_windows = sample_windows(ev, 4, 256, seed=2).split(1)
 
     def pregated_row(name):
         rec = pregate_recall(moe, rec_windows)

@@ -1,4 +1,4 @@
-"""Pre-gated MoE settings: how experts are offloaded (changeable any time) and the pre-gate format (fixed once trained)."""
+"""Pre-gated MoE settings: expert offloading (changeable any time) and the pre-gate format (fixed once trained)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields

@@ -99,7 +99,7 @@ def _register_experts_implementation() -> bool:
 
 
 class PregatedOffload:
-    """Handle returned by :func:`enable_pregated_offload`: ``stats``, ``reset_stats()``, ``set_mode()``, ``disable()``."""
+    """What :func:`enable_pregated_offload` returns: ``stats``, ``reset_stats()``, ``set_mode()``, ``disable()``."""
 
     def __init__(self, model: nn.Module, config: OffloadConfig, copier: str = "auto", fill: float | None = None,
                  use_experts_interface: bool | None = None):

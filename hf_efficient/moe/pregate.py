@@ -118,10 +118,10 @@ def distill_pregates(model: nn.Module, batches: Iterable[torch.Tensor], steps: i
                      progress: bool = True) -> list[float]:
     """Top-k distillation: train each pre-gate to predict the next router's top-k from its own layer's input.
 
-    ``batches``: input-id tensors (B, T). The model runs once per batch with its own routing (no substitution) to
-    collect every router's input; the pre-gates then take ``steps`` Adam steps on those cached states, one batch
-    per step, cycling (the states do not depend on the pre-gates, so one forward per batch suffices). Only
-    pre-gate weights change. Returns the loss per step."""
+    ``batches``: input-id tensors (B, T) or (T,). The model runs once per batch with its own routing (no
+    substitution) to collect every router's input; the pre-gates then take ``steps`` Adam steps on those cached
+    states, one batch per step, cycling (the states do not depend on the pre-gates, so one forward per batch
+    suffices). Only pre-gate weights change. Returns the loss per step."""
     layers = find_moe_layers(model)
     pre = _pregated(layers)
     batches = list(batches)
@@ -132,7 +132,7 @@ def distill_pregates(model: nn.Module, batches: Iterable[torch.Tensor], steps: i
     with torch.no_grad():
         for ids in tqdm(batches, desc="router inputs", disable=not progress):
             with _router_inputs(layers) as h:
-                model(input_ids=ids.to(device))
+                model(input_ids=ids.reshape(-1, ids.shape[-1]).to(device))
             # Teacher logits now, so the steps below touch only the pre-gates.
             cached.append([(h[l.position],
                             nn.functional.linear(h[l.position + 1], layers[l.position + 1].router.weight))
@@ -162,7 +162,7 @@ def pregate_recall(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[st
     total = 0
     for ids in batches:
         with _router_inputs(layers) as h:
-            model(input_ids=ids.to(layers[0].router.weight.device))
+            model(input_ids=ids.reshape(-1, ids.shape[-1]).to(layers[0].router.weight.device))
         for l in pre:
             nxt = layers[l.position + 1]
             truth = torch.topk(nn.functional.linear(h[nxt.position], nxt.router.weight), nxt.top_k, -1).indices
