@@ -92,7 +92,7 @@ def test_demo_runs_rows_in_fresh_processes_and_writes_a_report(tiny_llama_dir, t
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("ppl,expect", [(30.0, "ok"), (50.0, "degraded"), (591391.0, "BROKEN"),
+@pytest.mark.parametrize("ppl,expect", [(30.0, "ok"), (36.0, "ok"), (40.0, "degraded"), (591391.0, "BROKEN"),
                                         (float("nan"), "BROKEN")])
 def test_demo_flags_broken_rows(ppl, expect):
     from hf_efficient.cli.demo_report import status

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 # A row whose perplexity exceeds the fp32 row's by these factors is flagged beside its numbers.
-DEGRADED, BROKEN = 1.5, 10.0
+DEGRADED, BROKEN = 1.25, 10.0
 
 COLUMNS = (
     ("PPL", "perplexity on held-out Shakespeare plays (sliding window; lower is better)"),
