@@ -11,8 +11,8 @@ Self times are grouped into
 * ``other_ops``: every other ATen op (norms, rotary, SiLU, adds, cache updates, copies, argmax ...);
 * ``framework``: profiled wall minus all op self time: Python, transformers' module code, dispatch.
 
-The profiled wall is longer than the plain one (the profiler's own cost lands mostly in ``framework``), so
-the columns are also given as shares of the profiled wall; ``n_ops`` counts ATen/custom op calls per token.
+Only the decode steps are profiled (the prefill runs before the profiler starts). The profiled wall is
+longer than the plain one (the profiler's own cost lands mostly in ``framework``), so the columns are also given as shares of the profiled wall; ``n_ops`` counts ATen/custom op calls per token.
 
 Run: ``python -m benchmarks.cpu_decode_breakdown [--threads 1 2] [--steps 16] [--out DIR]``.
 """
@@ -33,14 +33,19 @@ GROUPS = {
 }
 
 
-def _decode(model, ids, steps):
+def _decode(model, ids, steps, prof=None):
+    """Seconds for ``steps`` one-token forwards after a prefill of ``ids``; ``prof`` (a torch.profiler context)
+    covers only those steps."""
+    import contextlib
+
     out = model(ids, use_cache=True)
     cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = model(tok, past_key_values=cache, use_cache=True)
-        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return time.perf_counter() - t0
+    with prof if prof is not None else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(tok, past_key_values=cache, use_cache=True)
+            cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return time.perf_counter() - t0
 
 
 def breakdown(model, steps: int, threads: int, seed: int = 0) -> dict:
@@ -53,11 +58,8 @@ def breakdown(model, steps: int, threads: int, seed: int = 0) -> dict:
         with torch.no_grad():
             _decode(model, ids, 2)  # warm-up (layer conversion, allocator)
             wall = min(_decode(model, ids, steps) for _ in range(3)) / steps
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                t_prof = _decode(model, ids, steps) / steps
-            # The profiled call includes its prompt's prefill: profile that alone and subtract its ops.
-            with profile(activities=[ProfilerActivity.CPU]) as pre:
-                model(ids, use_cache=True)
+            prof = profile(activities=[ProfilerActivity.CPU])
+            t_prof = _decode(model, ids, steps, prof) / steps
     finally:
         torch.set_num_threads(old)
     sums = {k: 0.0 for k in [*GROUPS, "other_ops"]}
@@ -68,12 +70,7 @@ def breakdown(model, steps: int, threads: int, seed: int = 0) -> dict:
         n_ops += e.count
         g = next((k for k, names in GROUPS.items() if e.key in names), "other_ops")
         sums[g] += e.self_cpu_time_total / 1e3  # ms
-    for e in pre.key_averages():
-        if e.key.startswith("aten::") or e.key.startswith("hf_efficient::"):
-            n_ops -= e.count
-            g = next((k for k, names in GROUPS.items() if e.key in names), "other_ops")
-            sums[g] -= e.self_cpu_time_total / 1e3
-    per_tok = {k: max(v, 0.0) / steps for k, v in sums.items()}
+    per_tok = {k: v / steps for k, v in sums.items()}
     framework = max(t_prof * 1e3 - sum(per_tok.values()), 0.0)
     row = {"threads": threads, "wall_ms": wall * 1e3, "tok_s": 1 / wall, "profiled_ms": t_prof * 1e3,
            **{f"{k}_ms": v for k, v in per_tok.items()}, "framework_ms": framework, "n_ops": n_ops / steps}
@@ -107,7 +104,7 @@ def main(argv=None):
     info = cpu_info()
     write_results("cpu_decode_breakdown", rows, {**info, "steps": args.steps, "prompt_len": 16,
                                                  "note": "per decode token; self CPU time per op group from "
-                                                         "torch.profiler, prefill subtracted; framework = profiled "
+                                                         "torch.profiler over the decode steps only; framework = profiled "
                                                          "wall - op self time"},
                   args.out, columns=["name", "threads", "wall_ms", "tok_s", "profiled_ms", "lut_kernels_ms",
                                      "float_matmul_ms", "attention_ms", "other_ops_ms", "framework_ms",

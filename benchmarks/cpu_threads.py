@@ -23,7 +23,7 @@ from hf_efficient.quantization.lut import kernel as K
 
 
 def cpu_info() -> dict:
-    """CPU model, cache sizes (sysfs), SIMD flags and the LUT engine: recorded beside every CPU result."""
+    """CPU model, cache sizes (sysfs), SIMD flags, the LUT engine and the load: recorded beside CPU results."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -42,8 +42,10 @@ def cpu_info() -> dict:
             continue
     simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_vbmi",
                         "avx512_bf16", "amx_tile", "asimd") if f in flags]
+    # The 1-minute load average: on a shared machine it says whether the timings can be trusted.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"cpu": model, "cores": os.cpu_count(), "caches": caches, "simd": simd,
-            "lut_engine": K.isa() if K.available() else "not built"}
+            "lut_engine": K.isa() if K.available() else "not built", "load_avg_1min": load}
 
 
 def main(argv=None):
