@@ -49,6 +49,54 @@ def _columnwise_quantize_linears(linears, config, H, inputs):
     return out
 
 
+def solver_only(args) -> None:
+    """The GPTQ solver alone on one real decoder layer (its 7 linears, real weights, Hessians from real inputs):
+    ours (shared Hessian, row-stacked block GPTQ) vs the column-wise solver per linear, CPU and wall time."""
+    import statistics
+
+    from tests.gptq_reference import gptq_quantize_columnwise
+
+    model, tok = load_model(None, dtype=torch.float32)
+    layer_idx = args.layer
+    layers = api.decoder_layers(model)
+    windows = api.calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0, source="plays")
+    with torch.no_grad():
+        hidden, kwargs = api._capture_first_layer_inputs(model, layers, windows, "cpu")
+        for layer in list(layers)[:layer_idx]:
+            hidden = [api._layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+    layer = layers[layer_idx]
+    names = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    groups = api._collect_layer_inputs(layer, names, hidden, kwargs, True, 64)
+    rows = []
+    for fmt_name in args.formats.split(","):
+        kind, asym = LABELS[fmt_name]
+        cfg = AFPQConfig(bits=4, fmt=kind, asymmetric=asym, group_size=args.group_size, algorithm="gptq")
+        times = {"block": [], "columnwise": []}
+        for _ in range(args.repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            for group, acc, sample in groups:
+                api._quantize_linears({n: names[n] for n in group}, cfg, acc.H, sample)
+            times["block"].append((time.perf_counter() - t0, time.process_time() - c0))
+            t0, c0 = time.perf_counter(), time.process_time()
+            for group, acc, _ in groups:
+                for n in group:
+                    gptq_quantize_columnwise(names[n].weight, acc.H, cfg.weight_format, args.group_size)
+            times["columnwise"].append((time.perf_counter() - t0, time.process_time() - c0))
+        med = {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for k, v in times.items()}
+        r = {"format": fmt_name, "algorithm": "gptq solver, one layer", "device": "cpu",
+             "seconds": med["block"][0], "cpu_seconds": med["block"][1],
+             "baseline_seconds": med["columnwise"][0], "baseline_cpu_seconds": med["columnwise"][1],
+             "speedup": med["columnwise"][0] / med["block"][0], "cpu_speedup": med["columnwise"][1] / med["block"][1]}
+        rows.append(r)
+        print(r, flush=True)
+        write_results("gptq_solver_speed", rows, {
+            "what": f"GPTQ solver on decoder layer {layer_idx} of the embedded model (q,k,v,o,gate,up,down), "
+                    f"Hessians from {args.calib_samples} x {args.calib_seqlen} plays tokens; ours: shared Hessian per "
+                    f"input, row-stacked block GPTQ; baseline: column-wise solver per linear; median of "
+                    f"{args.repeats}", "threads": torch.get_num_threads(),
+            "command": "python -m benchmarks.gptq_speed --solver-only"}, args.out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calib-samples", type=int, default=16)
@@ -58,8 +106,13 @@ def main(argv=None):
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--mofq", action="store_true", help="add a MoFQ (all W4 formats, RTN, output error) row")
+    ap.add_argument("--solver-only", action="store_true", help="time the solver alone on one layer (see solver_only)")
+    ap.add_argument("--layer", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.solver_only:
+        return solver_only(args)
 
     base, tok = load_model(None, dtype=torch.float32)
     ids = api.calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0, source="plays")
