@@ -292,11 +292,12 @@ def prepare_spec(codes: torch.Tensor, bits: int, group_size: int, grid, coef, zc
     return LUTWeight(pack_stream(wbytes, steps, c16, z16), g, bits, group_size, k, n)
 
 
-# Activations per int8 table scale. The tables of a kernel group share one scale, so one activation outlier
-# coarsens every entry of its group; on the embedded model a 32-token loss rose 3.90 -> 4.15 (AFPQ FP4 g128)
-# with 128-wide table groups and 3.92 with 32 (docs/lut.md). Wider weight groups are split into 32-wide
-# kernel groups with repeated coefficients: more coefficient bytes in the stream, tables as fine as
-# llama.cpp's Q8 activation blocks.
+# Activations per int8 table scale of the code-indexed (FP/NF) tables. The tables of a kernel group share one
+# scale, so one activation outlier coarsens every entry of its group; on the embedded model a 32-token loss
+# rose 3.90 -> 4.15 (AFPQ FP4 g128) with 128-wide table groups and 3.92 with 32 (docs/lut.md). Wider weight
+# groups are split into 32-wide kernel groups with repeated coefficients (more coefficient bytes in the
+# stream). INT (bit-serial) tables did not need it (LUT INT4 g128: 3.89 with 128-wide tables, 3.91
+# dequantized), so they keep the weight group and its smaller stream.
 TABLE_GROUP = 32
 
 
@@ -313,7 +314,8 @@ def split_groups(coef: torch.Tensor, zcoef: torch.Tensor, group_size: int, in_fe
 def prepare(codes: torch.Tensor, fmt, params: dict, group_size: int, table_group: int = TABLE_GROUP) -> LUTWeight:
     """Kernel-layout weights from a format, codes (N, K) and per-group params {name: (N, ng)}.
 
-    ``table_group``: activations per table scale (see :data:`TABLE_GROUP`; 0 = the weight group size).
+    ``table_group``: activations per table scale of code-indexed formats (see :data:`TABLE_GROUP`; 0 = the
+    weight group size); INT formats keep their weight group.
     """
     fmt = formats.get_format(fmt)
     kg = kernel_group_size(group_size, codes.shape[1])
@@ -321,5 +323,6 @@ def prepare(codes: torch.Tensor, fmt, params: dict, group_size: int, table_group
         raise ValueError(f"LUT kernels need group_size to be a multiple of {ref.K_ALIGN} (or per-channel), "
                          f"got {group_size}")
     grid, coef, zcoef = kernel_params(fmt, params)
-    coef, zcoef, kg = split_groups(coef, zcoef, kg, codes.shape[1], table_group)
+    if grid is not None:
+        coef, zcoef, kg = split_groups(coef, zcoef, kg, codes.shape[1], table_group)
     return prepare_spec(codes, fmt.bits, kg, grid, coef, zcoef)
