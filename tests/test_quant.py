@@ -50,7 +50,7 @@ CASES = [
      "int2_asym", 1.5),
     ("int8-sym", lambda: AFPQConfig(bits=8, group_size=128, fmt="int", asymmetric=False), "int8_sym", 0.01),
     ("fp8-sym", lambda: AFPQConfig(bits=8, group_size=-1, fmt="fp", asymmetric=False), "fp8_sym", 0.05),
-    ("mofq-w4", lambda: MoFQConfig(bits=4, group_size=32), None, 0.2),
+    ("mofq-w4", lambda: MoFQConfig(bits=4, group_size=32, candidates="sym"), None, 0.2),
     ("mofq-w8", lambda: MoFQConfig(bits=8, group_size=-1), None, 0.05),
 ]
 
@@ -97,7 +97,7 @@ def test_reload_in_fresh_process(float_dir, tmp_path):
     from hf_efficient.quantization.api import quantize_model
 
     dirs = []
-    for i, make in enumerate([lambda: AFPQConfig(bits=4, group_size=40, fmt="nf"), lambda: MoFQConfig(bits=4)]):
+    for i, make in enumerate([lambda: AFPQConfig(bits=4, group_size=40, fmt="nf"), lambda: MoFQConfig(bits=4, candidates="sym")]):
         m = _load(float_dir, quantization_config=make())
         d = tmp_path / f"m{i}"
         m.save_pretrained(d)
@@ -172,13 +172,13 @@ def test_afpq_config_errors(kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(bits=3), "candidates"),
+    (dict(bits=5), "bits"),
     (dict(bits=4, candidates=["int8_sym"]), "bits=4"),
     (dict(bits=4, candidates=["fp4_nope"]), "known formats"),
     (dict(bits=8, act_bits=4), "act_bits"),
     (dict(bits=4, candidates=["nf4_sym"], act_bits=8), "int or fp"),
     (dict(selection="magic"), "selection"),
-    (dict(layer_formats={"x": "nf4_sym"}), "layer_formats"),
+    (dict(layer_formats={"x": "int2_asym"}), "layer_formats"),
 ])
 def test_mofq_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
