@@ -188,10 +188,14 @@ def prepare_model(model: nn.Module) -> int:
 
 
 def _ready(layer: QuantLinear) -> bool:
+    """Whether the layer's layout serves this call: an adopted layout stays unless a kernel of the other layout
+    is forced (``force_kernel("mma")`` or one of the Triton kernels)."""
     lay = layer.layout
     if lay is None or lay.kind not in ("cuda-mma", "cuda-triton"):
         return False
-    return (lay.kind == "cuda-mma") == _mma_kind(layer) or torch.compiler.is_compiling()
+    if not _forced or _forced[-1] == "auto" or torch.compiler.is_compiling():
+        return True
+    return (lay.kind == "cuda-mma") == _mma_kind(layer)
 
 
 def quant_linear_forward(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor | None:
