@@ -67,6 +67,26 @@ def _quantize_store(x, codes_ptr, scale_ptr, grid_ptr, blk, offs, mask, seed, rn
 
 
 @triton.jit
+def _load_states(row, row0, mgrid_ptr, vgrid_ptr, BS: tl.constexpr, ROWS: tl.constexpr):
+    """This program's ROWS blocks of one tensor: its state pointers (table row entries 1-5), block indices
+    (-1 past the end), element offsets and mask, and the dequantized ``m`` and ``v``."""
+    mc_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint8))
+    ms_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    vc_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
+    vs_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    n = tl.load(row + 5)
+    n_blocks = (n + BS - 1) // BS
+    blk = row0 + tl.arange(0, ROWS)
+    blk = tl.where(blk < n_blocks, blk, -1)
+    offs = blk[:, None].to(tl.int64) * BS + tl.arange(0, BS)[None, :]
+    mask = (blk[:, None] >= 0) & (offs < n)
+    safe_blk = tl.maximum(blk, 0)
+    m = _dequant(mc_ptr, ms_ptr, mgrid_ptr, safe_blk, offs, mask)
+    v = _dequant(vc_ptr, vs_ptr, vgrid_ptr, safe_blk, offs, mask)
+    return mc_ptr, ms_ptr, vc_ptr, vs_ptr, blk, offs, mask, m, v
+
+
+@triton.jit
 def _fold_q8_kernel(tab_ptr, prog_ptr, gscale_ptr, mgrid_ptr, vgrid_ptr, b1, b2, c_m, c_v, seed,
                     G: tl.constexpr, STOCHASTIC: tl.constexpr, BS: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
@@ -74,22 +94,10 @@ def _fold_q8_kernel(tab_ptr, prog_ptr, gscale_ptr, mgrid_ptr, vgrid_ptr, b1, b2,
     row0 = tl.load(prog_ptr + 2 * pid + 1)
     row = tab_ptr + 7 * t
     g_ptr = _ptr(tl.load(row), G)
-    mc_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint8))
-    ms_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    vc_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
-    vs_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-    n = tl.load(row + 5)
     first = tl.load(row + 6)
     s = tl.load(gscale_ptr + t)
-    n_blocks = (n + BS - 1) // BS
-    blk = row0 + tl.arange(0, ROWS)
-    blk = tl.where(blk < n_blocks, blk, -1)
-    offs = blk[:, None].to(tl.int64) * BS + tl.arange(0, BS)[None, :]
-    mask = (blk[:, None] >= 0) & (offs < n)
-    safe_blk = tl.maximum(blk, 0)
+    mc_ptr, ms_ptr, vc_ptr, vs_ptr, blk, offs, mask, m, v = _load_states(row, row0, mgrid_ptr, vgrid_ptr, BS, ROWS)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s
-    m = _dequant(mc_ptr, ms_ptr, mgrid_ptr, safe_blk, offs, mask)
-    v = _dequant(vc_ptr, vs_ptr, vgrid_ptr, safe_blk, offs, mask)
     dm = tl.where(first != 0, b1, 1.0)
     dv = tl.where(first != 0, b2, 1.0)
     m = m * dm + c_m * g
@@ -107,22 +115,10 @@ def _update_q8_kernel(tab_ptr, hp_ptr, prog_ptr, mgrid_ptr, vgrid_ptr, eps, boun
     row0 = tl.load(prog_ptr + 2 * pid + 1)
     row = tab_ptr + 6 * t
     p_ptr = _ptr(tl.load(row), P)
-    mc_ptr = tl.load(row + 1).to(tl.pointer_type(tl.uint8))
-    ms_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    vc_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
-    vs_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-    n = tl.load(row + 5)
     step_size = tl.load(hp_ptr + 3 * t).to(tl.float32)
     sqrt_c2 = tl.load(hp_ptr + 3 * t + 1).to(tl.float32)
     decay = tl.load(hp_ptr + 3 * t + 2).to(tl.float32)
-    n_blocks = (n + BS - 1) // BS
-    blk = row0 + tl.arange(0, ROWS)
-    blk = tl.where(blk < n_blocks, blk, -1)
-    offs = blk[:, None].to(tl.int64) * BS + tl.arange(0, BS)[None, :]
-    mask = (blk[:, None] >= 0) & (offs < n)
-    safe_blk = tl.maximum(blk, 0)
-    m = _dequant(mc_ptr, ms_ptr, mgrid_ptr, safe_blk, offs, mask)
-    v = _dequant(vc_ptr, vs_ptr, vgrid_ptr, safe_blk, offs, mask)
+    _, _, _, _, _, offs, mask, m, v = _load_states(row, row0, mgrid_ptr, vgrid_ptr, BS, ROWS)
     if BOUNDED:  # |m| <= bound sqrt(v) holds for exact states; a v rounded to 0 must not blow up the step
         lim = tl.sqrt(v) * bound
         m = tl.minimum(tl.maximum(m, -lim), lim)
