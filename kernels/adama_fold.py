@@ -54,6 +54,15 @@ def _store_state(ptr, x, offs, mask, seed, rnd_offs, CODE: tl.constexpr, STOCHAS
 
 
 @triton.jit
+def fold_moments(m, v, g, first, b1, b2, c_m, c_v):
+    """AdamA's fold of one micro-batch gradient ``g`` into the moments; the decay applies once per step, at the
+    step's first micro-batch (``first != 0``). Shared with the 8-bit kernels (adama_q8)."""
+    dm = tl.where(first != 0, b1, 1.0)
+    dv = tl.where(first != 0, b2, 1.0)
+    return m * dm + c_m * g, v * dv + c_v * g * g
+
+
+@triton.jit
 def _fold_kernel(tab_ptr, prog_ptr, gscale_ptr, b1, b2, c_m, c_v, seed,
                  G: tl.constexpr, S: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -71,10 +80,7 @@ def _fold_kernel(tab_ptr, prog_ptr, gscale_ptr, b1, b2, c_m, c_v, seed,
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dm = tl.where(first != 0, b1, 1.0)
-    dv = tl.where(first != 0, b2, 1.0)
-    m = m * dm + c_m * g
-    v = v * dv + c_v * g * g
+    m, v = fold_moments(m, v, g, first, b1, b2, c_m, c_v)
     rnd = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, BLOCK)
     _store_state(m_ptr, m, offs, mask, seed, rnd, S, STOCHASTIC)
     _store_state(v_ptr, v, offs, mask, seed, rnd + BLOCK, S, STOCHASTIC)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .adama_fold import _DTYPE_CODE, _ptr
+from .adama_fold import _DTYPE_CODE, _ptr, fold_moments
 
 ROWS = 8
 _PROGRAMS: dict[tuple, torch.Tensor] = {}
@@ -98,10 +98,7 @@ def _fold_q8_kernel(tab_ptr, prog_ptr, gscale_ptr, mgrid_ptr, vgrid_ptr, b1, b2,
     s = tl.load(gscale_ptr + t)
     mc_ptr, ms_ptr, vc_ptr, vs_ptr, blk, offs, mask, m, v = _load_states(row, row0, mgrid_ptr, vgrid_ptr, BS, ROWS)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s
-    dm = tl.where(first != 0, b1, 1.0)
-    dv = tl.where(first != 0, b2, 1.0)
-    m = m * dm + c_m * g
-    v = v * dv + c_v * g * g
+    m, v = fold_moments(m, v, g, first, b1, b2, c_m, c_v)
     rnd = (pid.to(tl.int64) * (2 * ROWS * BS) + tl.arange(0, ROWS)[:, None] * BS + tl.arange(0, BS)[None, :])
     _quantize_store(m, mc_ptr, ms_ptr, mgrid_ptr, blk, offs, mask, seed, rnd, True, STOCHASTIC)
     _quantize_store(v, vc_ptr, vs_ptr, vgrid_ptr, blk, offs, mask, seed, rnd + ROWS * BS, False, STOCHASTIC)
