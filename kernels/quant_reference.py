@@ -149,7 +149,18 @@ def random_kernel_weight(fmt_name: str, n: int, k: int, group: int, scale_dtype=
     return fmt, codes, kw
 
 
-def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0) -> dict:
+def _lut_term_magnitude(kw: KernelWeight) -> torch.Tensor:
+    """``(N, K)`` bound on the magnitude of the terms the LUT kernel sums for one weight:
+    ``|coef1| sum|beta1| + |coef2| sum|beta2|`` (see :func:`walsh_terms`)."""
+    _, beta1, beta2 = walsh_terms(kw)
+    gi = torch.arange(kw.K, device=kw.params.device) // kw.group_size
+    a = kw.params[0].float().abs()[:, gi]
+    b = kw.params[1].float().abs()[:, gi]
+    coef2 = a * b if kw.mode == MODE_ZERO else b
+    return a * beta1.abs().sum() + coef2 * beta2.abs().sum()
+
+
+def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0, lut: bool = False) -> dict:
     """Kernel output ``y`` vs the float32 reference, against the bound (per output element)
 
     ``|y - ref| <= u_out |ref| + eta_out + (u_w + 1e-5) sum_k |x_k w_k|
@@ -159,7 +170,9 @@ def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0
     dequantized weight to the activation dtype (GEMM), ``1e-5`` float32 summation order over K <= ~4096
     (worst case K * 2**-24), and the last term the uniform-INT GEMV decode
     ``sum_x c = 2**bits (sum_x (1 + c/2**bits) - sum_x)``: both chunk sums carry at most 32 * 2**-24 of
-    ``2 sum |x|``, multiplied by ``2**bits`` and the scale ``a``.
+    ``2 sum |x|``, multiplied by ``2**bits`` and the scale ``a``. With ``lut`` (the LUT kernel) the float32
+    sums run over the Walsh terms of the grid, which cancel to a small or zero weight only after summation,
+    so the summation term scales with the terms (:func:`_lut_term_magnitude`), not with ``|w|``.
     Returns ``{"bad": count, "rel": max |err| / sum|x w|, "abs": max |err|, "finite": bool}``.
     """
     from .quant_layout import DECODE_INT, MODE_TWO
@@ -172,16 +185,19 @@ def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0
     if kw.decode == DECODE_INT and kw.mode != MODE_TWO:
         gi = torch.arange(kw.K, device=w.device) // kw.group_size
         tol = tol + 2.0 ** (kw.bits - 18) * (x.float().abs() @ kw.params[0].float().abs()[:, gi].t())
+    if lut:
+        tol = tol + 1e-5 * (x.float().abs() @ _lut_term_magnitude(kw).t())
     err = (y.float() - ref).abs()
     finite = bool(torch.isfinite(y.float()).all())
     return {"bad": int((err > tol).sum()) if finite else err.numel(), "rel": float((err / (mag + 1e-30)).max()),
             "abs": float(err.max()), "finite": finite}
 
 
-def check_close(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0, what: str = "") -> float:
+def check_close(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0, what: str = "",
+                lut: bool = False) -> float:
     """Assert :func:`compare`'s bound (and dtype/shape); returns the worst relative error."""
     assert y.dtype == x.dtype and y.shape == (x.shape[0], kw.N), f"{what}: {y.dtype} {tuple(y.shape)}"
-    r = compare(y, x, kw, u_w)
+    r = compare(y, x, kw, u_w, lut=lut)
     assert r["finite"], f"{what}: non-finite output"
     assert r["bad"] == 0, f"{what}: {r['bad']} elements off the bound, max |err| {r['abs']:.3g}"
     return r["rel"]
@@ -251,7 +267,8 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
         x = torch.randn(m, k, device=device).to(dtype) * rng.choice([1.0, 0.01] + ([30.0] if dtype == torch.bfloat16
                                                                                   else []))
         # the GEMM and the mma kernel round the (unscaled / scaled) weight to the activation dtype
-        r = compare(fn(x, kw, codes, fmt, cfg), x, kw, u_w=U[dtype] if kernel in ("gemm", "mma") else 0.0)
+        r = compare(fn(x, kw, codes, fmt, cfg), x, kw, u_w=U[dtype] if kernel in ("gemm", "mma") else 0.0,
+                    lut=kernel == "lut")
         worst_rel, worst_abs = max(worst_rel, r["rel"]), max(worst_abs, r["abs"])
         counts[name] = counts.get(name, 0) + 1
         if r["bad"]:

@@ -237,7 +237,9 @@ def test_quantlinear_cuda_matches_cpu(name):
     x = torch.randn(5, 576)
     with reference_only():
         ref_gpu = gpu(x.cuda())
-    assert torch.allclose(ref_gpu.cpu(), cpu(x), atol=1e-4, rtol=1e-4)
+        ref_cpu = cpu(x)
+    assert torch.allclose(ref_gpu.cpu(), ref_cpu, atol=1e-4, rtol=1e-4)
+    # the CPU's own fast path (the LUT engine, activations rounded per table) has its bounds in test_lut_*.py
     for dtype in (torch.float16, torch.bfloat16):
         fast = gpu(x.cuda().to(dtype)).float()
-        assert torch.allclose(fast.cpu(), cpu(x), atol=0.05, rtol=0.05), dtype
+        assert torch.allclose(fast.cpu(), ref_cpu, atol=0.05, rtol=0.05), dtype

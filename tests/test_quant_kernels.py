@@ -92,7 +92,7 @@ def test_kernels_match_reference(case):
     if dtype == torch.float16:
         check_close(quant_gemm(xm, kw), xm, kw, u_w=U[dtype], what="gemm")
     if fmt.bits <= MAX_LUT_BITS:
-        check_close(quant_lut_gemm(xm, kw), xm, kw, what="lut")
+        check_close(quant_lut_gemm(xm, kw), xm, kw, what="lut", lut=True)
 
 
 def test_every_config_matches_reference():
@@ -276,7 +276,7 @@ def test_gpu_every_config():
             for cfg in space(kernel):
                 if valid(kernel, cfg, {"GROUP": 128, "BITS": kw.bits, "M": m, "BLOCK_M": 1}):
                     check_close(fn(x, kw, config=cfg), x, kw, u_w=U[x.dtype] if kernel == "gemm" else 0.0,
-                                what=f"{kernel} {cfg}")
+                                what=f"{kernel} {cfg}", lut=kernel == "lut")
     # autotuned entry points too
     _, _, kw = make_weight("fp4_asym", 512, 1024, 128, device="cuda")
     for m in (1, 4, 64):
