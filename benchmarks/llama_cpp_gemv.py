@@ -38,6 +38,10 @@ for f, res, args in [("ggml_init", P, [InitParams]), ("ggml_new_tensor_2d", P, [
 cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
 cpu.ggml_graph_compute_with_ctx.argtypes = [P, P, ctypes.c_int]
 cpu.ggml_cpu_init()
+# What this ggml-cpu was compiled for (GGML_NATIVE builds for the machine it was built on).
+FEATURES = ["avx2", "fma", "f16c", "avx512", "avx512_vbmi", "avx512_vnni", "avx512_bf16", "amx_int8", "neon"]
+has = {f: getattr(cpu, f"ggml_cpu_has_{f}", None) for f in FEATURES}  # None: symbol absent in this version
+isa = [f.upper() for f, fn in has.items() if fn is not None and fn()]
 TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 8, "Q2_K": 10, "Q4_K": 12, "TQ1_0": 34, "TQ2_0": 35}
 qweights = {}
 def quantized(K, N, t):
@@ -57,7 +61,7 @@ def quantized(K, N, t):
             base.ggml_quantize_chunk(ty, w.ctypes.data, q.ctypes.data, 0, N, K, None)
         qweights[key] = (ty, wbytes, q)
     return qweights[key]
-print(json.dumps({"version": version}), flush=True)
+print(json.dumps({"version": version, "isa": " ".join(isa)}), flush=True)
 for line in sys.stdin:
     K, N, threads, nw, fill, repeats, t = line.split()
     K, N, threads, nw, fill, repeats = map(int, (K, N, threads, nw, fill, repeats))
@@ -91,7 +95,8 @@ class LlamaGemv:
         """``python``: an interpreter with numpy and (unless ``lib_dir`` names ggml's libraries) ``llama_cpp``."""
         self.proc = subprocess.Popen([python, "-c", _SERVER] + ([lib_dir] if lib_dir else []), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
-        self.version = json.loads(self.proc.stdout.readline())["version"]
+        hello = json.loads(self.proc.stdout.readline())
+        self.version, self.isa = hello["version"], hello["isa"]
 
     def time_us(self, k: int, n: int, threads: int, qtype: str, nw: int = 4, fill_bytes: int = 0,
                 repeats: int = 10) -> tuple[float, int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -121,7 +122,7 @@ def kernel_rows(shapes, threads_list, cases, group, repeats, llama=None, rounds=
                 r = {"name": f"gemv {k}x{n} {kind}{bits} g{group}", "threads": threads, "ours_us": ours * 1e6,
                      "fp32_linear_us": base * 1e6, "speedup_vs_fp32": base / ours, "dram_bound_us": bound * 1e6,
                      "ours_over_bound": ours / bound, "bound_2bit_codes_us": n * k / 4 / bw * 1e6,
-                     "read_GB_s": bw / 1e9}
+                     "read_GB_s": bw / 1e9, "load_avg_1min": os.getloadavg()[0]}
                 if (kind, bits) == ("int", 2) and "4k" in best:
                     r.update(ours_4k_pages_us=best["4k"] * 1e6, huge_page_gain=best["4k"] / ours)
                 refs = [(best[t], t) for t in LLAMA_TYPES.get(bits, []) if kind == "int" and t in best]
@@ -152,21 +153,30 @@ def main(argv=None):
     llama = LlamaGemv(py, args.ggml_lib) if py else None
     if llama is None:
         print("llama-cpp-python not found: llama.cpp columns stay empty (see benchmarks/lut_e2e.py)")
+    from benchmarks.cpu_threads import cpu_info  # not at the top: cpu_threads imports this module
+
+    info = cpu_info()
+    print(info, flush=True)
     try:
         rows = kernel_rows(shapes, (1, 2), cases, 128, args.repeats, llama, args.rounds)
     finally:
         if llama:
             llama.close()
+    for r in rows:  # the same code takes different engines on different machines: each row says where it ran
+        r.update(cpu=info["cpu"], caches=info["caches"], simd=info["simd"], lut_engine=info["lut_engine"],
+                 llama_cpp_isa=llama.isa if llama else None)
     settings = {"group_size": 128, "repeats": args.repeats, "rounds": args.rounds, "isa": K.isa(),
                 "weight_copies_per_timing": f"enough to fill 2 x LLC ({llc_bytes() >> 20} MiB)",
                 "bandwidth_probe": "hf_efficient::read_probe over max(1 GiB, 2 x LLC)",
                 "llama_cpp_python": llama.version if llama else "not found",
+                "llama_cpp_isa": llama.isa if llama else None, "cpu": info,
                 "note": "each figure: min over rounds of the median over repeats; ours and llama.cpp interleaved "
                         "in the same run, each rotating over distinct weight matrices"}
     write_results("lut_cpu_gemv_quick" if args.quick else "lut_cpu_gemv", rows, settings, args.out,
                   columns=["name", "threads", "ours_us", "fp32_linear_us", "speedup_vs_fp32", "dram_bound_us",
                            "ours_over_bound", "bound_2bit_codes_us", "llama_cpp", "llama_cpp_us",
-                           "speedup_vs_llama_cpp", "ours_4k_pages_us", "huge_page_gain"])
+                           "speedup_vs_llama_cpp", "ours_4k_pages_us", "huge_page_gain", "lut_engine",
+                           "load_avg_1min"])
 
 
 if __name__ == "__main__":

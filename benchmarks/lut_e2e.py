@@ -1,74 +1,116 @@
-"""End-to-end decode on the CPU: the embedded SmolLM2-135M with LUT W4/W2 vs fp32, and vs llama.cpp.
+"""End-to-end decode on the CPU through ``model.generate``: the embedded SmolLM2-135M with LUT W4/W2 vs fp32, and
+vs llama.cpp timed in the same run, with each row's perplexity on the same held-out text.
 
-Ours: ``measure_speed`` (random 16-token prompt, 32 greedy one-token steps on its KV cache) for fp32 and for
-``LUTConfig`` INT4 g128 / INT2 g64 (the decode matmuls run on ``csrc/lut_gemm.cpp``), each also with the tied
-output head on the kernels (``enable_lut(model, head_bits=4, head_group_size=32)``, "+ head"): llama.cpp's files
-quantize their output matrix too (Q4_0/Q6_K), so the "+ head" rows are the like-for-like comparison.
+Ours: fp32 and ``LUTConfig`` INT4 g128 / INT2 g64 (the decode matmuls run on the C++ LUT engines), each quantized
+model also with the tied output head on the kernels (``enable_lut(model, head_bits=4, head_group_size=32)``,
+"+ head"): llama.cpp's files quantize their output matrix too (Q4_0/Q6_K), so the "+ head" rows are the
+like-for-like comparison. ``decode_tok_s`` is greedy ``model.generate`` on a random 16-token prompt: a logits
+processor stamps the time of every generated token, and the rate is (tokens - 1) / (last stamp - first stamp), so
+prefill is excluded and every counted interval is one whole generate step (forward, cache, argmax, stopping
+checks). ``forward_loop_tok_s`` is ``measure_speed``'s bare loop of one-token forwards (what earlier tables
+reported), so the gap between the two is ``generate``'s own overhead.
 
-llama.cpp (optional, never a dependency): through ``llama-cpp-python`` in a separate interpreter, given by
-``--llama-python`` or ``$LLAMA_CPP_PYTHON`` (default ``/tmp/llama-venv/bin/python``), or the current one when
-it can import ``llama_cpp``. The environment is passed on, so a source checkout also works
-(``PYTHONPATH=<llama-cpp-python>/`` and ``LLAMA_CPP_LIB_PATH=<folder with libllama.so>``). The embedded GGUF (Q4_1) is requantized by ``llama_model_quantize`` to F32, Q4_0,
-Q2_K and TQ2_0; a random 16-token prompt is evaluated, then 32 single-token ``eval`` calls are timed (decode
-only, no sampling loop in Python). llama.cpp keeps tensors whose rows are not a multiple of the 256-weight
-super-block (most of this model: hidden size 576) in a fallback type; its quantize log says which. When no
-interpreter with ``llama_cpp`` is found, the rows say so and the rest still runs.
+llama.cpp (optional, never a dependency): ``llama-cpp-python`` in a separate interpreter, given by
+``--llama-python`` or ``$LLAMA_CPP_PYTHON`` (default ``/tmp/llama-venv/bin/python``, which
+``scripts/build_llama_cpp.sh`` makes), or the current one when it can import ``llama_cpp``. The environment is
+passed on, so ``PYTHONPATH=<llama-cpp-python source>`` + ``LLAMA_CPP_LIB_PATH=<folder with libllama.so>`` also
+works. A child process requantizes the embedded GGUF (Q4_1) with ``llama_model_quantize`` to F32, Q4_0, Q2_K and
+TQ2_0 and keeps the models loaded; its decode loop is the same greedy loop (argmax of the last logits, then a
+one-token ``llama_decode``), timed per token like ours. llama.cpp keeps tensors whose rows are not a multiple of
+the 256-weight super-block (most of this model: hidden size 576) in a fallback type; ``llama_weight_types`` gives
+each file's share of weights per type.
 
-Run: ``python -m benchmarks.lut_e2e [--threads 1 2] [--out DIR]``.
+Same run, interleaved: for each thread count, ``--rounds`` rounds each time every one of our models and then every
+llama.cpp model; each figure is the best round's median over ``--repeats`` (the least disturbed round, the same
+rule for both sides), and each row records the 1-minute load average at the time. Perplexity: both sides score
+the same ``--ppl-tokens`` token ids of the held-out plays (our tokenizer's ids are fed to llama.cpp directly; the
+GGUF has the same vocabulary) in one window, every token after the first scored once.
+
+Run: ``python -m benchmarks.lut_e2e [--threads 1 2] [--rounds 3] [--out DIR]``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import print_rows, write_results
 
-PROMPT_LEN, NEW_TOKENS, REPEATS = 16, 32, 3
+PROMPT_LEN, NEW_TOKENS, REPEATS, ROUNDS, PPL_TOKENS = 16, 32, 3, 3, 1024
 LLAMA_TYPES = ["F32", "Q4_0", "Q2_K", "TQ2_0"]
 HEAD_BITS, HEAD_GROUP = 4, 32  # the "+ head" rows: INT4 g32 output head (llama.cpp uses Q6_K/Q4_0 for it)
+# Our rows and the llama.cpp types at the same bits (2-bit rows compare with the faster of TQ2_0 and Q2_K).
+SAME_BITS = {"fp32": ["F32"], "lut-int4-g128": ["Q4_0"], "lut-int2-g64": ["TQ2_0", "Q2_K"]}
 
-# Runs inside the llama-cpp-python interpreter; prints one JSON line {type: {"tok_s": .., "bytes": ..}}.
-_LLAMA_SCRIPT = r"""
-import ctypes, json, os, random, statistics, sys, time
+# Child process: keeps the llama.cpp models loaded and answers one JSON line per JSON request line.
+_LLAMA_SERVER = r"""
+import ctypes, json, math, os, random, statistics, sys, time
+import numpy as np
 import llama_cpp
-src, cache, threads, prompt_len, new_tokens, repeats = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
-types = sys.argv[7].split(",")
-ftypes = {"F32": "LLAMA_FTYPE_ALL_F32", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+FTYPES = {"F32": "LLAMA_FTYPE_ALL_F32", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
           "TQ2_0": "LLAMA_FTYPE_MOSTLY_TQ2_0"}
-out = {"llama_cpp_version": llama_cpp.__version__}
-for t in types:
-    path = os.path.join(cache, f"smollm2-135m-{t}.gguf")
+models = {}
+def load(req):
+    path = os.path.join(req["cache"], f"smollm2-135m-{req['type']}.gguf")
     if not os.path.exists(path):
         p = llama_cpp.llama_model_quantize_default_params()
-        p.ftype = getattr(llama_cpp, ftypes[t])
+        p.ftype = getattr(llama_cpp, FTYPES[req["type"]])
         p.allow_requantize = True
-        p.nthread = threads
-        if llama_cpp.llama_model_quantize(src.encode(), path.encode(), ctypes.byref(p)) != 0:
-            out[t] = {"error": "quantize failed"}
-            continue
-    llm = llama_cpp.Llama(path, n_ctx=prompt_len + new_tokens + 8, n_threads=threads, n_threads_batch=threads,
-                          n_batch=prompt_len, verbose=False)
+        p.nthread = 2
+        if llama_cpp.llama_model_quantize(req["src"].encode(), path.encode(), ctypes.byref(p)) != 0:
+            return {"error": "quantize failed"}
+    models[req["type"]] = llama_cpp.Llama(path, n_ctx=req["n_ctx"], n_batch=req["n_ctx"], n_threads=1,
+                                          n_threads_batch=1, verbose=False)
+    return {"path": path, "bytes": os.path.getsize(path)}
+def decode(req):
+    llm = models[req["type"]]
+    llm._ctx.set_n_threads(req["threads"], req["threads"])
+    n_vocab = llm.n_vocab()
     rng = random.Random(0)
-    prompt = [rng.randrange(100, llm.n_vocab()) for _ in range(prompt_len)]
+    prompt = [rng.randrange(100, n_vocab) for _ in range(req["prompt_len"])]
     times = []
-    for _ in range(repeats + 1):  # the first round warms up
+    for r in range(req["repeats"] + 1):  # the first round warms up
         llm.reset()
         llm.eval(prompt)
-        tok = prompt[-1]
         t0 = time.perf_counter()
-        for i in range(new_tokens):
-            llm.eval([(tok + 7 * i) % llm.n_vocab()])
+        for _ in range(req["new_tokens"]):  # greedy: argmax of the last logits, then one token through the model
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+            llm.eval([int(logits.argmax())])
         times.append(time.perf_counter() - t0)
-    out[t] = {"tok_s": new_tokens / statistics.median(times[1:]), "bytes": os.path.getsize(path)}
+    return {"tok_s": req["new_tokens"] / statistics.median(times[1:])}
+def ppl(req):
+    ids = req["ids"]
+    n = len(ids)
+    llm = llama_cpp.Llama(models[req["type"]].model_path, n_ctx=n, n_batch=n, n_ubatch=min(n, 512),
+                          logits_all=True, n_threads=req["threads"], n_threads_batch=req["threads"], verbose=False)
+    llm.eval(ids)
+    nll = 0.0
+    for a in range(0, n - 1, 128):  # log-softmax in row chunks: the full logits are n x vocab floats
+        z = llm.scores[a:min(a + 128, n - 1)].astype(np.float64)
+        m = z.max(axis=1, keepdims=True)
+        lse = m[:, 0] + np.log(np.exp(z - m).sum(axis=1))
+        tgt = np.asarray(ids[a + 1:a + 1 + len(z)])
+        nll += float((lse - z[np.arange(len(z)), tgt]).sum())
     del llm
-print(json.dumps(out))
+    return {"ppl": math.exp(nll / (n - 1)), "scored": n - 1}
+print(json.dumps({"version": llama_cpp.__version__,
+                  "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    try:
+        out = {"load": load, "decode": decode, "ppl": ppl}[req["op"]](req)
+    except Exception as e:  # report and keep serving: one failing type must not end the run
+        out = {"error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(out), flush=True)
 """
 
 
@@ -88,84 +130,225 @@ def gguf_path() -> str:
     return str(embedded_gguf_path())
 
 
-def llama_rows(py: str | None, threads: int, cache: str):
-    if py is None:
-        return [{"name": f"llama.cpp {t}", "threads": threads, "note": "llama-cpp-python not found (optional)"}
-                for t in LLAMA_TYPES], None
-    os.makedirs(cache, exist_ok=True)
-    r = subprocess.run([py, "-c", _LLAMA_SCRIPT, gguf_path(), cache, str(threads), str(PROMPT_LEN), str(NEW_TOKENS),
-                        str(REPEATS), ",".join(LLAMA_TYPES)], capture_output=True, text=True)
-    if r.returncode != 0:
-        print(f"llama.cpp run failed:\n{r.stderr[-3000:]}")
-        return [{"name": f"llama.cpp {t}", "threads": threads, "note": "llama.cpp run failed"}
-                for t in LLAMA_TYPES], None
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    rows = []
-    for t in LLAMA_TYPES:
-        v = res[t]
-        rows.append({"name": f"llama.cpp {t}", "threads": threads, "decode_tok_s": v.get("tok_s"),
-                     "file_MB": v.get("bytes", 0) / 1e6, "note": v.get("error", "")})
-    return rows, res["llama_cpp_version"]
+class LlamaServer:
+    """The llama.cpp child process (see ``_LLAMA_SERVER``): ``request(op=..., ...)`` returns its JSON answer."""
+
+    def __init__(self, python: str):
+        self.proc = subprocess.Popen([python, "-c", _LLAMA_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        hello = json.loads(self.proc.stdout.readline() or "null") or {}
+        if "version" not in hello:
+            raise RuntimeError("the llama.cpp child process did not start")
+        self.version, self.system_info = hello["version"], hello["system_info"]
+
+    def request(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the llama.cpp child process died")
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
-def our_rows(threads: int):
-    from hf_efficient.evaluation import measure_speed
+def weight_types(path: str) -> str:
+    """Share of a GGUF file's 2-D weights (by element count) per storage type, largest first."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for t in GGUFReader(path).tensors:
+        if len(t.shape) >= 2:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+    total = sum(counts.values()) or 1
+    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+class _Stamps:
+    """A ``generate`` logits processor that records when each step's logits arrive and leaves them unchanged."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def generate_decode_tok_s(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    """Greedy ``model.generate`` decode rate (median over ``repeats``), prefill excluded (module docstring)."""
+    from transformers import LogitsProcessorList
+
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2 to time decode steps, got {new_tokens}")
+    rates = []
+    for _ in range(repeats):
+        stamps = _Stamps()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([stamps]),
+                       pad_token_id=model.config.eos_token_id)
+        if len(stamps.times) != new_tokens:
+            raise RuntimeError(f"generate made {len(stamps.times)} steps, expected {new_tokens}")
+        rates.append((new_tokens - 1) / (stamps.times[-1] - stamps.times[0]))
+    return statistics.median(rates)
+
+
+def load_ours() -> tuple[dict, object]:
+    """({row name: model}, tokenizer) for fp32 and the LUT INT4/INT2 models, each quantized one also with the head
+    on the kernels (a deep copy, so that both variants stay loaded for the interleaved rounds)."""
     from hf_efficient.models import load_model
     from hf_efficient.quantization.lut import LUTConfig, enable_lut
 
-    torch.set_num_threads(threads)
-    rows = []
+    models = {}
     for name, cfg in [("fp32", None), ("lut-int4-g128", LUTConfig(bits=4, group_size=128)),
                       ("lut-int2-g64", LUTConfig(bits=2, group_size=64))]:
         kw = {"quantization_config": cfg} if cfg is not None else {}
-        model, _ = load_model(None, dtype=torch.float32, **kw)
-        variants = [(name, False)] + ([(name + " + head", True)] if cfg is not None else [])
-        for label, head in variants:
-            if head:
-                enable_lut(model, head_bits=HEAD_BITS, head_group_size=HEAD_GROUP)
+        model, tok = load_model(None, dtype=torch.float32, **kw)
+        models[name] = model
+        if cfg is not None:
+            head = copy.deepcopy(model)
+            enable_lut(head, head_bits=HEAD_BITS, head_group_size=HEAD_GROUP)
+            models[name + " + head"] = head
+    return models, tok
+
+
+def engine_of(model, prompt: torch.Tensor) -> str:
+    """Which implementation served the quantized linears in a short generate, and the LUT engine's ISA."""
+    from hf_efficient.evaluation import KernelCensus
+    from hf_efficient.quantization.lut import kernel as K
+
+    with KernelCensus() as census, torch.no_grad():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False,
+                       pad_token_id=model.config.eos_token_id)
+    isa = K.isa() if K.available() else "no C++ extension"
+    return census.summary() + ("" if not census.counts else f" · LUT engine {isa}")
+
+
+def load_avg() -> float:
+    return os.getloadavg()[0]
+
+
+def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, cache: str):
+    from benchmarks.cpu_threads import cpu_info
+    from hf_efficient.data import heldout_ids
+    from hf_efficient.evaluation import measure_speed, perplexity
+
+    info = cpu_info()
+    print(info, flush=True)
+    models, tok = load_ours()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, models["fp32"].config.vocab_size, (1, PROMPT_LEN), generator=g)
+    ids = heldout_ids(tok, "plays", ppl_tokens)
+    engines = {name: engine_of(m, prompt) for name, m in models.items()}
+    llama_info: dict[str, dict] = {}
+    if llama:
+        os.makedirs(cache, exist_ok=True)
+        for t in LLAMA_TYPES:
+            r = llama.request(op="load", type=t, src=gguf_path(), cache=cache, n_ctx=PROMPT_LEN + NEW_TOKENS + 8)
+            if "error" not in r:
+                r["weight_types"] = weight_types(r["path"])
+            llama_info[t] = r
+            print(f"llama.cpp {t}: {r}", flush=True)
+
+    # Perplexity does not depend on the thread count: scored once, with the most threads.
+    ppl_threads = max(threads_list)
+    torch.set_num_threads(ppl_threads)
+    ppl = {}
+    for name, m in models.items():
+        ppl[f"ours {name}"] = perplexity(m, ids, context=ids.numel(), progress=False)
+        print(f"ours {name}: PPL {ppl[f'ours {name}']:.3f}", flush=True)
+    for t, li in llama_info.items():
+        if "error" not in li:
+            r = llama.request(op="ppl", type=t, threads=ppl_threads, ids=ids.tolist())
+            ppl[f"llama.cpp {t}"] = r.get("ppl")
+            print(f"llama.cpp {t}: {r}", flush=True)
+
+    rows = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        for m in models.values():  # warm-up at this thread count: the first generate of a model is slow
+            generate_decode_tok_s(m, prompt, 4, 1)
+        best: dict[str, dict] = {}
+        for rnd in range(rounds):
+            def keep(name, **v):
+                if name not in best or v["decode_tok_s"] > best[name]["decode_tok_s"]:
+                    best[name] = {**v, "load_avg_1min": load_avg(), "round": rnd}
             with torch.no_grad():
-                s = measure_speed(model, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, repeats=REPEATS)
-            rows.append({"name": f"ours {label}", "threads": threads, "decode_tok_s": s["decode_tok_s"]})
-        del model
-    return rows
+                for name, m in models.items():
+                    gen = generate_decode_tok_s(m, prompt, NEW_TOKENS, repeats)
+                    loop = measure_speed(m, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, repeats=repeats)
+                    keep(f"ours {name}", decode_tok_s=gen, forward_loop_tok_s=loop["decode_tok_s"])
+            for t, li in llama_info.items():
+                if "error" not in li:
+                    r = llama.request(op="decode", type=t, threads=threads, prompt_len=PROMPT_LEN,
+                                      new_tokens=NEW_TOKENS, repeats=repeats)
+                    if "tok_s" in r:
+                        keep(f"llama.cpp {t}", decode_tok_s=r["tok_s"])
+            print(f"threads={threads} round {rnd}: " + ", ".join(f"{k} {v['decode_tok_s']:.1f}"
+                                                                 for k, v in best.items()), flush=True)
+        ours = [{"name": f"ours {n}", "threads": threads, **best[f"ours {n}"], "ppl": ppl[f"ours {n}"],
+                 "engine": engines[n]} for n in models]
+        theirs = []
+        for t in LLAMA_TYPES:
+            li = llama_info.get(t, {})
+            r = {"name": f"llama.cpp {t}", "threads": threads, **best.get(f"llama.cpp {t}", {}),
+                 "ppl": ppl.get(f"llama.cpp {t}"), "engine": "llama.cpp ggml-cpu (built natively)" if llama else "",
+                 "file_MB": li.get("bytes", 0) / 1e6 or None, "llama_weight_types": li.get("weight_types", ""),
+                 "note": li.get("error", "") if llama else "llama-cpp-python not found (optional)"}
+            theirs.append(r)
+        fp32 = best["ours fp32"]["decode_tok_s"]
+        by_type = {r["name"].split()[-1]: r.get("decode_tok_s") for r in theirs}
+        for r in ours:
+            r["speedup_vs_our_fp32"] = r["decode_tok_s"] / fp32
+            refs = [(by_type[t], t) for t in SAME_BITS[r["name"].removeprefix("ours ").removesuffix(" + head")]
+                    if by_type.get(t)]
+            if refs:
+                tok_s, t = max(refs)
+                r.update(llama_cpp_same_bits=t, llama_cpp_tok_s=tok_s, ours_over_llama_cpp=r["decode_tok_s"] / tok_s,
+                         llama_cpp_ppl=ppl.get(f"llama.cpp {t}"))
+        for r in ours + theirs:
+            r.update(cpu=info["cpu"], caches=info["caches"], simd=info["simd"])
+        print_rows(ours + theirs)
+        rows += ours + theirs
+    return rows, info
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds (best round kept)")
+    ap.add_argument("--repeats", type=int, default=REPEATS, help="timed repeats per round (median)")
+    ap.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS, help="held-out tokens scored for perplexity")
     ap.add_argument("--llama-python", default=None, help="interpreter with llama_cpp (default: autodetect)")
     ap.add_argument("--cache", default="/tmp/lut_e2e_gguf", help="folder for the requantized GGUF files")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
+    if args.rounds < 1 or args.repeats < 1 or args.ppl_tokens < 2:
+        raise SystemExit("--rounds and --repeats must be >= 1 and --ppl-tokens >= 2")
     py = find_llama_python(args.llama_python)
-    rows, version = [], None
-    for threads in args.threads:
-        ours = our_rows(threads)
-        llama, version = llama_rows(py, threads, args.cache)
-        fp32 = ours[0]["decode_tok_s"]
-        by_name = {r["name"]: r.get("decode_tok_s") for r in llama}
-        same_bits = {"ours lut-int4-g128": ["llama.cpp Q4_0"], "ours lut-int2-g64": ["llama.cpp TQ2_0", "llama.cpp Q2_K"],
-                     "ours fp32": ["llama.cpp F32"]}
-        for r in ours:
-            r["speedup_vs_our_fp32"] = r["decode_tok_s"] / fp32
-            ref = [(by_name[n], n) for n in same_bits[r["name"].removesuffix(" + head")] if by_name.get(n)]
-            if ref:
-                best, name = max(ref)
-                r["llama_cpp_same_bits"] = name.split()[-1]
-                r["llama_cpp_tok_s"] = best
-                r["ours_over_llama_cpp"] = r["decode_tok_s"] / best
-        print_rows(ours + llama)
-        rows += ours + llama
+    llama = LlamaServer(py) if py else None
+    if llama is None:
+        print("llama-cpp-python not found: llama.cpp rows stay empty (scripts/build_llama_cpp.sh builds it)")
+    try:
+        rows, info = run(args.threads, args.rounds, args.repeats, args.ppl_tokens, llama, args.cache)
+    finally:
+        if llama:
+            llama.close()
     write_results("lut_cpu_e2e", rows,
                   {"model": "embedded SmolLM2-135M (GGUF Q4_1; ours dequantizes and requantizes on load)",
-                   "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "repeats": REPEATS,
-                   "llama_cpp_python": version or "not found",
-                   "note": "ours: measure_speed (one-token forward steps on the prefill's KV cache); llama.cpp: "
-                           "timed single-token eval calls. llama.cpp 2-bit types fall back to a wider type for "
-                           "rows not a multiple of 256 (hidden size 576). '+ head': tied output head also on "
-                           f"the LUT kernels (INT{HEAD_BITS} g{HEAD_GROUP} runtime copy)."},
-                  args.out, columns=["name", "threads", "decode_tok_s", "speedup_vs_our_fp32", "llama_cpp_same_bits",
-                                     "llama_cpp_tok_s", "ours_over_llama_cpp", "file_MB", "note"])
+                   "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "repeats": args.repeats,
+                   "rounds": args.rounds, "ppl": f"{args.ppl_tokens} held-out tokens (plays), one window",
+                   "cpu": info, "llama_cpp_python": llama.version if llama else "not found",
+                   "llama_cpp_system_info": llama.system_info if llama else None,
+                   "note": "decode through model.generate (greedy, per-token stamps) vs llama.cpp's greedy "
+                           "argmax + one-token decode loop, interleaved; best round of each. '+ head': tied "
+                           f"output head also on the LUT kernels (INT{HEAD_BITS} g{HEAD_GROUP} runtime copy)."},
+                  args.out, columns=["name", "threads", "decode_tok_s", "forward_loop_tok_s", "speedup_vs_our_fp32",
+                                     "llama_cpp_same_bits", "llama_cpp_tok_s", "ours_over_llama_cpp", "ppl",
+                                     "llama_cpp_ppl", "file_MB", "llama_weight_types", "engine", "load_avg_1min",
+                                     "note"])
 
 
 if __name__ == "__main__":
