@@ -11,7 +11,10 @@ then, for bf16 and each quantization config, loads it in a **fresh process** and
 * ``largest_bf16_GB``: the largest single float tensor of the checkpoint.
 
 The issue's targets: after_load and after_generate <= 1.05 x packed (one resident copy of the weights, no side
-buffers), and peak_load <= packed + largest_bf16 + 5 % (quantize-on-load streams tensor by tensor).
+buffers), and peak_load <= packed + largest_bf16 + 5 % (quantize-on-load streams tensor by tensor). The last
+check loads the first quantized config again in a process whose CUDA allocator is capped
+(``torch.cuda.set_per_process_memory_fraction``) at exactly that bound, which is below the bf16 model's size:
+``loads_under_cap`` says whether ``from_pretrained`` succeeded there.
 """
 from __future__ import annotations
 
@@ -50,13 +53,24 @@ def write_checkpoint(path: str, layers: int) -> None:
     torch.cuda.empty_cache()
 
 
-def measure(path: str, name: str) -> dict:
+def measure(path: str, name: str, cap_gb: float | None = None) -> dict:
     """Runs in the child process."""
     from transformers import AutoModelForCausalLM
 
     import hf_efficient  # noqa: F401
     from hf_efficient import AFPQConfig
 
+    if cap_gb is not None:  # the context and the allocator's own state live outside the cap
+        torch.cuda.init()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(cap_gb * GB / total)
+        try:
+            AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda",
+                                                 quantization_config=AFPQConfig(**CONFIGS[name]))
+        except torch.OutOfMemoryError as e:
+            return dict(model=name, cap_GB=cap_gb, loads_under_cap=False, error=str(e)[:200])
+        return dict(model=name, cap_GB=cap_gb, loads_under_cap=True,
+                    peak_load_GB=torch.cuda.max_memory_allocated() / GB)
     kw = CONFIGS[name]
     q = {"quantization_config": AFPQConfig(**kw)} if kw else {}
     torch.cuda.reset_peak_memory_stats()
@@ -102,31 +116,46 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cap-gb", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(measure(args.dir, args.child)), flush=True)
+        print("RESULT " + json.dumps(measure(args.dir, args.child, args.cap_gb)), flush=True)
         return
     if not torch.cuda.is_available():
         raise SystemExit("quant_load_memory needs CUDA")
     write_checkpoint(args.dir, args.layers)
     largest = largest_tensor_bytes(args.dir) / GB
     rows = []
-    for name in args.configs.split(","):
-        p = subprocess.run([sys.executable, "-m", "benchmarks.quant_load_memory", "--dir", args.dir, "--child", name],
-                           capture_output=True, text=True)
+
+    def child(name, *extra):
+        p = subprocess.run([sys.executable, "-m", "benchmarks.quant_load_memory", "--dir", args.dir, "--child", name,
+                            *extra], capture_output=True, text=True)
         res = [line[7:] for line in p.stdout.splitlines() if line.startswith("RESULT ")]
         if p.returncode or not res:
             print(f"{name} failed:\n{p.stderr[-2000:]}", flush=True)
+            return None
+        return json.loads(res[0])
+
+    meta = {"model": f"Llama-2-7B-shaped, {args.layers} layers, bf16 checkpoint, random weights",
+            "generate": "16 new tokens"}
+    for name in args.configs.split(","):
+        r = child(name)
+        if r is None:
             continue
-        r = json.loads(res[0])
         r["largest_bf16_GB"] = largest
         r["after_load_x_packed"] = r["after_load_GB"] / r["packed_GB"]
         r["after_generate_x_packed"] = r["after_generate_GB"] / r["packed_GB"]
         r["peak_load_x_target"] = r["peak_load_GB"] / (1.05 * (r["packed_GB"] + largest))
         rows.append(r)
         print_rows(rows[-1:])
-        write_results("quant_load_memory", rows, {"model": f"Llama-2-7B-shaped, {args.layers} layers, bf16 "
-                                                  "checkpoint, random weights", "generate": "16 new tokens"}, args.out)
+        write_results("quant_load_memory", rows, meta, args.out)
+    quantized = [r for r in rows if CONFIGS[r["model"]]]
+    if quantized:  # load again with the allocator capped at the target bound (below the bf16 model's size)
+        r = quantized[0]
+        capped = child(r["model"], "--cap-gb", str(1.05 * (r["packed_GB"] + largest)))
+        meta["capped_load"] = capped
+        print("capped load:", capped, flush=True)
+        write_results("quant_load_memory", rows, meta, args.out)
 
 
 if __name__ == "__main__":
