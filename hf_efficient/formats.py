@@ -14,9 +14,10 @@ A :class:`NumericFormat` is a value grid indexed by code (``grid[c]`` is the val
                  ``s_neg``, every other code with ``s_pos``: ``value = grid[c] * (s_neg if grid[c] < 0 else s_pos)``
                  (:attr:`NumericFormat.negative_codes`). Encoding picks the nearest of those values.
 
-Per-group parameters are stored as tensors named :attr:`NumericFormat.param_names`
-(``scales`` | ``scales`` + ``zeros`` | ``scales_pos`` + ``scales_neg``). A scale of 0 (an all-zero half or
-group) is legal: every code then decodes to exactly 0, and encoding never divides by it.
+Each scheme is a row of :data:`hf_efficient.schemes.SCHEMES` (:attr:`NumericFormat.scale_scheme`), which names
+the per-group tensors a layer stores (:attr:`NumericFormat.param_names`: ``scales`` | ``scales`` + ``zeros`` |
+``scales_pos`` + ``scales_neg``), their storage dtypes, the kernels' mode and the decode rule. A scale of 0
+(an all-zero half or group) is legal: every code then decodes to exactly 0, and encoding never divides by it.
 
 Encoding is round-to-nearest over the distinct valid grid values (ties go to the smaller value).
 FP formats are sign-magnitude (the top bit of a code is the sign), so ``-0`` has a code; encoding
@@ -33,7 +34,8 @@ from functools import lru_cache
 
 import torch
 
-SCHEMES = ("sym", "zero_point", "two_scale")
+from .schemes import SCHEMES, Scheme
+
 KINDS = ("int", "fp", "nf")
 
 # QLoRA's NF4 table and the NF3 table of the AFPQ paper (normal-distribution quantiles, max 1).
@@ -81,20 +83,25 @@ class NumericFormat:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+            raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {self.scheme!r}")
         if len(self.grid) != 2 ** self.bits:
             raise ValueError(f"format {self.name}: grid has {len(self.grid)} values, expected 2**{self.bits}")
 
     # --- facts derived from the grid -------------------------------------------------------------
     @property
+    def scale_scheme(self) -> Scheme:
+        """The :class:`~hf_efficient.schemes.Scheme` row named by :attr:`scheme`."""
+        return SCHEMES[self.scheme]
+
+    @property
     def symmetric(self) -> bool:
-        return self.scheme == "sym"
+        """One parameter per group, no offset: the grid is scaled as it is."""
+        return len(self.scale_scheme.params) == 1
 
     @property
     def param_names(self) -> tuple[str, ...]:
         """Names of the per-group tensors a layer stores for this format."""
-        return {"sym": ("scales",), "zero_point": ("scales", "zeros"),
-                "two_scale": ("scales_pos", "scales_neg")}[self.scheme]
+        return self.scale_scheme.param_names
 
     @property
     def valid_codes(self) -> tuple[int, ...]:
@@ -199,17 +206,18 @@ def _round_scale(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
 def fit_params(fmt: NumericFormat, w: torch.Tensor, scale_dtype: torch.dtype = torch.float16) -> dict:
     """Per-group parameters for groups along the last dim of ``w`` (..., G) -> {name: (...,) float32}."""
     w = w.float()
-    if fmt.scheme == "sym":
-        return {"scales": _round_scale(w.abs().amax(-1) / fmt.sym_max, scale_dtype)}
+    sch = fmt.scale_scheme
+    if not (sch.offset or sch.split_sign):
+        return sch.from_kernel(_round_scale(w.abs().amax(-1) / fmt.sym_max, scale_dtype), None)
     hi = w.amax(-1).clamp(min=0)
     lo = w.amin(-1).clamp(max=0)
-    if fmt.scheme == "two_scale":
-        return {"scales_pos": _round_scale(hi / fmt.max_value, scale_dtype),
-                "scales_neg": _round_scale(-lo / -fmt.min_value, scale_dtype)}
+    if sch.split_sign:
+        return sch.from_kernel(_round_scale(hi / fmt.max_value, scale_dtype),
+                               _round_scale(-lo / -fmt.min_value, scale_dtype))
     qmax = 2 ** fmt.bits - 1
     s = _round_scale((hi - lo) / qmax, scale_dtype)
     z = torch.where(s > 0, torch.round(-lo / torch.where(s > 0, s, 1.0)), torch.zeros_like(s)).clamp(0, qmax)
-    return {"scales": s, "zeros": z}
+    return sch.from_kernel(s, z)
 
 
 @lru_cache(maxsize=None)
@@ -242,25 +250,22 @@ def _safe(s: torch.Tensor) -> torch.Tensor:
 def encode(fmt: NumericFormat, w: torch.Tensor, params: dict) -> torch.Tensor:
     """Codes (uint8, shape of ``w``) of ``w`` under ``params`` (each broadcastable to ``w``)."""
     w = w.float()
-    if fmt.scheme == "sym":
-        return _nearest_codes(fmt, w / _safe(params["scales"]))
-    if fmt.scheme == "zero_point":
-        return _nearest_codes(fmt, w / _safe(params["scales"]) + params["zeros"])
-    pos = _nearest_codes(fmt, (w / _safe(params["scales_pos"])).clamp(min=0), "pos")
-    neg = _nearest_codes(fmt, (w / _safe(params["scales_neg"])).clamp(max=0), "neg")
+    sch = fmt.scale_scheme
+    a, b = sch.kernel_ab(params)
+    if sch.offset:
+        return _nearest_codes(fmt, w / _safe(a) + b)
+    if not sch.split_sign:
+        return _nearest_codes(fmt, w / _safe(a))
+    pos = _nearest_codes(fmt, (w / _safe(a)).clamp(min=0), "pos")
+    neg = _nearest_codes(fmt, (w / _safe(b)).clamp(max=0), "neg")
     return torch.where(w < 0, neg, pos)
 
 
 def decode(fmt: NumericFormat, codes: torch.Tensor, params: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Values of ``codes`` under ``params`` (each broadcastable to ``codes``), computed in float32."""
     v = fmt.values(torch.float32, codes.device)[codes.long()]
-    if fmt.scheme == "sym":
-        out = v * params["scales"].float()
-    elif fmt.scheme == "zero_point":
-        out = (v - params["zeros"].float()) * params["scales"].float()
-    else:
-        out = v * torch.where(v < 0, params["scales_neg"].float(), params["scales_pos"].float())
-    return out.to(dtype)
+    a, b = fmt.scale_scheme.kernel_ab(params)
+    return fmt.scale_scheme.apply(v, a.float(), None if b is None else b.float()).to(dtype)
 
 
 def fake_quantize(fmt: NumericFormat, w: torch.Tensor, params: dict) -> torch.Tensor:

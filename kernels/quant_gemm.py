@@ -27,10 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ..schemes import SCHEMES
 from .autotune import autotune, fixed, interpreting, max_split
 from .quant_layout import KernelWeight
 
 GEMV_MAX_M = 8
+# The kernels take a scheme's mode as ``MODE: tl.constexpr`` and compile one branch of each rule below.
+SYM = tl.constexpr(SCHEMES["sym"].mode)
+ZERO_POINT = tl.constexpr(SCHEMES["zero_point"].mode)
+TWO_SCALE = tl.constexpr(SCHEMES["two_scale"].mode)
 _ONE = tl.constexpr(0x3F800000)  # float32 1.0, as bits
 # Triton compiles one variant per divisibility-by-16 / ==1 pattern of the integer arguments: with all of them
 # specialized, every new (M, N, K) meant a fresh ~2 s compile (a 1,000-case fuzz did not finish in 200 s).
@@ -111,10 +116,10 @@ def decode_values(c, t_ptr, v_off, DECODE: tl.constexpr):
 
 @triton.jit
 def apply_params(v, a, b, MODE: tl.constexpr):
-    """The format's scale rule (formats.decode): sym, zero point, or AFPQ two scales."""
-    if MODE == 0:
+    """The format's scale rule (``Scheme.apply``): sym, zero point, or AFPQ two scales."""
+    if MODE == SYM:
         w = v * a
-    elif MODE == 1:
+    elif MODE == ZERO_POINT:
         w = (v - b) * a
     else:
         w = v * tl.where(v < 0, b, a)
@@ -129,7 +134,7 @@ def int_weights(c, a, b, v_off, BITS: tl.constexpr, MODE: tl.constexpr):
     (the sm_90 GEMM loop, INT4 M = 16: 893 -> 797 instructions). The FMA rounds once, so the error stays below
     2**-24 of ``(c + v_off - z) a``'s larger terms, far inside the GEMM's bf16/fp16 weight rounding."""
     f = ((c << (23 - BITS)) | _ONE).to(tl.float32, bitcast=True)
-    z = b if MODE == 1 else 0.0
+    z = b if MODE == ZERO_POINT else 0.0
     scale = a * (1 << BITS)
     offset = (v_off - z - (1 << BITS)) * a
     return f * scale[:, :, None, None] + offset[:, :, None, None]
@@ -201,7 +206,7 @@ def chunk_sums(wa, wb, xb, kk, xmask, K, offs_i, t_ptr, v_off, BITS: tl.constexp
     """
     W: tl.constexpr = 2 if BITS == 3 else BITS
     P: tl.constexpr = 32 // W
-    FAST_INT: tl.constexpr = DECODE == 1 and MODE != 2
+    FAST_INT: tl.constexpr = DECODE == 1 and MODE != TWO_SCALE
     x0 = tl.load(xb, mask=xmask & (kk < K), other=0.0).to(tl.float32)
     sx = x0
     if FAST_INT:
@@ -217,7 +222,7 @@ def chunk_sums(wa, wb, xb, kk, xmask, K, offs_i, t_ptr, v_off, BITS: tl.constexp
         else:
             v = decode_values(slot_code(wa, wb, offs_i, j, BITS), t_ptr, v_off, DECODE)
         s1 += xj * v
-        if MODE == 2:
+        if MODE == TWO_SCALE:
             s2 += xj * tl.minimum(v, 0.0)
         sx += xj
     return tl.sum(s1, axis=-1), tl.sum(s2, axis=-1), tl.sum(sx, axis=-1)
@@ -226,11 +231,11 @@ def chunk_sums(wa, wb, xb, kk, xmask, K, offs_i, t_ptr, v_off, BITS: tl.constexp
 @triton.jit
 def combine_chunks(c1, c2, cx, a, b, v_off, BITS: tl.constexpr, MODE: tl.constexpr, DECODE: tl.constexpr):
     """The group rule applied to per-chunk sums (``a``, ``b``: the chunk's group parameters)."""
-    if DECODE == 1 and MODE != 2:
+    if DECODE == 1 and MODE != TWO_SCALE:
         c1 = (c1 - cx) * (1 << BITS) + v_off * cx
-    if MODE == 0:
+    if MODE == SYM:
         r = a * c1
-    elif MODE == 1:
+    elif MODE == ZERO_POINT:
         r = a * (c1 - b * cx)
     else:
         r = a * (c1 - c2) + b * c2
@@ -316,7 +321,7 @@ def _gemm_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
         else:
             c = (wa[:, :, None, :] >> (BITS * offs_j)[None, None, :, None]) & ((1 << BITS) - 1)
         a, b = load_params(p_ptr, (ch // CPG)[None, :], offs_n[:, None], mask_nc, N, NG)
-        if DECODE == 1 and MODE != 2:
+        if DECODE == 1 and MODE != TWO_SCALE:
             w = int_weights(c, a, b, v_off, BITS, MODE)
         else:
             w = apply_params(decode_values(c, t_ptr, v_off, DECODE), a[:, :, None, None], b[:, :, None, None], MODE)

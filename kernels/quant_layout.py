@@ -14,10 +14,10 @@ want something else, so a layer is repacked once when it is first used on CUDA:
              transposes. Bits 3: two planes per row, ``[0, Kp/16)`` the low two bits (2-bit rule above,
              ``W = 2``) and ``[Kp/16, KW)`` the top bit, one word per chunk, bit ``r`` for code ``r``: 3-bit
              weights cost 3 bits, not 4. Padding codes are 0 (the padded activations are 0, so they add 0).
-``params``   ``(2, N, n_groups)`` in the scale storage dtype: ``[0]`` = ``a``, ``[1]`` = ``b`` with
-             MODE_SYM: ``w = v * a`` (b = a); MODE_ZERO: ``w = (v - b) * a`` (b = integer zero point);
-             MODE_TWO: ``w = v * (b if v < 0 else a)`` (a = s_pos, b = s_neg), i.e. exactly
-             :func:`hf_efficient.formats.decode`.
+``params``   ``(2, N, n_groups)`` in the scale storage dtype: ``[0]`` = ``a``, ``[1]`` = ``b`` (``b = a`` for a
+             one-parameter scheme), decoded by the rule of the scheme whose ``mode`` is ``mode``
+             (:mod:`hf_efficient.schemes`: sym ``w = v * a``; zero point ``w = (v - b) * a``; two scales
+             ``w = v * (b if v < 0 else a)``), i.e. exactly :func:`hf_efficient.formats.decode`.
 ``table``    float32 ``(2**bits,)`` value grid ``v = table[code]`` (DECODE_TABLE). Uniform INT grids decode
              arithmetically (DECODE_INT: ``v = code + v_off``) and FP4-E2M1 from its bits (DECODE_E2M1), so
              those formats make no table lookups.
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-MODE_SYM, MODE_ZERO, MODE_TWO = 0, 1, 2
+from ..schemes import Scheme, scheme_of_mode
+
 DECODE_TABLE, DECODE_INT, DECODE_E2M1 = 0, 1, 2
-SCHEME_MODE = {"sym": MODE_SYM, "zero_point": MODE_ZERO, "two_scale": MODE_TWO}
 KERNEL_BITS = (2, 3, 4, 8)
 LUT_G = 4  # activations per LUT table: 2**4 patterns, 8 stored (symmetrised)
 
@@ -47,11 +47,15 @@ class KernelWeight:
     K: int
     bits: int
     group_size: int
-    mode: int
+    mode: int  # the scheme's kernel mode (:attr:`hf_efficient.schemes.Scheme.mode`)
     decode: int
     v_off: float = 0.0
     lut_masks: torch.Tensor | None = None  # LUT kernel terms, filled by quant_lut.prepare_lut
     lut_betas: torch.Tensor | None = None
+
+    @property
+    def scheme(self) -> Scheme:
+        return scheme_of_mode(self.mode)
 
     @property
     def n_groups(self) -> int:
@@ -112,8 +116,7 @@ def check_weight_args(codes, a, b, grid, bits: int, group_size: int, mode: int, 
         raise ValueError(f"bits must be one of {tuple(allowed_bits)} for {who}, got {bits}")
     if group_size <= 0 or group_size % group_multiple:
         raise ValueError(f"group_size must be a positive multiple of {group_multiple} for {who}, got {group_size}")
-    if mode not in (MODE_SYM, MODE_ZERO, MODE_TWO):
-        raise ValueError(f"mode must be MODE_SYM, MODE_ZERO or MODE_TWO, got {mode!r}")
+    scheme_of_mode(mode)  # raises on an unknown mode
     if codes.device != a.device or (b is not None and b.device != a.device):
         raise ValueError(f"codes, a and b must be on one device, got {codes.device}, {a.device}, "
                          f"{None if b is None else b.device}")
@@ -131,7 +134,8 @@ def repack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, b
            mode: int) -> KernelWeight:
     """Build the kernel layout from codes uint8 ``(N, K)`` and per-group ``a``/``b`` ``(N, n_groups)``.
 
-    ``grid`` is the value grid by code (sequence of 2**bits floats). ``b`` may be None for MODE_SYM.
+    ``grid`` is the value grid by code (sequence of 2**bits floats); ``mode`` a scheme's kernel mode. ``b`` may be
+    None for a one-parameter scheme.
     Raises ValueError for unsupported bits, group sizes or mismatched shapes.
     """
     n, k, ng = check_weight_args(codes, a, b, grid, bits, group_size, mode, KERNEL_BITS, 32, "the GPU kernels")

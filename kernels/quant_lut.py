@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .autotune import autotune, fixed
-from .quant_gemm import _check, load_params
+from .quant_gemm import SYM, ZERO_POINT, _check, load_params
 from .quant_layout import LUT_G, KernelWeight
 from .quant_reference import lut_tables_reference, walsh_terms
 
@@ -82,9 +82,9 @@ def _lut_kernel(tab_ptr, q_ptr, p_ptr, masks_ptr, betas_ptr, out_ptr, M, N, K, K
             part = tl.sum(tl.where(neg[None, :, :], -look, look), axis=1)
             s1 += tl.load(betas_ptr + t) * part
             s2 += tl.load(betas_ptr + N_TERMS + t) * part
-        if MODE == 0:
+        if MODE == SYM:
             acc += s1 * a[None, :]
-        elif MODE == 1:
+        elif MODE == ZERO_POINT:
             acc += (s1 + s2 * b[None, :]) * a[None, :]
         else:
             acc += s1 * a[None, :] + s2 * b[None, :]

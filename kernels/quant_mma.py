@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .quant_layout import MODE_SYM, MODE_TWO, MODE_ZERO, check_weight_args
+from ..schemes import MODES, scheme_of_mode
+from .quant_layout import check_weight_args
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +157,7 @@ def dequantize_reference(w: MmaWeight, dtype: torch.dtype = torch.bfloat16) -> t
     lo = (w.tables[row, pair] & 0xFFFF).to(torch.int16)
     v = lo.view(torch.float16 if dtype == torch.float16 else torch.bfloat16).float()[codes.long()]
     gi = torch.arange(w.K, device=codes.device) // w.group_size
-    af, bf = a.float()[:, gi], b.float()[:, gi]
-    if w.mode == MODE_SYM:
-        return v * af
-    if w.mode == MODE_ZERO:
-        return (v - bf) * af
-    return torch.where(v >= 0, v * af, v * bf)
+    return scheme_of_mode(w.mode).apply(v, a.float()[:, gi], b.float()[:, gi])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,7 +198,7 @@ def extension():
             build.mkdir(parents=True, exist_ok=True)
             sources = [str(_SRC / "quant_mma_binding.cpp")]
             for bits in MMA_BITS:
-                for mode in (MODE_SYM, MODE_ZERO, MODE_TWO):
+                for mode in MODES:  # = the MODE_* constants of cuda/quant_mma.cuh (tests check)
                     f = build / f"inst_b{bits}_m{mode}.cu"
                     f.write_text(f'#include "{_SRC / "quant_mma.cuh"}"\n'
                                  f"template void hfe_mma::launch<{bits}, {mode}>(const hfe_mma::Args&);\n")

@@ -7,21 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from .quant_layout import LUT_G, MODE_SYM, MODE_TWO, MODE_ZERO, KernelWeight, unpack
+from .quant_layout import LUT_G, KernelWeight, unpack
 
 
 def dequantize_reference(kw: KernelWeight) -> torch.Tensor:
-    """The ``(N, K)`` float32 weight: ``formats.decode`` rules applied to the kernel layout."""
+    """The ``(N, K)`` float32 weight: the scheme's rule (``formats.decode``) applied to the kernel layout."""
     codes = unpack(kw).long()
     v = kw.table[codes]
     gi = torch.arange(kw.K, device=codes.device) // kw.group_size
-    a = kw.params[0].float()[:, gi]
-    b = kw.params[1].float()[:, gi]
-    if kw.mode == MODE_SYM:
-        return v * a
-    if kw.mode == MODE_ZERO:
-        return (v - b) * a
-    return v * torch.where(v < 0, b, a)
+    return kw.scheme.apply(v, kw.params[0].float()[:, gi], kw.params[1].float()[:, gi])
 
 
 def quant_matmul_reference(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,21 +39,15 @@ def _parity(t: torch.Tensor) -> torch.Tensor:
 def walsh_terms(kw: KernelWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bit-serial decomposition of the grid: ``(masks int32 (T,), beta1 (T,), beta2 (T,))``.
 
-    Within a group the weight is ``w(c) = coef1 * f1(c) + coef2 * f2(c)`` (MODE_SYM: f1 = v, f2 = 0;
-    MODE_ZERO: f1 = v, f2 = -1, coef2 = a*b; MODE_TWO: f1 = v if v >= 0 else 0, f2 = v if v < 0 else 0,
-    coef2 = b; coef1 = a). Any function of a ``bits``-bit code is a sum over bit masks ``S`` of
+    Within a group the weight is ``w(c) = a * f1(v_c) + coef2 * f2(v_c)``, the scheme's split of its rule
+    (:meth:`hf_efficient.schemes.Scheme.value_split`: sym f1 = v, f2 = 0; zero point f1 = v, f2 = -1,
+    coef2 = a*b; two scales f1 = max(v, 0), f2 = min(v, 0), coef2 = b). Any function of a ``bits``-bit code is a sum over bit masks ``S`` of
     ``beta_S * (-1)**parity(c & S)`` (its Walsh-Hadamard spectrum), so ``sum_k x_k f(c_k)`` is a sum over
     the non-zero terms of table lookups indexed by the parity bits of 4 codes. A uniform INT grid has
     ``bits + 1`` terms (one per bit plane plus the constant) -- classic bit-serial; NF/FP grids have more.
     """
     n = 2 ** kw.bits
-    v = kw.table.double().cpu()
-    if kw.mode == MODE_SYM:
-        f1, f2 = v, torch.zeros_like(v)
-    elif kw.mode == MODE_ZERO:
-        f1, f2 = v, -torch.ones_like(v)
-    else:
-        f1, f2 = torch.where(v >= 0, v, 0.0), torch.where(v < 0, v, 0.0)
+    f1, f2 = kw.scheme.value_split(kw.table.double().cpu())
     c = torch.arange(n)
     chi = 1.0 - 2.0 * _parity(c[None, :] & c[:, None]).double()  # chi[S, c]
     beta1, beta2 = chi @ f1 / n, chi @ f2 / n
@@ -90,7 +78,7 @@ def lut_matmul_reference(x: torch.Tensor, kw: KernelWeight) -> torch.Tensor:
     c4 = codes.view(kw.Kp // LUT_G, LUT_G, kw.N)  # (J, 4, N)
     a = kw.params[0].float().t()  # (ng, N)
     b = kw.params[1].float().t()
-    coef2 = {MODE_SYM: torch.zeros_like(a), MODE_ZERO: a * b, MODE_TWO: b}[kw.mode]
+    coef2 = kw.scheme.second_coef(a, b)
     jpg = kw.group_size // LUT_G
     out = torch.zeros(x.shape[0], kw.N, device=x.device)
     for t in range(len(masks)):
@@ -123,29 +111,29 @@ def random_kernel_weight(fmt_name: str, n: int, k: int, group: int, scale_dtype=
     ``special``: ``"zero"`` (every other group has zero scales) or ``"extreme"`` (first group scaled up by
     ``extreme``, last group down by it)."""
     from .. import formats
-    from .quant_layout import SCHEME_MODE, repack
+    from .quant_layout import repack
 
     fmt = formats.get_format(fmt_name)
+    sch = fmt.scale_scheme
     g = torch.Generator().manual_seed(seed)
     valid_codes = torch.tensor(fmt.valid_codes, dtype=torch.uint8)
     codes = valid_codes[torch.randint(len(valid_codes), (n, k), generator=g)]
     ng = -(-k // group)
     a = torch.rand(n, ng, generator=g) * 0.1 + 1e-3
     b = torch.rand(n, ng, generator=g) * 0.1 + 1e-3
-    if fmt.scheme == "zero_point":
+    if sch.offset:  # an integer zero point on the unsigned grid
         b = torch.randint(0, 2 ** fmt.bits, (n, ng), generator=g).float()
     if special == "zero":
         a[:, ::2] = 0
-        if fmt.scheme != "zero_point":
+        if not sch.offset:
             b[:, ::2] = 0
     elif special == "extreme":
         a[:, 0] *= extreme
         a[:, -1] /= extreme
-        if fmt.scheme == "two_scale":
+        if sch.split_sign:
             b[:, 0] *= extreme
     a, b = a.to(device, scale_dtype), b.to(device, scale_dtype)
-    kw = repack(codes.to(device), a, None if fmt.scheme == "sym" else b, fmt.grid, fmt.bits, group,
-                SCHEME_MODE[fmt.scheme])
+    kw = repack(codes.to(device), a, b if len(sch.params) > 1 else None, fmt.grid, fmt.bits, group, sch.mode)
     return fmt, codes, kw
 
 
@@ -156,8 +144,7 @@ def _lut_term_magnitude(kw: KernelWeight) -> torch.Tensor:
     gi = torch.arange(kw.K, device=kw.params.device) // kw.group_size
     a = kw.params[0].float().abs()[:, gi]
     b = kw.params[1].float().abs()[:, gi]
-    coef2 = a * b if kw.mode == MODE_ZERO else b
-    return a * beta1.abs().sum() + coef2 * beta2.abs().sum()
+    return a * beta1.abs().sum() + kw.scheme.second_coef(a, b).abs() * beta2.abs().sum()
 
 
 def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0, lut: bool = False) -> dict:
@@ -175,14 +162,14 @@ def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0
     so the summation term scales with the terms (:func:`_lut_term_magnitude`), not with ``|w|``.
     Returns ``{"bad": count, "rel": max |err| / sum|x w|, "abs": max |err|, "finite": bool}``.
     """
-    from .quant_layout import DECODE_INT, MODE_TWO
+    from .quant_layout import DECODE_INT
 
     w = dequantize_reference(kw)
     ref = x.float() @ w.t()
     mag = x.float().abs() @ w.abs().t()
     u = INTERP_BF16_OUT if x.dtype == torch.bfloat16 and not y.is_cuda else U[x.dtype]
     tol = u * ref.abs() + ETA[x.dtype] + (u_w + 1e-5) * mag
-    if kw.decode == DECODE_INT and kw.mode != MODE_TWO:
+    if kw.decode == DECODE_INT and not kw.scheme.split_sign:
         gi = torch.arange(kw.K, device=w.device) // kw.group_size
         tol = tol + 2.0 ** (kw.bits - 18) * (x.float().abs() @ kw.params[0].float().abs()[:, gi].t())
     if lut:
@@ -221,7 +208,6 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
     import time
 
     from .. import formats
-    from .quant_layout import SCHEME_MODE
 
     rng = random.Random(seed)
     if kernel == "mma":
@@ -231,7 +217,7 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
 
         def fn(x, kw, codes, fmt, config):  # config: the split-K factor (0 = the shape rule)
             w = quant_mma.pack(codes.to(kw.params.device), kw.params[0], kw.params[1], fmt.grid, fmt.bits, kw.group_size,
-                               SCHEME_MODE[fmt.scheme])
+                               kw.mode)
             return quant_mma.quant_mma(x, w, splits=config)
     else:
         from .autotune import space, valid

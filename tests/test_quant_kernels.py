@@ -20,8 +20,7 @@ import pytest
 import torch
 
 from hf_efficient import formats
-from hf_efficient.kernels.quant_layout import (DECODE_E2M1, DECODE_INT, DECODE_TABLE, MODE_SYM, MODE_TWO, MODE_ZERO,
-                                               SCHEME_MODE, choose_decode, repack, unpack)
+from hf_efficient.kernels.quant_layout import DECODE_E2M1, DECODE_INT, DECODE_TABLE, choose_decode, repack, unpack
 from hf_efficient.kernels.quant_reference import dequantize_reference, lut_matmul_reference
 
 from hf_efficient.kernels.quant_reference import U, check_close, random_kernel_weight as make_weight  # noqa: E402
@@ -142,7 +141,7 @@ def test_lut_reference_matches_dequant_reference():
         gi = torch.arange(kw.K) // kw.group_size
         a, b = (p.float()[:, gi].abs() for p in kw.params)
         # the coefficients of f1 and f2 per weight: a (sym), a and a*b (zero point), a and b (two scales)
-        coef = {MODE_SYM: a, MODE_ZERO: a * b.clamp(min=1), MODE_TWO: torch.maximum(a, b)}[kw.mode]
+        coef = {"sym": a, "zero_point": a * b.clamp(min=1), "two_scale": torch.maximum(a, b)}[kw.scheme.name]
         mag = x.abs() @ (coef * float((b1.abs() + b2.abs()).sum())).t() + x.abs() @ w.abs().t()
         bound = 2 * (kw.K + len(b1)) * 2.0 ** -24 * mag
         err = (lut_matmul_reference(x, kw) - x @ w.t()).abs()

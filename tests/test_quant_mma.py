@@ -12,7 +12,6 @@ import torch
 
 from hf_efficient import formats
 from hf_efficient.kernels import quant_mma as Q
-from hf_efficient.kernels.quant_layout import SCHEME_MODE
 from hf_efficient.kernels.quant_reference import random_kernel_weight
 
 
@@ -61,7 +60,7 @@ def test_layout_roundtrip_and_fragments(case, dtype):
     name, n, k, group = case
     fmt, codes, kw = random_kernel_weight(name, n, k, group, special="extreme")
     a, b = kw.params[0], kw.params[1]
-    w = Q.pack(codes, a, b, fmt.grid, fmt.bits, group, SCHEME_MODE[fmt.scheme])
+    w = Q.pack(codes, a, b, fmt.grid, fmt.bits, group, fmt.scale_scheme.mode)
     c2, a2, b2 = Q.unpack(w)
     assert torch.equal(c2, codes) and torch.equal(a2.to(a.dtype), a) and torch.equal(b2.to(b.dtype), b)
     # 3-bit weights take 3 bits
@@ -76,7 +75,7 @@ def test_layout_roundtrip_and_fragments(case, dtype):
 @pytest.mark.parametrize("name", ["int4_asym", "nf4_asym", "fp4_sym", "int3_sym", "nf3_asym", "int2_asym"])
 def test_reference_equals_format_decode(name):
     fmt, codes, kw = random_kernel_weight(name, 24, 200, 64, special="zero")
-    w = Q.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, 64, SCHEME_MODE[fmt.scheme])
+    w = Q.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, 64, fmt.scale_scheme.mode)
     # float32 decode of the same integers: the kernel's only extra rounding is the grid value to the dtype
     params = {p: kw.params[i].float().repeat_interleave(64, 1)[:, :200] for i, p in enumerate(fmt.param_names)}
     exact = formats.decode(fmt, codes, params)
@@ -114,7 +113,7 @@ def test_kernel_matches_reference(case, dtype, m):
 
     name, n, k, group = case
     fmt, codes, kw = random_kernel_weight(name, n, k, group, special="extreme", device="cuda")
-    w = Q.pack(codes.cuda(), kw.params[0], kw.params[1], fmt.grid, fmt.bits, group, SCHEME_MODE[fmt.scheme])
+    w = Q.pack(codes.cuda(), kw.params[0], kw.params[1], fmt.grid, fmt.bits, group, fmt.scale_scheme.mode)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     for splits in (1, 2, 0):
         y = Q.quant_mma(x, w, splits=splits)

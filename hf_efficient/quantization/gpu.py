@@ -126,9 +126,7 @@ def _mma_kind(layer: QuantLinear) -> bool:
 
 
 def _from_kernel(layer: QuantLinear, codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict:
-    names = layer.fmt.param_names
-    params = {names[0]: a, **({names[1]: b} if len(names) > 1 else {})}
-    return storage_tensors(layer.fmt, codes, params, layer.scale_dtype)
+    return storage_tensors(layer.fmt, codes, layer.fmt.scale_scheme.from_kernel(a, b), layer.scale_dtype)
 
 
 def _mma_storage(layer: QuantLinear) -> dict:
@@ -148,18 +146,14 @@ def _triton_storage(layer: QuantLinear) -> dict:
 
 def repack_layer(layer: QuantLinear) -> None:
     """Give ``layer`` its kernel layout (``"cuda-mma"`` or ``"cuda-triton"``) as its only weight copy."""
-    from ..kernels.quant_layout import SCHEME_MODE
-
     reason = supports(layer)
     if reason:
         raise ValueError(f"the GPU kernels cannot run {layer.extra_repr()}: {reason}")
     fmt = layer.fmt
-    st = layer.storage()
-    names = fmt.param_names
-    a = st[names[0]]
-    b = st[names[1]].to(a.dtype) if len(names) > 1 else None
+    a, b = fmt.scale_scheme.kernel_ab(layer.storage())
+    b = b.to(a.dtype) if b is not None else None
     codes = layer.codes()
-    mode = SCHEME_MODE[fmt.scheme]
+    mode = fmt.scale_scheme.mode
     if _mma_kind(layer):
         from ..kernels.quant_mma import pack
 

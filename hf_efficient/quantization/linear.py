@@ -154,12 +154,18 @@ def rtn_quantize(w: torch.Tensor, fmt: formats.NumericFormat, group_size: int, s
 
 
 def storage_tensors(fmt: formats.NumericFormat, codes: torch.Tensor, params: dict, scale_dtype: torch.dtype) -> dict:
-    """The tensors a QuantLinear stores (``qweight`` and the format's parameters) from codes + params."""
+    """The tensors a QuantLinear stores (``qweight`` and the format's parameters) from codes + params.
+
+    Each parameter is stored as its scheme declares (:class:`hf_efficient.schemes.Param`); ValueError if one is
+    missing or a scale overflows ``scale_dtype``."""
     out = {"qweight": pack_codes(codes, fmt.bits)}
-    for p, t in params.items():
-        out[p] = t.round().to(torch.uint8) if p == "zeros" else t.to(scale_dtype)
-        if p != "zeros" and not torch.isfinite(out[p]).all():
-            raise ValueError(f"a {p} value overflows {scale_dtype}; use scale_dtype='float32'")
+    missing = [p for p in fmt.param_names if p not in params]
+    if missing:
+        raise ValueError(f"format {fmt.name} stores {fmt.param_names}; missing {missing}")
+    for p in fmt.scale_scheme.params:
+        out[p.name] = p.to_storage(params[p.name], scale_dtype)
+        if not p.integer and not torch.isfinite(out[p.name]).all():
+            raise ValueError(f"a {p.name} value overflows {scale_dtype}; use scale_dtype='float32'")
     return out
 
 
@@ -194,9 +200,9 @@ class QuantLinear(nn.Module):
         ng = n_groups(self.in_features, self.group_size)
         self.register_buffer("qweight", torch.zeros(self.out_features, packed_width(self.in_features, self.fmt.bits),
                                                     dtype=torch.int32, device=device))
-        for p in self.fmt.param_names:
-            self.register_buffer(p, torch.zeros(self.out_features, ng, device=device,
-                                                dtype=torch.uint8 if p == "zeros" else self.scale_dtype))
+        for p in self.fmt.scale_scheme.params:
+            self.register_buffer(p.name, torch.zeros(self.out_features, ng, device=device,
+                                                     dtype=p.storage_dtype(self.scale_dtype)))
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype or torch.float32),
                                  requires_grad=False) if bias else None
         self.layout: ResidentLayout | None = None

@@ -105,28 +105,29 @@ def kernel_params(fmt: formats.NumericFormat, params: dict):
 
     INT formats (uniform grid ``c + off``) use the bit-serial engine: ``w = s * (c + off - z)`` gives
     ``coef = s / 2`` and ``zcoef = s * ((2^b - 1) / 2 + off - z)`` (see :mod:`.reference`). Other grids use the
-    code-indexed engine: ``sym`` is one channel (``coef = s``); AFPQ ``two_scale`` is two channels, the grid's
-    positive part scaled by ``s_pos`` and its negative part by ``s_neg``.
+    code-indexed engine, one channel per non-zero function of the scheme's split
+    (:meth:`~hf_efficient.schemes.Scheme.value_split`): ``sym`` is one channel (``coef = s``); AFPQ
+    ``two_scale`` is two channels, the grid's positive part scaled by ``s_pos`` and its negative part by ``s_neg``.
     """
     grid = torch.tensor(fmt.grid, dtype=torch.float32)
+    sch = fmt.scale_scheme
     if fmt.bits > 4 or torch.isnan(grid).any():
         raise ValueError(f"LUT kernels support formats of 1..4 bits without NaN codes, got {fmt.name}")
+    a, b = sch.kernel_ab(params)
+    s = a.float()
     if fmt.kind == "int":
         off = fmt.grid[0]
         if fmt.grid != tuple(float(c + off) for c in range(2 ** fmt.bits)):
             raise ValueError(f"format {fmt.name}: an INT grid must be c + {off}")
-        s = params["scales"].float()
-        z = params["zeros"].float() if fmt.scheme == "zero_point" else torch.zeros_like(s)
-        if fmt.scheme not in ("sym", "zero_point"):
+        if sch.split_sign:
             raise ValueError(f"format {fmt.name}: scheme {fmt.scheme} is not supported for INT grids")
+        z = b.float() if sch.offset else torch.zeros_like(s)
         return None, (s / 2)[..., None], s * ((2 ** fmt.bits - 1) / 2 + off - z)
-    if fmt.scheme == "sym":
-        s = params["scales"].float()
+    if sch.offset:
+        raise ValueError(f"format {fmt.name}: scheme {fmt.scheme} is not supported by the LUT kernels")
+    if not sch.split_sign:
         return grid[None], s[..., None], torch.zeros_like(s)
-    if fmt.scheme == "two_scale":
-        sp, sn = params["scales_pos"].float(), params["scales_neg"].float()
-        return torch.stack([grid.clamp(min=0), grid.clamp(max=0)]), torch.stack([sp, sn], -1), torch.zeros_like(sp)
-    raise ValueError(f"format {fmt.name}: scheme {fmt.scheme} is not supported by the LUT kernels")
+    return torch.stack(sch.value_split(grid)), torch.stack([s, b.float()], -1), torch.zeros_like(s)
 
 
 # ------------------------------------------------------------------------------------------------
