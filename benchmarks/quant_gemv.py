@@ -47,7 +47,7 @@ def kernel_weight(fmt_name, n, k, group, device, layout="mma", dtype=torch.float
     b = torch.randint(0, 2 ** fmt.bits, (n, ng), device=device).to(dtype) if fmt.scheme == "zero_point" else a
     pack = quant_mma.pack if layout == "mma" else quant_layout.repack
     return pack(codes, a, None if fmt.scheme == "sym" else b, fmt.grid, fmt.bits, group,
-                quant_layout.SCHEME_MODE[fmt.scheme])
+                fmt.scale_scheme.mode)
 
 
 def mma_make(w):

@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 from hf_efficient import formats
 from hf_efficient.kernels import quant_gemm
 from hf_efficient.kernels.autotune import space, valid
-from hf_efficient.kernels.quant_layout import SCHEME_MODE, choose_decode
+from hf_efficient.kernels.quant_layout import choose_decode
 
 POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "p_ptr": "*bf16", "t_ptr": "*fp32", "out_ptr": "*bf16",
             "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
@@ -34,7 +34,7 @@ def sass(kernel: str, fmt_name: str, cfg: dict, m: int, divisible: set[str], arc
     compiled as multiples of 16 (what Triton's specialisation would tell the compiler)."""
     fn = {"gemv": quant_gemm._gemv_kernel, "gemm": quant_gemm._gemm_kernel}[kernel].fn
     fmt = formats.get_format(fmt_name)
-    const = {"BITS": fmt.bits, "MODE": SCHEME_MODE[fmt.scheme], "DECODE": choose_decode(fmt.grid)[0],
+    const = {"BITS": fmt.bits, "MODE": fmt.scale_scheme.mode, "DECODE": choose_decode(fmt.grid)[0],
              **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}}
     if kernel == "gemv":
         const["BLOCK_M"] = triton.next_power_of_2(m)
