@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.common import print_rows, time_cpu, write_results
 from benchmarks.lut_cpu import _copies, _time_rotating, _weight, copies_for, llc_bytes, read_bandwidth
-from hf_efficient.quantization.lut import kernel as K
+from hf_efficient.kernels import lut_cpu as K
 
 
 def cpu_info() -> dict:

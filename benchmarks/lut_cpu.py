@@ -29,7 +29,7 @@ import torch
 from benchmarks.common import print_rows, time_cpu, write_results
 from benchmarks.llama_cpp_gemv import LlamaGemv
 from benchmarks.lut_e2e import find_llama_python
-from hf_efficient.quantization.lut import kernel as K
+from hf_efficient.kernels import lut_cpu as K
 
 # llama.cpp types each of our INT rows is compared with (the best of them for 2 bits).
 LLAMA_TYPES = {1: ["TQ1_0"], 2: ["TQ2_0", "Q2_K"], 4: ["Q4_0"]}

@@ -217,7 +217,7 @@ def load_ours() -> tuple[dict, object]:
 def engine_of(model, prompt: torch.Tensor) -> str:
     """Which implementation served the quantized linears in a short generate, and the LUT engine's ISA."""
     from hf_efficient.evaluation import KernelCensus
-    from hf_efficient.quantization.lut import kernel as K
+    from hf_efficient.kernels import lut_cpu as K
 
     with KernelCensus() as census, torch.no_grad():
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False,

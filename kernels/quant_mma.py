@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .. import ops
 from ..schemes import MODES, scheme_of_mode
 from .quant_layout import check_weight_args
 
@@ -247,13 +248,13 @@ def quant_mma(x: torch.Tensor, w: MmaWeight, splits: int | None = None) -> torch
     ext = extension()
     if ext is None:
         raise RuntimeError(f"the CUDA mma kernel is unavailable: {_ext_error}")
-    return mma_op(x, w.qweight, w.params, w.tables, w.N, w.K, w.bits, w.group_size, w.mode, splits or 0)
+    return ops.quant_mma(x, w.qweight, w.params, w.tables, w.N, w.K, w.bits, w.group_size, w.mode, splits or 0)
 
 
-@torch.library.custom_op("hf_efficient::quant_mma", mutates_args=())
-def mma_op(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, tables: torch.Tensor, n: int, k: int,
-           bits: int, group_size: int, mode: int, splits: int) -> torch.Tensor:
-    """The op under :func:`quant_mma` (``splits`` 0 = choose by shape)."""
+@ops.quant_mma.register_kernel("cuda")
+def _quant_mma_cuda(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, tables: torch.Tensor, n: int,
+                    k: int, bits: int, group_size: int, mode: int, splits: int) -> torch.Tensor:
+    """``torch.ops.hf_efficient.quant_mma`` on CUDA: the extension (``splits`` 0 = choose by shape)."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"quant_mma: x must be float16 or bfloat16, got {x.dtype}")
     if not all(t.device == x.device for t in (qweight, params, tables)):
@@ -271,9 +272,3 @@ def mma_op(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, tables:
     table = tables[0 if x.dtype == torch.float16 else 1]
     return extension().quant_mma(x, qweight, params, table, _counter_buffer(x.device, need), n, k, bits,
                                  group_size, mode, min(splits, kb))
-
-
-@mma_op.register_fake
-def _mma_fake(x, qweight, params, tables, n, k, bits, group_size, mode, splits):
-    torch._check(x.dim() == 2 and x.shape[1] == k, lambda: f"quant_mma: x must be (M, {k})")
-    return x.new_empty(x.shape[0], n)

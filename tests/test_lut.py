@@ -1,5 +1,5 @@
 """C++ LUT kernels (csrc/lut_gemm.cpp, engines in csrc/lut/) against their plain-torch twin
-(hf_efficient/quantization/lut/reference.py); every engine this CPU runs against the scalar one, bit for bit."""
+(kernels/lut_cpu_reference.py); every engine this CPU runs against the scalar one, bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from hf_efficient import formats
+from hf_efficient.kernels import lut_cpu as K
+from hf_efficient.kernels import lut_cpu_reference as R
 from hf_efficient.quantization.linear import rtn_quantize
-from hf_efficient.quantization.lut import kernel as K
-from hf_efficient.quantization.lut import reference as R
 from hf_efficient.quantization.packing import expand_groups
 
 # (bits, engine): "int" = bit-serial, "grid1"/"grid2" = code-indexed with 1 or 2 channels.

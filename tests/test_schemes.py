@@ -93,7 +93,7 @@ def _code_constants(path: Path) -> set[str]:
 @pytest.mark.parametrize("path", ["hf_efficient/quantization/linear.py", "hf_efficient/quantization/gpu.py",
                                   "hf_efficient/quantization/packing.py", "hf_efficient/checkpoint.py",
                                   "kernels/quant_layout.py", "kernels/quant_reference.py", "kernels/quant_mma.py",
-                                  "hf_efficient/quantization/lut/kernel.py"])
+                                  "kernels/lut_cpu.py"])
 def test_code_paths_name_no_scheme(path):
     """Layers, packing, checkpoints and kernel glue read the registry; they spell no scheme or parameter name."""
     names = set(SCHEMES) | {p for s in SCHEMES.values() for p in s.param_names}
@@ -103,7 +103,7 @@ def test_code_paths_name_no_scheme(path):
 def test_a_new_scheme_is_one_row(monkeypatch):
     """Replace the zero-point row by one with other parameter names: layers, storage, kernel layouts and the
     CPU LUT glue follow the row (nothing else names the parameters)."""
-    from hf_efficient.quantization.lut.kernel import kernel_params
+    from hf_efficient.kernels.lut_cpu import kernel_params
     from hf_efficient.kernels.quant_layout import repack
     from hf_efficient.kernels.quant_reference import dequantize_reference
     from hf_efficient.quantization.linear import QuantLinear

@@ -16,8 +16,9 @@ that computes its terms per call instead of keeping buffers in every layer.
 
 Layers adopt their layout when the quantizer finishes loading a model onto CUDA, or on their first CUDA
 forward, or with :func:`prepare_model` (call it before ``torch.compile``: a layer without its layout while
-compiling falls back to the reference path). Both ops are ``torch.library`` custom ops with fake
-implementations, so ``torch.compile`` traces them without graph breaks.
+compiling falls back to the reference path). Both ops are declared, with their fakes, in
+:mod:`hf_efficient.ops`, so ``torch.compile`` traces them without graph breaks; this module registers the
+Triton kernels of ``quant_matmul``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import quant_matmul
 from .linear import QuantLinear, ResidentLayout, register_fast_path, storage_tensors
 
 logger = logging.getLogger(__name__)
@@ -65,14 +67,12 @@ def _kernel_weight(qweight, params, table, n, k, bits, group_size, mode, decode,
     return KernelWeight(qweight, params, table, n, k, bits, group_size, mode, decode, v_off)
 
 
-@torch.library.custom_op("hf_efficient::quant_matmul", mutates_args=())
-def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, table: torch.Tensor, n: int, k: int,
-                 bits: int, group_size: int, mode: int, decode: int, v_off: float, kernel: str) -> torch.Tensor:
-    """``x @ W.T`` for ``x`` (M, K) fp16/bf16 and W in the Triton kernel layout -> (M, N) in x's dtype.
-
-    On CUDA (or under ``TRITON_INTERPRET=1``) a Triton kernel chosen by :func:`choose_kernel`; elsewhere
-    the plain-torch reference.
-    """
+@quant_matmul.register_kernel(("cpu", "cuda"))
+def _quant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, table: torch.Tensor, n: int,
+                         k: int, bits: int, group_size: int, mode: int, decode: int, v_off: float,
+                         kernel: str) -> torch.Tensor:
+    """``torch.ops.hf_efficient.quant_matmul`` on CUDA (and on CPU under ``TRITON_INTERPRET=1``): a Triton kernel
+    chosen by :func:`choose_kernel`; on CPU without the interpreter the plain-torch reference."""
     kw = _kernel_weight(qweight, params, table, n, k, bits, group_size, mode, decode, v_off)
     if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from ..kernels.quant_reference import quant_matmul_reference
@@ -88,12 +88,6 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, t
     from ..kernels.quant_gemm import quant_gemm, quant_gemv
 
     return quant_gemv(x, kw) if which == "gemv" else quant_gemm(x, kw)
-
-
-@quant_matmul.register_fake
-def _quant_matmul_fake(x, qweight, params, table, n, k, bits, group_size, mode, decode, v_off, kernel):
-    torch._check(x.dim() == 2 and x.shape[1] == k, lambda: f"quant_matmul: x must be (M, {k})")
-    return x.new_empty(x.shape[0], n)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Registers quant_method ``"lut"`` (:class:`LUTConfig`) with transformers, the LUT kernels as the CPU fast path
 of QuantLinear layers (:func:`enable_lut`); the demo rows live in :mod:`hf_efficient.cli.demo_rows`.
-Kernels: ``csrc/lut_gemm.cpp``; plain-torch twin: :mod:`.reference`; design notes: ``docs/lut.md``.
+Kernels: ``csrc/lut_gemm.cpp`` (glue :mod:`hf_efficient.kernels.lut_cpu`, plain-torch twin
+:mod:`hf_efficient.kernels.lut_cpu_reference`); design notes: ``docs/lut.md``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Python side of the C++ LUT kernels: weight permutation (once per layer), op wrappers, fake impls.
+"""Python side of the C++ LUT kernels: weight permutation (once per layer) and op wrappers.
 
 ``prepare(codes, fmt, params, group_size)`` turns a layer's codes and per-group parameters (the storage of
 :class:`~hf_efficient.quantization.QuantLinear`) into a :class:`LUTWeight` in the kernel layout documented
@@ -6,7 +6,8 @@ in ``csrc/lut_gemm.cpp``; ``LUTWeight.matmul(x)`` runs ``torch.ops.hf_efficient.
 Set ``HF_EFFICIENT_LUT_SCALAR=1`` (or pass ``force_scalar=True``) to run the portable scalar engine, and
 ``HF_EFFICIENT_LUT_ISA=scalar|avx2|avx512|neon`` to cap the engine the CPU would otherwise get (see
 :func:`available_isas`). Inputs of more than ``lut_max_rows()`` rows (prefill) run a blocked dequantize + BLAS
-GEMM inside the same op.
+GEMM inside the same op. The ops' fakes are in :mod:`hf_efficient.ops`; the plain-torch twin is
+:mod:`.lut_cpu_reference`.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ... import formats
-from . import reference as ref
+from .. import formats, ops as _ops
+from . import lut_cpu_reference as ref
 
 SUB = 2          # 16-row subtiles per tile (they share each table load)
 TILE_N = 16 * SUB
@@ -23,8 +24,6 @@ TILE_N = 16 * SUB
 
 def ops():
     """``torch.ops.hf_efficient`` with the C++ LUT ops loaded; RuntimeError if the extension is not built."""
-    from ... import ops as _ops
-
     if not _ops.HAS_CPP_OPS:
         raise RuntimeError("the hf_efficient C++ extension is not built: reinstall with "
                            "`pip install --no-build-isolation -e .`")
@@ -35,7 +34,7 @@ _GEMM = None
 
 
 def _gemm_op():
-    # Cached: decode calls this ~200 times per token, and each torch.ops attribute lookup costs microseconds.
+    # Cached: decode calls this once per layer and token, and a torch.ops attribute lookup is not free.
     global _GEMM
     if _GEMM is None:
         _GEMM = ops().lut_gemm.default
@@ -43,8 +42,6 @@ def _gemm_op():
 
 
 def available() -> bool:
-    from ... import ops as _ops
-
     return _ops.HAS_CPP_OPS
 
 
@@ -66,36 +63,6 @@ def max_lut_rows() -> int:
     return ops().lut_max_rows()
 
 
-def _register_fakes() -> None:
-    if not available():
-        return
-
-    @torch.library.register_fake("hf_efficient::lut_gemm")
-    def _gemm_fake(x, qweight, grid, bits, group_size, out_features, force_scalar=False):
-        torch._check(x.dim() == 2, lambda: "lut_gemm: x must be 2-D")
-        return x.new_empty(x.shape[0], out_features)
-
-    @torch.library.register_fake("hf_efficient::lut_tables")
-    def _tables_fake(x, grid, bits, group_size, force_scalar=False):
-        kp = ref.padded_k(x.shape[1])
-        ch = 1 if grid is None else grid.shape[0]
-        ng = (kp + group_size - 1) // group_size
-        slots = kp // ref.slot_size(bits, grid is not None)
-        return (x.new_empty(x.shape[0], ch, slots, 16, dtype=torch.int8), x.new_empty(x.shape[0], ng),
-                x.new_empty(x.shape[0], ng))
-
-    @torch.library.register_fake("hf_efficient::lut_dequant")
-    def _dequant_fake(qweight, grid, bits, group_size, in_features, out_features):
-        return qweight.new_empty(out_features, in_features, dtype=torch.float32)
-
-    @torch.library.register_fake("hf_efficient::lut_codes")
-    def _codes_fake(qweight, bits, group_size, in_features, out_features, code_indexed):
-        return qweight.new_empty(out_features, in_features, dtype=torch.uint8)
-
-
-_register_fakes()
-
-
 # ------------------------------------------------------------------------------------------------
 # From a format's scale rule to the kernel's (grid, coef, zcoef)
 # ------------------------------------------------------------------------------------------------
@@ -104,7 +71,7 @@ def kernel_params(fmt: formats.NumericFormat, params: dict):
     """``(grid | None, coef (N, ng, channels), zcoef (N, ng))`` reproducing ``formats.decode`` for ``fmt``.
 
     INT formats (uniform grid ``c + off``) use the bit-serial engine: ``w = s * (c + off - z)`` gives
-    ``coef = s / 2`` and ``zcoef = s * ((2^b - 1) / 2 + off - z)`` (see :mod:`.reference`). Other grids use the
+    ``coef = s / 2`` and ``zcoef = s * ((2^b - 1) / 2 + off - z)`` (see :mod:`.lut_cpu_reference`). Other grids use the
     code-indexed engine, one channel per non-zero function of the scheme's split
     (:meth:`~hf_efficient.schemes.Scheme.value_split`): ``sym`` is one channel (``coef = s``); AFPQ
     ``two_scale`` is two channels, the grid's positive part scaled by ``s_pos`` and its negative part by ``s_neg``.
@@ -294,11 +261,10 @@ def prepare_spec(codes: torch.Tensor, bits: int, group_size: int, grid, coef, zc
 
 
 # Activations per int8 table scale of the code-indexed (FP/NF) tables. The tables of a kernel group share one
-# scale, so one activation outlier coarsens every entry of its group; on the embedded model a 32-token loss
-# rose 3.90 -> 4.15 (AFPQ FP4 g128) with 128-wide table groups and 3.92 with 32 (docs/lut.md). Wider weight
-# groups are split into 32-wide kernel groups with repeated coefficients (more coefficient bytes in the
-# stream). INT (bit-serial) tables did not need it (LUT INT4 g128: 3.89 with 128-wide tables, 3.91
-# dequantized), so they keep the weight group and its smaller stream.
+# scale, so one activation outlier coarsens every entry of its group; on the embedded model 128-wide table
+# groups cost AFPQ FP4 g128 most of its accuracy and 32-wide ones almost none (figures in docs/lut.md). Wider
+# weight groups are split into 32-wide kernel groups with repeated coefficients (more coefficient bytes in the
+# stream). INT (bit-serial) tables did not need it, so they keep the weight group and its smaller stream.
 TABLE_GROUP = 32
 
 
