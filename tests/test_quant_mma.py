@@ -85,6 +85,20 @@ def test_reference_equals_format_decode(name):
         assert ((ref - exact).abs() <= u * exact.abs() + 1e-30).all()
 
 
+@pytest.mark.parametrize("name", ["int4_asym", "nf3_asym", "fp4_sym"])
+def test_op_reference_body_and_fake(name):
+    """Off CUDA ``torch.ops.hf_efficient.quant_mma`` runs its reference body (x times the dequantized weight in
+    float32, rounded once); the op passes opcheck (schema, fake, AOT dispatch)."""
+    fmt, codes, kw = random_kernel_weight(name, 40, 160, 32, special="zero")
+    w = Q.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, 32, fmt.scale_scheme.mode)
+    x = torch.randn(3, 160, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    args = (x, w.qweight, w.params, w.tables, w.N, w.K, w.bits, w.group_size, w.mode, 0)
+    y = torch.ops.hf_efficient.quant_mma(*args)
+    assert torch.equal(y, (x.float() @ Q.dequantize_reference(w, x.dtype).t()).to(x.dtype))
+    torch.library.opcheck(torch.ops.hf_efficient.quant_mma.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
 def test_pack_errors():
     fmt, codes, kw = random_kernel_weight("int4_asym", 4, 64, 32)
     with pytest.raises(ValueError, match="bits"):
