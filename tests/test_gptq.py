@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_efficient import MoFQConfig, formats
-from hf_efficient.quantization.gptq import gptq_quantize
+from hf_efficient.quantization.gptq import _inverse_hessian_cholesky, gptq_quantize
 from hf_efficient.quantization.linear import rtn_quantize
 from hf_efficient.quantization.mofq import select
 from hf_efficient.quantization.packing import expand_groups
@@ -97,6 +97,20 @@ def test_diagonal_hessian_is_rtn():
     c, p = gptq_quantize(w, H, fmt, 32, damp=0.0)
     rc, rp = rtn_quantize(w, fmt, 32, torch.float16)
     assert torch.equal(c, rc) and all(torch.equal(p[k], rp[k]) for k in p)
+
+
+def test_inverse_hessian_factor_equals_factorising_the_inverse():
+    """The one-Cholesky route (reversed H) gives the upper factor of (H + λI)⁻¹ that factorising the explicit
+    inverse gives: for a singular H (fewer tokens than inputs) made definite by the dampening, and with damp=0."""
+    x, _ = _problem(90, 4, tokens=60)  # 60 tokens < 90 inputs: H is singular
+    for H, damp in ((2 * x.T @ x / len(x), 0.01), ((x.T @ x)[:40, :40] / len(x) + torch.eye(40), 0.0)):
+        U = _inverse_hessian_cholesky(H, damp)
+        assert torch.equal(U, torch.triu(U)) and (torch.diag(U) > 0).all()
+        Hd = H.double() + torch.eye(len(H), dtype=torch.float64) * (damp or 1e-6) * torch.diag(H).double().mean()
+        expect = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+        assert torch.allclose(U.double(), expect, rtol=1e-3, atol=1e-4 * expect.abs().max())
+    with pytest.raises(ValueError, match="positive definite"):
+        _inverse_hessian_cholesky(-torch.eye(8), 0.01)
 
 
 def test_gptq_bad_block_size():
@@ -194,3 +208,37 @@ def test_generated_calibration_text_is_cached(tiny_llama_dir, tmp_path, monkeypa
     # ("mixed" adds windows of the training plays; with this test's empty cache that would re-tokenize them)
     w = calibration_windows(tok, 4, 16, source="generated", model=model)  # the cached text: no new file
     assert w.shape == (4, 16) and len(list((tmp_path / "generated").glob("*.json"))) == 1
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_each_layer_is_calibrated_on_the_quantized_previous_layer(tiny_llama, act_bits):
+    """Layer i+1's calibration inputs are layer i's outputs with its final quantized linears (the
+    QuantLinear reference path; activations quantized too under W8A8), and every linear ends up quantized."""
+    import copy
+
+    from hf_efficient.quantization import api
+    from hf_efficient.quantization.linear import QuantLinear, reference_only
+
+    model = copy.deepcopy(tiny_llama)
+    seen = []
+    collect = api._collect_layer_inputs
+
+    def recording(layer, names, hidden, kwargs, *a):
+        seen.append(([h.clone() for h in hidden], kwargs))
+        return collect(layer, names, hidden, kwargs, *a)
+
+    cfg = MoFQConfig(bits=8, group_size=-1, candidates=["int8_sym", "fp8_sym"], act_bits=act_bits) if act_bits \
+        else MoFQConfig(bits=4, group_size=32, algorithm="gptq")
+    windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "_collect_layer_inputs", recording)
+        api.quantize_model(model, cfg, windows, progress=False)
+    layers = api.decoder_layers(model)
+    assert all(not isinstance(m, torch.nn.Linear) or isinstance(m, QuantLinear) or n == "lm_head"
+               for n, m in model.named_modules())
+    with reference_only(), torch.no_grad():
+        assert len(seen) == len(layers) == 2
+        for i in range(len(seen) - 1):
+            (h0, kw), h1 = seen[i], seen[i + 1][0]
+            out = [api._layer_output(layers[i](h, **k)) for h, k in zip(h0, kw)]
+            assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(out, h1))

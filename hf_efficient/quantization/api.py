@@ -196,13 +196,24 @@ def quantize_model(model: nn.Module, config: QuantConfigBase, windows: torch.Ten
         hidden, kwargs = _capture_first_layer_inputs(model, layers, windows, device)
         for i, layer in enumerate(tqdm(layers, desc=f"{config.quant_method} {config.algorithm}", disable=not progress)):
             names = {f"{prefix}.{i}.{n}": m for n, m in layer.named_modules() if f"{prefix}.{i}.{n}" in linears}
+            made_all = {}
             for group, acc, sample in _collect_layer_inputs(layer, names, hidden, kwargs, gptq, sample_tokens):
                 made = _quantize_linears({n: names[n] for n in group}, config, acc.H if acc is not None else None,
                                          sample)
                 for n, q in made.items():
-                    model.set_submodule(n, q)
-                    done.add(n)
+                    # The next layer's inputs come from this layer with its quantized weights. Weight-only: the
+                    # float linear holding them dequantized runs that in one matmul (QuantLinear's reference
+                    # path dequantizes on every call, a CPU fast path may round activations); it is swapped
+                    # for the QuantLinear after the re-run.
+                    if q.act_fmt is None:
+                        names[n].weight.copy_(q.dequantize(names[n].weight.dtype))
+                    else:
+                        model.set_submodule(n, q)
+                    made_all[n] = q
             hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            for n, q in made_all.items():
+                model.set_submodule(n, q)
+                done.add(n)
     for n, m in linears.items():
         if n not in done:
             # Linears outside the decoder stack (no Hessian collected) get round-to-nearest.
