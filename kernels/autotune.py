@@ -26,14 +26,14 @@ SPACES: dict[str, list[dict]] = {
         dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=8, PREFETCH=0, **{_W: 4, _S: 3}),
         dict(BLOCK_N=128, BLOCK_C=4, SPLIT_K=2, PREFETCH=0, **{_W: 4, _S: 3}),
         dict(BLOCK_N=16, BLOCK_C=4, SPLIT_K=8, PREFETCH=0, **{_W: 4, _S: 1}),  # fits M = 8 at 8 bits
-        # Many small programs: at M = 1 the four above launch 256-512 programs on 4096 rows, 2-4 per SM
-        # (the H100 run reached 22-32 % of copy BW). More programs alone did not help on the H200 (19-27 %).
+        # Many small programs: at M = 1 the four above launch 256-512 programs on 4096 rows, 2-4 per SM, too few
+        # to keep DRAM busy; more programs alone did not help on the H200 (docs/gpu_kernels.md).
         dict(BLOCK_N=32, BLOCK_C=8, SPLIT_K=16, PREFETCH=0, **{_W: 4, _S: 2}),
         dict(BLOCK_N=64, BLOCK_C=8, SPLIT_K=16, PREFETCH=0, **{_W: 4, _S: 2}),
         dict(BLOCK_N=16, BLOCK_C=16, SPLIT_K=32, PREFETCH=0, **{_W: 4, _S: 2}),
         dict(BLOCK_N=64, BLOCK_C=16, SPLIT_K=8, PREFETCH=0, **{_W: 8, _S: 2}),
-        # One- and two-warp programs: the H200 profile (ncu) of the 4-warp ones showed 20-42 % occupancy and the
-        # L1 busy; small programs keep 4 rows per thread (R=4 x reuse) with more of them resident per SM.
+        # One- and two-warp programs: the H200 profile (ncu) of the 4-warp ones showed low occupancy and the L1
+        # busy (docs/gpu_kernels.md); small programs keep 4 rows per thread (R=4 x reuse), more resident per SM.
         dict(BLOCK_N=32, BLOCK_C=4, SPLIT_K=16, PREFETCH=0, **{_W: 1, _S: 1}),
         dict(BLOCK_N=64, BLOCK_C=4, SPLIT_K=16, PREFETCH=0, **{_W: 2, _S: 1}),
         # Register double-buffering: the next K step's weights are in flight during this step's arithmetic

@@ -38,14 +38,14 @@ ZERO_POINT = tl.constexpr(SCHEMES["zero_point"].mode)
 TWO_SCALE = tl.constexpr(SCHEMES["two_scale"].mode)
 _ONE = tl.constexpr(0x3F800000)  # float32 1.0, as bits
 # Triton compiles one variant per divisibility-by-16 / ==1 pattern of the integer arguments: with all of them
-# specialized, every new (M, N, K) meant a fresh ~2 s compile (a 1,000-case fuzz did not finish in 200 s).
+# specialized, every new (M, N, K) meant a fresh compile, which made fuzzing and varied shapes compile-bound.
 # Two stay specialized: the row stride KW (a 32-code chunk loads as one 128-bit access) and K (with K % 16
-# known, the activation masks are uniform over each slot's W codes, so activations load as vectors: the
-# sm_90 GEMV loop is 732 instructions with K specialized, 875 without).
+# known, the activation masks are uniform over each slot's W codes, so activations load as vectors and the
+# GEMV loop is markedly shorter). Figures: docs/gpu_kernels.md, "Why the kernels are written as they are".
 SHAPE_ARGS = ["M", "N", "P0W", "NG", "NC", "CPG", "GROUP", "M_BUCKET"]
 # ptxas keeps neither of the two constants of ``(w << s) & mask | 1.0`` in a register: it re-materialises one per
-# weight (~90 of the 724 instructions of the sm_90 INT4 GEMV loop). ``(w & mask) * 2**s + 1.0`` written as one PTX
-# ``mad`` becomes a single LEA with 1.0 in a register (loop: 643). The interpreter runs no PTX: plain ops there.
+# weight. ``(w & mask) * 2**s + 1.0`` written as one PTX ``mad`` becomes a single LEA with 1.0 in a register
+# (instruction counts in docs/gpu_kernels.md). The interpreter runs no PTX: plain ops there.
 _PTX = tl.constexpr(not interpreting())
 
 
@@ -131,7 +131,7 @@ def int_weights(c, a, b, v_off, BITS: tl.constexpr, MODE: tl.constexpr):
     """Uniform INT grid, sym or zero point: ``(c + v_off - z) * a`` (``[BN, BC, P, W]`` codes, ``[BN, BC]`` params)
     as one FMA per weight, ``f * (a 2**BITS) + (v_off - z - 2**BITS) a`` with ``f = 1 + c / 2**BITS`` made by
     moving the code's bits under the exponent of 1.0: no int-to-float conversion and no per-weight subtraction
-    (the sm_90 GEMM loop, INT4 M = 16: 893 -> 797 instructions). The FMA rounds once, so the error stays below
+    (a shorter GEMM loop; docs/gpu_kernels.md). The FMA rounds once, so the error stays below
     2**-24 of ``(c + v_off - z) a``'s larger terms, far inside the GEMM's bf16/fp16 weight rounding."""
     f = ((c << (23 - BITS)) | _ONE).to(tl.float32, bitcast=True)
     z = b if MODE == ZERO_POINT else 0.0
