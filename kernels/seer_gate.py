@@ -3,8 +3,8 @@ block-selection kernel that writes the block indices the sparse kernel reads.
 
 Twins (same layouts and rules) in :mod:`hf_efficient.kernels.seer_reference`: ``gate_features_reference``,
 ``select_block_mask`` + ``block_mask_to_indices`` and ``gate_block_indices_reference``. The torch gate was a
-chain of ~100 small launches (2-3 ms even at 8k tokens); this path is 4 launches whose cost scales with the
-data they touch (reading Q and K once, nQB x nKB scores).
+chain of many small launches whose fixed cost dominated even at long contexts (docs/seer_attention.md); this
+path is 4 launches whose cost scales with the data they touch (reading Q and K once, nQB x nKB scores).
 """
 from __future__ import annotations
 

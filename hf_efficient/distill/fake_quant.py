@@ -56,7 +56,7 @@ def fake_quantize_weight(w: torch.Tensor, fmt, group_size: int | None, scale_dty
 
 
 def _zero_point_round_trip(fmt, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``decode(encode(w))`` of an INT zero-point format in closed form (bit-identical, ~2x faster).
+    """``decode(encode(w))`` of an INT zero-point format in closed form (bit-identical, faster: docs/bitdistiller.md).
 
     ``formats.encode`` finds the nearest of the codes ``0..qmax`` by a search over the midpoints
     ``c + 0.5`` (ties to the lower code): that index is ``ceil(x - 0.5)`` clamped to the codes, and

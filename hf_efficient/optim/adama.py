@@ -84,8 +84,8 @@ class AdamA(Optimizer):
             with at least ``min_8bit_size`` elements; smaller ones keep fp32 states).
         stochastic_rounding: round re-stored low-bit states stochastically (random numbers from a
             generator seeded with ``seed``, saved in the state dict; on CUDA the kernels' own counter-based
-            generator, seeded per launch). Default on: over 500 steps it kept bf16 and 8-bit states within
-            0.02 % of fp32 AdamA's final loss, where round-to-nearest 8-bit lost 0.8 % (docs/adama.md).
+            generator, seeded per launch). Default on: it keeps bf16 and 8-bit states close to fp32 AdamA's final
+            loss where round-to-nearest 8-bit falls measurably short (docs/adama.md).
         per_param_clip: if set, clip each parameter's micro-batch mean gradient to this norm before
             folding (the only clipping possible once gradients are freed).
         fold_on_hook: fold in ``register_post_accumulate_grad_hook`` (default, saves gradient memory).

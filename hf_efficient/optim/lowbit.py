@@ -1,8 +1,8 @@
 """8-bit block-wise optimizer states for AdamA (plain torch).
 
 Why not torchao's ``OptimState8bit``: with torchao installed, transformers imports it whenever a
-model class is imported (+2.5 s per process, and torchao 0.18 prints library-load failures and
-deprecation warnings under torch 2.13), which would change every other feature of this package.
+model class is imported (seconds per process, and library-load failures and deprecation warnings printed
+under torch 2.13; docs/adama.md), which would change every other feature of this package.
 So the state format is written here, small and self-contained.
 
 Format (:class:`Q8State`): ``codes`` uint8 with the parameter's shape; ``scale`` fp32, the absmax
@@ -22,7 +22,7 @@ second moments of a block to zero. Values below the map's smallest magnitude rou
 AdamA guards the update against a zeroed v (see ``adama._update``).
 
 AdamA re-quantizes m and v after every micro-batch, so rounding errors compound N times per step
-(measured: ~3 % relative state error after 30 steps with N = 1, ~8-11 % with N = 8, round-to-nearest).
+(the state error grows with N; measured figures in docs/adama.md).
 Stochastic rounding (random numbers from a generator the optimizer owns, never the global RNG) is
 unbiased: its instantaneous error is ~1.4x larger, but increments below half a grid step survive in
 expectation, and over 500 steps of real text it matched fp32 states' loss (+0.02 %) where nearest

@@ -193,7 +193,7 @@ def build_speech_dataset(spec: SpeechSpec, cache_dir: str | Path | None = None, 
 
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "speech"
     path = root / f"{spec.split}-{spec.n}-{spec.key()}"
-    # numpy for the audio column: python float lists cost ~50 ms per row to build
+    # numpy for the audio column: building python float lists per row dominated loading (docs/pruning.md)
     as_numpy = dict(type="numpy", columns=["audio"], output_all_columns=True)
     if (path / "dataset_info.json").exists():
         return datasets.load_from_disk(str(path)).with_format(**as_numpy)

@@ -157,8 +157,8 @@ def _gather_blocks(x: torch.Tensor, idx: torch.Tensor, block: int) -> torch.Tens
     """Full blocks ``idx`` (B, Hkv, m) of ``x`` (B, Hkv, S, D) -> (B, Hkv, m * block, D), one copy.
 
     For a contiguous cache every block is one run of ``block * D`` elements, so an overlapping row view (one row
-    per token start) lets a single ``index_select`` memcpy whole blocks (~1.3x faster than advanced indexing on
-    this CPU); other layouts take advanced indexing."""
+    per token start) lets a single ``index_select`` memcpy whole blocks (faster than advanced indexing;
+    docs/seer_attention.md); other layouts take advanced indexing."""
     b, hkv, s, d = x.shape
     m = idx.shape[-1]
     if x.is_contiguous():
