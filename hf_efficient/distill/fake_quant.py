@@ -50,8 +50,8 @@ def fake_quantize_weight(w: torch.Tensor, fmt, group_size: int | None, scale_dty
         cols = {p: t[..., None] for p, t in params.items()}
     else:
         cols = {p: expand_groups(t, k, gs) for p, t in params.items()}
-    if fmt.scheme == "zero_point":
-        return _zero_point_round_trip(fmt, wf, cols["scales"], cols["zeros"]).reshape(n, k).to(w.dtype)
+    if fmt.scale_scheme.offset:  # INT zero point: (scale, zero point) are the scheme's (a, b)
+        return _zero_point_round_trip(fmt, wf, *fmt.scale_scheme.kernel_ab(cols)).reshape(n, k).to(w.dtype)
     return formats.decode(fmt, formats.encode(fmt, wf, cols), cols, w.dtype).reshape(n, k)
 
 
