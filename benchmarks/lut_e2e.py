@@ -62,6 +62,7 @@ models = {}
 def load(req):
     path = os.path.join(req["cache"], f"smollm2-135m-{req['type']}.gguf")
     if not os.path.exists(path):
+        os.makedirs(req["cache"], exist_ok=True)
         p = llama_cpp.llama_model_quantize_default_params()
         p.ftype = getattr(llama_cpp, FTYPES[req["type"]])
         p.allow_requantize = True
@@ -244,7 +245,6 @@ def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, ca
     engines = {name: engine_of(m, prompt) for name, m in models.items()}
     llama_info: dict[str, dict] = {}
     if llama:
-        os.makedirs(cache, exist_ok=True)
         for t in LLAMA_TYPES:
             r = llama.request(op="load", type=t, src=gguf_path(), cache=cache, n_ctx=PROMPT_LEN + NEW_TOKENS + 8)
             if "error" not in r:
