@@ -21,6 +21,60 @@ from tqdm.auto import tqdm
 DEFAULT_PROMPT = "Write one sentence about the sea."
 
 
+# Positions whose logits exist at once while scoring a window. Full-window logits of a 49k-vocabulary model
+# at context 2048 are 400 MB, plus as much again for their log-softmax: that, not the model, was the peak
+# memory of a small model's evaluation. Chunks also stay above the LUT kernels' decode-size limit
+# (kernel.max_lut_rows, 32), so a quantized head takes the same path as it would on the whole window.
+LOGIT_CHUNK = 64
+
+
+def _split_head(model):
+    """``(trunk, head)`` with ``model(ids).logits == head(trunk(ids).last_hidden_state)`` for this model, or None.
+
+    The split is checked on a short probe, so a model whose head does more than one linear map (logit
+    soft-capping, scaling) or that has no decoder/head accessors falls back to full-window logits.
+    """
+    trunk = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if trunk is None or head is None or trunk is model:
+        return None
+    device = next(model.parameters()).device
+    probe = torch.arange(8, device=device)[None] % max(2, int(getattr(model.config, "vocab_size", 2)))
+    try:
+        split = head(trunk(input_ids=probe, use_cache=False).last_hidden_state)
+    except Exception:  # any model whose parts do not take these arguments: not splittable
+        return None
+    full = model(probe, use_cache=False).logits
+    if split.shape != full.shape or not torch.allclose(split.float(), full.float(), rtol=1e-4, atol=1e-4):
+        return None
+    return trunk, head
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """``[begin, end)`` ranges covering ``n`` positions, each of ``size`` or more (the remainder joins the last)."""
+    bounds = list(range(0, n, size))
+    if len(bounds) > 1 and n - bounds[-1] < size:
+        bounds.pop()
+    return list(zip(bounds, bounds[1:] + [n]))
+
+
+def _window_nll(model, split, window: torch.Tensor, first: int) -> float:
+    """Sum of ``-log p(window[j+1] | window[:j+1])`` over positions ``j >= first`` of one window (1, T)."""
+    # use_cache=False: a window is scored once, and its KV cache would be ~100 MB at context 2048 (135M model).
+    targets = window[0, 1:]
+    if split is None:
+        logp = torch.log_softmax(model(window, use_cache=False).logits[0, :-1].float(), dim=-1)
+        return -logp[first:].gather(1, targets[first:, None]).double().sum().item()
+    trunk, head = split
+    hidden = trunk(input_ids=window, use_cache=False).last_hidden_state[0, :-1]
+    nll = 0.0
+    for a, b in _chunks(hidden.shape[0] - first, LOGIT_CHUNK):
+        a, b = a + first, b + first
+        logp = torch.log_softmax(head(hidden[a:b]).float(), dim=-1)
+        nll -= logp.gather(1, targets[a:b, None]).double().sum().item()
+    return nll
+
+
 @torch.no_grad()
 def perplexity(model, input_ids: torch.Tensor, context: int = 2048, stride: int | None = None,
                progress: bool = True) -> float:
@@ -29,7 +83,9 @@ def perplexity(model, input_ids: torch.Tensor, context: int = 2048, stride: int 
     The first window scores tokens ``1..context-1``; each later window ends ``stride`` tokens further
     (default ``context // 2``) and scores only its last ``stride`` tokens, so every scored token
     after the first window sees at least ``context - stride`` tokens of history. The first token is
-    never scored; every other token is scored exactly once.
+    never scored; every other token is scored exactly once. Logits are computed for
+    :data:`LOGIT_CHUNK` scored positions at a time where the model's head can be split off (see
+    :func:`_split_head`), so memory does not grow with ``context x vocabulary``.
     """
     if input_ids.dim() != 1:
         raise ValueError(f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
@@ -42,15 +98,14 @@ def perplexity(model, input_ids: torch.Tensor, context: int = 2048, stride: int 
     if not 1 <= stride < context:
         raise ValueError(f"stride must be in [1, context={context}), got {stride}")
     device = next(model.parameters()).device
+    split = _split_head(model)
     n_windows = 1 + max(0, math.ceil((n - context) / stride))
     nll, scored_to = 0.0, 1  # tokens [1, scored_to) are already scored
     for _ in tqdm(range(n_windows), desc="perplexity", disable=not progress, leave=False):
         end = min(max(scored_to + stride, context), n)
         begin = max(0, end - context)
         window = input_ids[begin:end].to(device)[None]
-        logp = torch.log_softmax(model(window).logits[0, :-1].float(), dim=-1)
-        token_nll = -logp.gather(1, window[0, 1:, None])[:, 0]
-        nll += token_nll[scored_to - begin - 1:].double().sum().item()  # targets[j] is token begin+1+j
+        nll += _window_nll(model, split, window, scored_to - begin - 1)  # targets[j] is token begin+1+j
         scored_to = end
     assert scored_to == n
     return math.exp(nll / (n - 1))

@@ -8,6 +8,7 @@ safetensors HF directory under :func:`cache_dir`. Nothing is ever downloaded at 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -131,11 +132,46 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = to
     check_model_dir(p)  # a truncated/corrupt weight file fails here naming the file, not deep in safetensors
     try:
         tokenizer = AutoTokenizer.from_pretrained(p)
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, **kwargs)
+        with read_weights_without_mmap():
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model from {p}: {e}") from e
     model.to(device).eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def read_weights_without_mmap():
+    """Within this block, transformers reads safetensors files tensor by tensor (``pread``), not memory-mapped.
+
+    Memory-mapped, every page of the file that loading touches stays resident (and counted in the process's
+    RSS) for as long as any tensor of the file is alive: quantizing on load reads every float weight, and the
+    one float tensor kept (the embedding, a view into the mapping) then pins the whole float checkpoint, e.g.
+    ~400 MiB beside a ~170 MiB quantized SmolLM2-135M. Read with ``pread``, each tensor is its own allocation
+    and a float weight is freed as soon as it is quantized. transformers has no option for this (it picks
+    ``pread`` only for MPS and Windows), so its ``safe_open`` is wrapped for the duration of the block;
+    ``tests/test_cpu_memory.py`` checks that no weight of a loaded model lies in a file mapping.
+    """
+    try:
+        import transformers.modeling_utils as mu
+    except ImportError:
+        yield
+        return
+    opener = getattr(mu, "safe_open", None)
+    if opener is None:
+        yield
+        return
+
+    def safe_open(*args, **kwargs):
+        if kwargs.get("backend") == "mmap":
+            kwargs["backend"] = "pread"
+        return opener(*args, **kwargs)
+
+    mu.safe_open = safe_open
+    try:
+        yield
+    finally:
+        mu.safe_open = opener
 
 
 def load_default(**kwargs):
