@@ -187,7 +187,15 @@ def _qlinear(fmt, k=96, n=40, group=32, bias=True, seed=0):
     return QuantLinear.from_linear(lin, fmt, group)
 
 
-@pytest.mark.parametrize("fmt,m", [("nf4_asym", 1), ("int3_asym", 3), ("fp4_asym", 2)])
+def test_fp4_e2m1_is_withheld_from_the_triton_layer_path():
+    """Until the GPU failure of FP4 layers is understood (docs/gpu_kernels.md), they run the reference path."""
+    from hf_efficient.quantization.gpu import supports
+
+    assert "withheld" in supports(_qlinear("fp4_asym"))
+    assert supports(_qlinear("fp3_asym")) is None and supports(_qlinear("nf4_asym")) is None
+
+
+@pytest.mark.parametrize("fmt,m", [("nf4_asym", 1), ("int3_asym", 3), ("nf3_asym", 2)])
 def test_quant_linear_fast_path(cpu_fast_path, fmt, m):
     from hf_efficient.quantization import reference_only
     from hf_efficient.quantization.gpu import force_kernel
