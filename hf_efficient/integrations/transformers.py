@@ -24,6 +24,7 @@ and a model card (README.md) that says what the checkpoint is and how to load it
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import torch
@@ -152,6 +153,13 @@ class QuantizeOnLoad(ConversionOps):
         return {f"{prefix}.{k}": v.to(value.device) for k, v in tensors.items()}
 
 
+# Quantize-on-load must stream. transformers' threaded loader submits every checkpoint tensor to its pool at once,
+# so its workers put float tensors on the device faster than the main thread quantizes them and the load peak
+# becomes the whole float model (seen on the GPU with transformers 5.17; later releases go sequential themselves
+# for on-the-fly quantization). Sequential loading keeps about one float tensor alive at a time.
+ASYNC_LOAD_ENV = "HF_DEACTIVATE_ASYNC_LOAD"
+
+
 class HfEfficientQuantizer(HfQuantizer):
     """Generic quantizer: module replacement, quantize-on-load, pre-quantized reload, freezing."""
 
@@ -161,6 +169,7 @@ class HfEfficientQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self._converted: list[str] = []
         self.load_errors: list[str] = []
+        self._async_env: tuple[bool, str | None] | None = None  # the user's setting while we override it
 
     def validate_environment(self, *args, **kwargs):
         cfg = self.quantization_config
@@ -182,6 +191,9 @@ class HfEfficientQuantizer(HfQuantizer):
         skip = self.get_modules_to_not_convert(model, cfg.modules_to_not_convert, keep_in_fp32_modules,
                                                add_default_skips=tied)
         self._converted = replace_linears(model, cfg, skip, placeholder=not self.pre_quantized)
+        if not self.pre_quantized and self._converted:
+            self._async_env = (ASYNC_LOAD_ENV in os.environ, os.environ.get(ASYNC_LOAD_ENV))
+            os.environ[ASYNC_LOAD_ENV] = "1"
         if self.pre_quantized:
             check_checkpoint(model, self._converted, checkpoint_files, type(cfg).__name__)
             # The guards (GUARD_KEY, <layer>.weight) exist to stop a load without this package; here they are
@@ -203,7 +215,17 @@ class HfEfficientQuantizer(HfQuantizer):
     def get_quantize_ops(self):
         return QuantizeOnLoad(self)
 
+    def _restore_async_env(self) -> None:
+        if self._async_env is not None:
+            was_set, value = self._async_env
+            if was_set:
+                os.environ[ASYNC_LOAD_ENV] = value
+            else:
+                os.environ.pop(ASYNC_LOAD_ENV, None)
+            self._async_env = None
+
     def _process_model_after_weight_loading(self, model, **kwargs):
+        self._restore_async_env()
         problems = list(self.load_errors)
         for name in self._converted:
             m = model.get_submodule(name)
