@@ -26,7 +26,8 @@ KERNELS = {
 }
 
 
-def status(row: dict, baseline_ppl: float | None) -> str:
+def status(row: dict, baseline_ppl: float | None, expected_broken: str | None = None) -> str:
+    """``expected_broken``: the row's stated reason for being far worse than fp32 (see ``DemoRow``)."""
     ppl = row.get("ppl")
     if row.get("error"):
         return "FAILED: " + row["error"]
@@ -35,6 +36,8 @@ def status(row: dict, baseline_ppl: float | None) -> str:
     if not baseline_ppl or row["name"] == "fp32":
         return "ok"
     ratio = ppl / baseline_ppl
+    if ratio > BROKEN and expected_broken:
+        return f"BROKEN (expected): perplexity {ratio:,.0f}x the fp32 row's. {expected_broken}"
     if ratio > BROKEN:
         return (f"BROKEN: perplexity {ratio:,.0f}x the fp32 row's; this format/recipe destroys the model "
                 f"(round-to-nearest, no calibration); the sample below is not meaningful")
