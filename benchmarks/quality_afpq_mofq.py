@@ -12,6 +12,11 @@ it never saw in calibration (``hf_efficient.data.heldout_ids``); one ``ppl_<set>
 Split the rows over processes (``--threads 1`` each: GPTQ's per-column loop gains nothing from more) with
 ``--shard k/n --out DIR_k`` and join them with ``--merge DIR_0 ... DIR_n-1 --out DIR``; each shard scores the
 same fp32 baseline. ``--device cuda`` works but is no faster: that loop is launch-bound on a GPU.
+``--extend quality_afpq_mofq`` also writes this run's rows into that result file, tagged with ``table`` = this
+run's ``--name`` and named ``<row> [<name>]`` (the rows of an earlier run with that tag are replaced), so a
+table made with other settings sits next to the main one without being mistaken for it.
+Perplexity is scored on QuantLinear's reference path (dequantized weights, float activations): the table
+compares formats, not a CPU engine's rounding of activations.
 """
 from __future__ import annotations
 
@@ -25,12 +30,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_results
+from benchmarks.common import RESULTS_DIR, write_results
 from hf_efficient.data import heldout_ids
 from hf_efficient.evaluation import perplexity, state_dict_bytes
 from hf_efficient.models import load_model
 from hf_efficient.quantization.afpq import AFPQConfig
 from hf_efficient.quantization.api import calibration_windows, quantize_model
+from hf_efficient.quantization.linear import reference_only
 from hf_efficient.quantization.mofq import MoFQConfig
 
 NOTE = ("The embedded weights are dequantized from Q4_1 (w = d*q + m per block of 32 along in_features): INT4 "
@@ -103,6 +109,18 @@ def merge(dirs: list[str], out: str | None) -> list[dict]:
     return rows
 
 
+def extend(target: str, table: str, rows: list[dict], settings: dict, out: str | None) -> None:
+    """Put ``rows`` (tagged ``table``) into result file ``target``, replacing that table's earlier rows."""
+    path = Path(out or RESULTS_DIR) / f"{target}.json"
+    payload = json.loads(path.read_text())
+    kept = [r for r in payload["rows"] if r.get("table") != table]
+    tagged = [{**r, "name": f"{r['name']} [{table}]", "table": table} for r in rows]
+    merged = dict(payload["settings"])
+    merged.setdefault("tables", {})[table] = settings
+    cols = list(dict.fromkeys(COLUMNS + [k for r in tagged for k in r if k.startswith("ppl_")] + ["table"]))
+    write_results(target, kept + tagged, merged, out, columns=cols)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
@@ -119,6 +137,7 @@ def main(argv=None):
     ap.add_argument("--heldout", default="plays", help=f"comma-separated held-out texts among {HELDOUT}")
     ap.add_argument("--calib-source", default="plays", help="calibration text (hf_efficient.data.calibration_windows)")
     ap.add_argument("--name", default="quality_afpq_mofq", help="result file name")
+    ap.add_argument("--extend", default=None, metavar="NAME", help="also add this run's rows to result file NAME")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.merge:
@@ -164,7 +183,8 @@ def main(argv=None):
             if isinstance(cfg, MoFQConfig):
                 extra["summary"] = cfg.summary()
         qtime = time.time() - t0
-        ppls = {f"ppl_{h}": perplexity(model, e, context=args.context, progress=False) for h, e in evals.items()}
+        with reference_only():
+            ppls = {f"ppl_{h}": perplexity(model, e, context=args.context, progress=False) for h, e in evals.items()}
         ppl = ppls[f"ppl_{heldout[0]}"]
         fp32_ppl = fp32_ppl or ppl
         r = {"name": name, "ppl": ppl, "delta_ppl": ppl - fp32_ppl, **ppls, "size_mb": state_dict_bytes(model) / 2**20,
@@ -173,6 +193,8 @@ def main(argv=None):
         print(f"{name:40s} " + " ".join(f"{k}={v:8.3f}" for k, v in ppls.items()) +
               f"  size={r['size_mb']:.1f} MiB  {qtime:.0f} s  {extra.get('summary', '')}", flush=True)
         write_results(args.name, rows, settings, args.out, columns=columns)
+        if args.extend:
+            extend(args.extend, args.name, rows, settings, args.out)
         if model is not base:
             del model
 
