@@ -231,7 +231,8 @@ def load_avg() -> float:
     return os.getloadavg()[0]
 
 
-def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, cache: str):
+def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, cache: str, save):
+    """Measure everything (module docstring); ``save(rows, progress)`` is called after every round."""
     from benchmarks.cpu_threads import cpu_info
     from hf_efficient.data import heldout_ids
     from hf_efficient.evaluation import measure_speed, perplexity
@@ -265,6 +266,33 @@ def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, ca
             ppl[f"llama.cpp {t}"] = r.get("ppl")
             print(f"llama.cpp {t}: {r}", flush=True)
 
+    def rows_of(threads, best):
+        """The table rows of one thread count from the best rounds so far."""
+        ours = [{"name": f"ours {n}", "threads": threads, **best[f"ours {n}"], "ppl": ppl[f"ours {n}"],
+                 "engine": engines[n]} for n in models]
+        theirs = []
+        for t in LLAMA_TYPES:
+            li = llama_info.get(t, {})
+            theirs.append({"name": f"llama.cpp {t}", "threads": threads, **best.get(f"llama.cpp {t}", {}),
+                           "ppl": ppl.get(f"llama.cpp {t}"),
+                           "engine": "llama.cpp ggml-cpu (built natively)" if llama else "",
+                           "file_MB": li.get("bytes", 0) / 1e6 or None,
+                           "llama_weight_types": li.get("weight_types", ""),
+                           "note": li.get("error", "") if llama else "llama-cpp-python not found (optional)"})
+        fp32 = best["ours fp32"]["decode_tok_s"]
+        by_type = {r["name"].split()[-1]: r.get("decode_tok_s") for r in theirs}
+        for r in ours:
+            r["speedup_vs_our_fp32"] = r["decode_tok_s"] / fp32
+            refs = [(by_type[t], t) for t in SAME_BITS[r["name"].removeprefix("ours ").removesuffix(" + head")]
+                    if by_type.get(t)]
+            if refs:
+                tok_s, t = max(refs)
+                r.update(llama_cpp_same_bits=t, llama_cpp_tok_s=tok_s, ours_over_llama_cpp=r["decode_tok_s"] / tok_s,
+                         llama_cpp_ppl=ppl.get(f"llama.cpp {t}"))
+        for r in ours + theirs:
+            r.update(cpu=info["cpu"], caches=info["caches"], simd=info["simd"])
+        return ours + theirs
+
     rows = []
     for threads in threads_list:
         torch.set_num_threads(threads)
@@ -288,30 +316,11 @@ def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, ca
                         keep(f"llama.cpp {t}", decode_tok_s=r["tok_s"])
             print(f"threads={threads} round {rnd}: " + ", ".join(f"{k} {v['decode_tok_s']:.1f}"
                                                                  for k, v in best.items()), flush=True)
-        ours = [{"name": f"ours {n}", "threads": threads, **best[f"ours {n}"], "ppl": ppl[f"ours {n}"],
-                 "engine": engines[n]} for n in models]
-        theirs = []
-        for t in LLAMA_TYPES:
-            li = llama_info.get(t, {})
-            r = {"name": f"llama.cpp {t}", "threads": threads, **best.get(f"llama.cpp {t}", {}),
-                 "ppl": ppl.get(f"llama.cpp {t}"), "engine": "llama.cpp ggml-cpu (built natively)" if llama else "",
-                 "file_MB": li.get("bytes", 0) / 1e6 or None, "llama_weight_types": li.get("weight_types", ""),
-                 "note": li.get("error", "") if llama else "llama-cpp-python not found (optional)"}
-            theirs.append(r)
-        fp32 = best["ours fp32"]["decode_tok_s"]
-        by_type = {r["name"].split()[-1]: r.get("decode_tok_s") for r in theirs}
-        for r in ours:
-            r["speedup_vs_our_fp32"] = r["decode_tok_s"] / fp32
-            refs = [(by_type[t], t) for t in SAME_BITS[r["name"].removeprefix("ours ").removesuffix(" + head")]
-                    if by_type.get(t)]
-            if refs:
-                tok_s, t = max(refs)
-                r.update(llama_cpp_same_bits=t, llama_cpp_tok_s=tok_s, ours_over_llama_cpp=r["decode_tok_s"] / tok_s,
-                         llama_cpp_ppl=ppl.get(f"llama.cpp {t}"))
-        for r in ours + theirs:
-            r.update(cpu=info["cpu"], caches=info["caches"], simd=info["simd"])
-        print_rows(ours + theirs)
-        rows += ours + theirs
+            # Written after every round, so a run cut short (a busy shared machine) still leaves its table.
+            save(rows + rows_of(threads, best), {"threads": threads, "rounds_done": rnd + 1})
+        block = rows_of(threads, best)
+        print_rows(block)
+        rows += block
     return rows, info
 
 
@@ -331,24 +340,29 @@ def main(argv=None):
     llama = LlamaServer(py) if py else None
     if llama is None:
         print("llama-cpp-python not found: llama.cpp rows stay empty (scripts/build_llama_cpp.sh builds it)")
+
+    def save(rows, progress):
+        write_results("lut_cpu_e2e", rows,
+                      {"model": "embedded SmolLM2-135M (GGUF Q4_1; ours dequantizes and requantizes on load)",
+                       "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "repeats": args.repeats,
+                       "rounds": args.rounds, "progress": progress, "threads": args.threads,
+                       "ppl": f"{args.ppl_tokens} held-out tokens (plays), one window",
+                       "llama_cpp_python": llama.version if llama else "not found",
+                       "llama_cpp_system_info": llama.system_info if llama else None,
+                       "note": "decode through model.generate (greedy, per-token stamps) vs llama.cpp's greedy "
+                               "argmax + one-token decode loop, interleaved; best round of each. '+ head': tied "
+                               f"output head also on the LUT kernels (INT{HEAD_BITS} g{HEAD_GROUP} runtime copy)."},
+                      args.out, columns=["name", "threads", "decode_tok_s", "forward_loop_tok_s",
+                                         "speedup_vs_our_fp32", "llama_cpp_same_bits", "llama_cpp_tok_s",
+                                         "ours_over_llama_cpp", "ppl", "llama_cpp_ppl", "file_MB",
+                                         "llama_weight_types", "engine", "load_avg_1min", "note"])
+
     try:
-        rows, info = run(args.threads, args.rounds, args.repeats, args.ppl_tokens, llama, args.cache)
+        rows, _ = run(args.threads, args.rounds, args.repeats, args.ppl_tokens, llama, args.cache, save)
     finally:
         if llama:
             llama.close()
-    write_results("lut_cpu_e2e", rows,
-                  {"model": "embedded SmolLM2-135M (GGUF Q4_1; ours dequantizes and requantizes on load)",
-                   "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "repeats": args.repeats,
-                   "rounds": args.rounds, "ppl": f"{args.ppl_tokens} held-out tokens (plays), one window",
-                   "cpu": info, "llama_cpp_python": llama.version if llama else "not found",
-                   "llama_cpp_system_info": llama.system_info if llama else None,
-                   "note": "decode through model.generate (greedy, per-token stamps) vs llama.cpp's greedy "
-                           "argmax + one-token decode loop, interleaved; best round of each. '+ head': tied "
-                           f"output head also on the LUT kernels (INT{HEAD_BITS} g{HEAD_GROUP} runtime copy)."},
-                  args.out, columns=["name", "threads", "decode_tok_s", "forward_loop_tok_s", "speedup_vs_our_fp32",
-                                     "llama_cpp_same_bits", "llama_cpp_tok_s", "ours_over_llama_cpp", "ppl",
-                                     "llama_cpp_ppl", "file_MB", "llama_weight_types", "engine", "load_avg_1min",
-                                     "note"])
+    save(rows, "complete")
 
 
 if __name__ == "__main__":
