@@ -150,6 +150,10 @@ class QuantizeOnLoad(ConversionOps):
             # transformers logs conversion errors and goes on loading; keep ours to raise after loading.
             self.hf_quantizer.load_errors.append(str(e))
             raise
+        if value.device.type == "cpu":  # the quantizer's temporaries just freed: back to the OS, not kept as heap
+            from ..quantization.lut.layer import release_free_heap
+
+            release_free_heap()
         return {f"{prefix}.{k}": v.to(value.device) for k, v in tensors.items()}
 
 
