@@ -40,7 +40,7 @@ def cpu_info() -> dict:
             caches[f"L{lvl}{'d' if typ == 'Data' else 'i' if typ == 'Instruction' else ''}"] = (d / "size").read_text().strip()
         except OSError:
             continue
-    simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_vbmi",
+    simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi",
                         "avx512_bf16", "amx_tile", "asimd") if f in flags]
     # The 1-minute load average: on a shared machine it says whether the timings can be trusted.
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
