@@ -23,7 +23,6 @@ Triton kernels of ``quant_matmul``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 
@@ -120,15 +119,19 @@ _WITHHELD_REASON = ("the Triton kernels' FP4-E2M1 decode is withheld pending a G
                     "known issues); running the reference path")
 
 
-@functools.cache
-def _withheld(fmt_name: str) -> bool:
-    from .. import formats
-    from ..kernels.quant_layout import DECODE_E2M1, choose_decode
+_withheld_formats: dict[str, bool] = {}  # a plain dict: torch.compile traces a lookup (prepare_model fills it)
 
-    withheld = choose_decode(list(formats.get_format(fmt_name).grid))[0] == DECODE_E2M1
-    if withheld:
-        logger.warning("%s on CUDA: %s", fmt_name, _WITHHELD_REASON)
-    return withheld
+
+def _withheld(fmt_name: str) -> bool:
+    hit = _withheld_formats.get(fmt_name)
+    if hit is None:
+        from .. import formats
+        from ..kernels.quant_layout import DECODE_E2M1, choose_decode
+
+        hit = _withheld_formats[fmt_name] = choose_decode(list(formats.get_format(fmt_name).grid))[0] == DECODE_E2M1
+        if hit:
+            logger.warning("%s on CUDA: %s", fmt_name, _WITHHELD_REASON)
+    return hit
 
 
 def _mma_kind(layer: QuantLinear) -> bool:
