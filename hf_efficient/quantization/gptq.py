@@ -96,34 +96,28 @@ class _ColumnRounder:
         self.codes = torch.tensor(codes, dtype=torch.uint8, device=device)
 
     def column_params(self, params: dict) -> dict:
-        """Per-column rows (..., N) of what :meth:`round` reads, from the format's group parameters."""
-        safe = lambda s: torch.where(s > 0, s, torch.ones_like(s))  # noqa: E731  (formats' zero-scale rule)
-        if self.fmt.scheme == "two_scale":
-            return {"sp": params["scales_pos"], "sn": params["scales_neg"],
-                    "dp": safe(params["scales_pos"]), "dn": safe(params["scales_neg"])}
-        out = {"s": params["scales"], "d": safe(params["scales"])}
-        if self.fmt.scheme == "zero_point":
-            out["z"] = params["zeros"]
+        """Per-column rows (..., N) of what :meth:`round` reads, from the format's group parameters: the scheme's
+        ``a``/``b`` (``fmt.scale_scheme``) and the divisors ``da``/``db`` (zero scales -> 1, formats' rule)."""
+        safe = lambda s: torch.where(s > 0, s, torch.ones_like(s))  # noqa: E731
+        a, b = self.fmt.scale_scheme.kernel_ab(params)
+        out = {"a": a, "da": safe(a)}
+        if b is not None:
+            out["b"] = b
+            if self.fmt.scale_scheme.split_sign:
+                out["db"] = safe(b)
         return out
 
     def round(self, w: torch.Tensor, p: dict, idx_out: torch.Tensor, q_out: torch.Tensor) -> None:
         """Write the grid index of each value of ``w`` into ``idx_out`` and its decoded value into ``q_out``."""
-        scheme = self.fmt.scheme
-        if scheme == "two_scale":
-            neg = w < 0
-            x = w / torch.where(neg, p["dn"], p["dp"])
-        elif scheme == "zero_point":
-            x = (w / p["d"]).add_(p["z"])
+        scheme = self.fmt.scale_scheme
+        if scheme.split_sign:  # each sign against its own scale (its half-grid: the rounding keeps the sign)
+            x = w / torch.where(w < 0, p["db"], p["da"])
+        elif scheme.offset:
+            x = (w / p["da"]).add_(p["b"])
         else:
-            x = w / p["d"]
+            x = w / p["da"]
         torch.searchsorted(self.mid, x, out=idx_out)
-        v = self.vals.index_select(0, idx_out)
-        if scheme == "two_scale":
-            torch.mul(v, torch.where(neg, p["sn"], p["sp"]), out=q_out)
-        elif scheme == "zero_point":
-            torch.mul(v.sub_(p["z"]), p["s"], out=q_out)
-        else:
-            torch.mul(v, p["s"], out=q_out)
+        q_out.copy_(scheme.apply(self.vals.index_select(0, idx_out), p["a"], p.get("b")))
 
 
 @torch.no_grad()
