@@ -1,6 +1,6 @@
 // T-MAC-style LUT GEMV/GEMM on the CPU as torch ops: y = x @ W^T with W in 1..4-bit codes.
 // Layouts and engines: csrc/lut/engine.h (ATen-free, one source per ISA, chosen at run time by
-// csrc/lut/dispatch.cpp). The plain-torch twin is hf_efficient/quantization/lut/reference.py.
+// csrc/lut/dispatch.cpp). The plain-torch twin is kernels/lut_cpu_reference.py.
 //
 // Decode-sized inputs (M <= max rows, default kMaxLutRows) run the table engines, one LUT pass per row;
 // larger inputs (prefill) dequantize row blocks of the weight into a cache-sized float buffer and run
