@@ -68,16 +68,9 @@ def _return_freed_memory_promptly() -> None:
     row's memory. A fixed threshold turns the dynamic adjustment off. This is a setting of this process (the
     demo's own worker); the library does not change allocator settings.
     """
-    import ctypes
+    from ..heap import fix_mmap_threshold
 
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
-    mallopt(m_mmap_threshold, 256 * 1024)
+    fix_mmap_threshold(256 * 1024)
 
 
 def main(argv: list[str]) -> int:

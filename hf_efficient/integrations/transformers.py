@@ -151,7 +151,7 @@ class QuantizeOnLoad(ConversionOps):
             self.hf_quantizer.load_errors.append(str(e))
             raise
         if value.device.type == "cpu":  # the quantizer's temporaries just freed: back to the OS, not kept as heap
-            from ..quantization.lut.layer import release_free_heap
+            from ..heap import release_free_heap
 
             release_free_heap()
         return {f"{prefix}.{k}": v.to(value.device) for k, v in tensors.items()}

@@ -22,12 +22,11 @@ quantized output matrix. At decode the head is the largest single matmul of a sm
 """
 from __future__ import annotations
 
-import ctypes
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...heap import release_free_heap
 
 from ... import formats
 from ...kernels import lut_cpu as kernel
@@ -78,30 +77,10 @@ def prepare_layer(layer: QuantLinear) -> kernel.LUTWeight | None:
     tensors = {"stream": w.qweight, **({"grid": w.grid} if w.grid is not None else {}),
                **{p: t.clone() for p, t in params.items()}}
     layer.adopt_layout(ResidentLayout(KIND, tensors, _to_storage, meta=(w.bits, w.group_size, w.grid is not None)))
+    # the conversion's int64 temporaries: trimmed per layer, or converting the 210 linears of SmolLM2-135M grew
+    # the process by 2-3 GiB of free heap in some runs (hf_efficient.heap)
     release_free_heap()
     return _weight(layer)
-
-
-_MALLOC_TRIM = None
-
-
-def release_free_heap() -> None:
-    """Give the heap memory freed so far back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    A layer's conversion allocates int64 temporaries several times the size of its weights and frees them.
-    Once glibc has seen large blocks freed it raises its mmap threshold and serves such blocks from the heap,
-    and the long-lived streams allocated between them keep the freed space from being returned: converting
-    the 210 linears of SmolLM2-135M then grew the process by 2-3 GiB in some runs (RSS, all of it free
-    heap). Trimming after each layer keeps the peak to one layer's temporaries; it costs microseconds.
-    """
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim if sys.platform.startswith("linux") else False
-        except (OSError, AttributeError):  # not glibc (e.g. musl has no malloc_trim)
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
 
 
 def enable_lut(model: nn.Module, enabled: bool = True, *, head_bits: int | None = None,
