@@ -187,14 +187,6 @@ def _qlinear(fmt, k=96, n=40, group=32, bias=True, seed=0):
     return QuantLinear.from_linear(lin, fmt, group)
 
 
-def test_fp4_e2m1_is_withheld_from_the_triton_layer_path():
-    """Until the GPU failure of FP4 layers is understood (docs/gpu_kernels.md), they run the reference path."""
-    from hf_efficient.quantization.gpu import supports
-
-    assert "withheld" in supports(_qlinear("fp4_asym"))
-    assert supports(_qlinear("fp3_asym")) is None and supports(_qlinear("nf4_asym")) is None
-
-
 @pytest.mark.parametrize("fmt,m", [("nf4_asym", 1), ("int3_asym", 3), ("nf3_asym", 2)])
 def test_quant_linear_fast_path(cpu_fast_path, fmt, m):
     from hf_efficient.quantization import reference_only
@@ -291,6 +283,36 @@ def test_gpu_every_config():
         y = quant_gemv(x, kw) if m <= 8 else quant_gemm(x, kw)
         check_close(y, x, kw, u_w=U[x.dtype] if m > 8 else 0.0, what=f"tuned m={m}")
         torch.testing.assert_close(y, quant_gemv(x, kw) if m <= 8 else quant_gemm(x, kw), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_layers_after_other_launches():
+    """Regression (H200): after fixed-config split-K GEMVs and an autotuned GEMM on one layer, the next layers' first
+    calls summed stale partials (int4 bf16, nf4 fp16) while the split-K arrival counters were shared between calls.
+    Every layer's Triton path must match the CPU reference whatever ran before it."""
+    import copy
+
+    from hf_efficient.kernels.quant_gemm import quant_gemm, quant_gemv
+    from hf_efficient.quantization import QuantLinear, reference_only
+    from hf_efficient.quantization.gpu import _TRITON_TENSORS, _kernel_weight
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 192, bias=True)
+    x = torch.randn(5, 576)
+    for name in ("int4_asym", "fp4_asym", "nf4_asym"):
+        for dtype in (torch.float16, torch.bfloat16):
+            cpu = QuantLinear.from_linear(lin, name, 128)
+            gpu = QuantLinear.from_linear(copy.deepcopy(lin).cuda(), name, 128)
+            with reference_only():
+                ref = cpu(x)
+            xd = x.cuda().to(dtype)
+            torch.testing.assert_close(gpu(xd).float().cpu(), ref, atol=0.05, rtol=0.05)
+            kw = _kernel_weight(*[gpu.layout_tensor(n) for n in _TRITON_TENSORS], 192, 576, *gpu.layout.meta)
+            assert torch.equal(unpack(kw).cpu(), cpu.codes())
+            for split in (1, 2, 8):
+                cfg = dict(BLOCK_N=16, BLOCK_C=4, SPLIT_K=split, PREFETCH=0, num_warps=4, num_stages=1)
+                check_close(quant_gemv(xd, kw, cfg), xd, kw, what=f"{name} {dtype} split {split}")
+            check_close(quant_gemm(xd, kw), xd, kw, u_w=U[dtype], what=f"{name} {dtype} gemm")
 
 
 @pytest.mark.gpu

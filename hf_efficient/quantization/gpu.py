@@ -107,31 +107,7 @@ def supports(layer: QuantLinear) -> str | None:
         return f"bits={layer.fmt.bits}"
     if layer.group_size % 32:
         return f"group_size={layer.group_size} is not a multiple of 32"
-    if _withheld(layer.fmt.name):
-        return _WITHHELD_REASON
     return None
-
-
-# FP4-E2M1 layers gave wrong fp16 outputs through the Triton kernels in the GPU test run of 2026-12-02
-# (tests/test_formats.py::test_quantlinear_cuda_matches_cpu[fp4_asym]) while the kernel-level fuzz of the same decode
-# passed; until the cause is found they run the reference path (correct, slower), or the mma kernel when forced.
-_WITHHELD_REASON = ("the Triton kernels' FP4-E2M1 decode is withheld pending a GPU failure (docs/gpu_kernels.md, "
-                    "known issues); running the reference path")
-
-
-_withheld_formats: dict[str, bool] = {}  # a plain dict: torch.compile traces a lookup (prepare_model fills it)
-
-
-def _withheld(fmt_name: str) -> bool:
-    hit = _withheld_formats.get(fmt_name)
-    if hit is None:
-        from .. import formats
-        from ..kernels.quant_layout import DECODE_E2M1, choose_decode
-
-        hit = _withheld_formats[fmt_name] = choose_decode(list(formats.get_format(fmt_name).grid))[0] == DECODE_E2M1
-        if hit:
-            logger.warning("%s on CUDA: %s", fmt_name, _WITHHELD_REASON)
-    return hit
 
 
 def _mma_kind(layer: QuantLinear) -> bool:
