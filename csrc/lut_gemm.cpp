@@ -1,6 +1,7 @@
 // T-MAC-style LUT GEMV/GEMM on the CPU as torch ops: y = x @ W^T with W in 1..4-bit codes.
 // Layouts and engines: csrc/lut/engine.h (ATen-free, one source per ISA, chosen at run time by
-// csrc/lut/dispatch.cpp). The plain-torch twin is kernels/lut_cpu_reference.py.
+// csrc/lut/dispatch.cpp). The plain-torch twin is kernels/lut_cpu_reference.py. half_gemm: the same for a float16
+// weight (csrc/lut/half.cpp; its twin is F.linear on the widened weight).
 //
 // Decode-sized inputs (M <= max rows, default kMaxLutRows) run the table engines, one LUT pass per row;
 // larger inputs (prefill) dequantize row blocks of the weight into a cache-sized float buffer and run
@@ -213,6 +214,47 @@ at::Tensor lut_codes(const at::Tensor& qweight, int64_t bits, int64_t group_size
   return out.narrow(0, 0, g.N).narrow(1, 0, g.K).contiguous();
 }
 
+// y = x @ W^T for a float16 weight W (N, K) and float32 x (M, K): the fp16-table kernels (csrc/lut/half.cpp) for
+// up to kHalfRows activation rows (decode: one pass over the half rows serves all of them), else W widened block
+// by block into a cache-sized float buffer for the BLAS GEMM (never a float copy of the whole table).
+constexpr int64_t kHalfRows = 4;
+
+at::Tensor half_gemm(const at::Tensor& x, const at::Tensor& weight, bool force_scalar) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "half_gemm: x and weight must be CPU tensors, got ",
+              x.device(), " and ", weight.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "half_gemm: x must be float32 (M, in_features), got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(weight.scalar_type() == at::kHalf && weight.dim() == 2,
+              "half_gemm: weight must be float16 (out_features, in_features), got ", weight.scalar_type(), " ",
+              weight.sizes());
+  TORCH_CHECK(weight.size(1) == x.size(1), "half_gemm: x has ", x.size(1), " features, the weight ", weight.size(1));
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  at::Tensor out = at::empty({M, N}, xc.options());
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  const HalfEngine eng = select_half_engine(isa_cap(force_scalar));
+  const float* px = xc.data_ptr<float>();
+  const uint16_t* pw = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::Half>());
+  float* po = out.data_ptr<float>();
+  if (M <= kHalfRows) {
+    at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) { eng.rows(px, M, pw, K, b, e, po, N); });
+    return out;
+  }
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(N, kBlockBytes / (K * 4)));
+  at::Tensor buf = at::empty({block, K}, xc.options());
+  float* pb = buf.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += block) {
+    const int64_t rows = std::min(block, N - n0);
+    at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) { eng.widen(pw + (n0 + b) * K, (e - b) * K, pb + b * K); });
+    at::Tensor o = out.narrow(1, n0, rows);
+    at::mm_out(o, xc, buf.narrow(0, 0, rows).t());
+  }
+  return out;
+}
+
+std::string half_isa(bool force_scalar) { return isa_name(select_half_engine(isa_cap(force_scalar)).isa); }
+
 std::string lut_isa(bool force_scalar) { return isa_name(isa_cap(force_scalar)); }
 
 int64_t lut_max_rows() { return max_lut_rows(); }
@@ -228,6 +270,8 @@ TORCH_LIBRARY_FRAGMENT(hf_efficient, m) {
   m.def("lut_codes(Tensor qweight, int bits, int group_size, int in_features, int out_features, bool code_indexed) -> Tensor");
   m.def("lut_isa(bool force_scalar=False) -> str", &hf_efficient::lut::lut_isa);
   m.def("lut_max_rows() -> int", &hf_efficient::lut::lut_max_rows);
+  m.def("half_gemm(Tensor x, Tensor weight, bool force_scalar=False) -> Tensor");
+  m.def("half_isa(bool force_scalar=False) -> str", &hf_efficient::lut::half_isa);
 }
 
 TORCH_LIBRARY_IMPL(hf_efficient, CPU, m) {
@@ -235,4 +279,5 @@ TORCH_LIBRARY_IMPL(hf_efficient, CPU, m) {
   m.impl("lut_tables", &hf_efficient::lut::lut_tables);
   m.impl("lut_dequant", &hf_efficient::lut::lut_dequant);
   m.impl("lut_codes", &hf_efficient::lut::lut_codes);
+  m.impl("half_gemm", &hf_efficient::lut::half_gemm);
 }

@@ -118,11 +118,16 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", **kwargs):
+               device: str | torch.device = "cpu", embedding_dtype: torch.dtype | None = None, **kwargs):
     """Return ``(model, tokenizer)`` for a local model directory, or the embedded model if ``path`` is None.
 
     Extra keyword arguments go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``quantization_config``,
     ``attn_implementation``). The model is in eval mode on ``device``.
+
+    ``embedding_dtype`` (e.g. ``torch.float16``): keep the embedding tables, and an output head tied to them, in
+    that dtype while the rest computes in ``dtype`` (:func:`hf_efficient.quantization.lut.half.keep_embeddings_in`;
+    it changes the model's numbers by the rounding of those weights). Each table is converted as it is read, so
+    the float table and its copy coexist only while the first tensors load.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -132,12 +137,41 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = to
     check_model_dir(p)  # a truncated/corrupt weight file fails here naming the file, not deep in safetensors
     try:
         tokenizer = AutoTokenizer.from_pretrained(p)
-        with read_weights_without_mmap():
+        with read_weights_without_mmap(), _embeddings_converted_on_load(embedding_dtype):
             model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model from {p}: {e}") from e
+    if embedding_dtype is not None:
+        from .quantization.lut.half import keep_embeddings_in
+
+        keep_embeddings_in(model, embedding_dtype, compute_dtype=dtype)
     model.to(device).eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _embeddings_converted_on_load(dtype: torch.dtype | None):
+    """Within this block, an ``nn.Embedding`` weight that is set with data (not a meta placeholder) is stored in
+    ``dtype`` at once, so a float table and its converted copy never sit beside the rest of the loaded model."""
+    if dtype is None:
+        yield
+        return
+    from torch import nn
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    def convert(module, name, param):
+        if (name != "weight" or not isinstance(module, nn.Embedding) or param is None or param.is_meta
+                or not param.is_floating_point() or param.dtype == dtype):
+            return None
+        new = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+        new.__dict__.update(param.__dict__)  # loader flags (e.g. transformers' _is_hf_initialized)
+        return new
+
+    handle = register_module_parameter_registration_hook(convert)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
@@ -150,7 +184,8 @@ def read_weights_without_mmap():
     ~400 MiB beside a ~170 MiB quantized SmolLM2-135M. Read with ``pread``, each tensor is its own allocation
     and a float weight is freed as soon as it is quantized. transformers has no option for this (it picks
     ``pread`` only for MPS and Windows), so its ``safe_open`` is wrapped for the duration of the block;
-    ``tests/test_cpu_memory.py`` checks that no weight of a loaded model lies in a file mapping.
+    ``tests/test_cpu_memory.py`` checks that no weight of a loaded model lies in a file mapping. A whole-tensor
+    read goes through ``get_tensor`` (:class:`_WholeTensorReads`).
     """
     try:
         import transformers.modeling_utils as mu
@@ -165,6 +200,7 @@ def read_weights_without_mmap():
     def safe_open(*args, **kwargs):
         if kwargs.get("backend") == "mmap":
             kwargs["backend"] = "pread"
+            return _WholeTensorReads(opener(*args, **kwargs))
         return opener(*args, **kwargs)
 
     mu.safe_open = safe_open
@@ -177,3 +213,42 @@ def read_weights_without_mmap():
 def load_default(**kwargs):
     """``(model, tokenizer)`` of the embedded SmolLM2-135M-Instruct (fp32, CPU unless told otherwise)."""
     return load_model(None, **kwargs)
+
+
+class _WholeTensorReads:
+    """A ``pread`` safetensors handle whose slices read a whole tensor (``slice[...]``) with ``get_tensor``.
+
+    safetensors 0.8's pread slice reads the bytes into a buffer and then copies them into the tensor, so each
+    read briefly holds the tensor twice (+108 MiB for SmolLM2's embedding table, at the load's peak); get_tensor
+    reads straight into the tensor. Partial slices (sharded loading) keep the slice's own path.
+    """
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        self._handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._handle.__exit__(*exc)
+
+    def get_slice(self, name):
+        return _WholeTensorSlice(self._handle, name)
+
+
+class _WholeTensorSlice:
+    def __init__(self, handle, name):
+        self._handle, self._name = handle, name
+        self._slice = handle.get_slice(name)
+
+    def __getattr__(self, name):
+        return getattr(self._slice, name)
+
+    def __getitem__(self, index):
+        if index is Ellipsis or index == (Ellipsis,):
+            return self._handle.get_tensor(self._name)
+        return self._slice[index]

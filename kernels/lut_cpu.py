@@ -253,11 +253,16 @@ def prepare_spec(codes: torch.Tensor, bits: int, group_size: int, grid, coef, zc
     if coef.shape[2] != (1 if g is None else g.shape[0]):
         raise ValueError(f"coef has {coef.shape[2]} channels, the grid has {1 if g is None else g.shape[0]}")
     c16, z16, _, _ = stored_coefs(coef, zcoef)
-    if g is None:
-        wbytes, steps = pack_bitserial(codes, bits), group_size // 8
-    else:
-        wbytes, steps = pack_code_indexed(codes, bits), group_size // ref.slot_size(bits, True) // 4
+    pack = pack_bitserial if g is None else pack_code_indexed
+    # Tiles pack independently: a block of rows at a time bounds the int64 index temporaries (~30x the codes'
+    # bytes) to a few MiB instead of ~70 MiB for a 1536x576 layer, which was the peak of loading a LUT model.
+    rows = max(TILE_N, PACK_CODES // ref.padded_k(k) // TILE_N * TILE_N)
+    wbytes = torch.cat([pack(codes[r:r + rows], bits) for r in range(0, n, rows)])
+    steps = group_size // 8 if g is None else group_size // ref.slot_size(bits, True) // 4
     return LUTWeight(pack_stream(wbytes, steps, c16, z16), g, bits, group_size, k, n)
+
+
+PACK_CODES = 1 << 17  # codes packed per block in prepare_spec
 
 
 # Activations per int8 table scale of the code-indexed (FP/NF) tables. The tables of a kernel group share one

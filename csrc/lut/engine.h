@@ -121,6 +121,17 @@ void tile_codes(const uint8_t* w, const Geometry& geo, int64_t t, uint8_t* codes
 // Per row of a tile and group: the 16 weight values of codes 0..15 (unused codes 0), [kTileN][16].
 void group_values(const uint8_t* coef_block, const float* grid, const Geometry& geo, float* vals);
 
+// fp16-weight matmul (half.cpp), for float tables kept in half precision. rows: y[m * ldy + n] =
+// sum_k x[m * K + k] * float(w[n * K + k]) for m < M, n in [n0, n1) (x: M rows of K floats, w: half rows of K);
+// widen: count halves to floats (the GEMM path's row blocks).
+struct HalfEngine {
+  void (*rows)(const float* x, int64_t M, const uint16_t* w, int64_t K, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) = nullptr;
+  void (*widen)(const uint16_t* w, int64_t count, float* out) = nullptr;
+  Isa isa = Isa::kScalar;
+};
+HalfEngine select_half_engine(Isa cap);
+
 // Per-ISA engines: each fills the entries it has for geo and returns false if it has none (or was not built).
 bool avx2_engine(const Geometry& geo, Engine* e);
 bool avx512_engine(const Geometry& geo, Engine* e);

@@ -27,7 +27,6 @@ def run(args) -> int:
     import json
     import os
     import subprocess
-    import sys
     import tempfile
     import time
     from pathlib import Path
@@ -65,7 +64,7 @@ def run(args) -> int:
             if args.same_process:
                 row = run_row(settings)
             else:
-                row = _run_in_subprocess(settings, tempfile, json, subprocess, sys, os)
+                row = _run_in_subprocess(settings, tempfile, json, subprocess, os)
         except Exception as e:  # one failed row must not hide the others: report it in its place
             row = {"name": name, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300], "extra": {}}
         row.setdefault("extra", {})["seconds"] = time.perf_counter() - t0
@@ -97,13 +96,15 @@ def run(args) -> int:
     return 1 if any(r.get("error") for r in rows) else 0
 
 
-def _run_in_subprocess(settings, tempfile, json, subprocess, sys, os) -> dict:
+def _run_in_subprocess(settings, tempfile, json, subprocess, os) -> dict:
+    from .demo_worker import worker_command
+
     with tempfile.TemporaryDirectory(prefix="hfe-demo-") as tmp:
         s_path, o_path = os.path.join(tmp, "settings.json"), os.path.join(tmp, "row.json")
         with open(s_path, "w") as f:
             json.dump(settings, f)
         # The child's output (phase lines, progress bars) goes straight to this terminal.
-        r = subprocess.run([sys.executable, "-m", "hf_efficient.cli.demo_worker", s_path, o_path])
+        r = subprocess.run(worker_command(settings["device"]) + [s_path, o_path])
         if r.returncode != 0 or not os.path.exists(o_path):
             raise RuntimeError(f"the row's process exited with code {r.returncode} (its error is printed above)")
         with open(o_path) as f:

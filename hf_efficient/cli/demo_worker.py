@@ -1,6 +1,6 @@
 """One row of ``hf-efficient demo``, run in a fresh process so its peak memory is its own.
 
-``python -m hf_efficient.cli.demo_worker SETTINGS.json OUT.json``: builds the row's model, measures it
+``python -m hf_efficient.cli.demo_worker SETTINGS.json OUT.json`` (the demo runs :func:`worker_command`): builds the row's model, measures it
 and writes an :class:`~hf_efficient.evaluation.EvalResult` dict (plus timings, memory baseline and the
 kernel census) to OUT.json. The parent (:mod:`hf_efficient.cli.demo`) prints and reports.
 """
@@ -71,6 +71,26 @@ def _return_freed_memory_promptly() -> None:
     from ..heap import fix_mmap_threshold
 
     fix_mmap_threshold(256 * 1024)
+
+
+# Packages that importing transformers' model code pulls in although no CPU row uses them: torch._dynamo imports
+# triton when it is installed (transformers' fp8 integration imports dynamo), and transformers' object-detection
+# losses import scipy. Neither is a dependency of hf-efficient on the CPU (both come with the `dev` extra that
+# `make setup` installs), so a user's CPU install has neither; here they cost ~100 MiB of every row's baseline.
+CPU_UNUSED_IMPORTS = ("triton", "scipy")
+
+
+def worker_command(device: str) -> list[str]:
+    """The command line (less its two file arguments) that runs :func:`main` in a fresh interpreter.
+
+    On the CPU it first makes :data:`CPU_UNUSED_IMPORTS` unimportable (``sys.modules[name] = None``, the import
+    system's marker for "absent"), as on an install without them; importers that treat them as optional (torch,
+    transformers) go on without them. It must happen before ``hf_efficient`` is imported, whose ``__init__``
+    registers with transformers. The GPU rows' kernels are Triton: there nothing is hidden.
+    """
+    hide = f"sys.modules.update(dict.fromkeys({CPU_UNUSED_IMPORTS!r})); " if device == "cpu" else ""
+    code = f"import sys; {hide}from hf_efficient.cli.demo_worker import main; sys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", code]
 
 
 def main(argv: list[str]) -> int:
