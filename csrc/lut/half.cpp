@@ -22,6 +22,18 @@ namespace {
 
 constexpr int kRowBlock = 4;  // weight rows per pass: their loads share each activation vector
 
+using RowsFn = void (*)(const float* x, const uint16_t* w, int64_t K, int64_t n0, int64_t n1, float* y, int64_t ldy);
+
+// The activation rows in groups of up to 4 (kernel Kj takes j rows: 4 x kRowBlock accumulators at most).
+template <RowsFn K1, RowsFn K2, RowsFn K3, RowsFn K4>
+void rows_in_fours(const float* x, int64_t M, const uint16_t* w, int64_t K, int64_t n0, int64_t n1, float* y,
+                   int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) K4(x + m * K, w, K, n0, n1, y + m * ldy, ldy);
+  const RowsFn rest[4] = {nullptr, K1, K2, K3};
+  if (M > m) rest[M - m](x + m * K, w, K, n0, n1, y + m * ldy, ldy);
+}
+
 template <int MM>
 void half_rows_scalar_mm(const float* x, const uint16_t* w, int64_t K, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   for (int64_t n = n0; n < n1; ++n) {
@@ -80,18 +92,6 @@ HFE_HALF_AVX2 void half_rows_avx2_mm(const float* x, const uint16_t* w, int64_t 
   if (n < n1) half_rows_scalar_mm<MM>(x, w, K, n, n1, y, ldy);
 }
 
-HFE_HALF_AVX2 void half_rows_avx2(const float* x, int64_t M, const uint16_t* w, int64_t K, int64_t n0, int64_t n1,
-                                  float* y, int64_t ldy) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) half_rows_avx2_mm<4>(x + m * K, w, K, n0, n1, y + m * ldy, ldy);
-  switch (M - m) {
-    case 3: half_rows_avx2_mm<3>(x + m * K, w, K, n0, n1, y + m * ldy, ldy); break;
-    case 2: half_rows_avx2_mm<2>(x + m * K, w, K, n0, n1, y + m * ldy, ldy); break;
-    case 1: half_rows_avx2_mm<1>(x + m * K, w, K, n0, n1, y + m * ldy, ldy); break;
-    default: break;
-  }
-}
-
 HFE_HALF_AVX2 void half_to_float_avx2(const uint16_t* w, int64_t count, float* out) {
   int64_t i = 0;
   for (; i + 8 <= count; i += 8)
@@ -135,17 +135,6 @@ HFE_HALF_AVX512 void half_rows_avx512_mm(const float* x, const uint16_t* w, int6
   }
 }
 
-HFE_HALF_AVX512 void half_rows_avx512(const float* x, int64_t M, const uint16_t* w, int64_t K, int64_t n0,
-                                      int64_t n1, float* y, int64_t ldy) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) half_rows_avx512_mm<4>(x + m * K, w, K, n0, n1, y + m * ldy, ldy);
-  switch (M - m) {
-    case 3: half_rows_avx512_mm<3>(x + m * K, w, K, n0, n1, y + m * ldy, ldy); break;
-    case 2: half_rows_avx512_mm<2>(x + m * K, w, K, n0, n1, y + m * ldy, ldy); break;
-    case 1: half_rows_avx512_mm<1>(x + m * K, w, K, n0, n1, y + m * ldy, ldy); break;
-    default: break;
-  }
-}
 #endif
 
 }  // namespace
@@ -153,8 +142,14 @@ HFE_HALF_AVX512 void half_rows_avx512(const float* x, int64_t M, const uint16_t*
 HalfEngine select_half_engine(Isa cap) {
   HalfEngine e{&half_rows_scalar, &half_to_float_scalar, Isa::kScalar};
 #if defined(__x86_64__) || defined(__i386__)
-  if (cap == Isa::kAvx512) return HalfEngine{&half_rows_avx512, &half_to_float_avx2, Isa::kAvx512};
-  if (cap == Isa::kAvx2) return HalfEngine{&half_rows_avx2, &half_to_float_avx2, Isa::kAvx2};
+  if (cap == Isa::kAvx512)
+    return HalfEngine{&rows_in_fours<half_rows_avx512_mm<1>, half_rows_avx512_mm<2>, half_rows_avx512_mm<3>,
+                                     half_rows_avx512_mm<4>>,
+                      &half_to_float_avx2, Isa::kAvx512};
+  if (cap == Isa::kAvx2)
+    return HalfEngine{&rows_in_fours<half_rows_avx2_mm<1>, half_rows_avx2_mm<2>, half_rows_avx2_mm<3>,
+                                     half_rows_avx2_mm<4>>,
+                      &half_to_float_avx2, Isa::kAvx2};
 #endif
   return e;
 }
