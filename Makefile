@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.hf_efficient_installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test gpu-wheels clean
+.PHONY: setup demo test neon-tools gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,16 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/lut/*.cpp 
 demo: setup
 	$(BIN)/hf-efficient demo $(ARGS)
 
-test: setup
+test: setup neon-tools
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The AArch64 cross compiler and qemu-user, so tests/test_neon.py runs the NEON engine instead of skipping. Best
+# effort (root + apt-get, ~20 s): without them that test skips and says why.
+neon-tools:
+	@command -v qemu-aarch64 >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user g++-aarch64-linux-gnu >/dev/null 2>&1; } || \
+	  echo "neon-tools: qemu-user / g++-aarch64-linux-gnu not installed; tests/test_neon.py will skip"
 
 gpu-wheels:
 	bash scripts/fetch_wheels.sh
