@@ -134,18 +134,28 @@ def _collect_layer_inputs(layer, names: dict, hidden, kwargs, want_hessian: bool
     """Run ``layer`` over the calibration hidden states and gather what its linears see.
 
     Linears fed the very same tensor (q/k/v from one norm, gate/up) form one input group, with one Hessian
-    and one token sample. Returns ``[(names, HessianAccumulator | None, sample (tokens, in))]``.
+    and one token sample. Returns ``[(names, HessianAccumulator | None, sample (tokens, in))]``. The layer's
+    forward stops as soon as every linear has seen its input: its output is not needed here (the re-run
+    with the quantized weights makes the next layer's inputs), which spares the last linear's matmul.
     """
     from .gptq import HessianAccumulator
 
     seen: dict = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, _n=n: seen.setdefault(_n, args[0]))
-             for n, m in names.items()]
+
+    def record(name, x):
+        seen.setdefault(name, x)
+        if len(seen) == len(names):
+            raise _Stop
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args, _n=n: record(_n, args[0])) for n, m in names.items()]
     groups: dict[tuple, list] = {}
     try:
         for h, kw in zip(hidden, kwargs):
             seen.clear()
-            layer(h, **kw)
+            try:
+                layer(h, **kw)
+            except _Stop:
+                pass
             by_tensor: dict[tuple, list] = {}
             for n, x in seen.items():
                 by_tensor.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), []).append(n)
