@@ -10,8 +10,15 @@ over the same span, the fairer figure on a shared machine. GPTQ rows also say wh
 makes the next layer's inputs, and building the QuantLinears. The load average before and after each row
 is recorded: on a CPU shared with other jobs, compare rows of one run, not runs.
 
-Run: ``python -m benchmarks.quantize_speed [--formats int4_asym,...] [--algorithms rtn,gptq,mofq-asym]
-[--device cpu] [--threads N]``. Writes ``benchmarks/results/quantize_speed.{json,md}``.
+``gptq-e2e`` rows time the whole user call, ``hf_efficient.quantize(None, config)``: model load, calibration
+windows (generated text from the cache) and quantization. ``--llama7b`` adds a time-only GPTQ row on a
+randomly initialised Llama-2-7B-shaped model (4096 hidden, 11008 MLP, 32 layers; bf16 weights, random
+calibration tokens) built directly on the device: its perplexity means nothing, its time is the solver's and
+the calibration passes' cost at that size.
+
+Run: ``python -m benchmarks.quantize_speed [--formats int4_asym,...] [--algorithms rtn,gptq,gptq-e2e,mofq-asym]
+[--device cpu|cuda] [--threads N] [--llama7b]``; ``--quick`` = int4_asym,nf4_asym with rtn,gptq (the GPU
+call). Writes ``benchmarks/results/quantize_speed.{json,md}`` (``--name``/``--out`` to write elsewhere).
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ from hf_efficient.quantization.afpq import AFPQConfig
 from hf_efficient.quantization.mofq import MoFQConfig
 
 COLUMNS = ["format", "algorithm", "device", "seconds", "cpu_seconds", "collect_s", "solve_s", "factor_s",
-           "load_before", "load_after", "layers_chosen"]
+           "load_before", "load_after", "layers_chosen", "model"]
 FORMATS = ("int4_asym", "fp4_asym", "nf4_asym", "int4_sym", "fp4_sym", "nf4_sym")
 
 
@@ -74,20 +81,65 @@ def make_config(fmt_name: str, algorithm: str, group_size: int):
         return MoFQConfig(bits=int(fmt_name[1:]), group_size=group_size)
     f = formats.get_format(fmt_name)
     return AFPQConfig(bits=f.bits, fmt=f.kind, asymmetric=f.scheme != "sym", group_size=group_size,
-                      algorithm=algorithm)
+                      algorithm="gptq" if algorithm.startswith("gptq") else algorithm)
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_row(fmt_name, algorithm, device, run, cfg=None) -> dict:
+    load_before = os.getloadavg()[0]
+    with PhaseTimer() as phases:
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        run()
+        _sync(device)
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    r = {"format": fmt_name, "algorithm": algorithm, "device": device, "seconds": secs, "cpu_seconds": cpu,
+         **dict(phases.seconds), "load_before": load_before, "load_after": os.getloadavg()[0]}
+    if isinstance(cfg, MoFQConfig):
+        r["layers_chosen"] = cfg.summary()
+    print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+    return r
+
+
+def llama7b_row(fmt_name: str, device: str, group_size: int, n_windows: int, seqlen: int) -> dict:
+    """GPTQ time on a random Llama-2-7B-shaped model (time only), built in bf16 directly on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    windows = torch.randint(0, cfg.vocab_size, (n_windows, seqlen), generator=torch.Generator().manual_seed(0))
+    qcfg = make_config(fmt_name, "gptq", group_size)
+    r = _timed_row(fmt_name, "gptq", device, lambda: api.quantize_model(model, qcfg, windows, progress=False), qcfg)
+    r["model"] = f"random Llama-7B shape (32 x 4096/11008, bf16), {n_windows} x {seqlen} random tokens, time only"
+    del model
+    return r
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--algorithms", default="rtn,gptq,mofq-asym",
-                    help="rtn, gptq (each format), mofq-asym (one row per bit width: MoFQ over all its formats, RTN)")
+                    help="rtn, gptq (each format), gptq-e2e (each format: hf_efficient.quantize() end to end), "
+                         "mofq-asym (one row per bit width: MoFQ over all its formats, RTN)")
+    ap.add_argument("--quick", action="store_true", help="int4_asym,nf4_asym with rtn,gptq (overrides --formats/"
+                                                        "--algorithms)")
+    ap.add_argument("--llama7b", action="store_true", help="add the time-only GPTQ row of a random 7B-shaped model "
+                                                          "(first format; needs ~16 GB of device memory)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--name", default="quantize_speed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.formats, args.algorithms = "int4_asym,nf4_asym", "rtn,gptq"
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -109,23 +161,20 @@ def main(argv=None):
     rows = []
     for fmt_name, algorithm in plan:
         cfg = make_config(fmt_name, algorithm, args.group_size)
-        model = copy.deepcopy(base)
-        load_before = os.getloadavg()[0]
-        with PhaseTimer() as phases:
-            t0, c0 = time.perf_counter(), time.process_time()
-            api.quantize_model(model, cfg, windows if cfg.needs_calibration() else None, progress=False)
-            if args.device != "cpu":
-                torch.cuda.synchronize()
-            secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-        r = {"format": fmt_name, "algorithm": algorithm, "device": args.device, "seconds": secs, "cpu_seconds": cpu,
-             **{k: v for k, v in phases.seconds.items()}, "load_before": load_before,
-             "load_after": os.getloadavg()[0]}
-        if isinstance(cfg, MoFQConfig):
-            r["layers_chosen"] = cfg.summary()
-        rows.append(r)
-        print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+        if algorithm == "gptq-e2e":
+            run = lambda: api.quantize(None, cfg, device=args.device, progress=False)  # noqa: E731
+        else:
+            model = copy.deepcopy(base)
+            run = lambda: api.quantize_model(model, cfg, windows if cfg.needs_calibration() else None,  # noqa: E731
+                                             progress=False)
+        rows.append(_timed_row(fmt_name, algorithm, args.device, run, cfg))
         write_results(args.name, rows, settings, args.out, columns=COLUMNS)
-        del model
+        model = None
+    if args.llama7b:
+        del base
+        rows.append(llama7b_row(formats_[0], args.device, args.group_size, defaults.calib_samples,
+                                defaults.calib_seqlen))
+        write_results(args.name, rows, settings, args.out, columns=COLUMNS)
 
 
 if __name__ == "__main__":
