@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -137,6 +139,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--name", default="quantize_speed")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--merge-from", default=None,
+                    help="a results JSON of this benchmark whose rows of other devices are kept ahead of this run's "
+                         "(e.g. the committed CPU rows when the GPU rows are written)")
     args = ap.parse_args(argv)
     if args.quick:
         args.formats, args.algorithms = "int4_asym,nf4_asym", "rtn,gptq"
@@ -152,13 +157,20 @@ def main(argv=None):
                 "calib_seqlen": defaults.calib_seqlen, "calib_source": defaults.calib_source,
                 "group_size": args.group_size, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                 "command": "python -m benchmarks.quantize_speed " + " ".join(sys.argv[1:] if argv is None else argv)}
+    kept = []
+    if args.merge_from:
+        old = json.loads(Path(args.merge_from).read_text())
+        kept = [r for r in old["rows"] if r.get("device") != args.device]
+        settings["merged_rows"] = (f"{len(kept)} rows of other devices from {args.merge_from} "
+                                   f"({old['environment'].get('device')}, {old['environment'].get('date')}, "
+                                   f"settings {old.get('settings')})")
     formats_ = args.formats.split(",")
     algorithms = args.algorithms.split(",")
     widths = sorted({formats.get_format(f).bits for f in formats_})
     plan = []  # in the order of --algorithms
     for a in algorithms:
         plan += [(f"w{b}", a) for b in widths] if a == "mofq-asym" else [(f, a) for f in formats_]
-    rows = []
+    rows = kept
     for fmt_name, algorithm in plan:
         cfg = make_config(fmt_name, algorithm, args.group_size)
         if algorithm == "gptq-e2e":
