@@ -249,6 +249,6 @@ class _WholeTensorSlice:
         return getattr(self._slice, name)
 
     def __getitem__(self, index):
-        if index is Ellipsis or index == (Ellipsis,):
+        if index is Ellipsis or (isinstance(index, tuple) and index == (Ellipsis,)):
             return self._handle.get_tensor(self._name)
         return self._slice[index]
