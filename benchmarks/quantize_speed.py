@@ -8,7 +8,9 @@ over the same span, the fairer figure on a shared machine. GPTQ rows also say wh
 ``collect_s`` (float forward of each layer with the Hessian hooks), ``solve_s`` (the GPTQ solver, of which
 ``factor_s`` is the inverse-Hessian Cholesky factor); the rest is the re-run of each quantized layer that
 makes the next layer's inputs, and building the QuantLinears. The load average before and after each row
-is recorded: on a CPU shared with other jobs, compare rows of one run, not runs.
+is recorded, and ``cpu_stall_s``: the seconds during the row in which some task on the machine waited for a
+CPU (Linux pressure stall information; ~0 on an idle machine). On a CPU shared with other jobs, compare rows
+of one run, not runs, and prefer rows with a small stall.
 
 ``gptq-e2e`` rows time the whole user call, ``hf_efficient.quantize(None, config)``: model load, calibration
 windows (generated text from the cache) and quantization. ``--llama7b`` adds a time-only GPTQ row on a
@@ -41,7 +43,7 @@ from hf_efficient.quantization.afpq import AFPQConfig
 from hf_efficient.quantization.mofq import MoFQConfig
 
 COLUMNS = ["format", "algorithm", "device", "seconds", "cpu_seconds", "collect_s", "solve_s", "factor_s",
-           "load_before", "load_after", "layers_chosen", "model"]
+           "load_before", "load_after", "cpu_stall_s", "layers_chosen", "model"]
 FORMATS = ("int4_asym", "fp4_asym", "nf4_asym", "int4_sym", "fp4_sym", "nf4_sym")
 
 
@@ -91,16 +93,27 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _cpu_stall_seconds() -> float | None:
+    """Linux pressure-stall total: seconds some runnable task waited for a CPU (None where not available)."""
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return int(some.rsplit("total=", 1)[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _timed_row(fmt_name, algorithm, device, run, cfg=None) -> dict:
-    load_before = os.getloadavg()[0]
+    load_before, stall0 = os.getloadavg()[0], _cpu_stall_seconds()
     with PhaseTimer() as phases:
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         run()
         _sync(device)
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    stall1 = _cpu_stall_seconds()
     r = {"format": fmt_name, "algorithm": algorithm, "device": device, "seconds": secs, "cpu_seconds": cpu,
-         **dict(phases.seconds), "load_before": load_before, "load_after": os.getloadavg()[0]}
+         **dict(phases.seconds), "load_before": load_before, "load_after": os.getloadavg()[0],
+         "cpu_stall_s": None if stall0 is None or stall1 is None else stall1 - stall0}
     if isinstance(cfg, MoFQConfig):
         r["layers_chosen"] = cfg.summary()
     print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
