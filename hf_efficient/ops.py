@@ -168,6 +168,11 @@ if HAS_CPP_OPS:
     def _lut_dequant_fake(qweight, grid, bits, group_size, in_features, out_features):
         return qweight.new_empty(out_features, in_features, dtype=torch.float32)
 
+    @torch.library.register_fake("hf_efficient::half_gemm")
+    def _half_gemm_fake(x, weight, force_scalar=False):
+        torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "half_gemm: x and weight must be 2-D")
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     @torch.library.register_fake("hf_efficient::lut_codes")
     def _lut_codes_fake(qweight, bits, group_size, in_features, out_features, code_indexed):
         return qweight.new_empty(out_features, in_features, dtype=torch.uint8)

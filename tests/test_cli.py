@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hf_efficient.cli import main
 
@@ -174,3 +175,13 @@ def test_quantize_records_measured_perplexity_in_the_model_card(tiny_llama_dir, 
     ppl = float(printed.split("perplexity ")[1].split()[0])
     card = (out / "README.md").read_text()
     assert f"| perplexity | {ppl:.3f} (150 held-out tokens" in card and "| algorithm | rtn" in card
+
+
+def test_main_restores_the_thread_count(tiny_llama_dir, tmp_path):
+    """`--threads` is the command's setting; main() run in-process leaves the caller's thread count as it was."""
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    rc = main(["eval", "--model", str(tiny_llama_dir), "--context", "32", "--max-tokens", "64", "--threads",
+               str(target), "--json", str(tmp_path / "e.json"), "--no-progress"])
+    assert rc == 0
+    assert torch.get_num_threads() == before

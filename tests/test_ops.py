@@ -87,8 +87,8 @@ def test_every_tensor_op_has_a_fake():
 
     names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("hf_efficient::"))
     # eager-only ops: a str/int query and two buffer utilities that never run inside a compiled graph
-    eager = {"hf_efficient::lut_isa", "hf_efficient::lut_max_rows", "hf_efficient::read_probe",
-             "hf_efficient::hugepage_empty"}
+    eager = {"hf_efficient::lut_isa", "hf_efficient::half_isa", "hf_efficient::lut_max_rows",
+             "hf_efficient::read_probe", "hf_efficient::hugepage_empty"}
     assert set(names) >= eager | {"hf_efficient::quant_matmul", "hf_efficient::quant_mma", "hf_efficient::lut_gemm"}
     missing = [n for n in names if n not in eager and singleton.find(n).fake_impl.kernel is None]
     assert not missing

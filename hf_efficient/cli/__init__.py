@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .common import CliError, load_errors
+    from .common import CliError, load_errors, restore_runtime
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore_runtime()
 
 
 if __name__ == "__main__":

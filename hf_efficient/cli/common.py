@@ -92,17 +92,31 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats, median reported")
 
 
+_threads_before: list[int] = []
+
+
 def setup_runtime(args) -> str:
     """Offline mode, thread count and device check; returns the device string."""
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub at run time
     if getattr(args, "threads", None):
+        _threads_before.append(torch.get_num_threads())
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {device} requested but CUDA is not available")
     return device
+
+
+def restore_runtime() -> None:
+    """Undo :func:`setup_runtime`'s process-wide thread count: ``main()`` also runs in-process (tests, notebooks),
+    where a later computation must not silently run on the command's thread count."""
+    if _threads_before:
+        import torch
+
+        torch.set_num_threads(_threads_before[0])
+        _threads_before.clear()
 
 
 def torch_dtype(name: str):
