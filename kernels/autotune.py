@@ -80,7 +80,7 @@ def valid(name: str, cfg: dict, args: dict) -> bool:
     """Whether ``cfg`` is usable for the call ``args`` (kernel argument names -> values)."""
     if name == "gemv":
         w = 2 if args["BITS"] == 3 else args["BITS"]
-        threads = 32 * cfg.get(_W, 4)
+        threads = 32 * cfg[_W]  # required: a default here once let the autotuner run configs max_split excluded
         # PREFETCH holds a second weight tile in registers: only where the batch's partial sums leave room
         return (args.get("BLOCK_M", 1) * cfg["BLOCK_N"] * cfg["BLOCK_C"] * w <= 32 * threads
                 and (not cfg.get("PREFETCH") or args.get("BLOCK_M", 1) <= 2))
@@ -116,12 +116,22 @@ def configs(name: str) -> list[triton.Config]:
     return out
 
 
+def as_dict(cfg: triton.Config) -> dict:
+    """A ``triton.Config`` as the plain dict of :data:`SPACES` (its meta-parameters plus warps and stages)."""
+    return {**cfg.kwargs, _W: cfg.num_warps, _S: cfg.num_stages}
+
+
 def _prune(name: str):
     def prune(cfgs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        ok = [c for c in cfgs if valid(name, c.kwargs, args)]
+        ok = [c for c in cfgs if valid(name, as_dict(c), args)]
         if not ok:
             raise ValueError(f"{name}: no kernel config fits BITS={args['BITS']} M={args.get('M')}")
+        # The split-K workspace is sized by max_split before the launch: a config with more splits would write
+        # past it (into whatever the allocator placed next) while the autotuner times it.
+        split = max_split(name, args)
+        if any(c.kwargs.get("SPLIT_K", 1) > split for c in ok):
+            raise RuntimeError(f"{name}: autotune candidates exceed the split-K workspace ({split} splits)")
         return ok
     return prune
 

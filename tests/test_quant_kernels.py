@@ -127,6 +127,34 @@ def test_split_workspace_only_for_small_m():
     assert max_split("gemv", {"M": 1, "BITS": 4, "BLOCK_M": 1}) > 1
 
 
+@pytest.mark.parametrize("kernel", ["gemv", "gemm", "lut"])
+def test_autotuner_runs_only_configs_the_workspace_fits(kernel):
+    """The configs ``triton.autotune`` times (``triton.Config`` objects through the prune hook) are exactly the
+    valid plain-dict configs, so none has more splits than ``max_split`` sized the workspace for. The hook once
+    read ``num_warps`` from ``Config.kwargs`` (where it is not), judged 1- and 2-warp configs as 4-warp ones and
+    let a 16-split config write past an 8-split workspace at M = 5: the H200 corruption of docs/gpu_kernels.md."""
+    import triton
+
+    from hf_efficient.kernels.autotune import _prune, configs, max_split, space, valid
+
+    prune = _prune(kernel)
+    for bits in (2, 3, 4, 8):
+        for m in (1, 2, 3, 5, 8, 9, 16, 40, 64, 65, 300):
+            block_m = triton.next_power_of_2(m)
+            if kernel == "gemv" and m > 8:
+                continue
+            named = {"M": m, "BITS": bits, "GROUP": 128, "N_TERMS": 3}
+            extra = {"BLOCK_M": block_m} if kernel == "gemv" else {}
+            want = [c for c in space(kernel) if valid(kernel, c, {**named, **extra})]
+            if not want:
+                with pytest.raises(ValueError, match="no kernel config"):
+                    prune(configs(kernel), named, **extra)
+                continue
+            kept = prune(configs(kernel), named, **extra)
+            assert [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in kept] == want
+            assert max(c.kwargs.get("SPLIT_K", 1) for c in kept) == max_split(kernel, {**named, **extra})
+
+
 def test_lut_reference_matches_dequant_reference():
     """Both sides are float32 sums of the same products, in different orders and groupings: the LUT form
     sums, per Walsh term t, |beta_t| * |coef| * (a 4-term table of x), so each output's rounding error is
