@@ -315,10 +315,10 @@ def test_gpu_every_config():
 
 @pytest.mark.gpu
 def test_gpu_layers_after_other_launches():
-    """Open bug (H200, docs/gpu_kernels.md "Known issues"): in this launch sequence (layer calls, fixed-config split-K
-    GEMVs, an autotuned GEMM) a later layer's kernel layout came out with wrong codes or parameters (int4 bf16,
-    nf4 fp16), reproducibly for a given sequence. Every layer's Triton path and layout must match the CPU reference
-    whatever ran before it."""
+    """The H200 failure of docs/gpu_kernels.md "Known issues": in this launch sequence (layer calls at M = 5,
+    fixed-config split-K GEMVs, an autotuned GEMM) the autotuner once timed a 16-split GEMV against an 8-split
+    workspace, corrupting outputs and the next layouts. Every layer's Triton path and layout must match the CPU
+    reference whatever ran before it."""
     import copy
 
     from hf_efficient.kernels.quant_gemm import quant_gemm, quant_gemv
