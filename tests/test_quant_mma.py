@@ -138,3 +138,36 @@ def test_kernel_matches_reference(case, dtype, m):
         err = (y.float() - ref).abs()
         assert y.dtype == dtype and y.shape == (m, n)
         assert (err <= bound).all(), f"splits={splits}: {(err > bound).sum()} off, max {err.max():.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["int4_asym", "nf4_asym", "fp4_asym", "nf3_asym", "int2_asym"])
+def test_gpu_quantlinear_mma_layer_matches_cpu(name):
+    """The opt-in layer path (``force_kernel("mma")``): the layer adopts the mma layout as its only copy, matches the
+    CPU reference at decode, small-batch and prefill M (above MMA_MAX_M it dequantizes + cuBLAS), in fp16 and bf16,
+    and its state_dict rebuilds the CPU's stored tensors exactly."""
+    from hf_efficient.quantization import QuantLinear, reference_only
+    from hf_efficient.quantization.gpu import MMA_MAX_M, force_kernel, prepare_model
+
+    if Q.extension() is None:
+        pytest.fail("the mma extension did not build on this CUDA machine")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 192, bias=True)
+    cpu = QuantLinear.from_linear(lin, name, 128)
+    gpu = QuantLinear.from_linear(lin.cuda(), name, 128)
+    with force_kernel("mma"):
+        assert prepare_model(torch.nn.Sequential(gpu)) == 1
+    assert gpu.layout.kind == "cuda-mma"
+    for m in (1, 5, 40, MMA_MAX_M + 3):
+        x = torch.randn(m, 576)
+        with reference_only():
+            ref = cpu(x)
+        tol = 0.02 * ref.abs().max().item()
+        for dtype in (torch.float16, torch.bfloat16):
+            y = gpu(x.cuda().to(dtype))
+            assert y.dtype == dtype and gpu.layout.kind == "cuda-mma"
+            err = (y.float().cpu() - ref).abs().max().item()
+            assert err <= tol, f"{name} m={m} {dtype}: max |err| {err:.3g} > {tol:.3g}"
+    sd = gpu.state_dict()
+    for t, v in cpu.state_dict().items():
+        assert torch.equal(sd[t].cpu(), v), t
