@@ -61,3 +61,39 @@ def test_a_prequantized_reload_leaves_the_switch_alone(float_dir, tmp_path, monk
     monkeypatch.setattr(integ.HfEfficientQuantizer, "_process_model_after_weight_loading", spy)
     AutoModelForCausalLM.from_pretrained(tmp_path)
     assert seen == [None]
+
+
+def test_loader_budgets_packed_bytes_not_the_float_placeholders(float_dir, monkeypatch):
+    """transformers sizes its one-shot accelerator warm-up allocation (and device_map="auto") from the quantizer's
+    ``param_element_size``: it must come to the packed layers plus the unquantized tensors. Counting the float
+    placeholders made the H200 load peak the float model plus the packed one (benchmarks/quant_load_memory.md)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import get_total_byte_count
+
+    from hf_efficient.quantization import QuantLinear
+
+    budgets = []
+    orig = integ.HfEfficientQuantizer._process_model_before_weight_loading
+
+    def spy(self, model, **kwargs):
+        out = orig(self, model, **kwargs)
+        names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+        budget = get_total_byte_count(model, {n: "cuda:0" for n in names}, self)["cuda:0"]
+        packed = unquantized = 0
+        for mod in model.modules():
+            own = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+            for t_name, t in own:
+                if isinstance(mod, QuantLinear) and t_name == "weight":
+                    continue  # the placeholder: replaced by the packed buffers
+                nbytes = t.numel() * t.element_size()
+                if isinstance(mod, QuantLinear):
+                    packed += nbytes
+                else:
+                    unquantized += nbytes
+        budgets.append((budget, packed, unquantized))
+        return out
+
+    monkeypatch.setattr(integ.HfEfficientQuantizer, "_process_model_before_weight_loading", spy)
+    AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=AFPQConfig(bits=4, group_size=32))
+    (budget, packed, unquantized), = budgets
+    assert packed > 0 and budget == packed + unquantized

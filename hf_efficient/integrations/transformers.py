@@ -216,6 +216,19 @@ class HfEfficientQuantizer(HfQuantizer):
         module, tensor_name = get_module_from_name(model, param_name)
         return isinstance(module, QuantLinear) and tensor_name == "weight"
 
+    def param_element_size(self, model, param_name: str, param: torch.Tensor | None = None) -> float:
+        """Bytes per element transformers budgets for ``param_name`` before loading (its one-shot allocator warm-up
+        on the accelerator, ``device_map="auto"`` sizes). A placeholder float weight of quantize-on-load never
+        stays: the packed buffers that replace it are budgeted on their own, so it counts 0. Counted at its float
+        size, it made the warm-up allocate the whole float model plus the packed one at once (the GPU load peak,
+        and an out-of-memory error under a memory cap the quantized model fits in). ``param`` is optional because
+        some transformers releases pass only the name."""
+        if self.param_needs_quantization(model, param_name):
+            return 0
+        if param is None:
+            param = model.get_parameter_or_buffer(param_name)
+        return param.element_size()
+
     def get_quantize_ops(self):
         return QuantizeOnLoad(self)
 
