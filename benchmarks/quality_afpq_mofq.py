@@ -136,6 +136,8 @@ def main(argv=None):
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="join shard results and exit")
     ap.add_argument("--heldout", default="plays", help=f"comma-separated held-out texts among {HELDOUT}")
     ap.add_argument("--calib-source", default="plays", help="calibration text (hf_efficient.data.calibration_windows)")
+    ap.add_argument("--damp", type=float, default=AFPQConfig().damp,
+                    help="GPTQ dampening, a fraction of the Hessian's mean diagonal (default: the config default)")
     ap.add_argument("--name", default="quality_afpq_mofq", help="result file name")
     ap.add_argument("--extend", default=None, metavar="NAME", help="also add this run's rows to result file NAME")
     ap.add_argument("--out", default=None)
@@ -165,7 +167,8 @@ def main(argv=None):
     settings = {"model": "SmolLM2-135M-Instruct (embedded, dequantized Q4_1)", "device": args.device,
                 "eval_tokens": int(ids.numel()),
                 "context": args.context, "stride": args.context // 2, "calib_windows": args.calib_samples,
-                "calib_seqlen": args.calib_seqlen, "calib_split": args.calib_source, "eval_split": ",".join(heldout),
+                "calib_seqlen": args.calib_seqlen, "calib_split": args.calib_source, "damp": args.damp,
+                "eval_split": ",".join(heldout),
                 "scale_dtype": "float16", "modules_to_not_convert": ["lm_head"], "note": NOTE,
                 "command": "python -m benchmarks.quality_afpq_mofq " + " ".join(sys.argv[1:] if argv is None else argv)}
     rows, fp32_ppl = [], None
@@ -176,7 +179,7 @@ def main(argv=None):
         else:
             spec = dict(spec)
             cfg = spec.pop("cls")(calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                                  calib_source=args.calib_source, **spec)
+                                  calib_source=args.calib_source, damp=args.damp, **spec)
             model = copy.deepcopy(base)
             quantize_model(model, cfg, windows if cfg.needs_calibration() else None, progress=False)
             extra = {"config": cfg.to_dict()}
