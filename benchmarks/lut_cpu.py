@@ -145,6 +145,8 @@ def main(argv=None):
     ap.add_argument("--ggml-lib", default=None,
                     help="folder with libggml-base/libggml-cpu .so of a llama.cpp build (then --llama-python, or "
                          "python3, only needs numpy)")
+    ap.add_argument("--name", default=None, help="result file name (default lut_cpu_gemv[_quick]); one per machine "
+                                                  "kind, e.g. lut_cpu_gemv_quick_avx2")
     args = ap.parse_args(argv)
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (4096, 11008)]
     cases = [("int", 2), ("int", 4)] if args.quick else \
@@ -172,7 +174,7 @@ def main(argv=None):
                 "llama_cpp_isa": llama.isa if llama else None, "cpu": info,
                 "note": "each figure: min over rounds of the median over repeats; ours and llama.cpp interleaved "
                         "in the same run, each rotating over distinct weight matrices"}
-    write_results("lut_cpu_gemv_quick" if args.quick else "lut_cpu_gemv", rows, settings, args.out,
+    write_results(args.name or ("lut_cpu_gemv_quick" if args.quick else "lut_cpu_gemv"), rows, settings, args.out,
                   columns=["name", "threads", "ours_us", "fp32_linear_us", "speedup_vs_fp32", "dram_bound_us",
                            "ours_over_bound", "bound_2bit_codes_us", "llama_cpp", "llama_cpp_us",
                            "speedup_vs_llama_cpp", "ours_4k_pages_us", "huge_page_gain", "lut_engine",
