@@ -84,6 +84,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--name", default="cpu_decode_breakdown", help="result file name (one per machine kind)")
     args = ap.parse_args(argv)
 
     from benchmarks.cpu_threads import cpu_info
@@ -102,7 +103,7 @@ def main(argv=None):
             print_rows([r])
         del model
     info = cpu_info()
-    write_results("cpu_decode_breakdown", rows, {**info, "steps": args.steps, "prompt_len": 16,
+    write_results(args.name, rows, {**info, "steps": args.steps, "prompt_len": 16,
                                                  "note": "per decode token; self CPU time per op group from "
                                                          "torch.profiler over the decode steps only; framework = profiled "
                                                          "wall - op self time"},
