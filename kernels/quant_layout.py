@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..blocks import row_blocks
 from ..schemes import Scheme, scheme_of_mode
 
 DECODE_TABLE, DECODE_INT, DECODE_E2M1 = 0, 1, 2
@@ -140,12 +141,16 @@ def repack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, b
     """
     n, k, ng = check_weight_args(codes, a, b, grid, bits, group_size, mode, KERNEL_BITS, 32, "the GPU kernels")
     kp = ng * group_size
-    c = torch.zeros(n, kp, dtype=torch.int64, device=codes.device)
-    c[:, :k] = codes.to(torch.int64)
-    if bits == 3:
-        qweight = torch.cat([_pack_plane(c & 3, 2), _pack_plane(c >> 2, 1)], 1)
-    else:
-        qweight = _pack_plane(c, bits)
+    qweight = torch.empty(n, kp * bits // 32, dtype=torch.int32, device=codes.device)
+    p0 = kp // 16 if bits == 3 else qweight.shape[1]
+    for r in row_blocks(n, kp):  # int64 temporaries of a block: whole-matrix ones set the GPU's peak at load
+        c = torch.zeros(r.stop - r.start, kp, dtype=torch.int64, device=codes.device)
+        c[:, :k] = codes[r]
+        if bits == 3:
+            qweight[r, :p0] = _pack_plane(c & 3, 2)
+            qweight[r, p0:] = _pack_plane(c >> 2, 1)
+        else:
+            qweight[r] = _pack_plane(c, bits)
     b = a if b is None else b
     params = torch.stack([a, b.to(a.dtype)], 0).contiguous()
     grid = [float(v) for v in grid]
@@ -163,10 +168,9 @@ def unpack(kw: KernelWeight) -> torch.Tensor:
         shifts = (torch.arange(per, device=words.device, dtype=torch.int32) * width).view(1, 1, per, 1)
         return ((words.view(n, -1, 1, width) >> shifts) & (2 ** width - 1)).reshape(n, -1)
 
-    q = kw.qweight
-    if kw.bits == 3:
-        p0 = kw.plane0_words
-        c = plane(q[:, :p0], 2) | (plane(q[:, p0:], 1) << 2)
-    else:
-        c = plane(q, kw.bits)
-    return c[:, :kw.K].to(torch.uint8).contiguous()
+    q, p0 = kw.qweight, kw.plane0_words
+    out = torch.empty(kw.N, kw.K, dtype=torch.uint8, device=q.device)
+    for r in row_blocks(kw.N, kw.Kp):  # int32 temporaries of a block only (saving from the GPU layout)
+        c = plane(q[r, :p0], 2) | (plane(q[r, p0:], 1) << 2) if kw.bits == 3 else plane(q[r], kw.bits)
+        out[r] = c[:, :kw.K]
+    return out

@@ -40,6 +40,33 @@ def test_repack_roundtrip_and_decode(name):
     torch.testing.assert_close(dequantize_reference(kw), ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_layout_and_packing_are_the_same_in_row_blocks(bits, monkeypatch):
+    """Packing, unpacking and repacking a block of rows at a time (to bound their temporaries) gives the same
+    tensors as one block, including a short last block and blocks of one row."""
+    from hf_efficient import blocks
+    from hf_efficient.quantization.packing import pack_codes, unpack_codes
+
+    name = {2: "int2_asym", 3: "nf3_asym", 4: "fp4_asym", 8: "int8_asym"}[bits]
+    fmt, codes, kw = make_weight(name, 37, 100, 32)
+    packed = pack_codes(codes, bits)
+    for elements in (1, 3 * 128, 10 * 128):  # one row per block; blocks of 3 and 10 rows (37 = 3 * 12 + 1)
+        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", elements)
+        small = repack(codes, kw.params[0], kw.params[1], fmt.grid, bits, 32, kw.mode)
+        assert torch.equal(small.qweight, kw.qweight)
+        assert torch.equal(unpack(small), codes)
+        assert torch.equal(pack_codes(codes, bits), packed)
+        assert torch.equal(unpack_codes(packed, bits, 100), codes)
+
+
+def test_row_blocks_cover_every_row_once():
+    from hf_efficient.blocks import row_blocks
+
+    assert list(row_blocks(7, 10, 30)) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert list(row_blocks(2, 100, 30)) == [slice(0, 1), slice(1, 2)]  # at least one row per block
+    assert list(row_blocks(0, 10)) == []
+
+
 def test_choose_decode():
     assert choose_decode(formats.get_format("int4_asym").grid) == (DECODE_INT, 0.0)
     assert choose_decode(formats.get_format("int3_sym").grid) == (DECODE_INT, -4.0)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import formats
+from ..blocks import row_blocks
 from .packing import FORMAT_VERSION, expand_groups, n_groups, pack_codes, packed_width, unpack_codes
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -141,13 +142,12 @@ def rtn_quantize(w: torch.Tensor, fmt: formats.NumericFormat, group_size: int, s
     """Round-to-nearest: ``(codes uint8 (N, K), {param: (N, n_groups) float32})``, a block of rows at a time."""
     check_finite(w, name)
     n, k = w.shape
-    step = max(1, RTN_CHUNK_ELEMENTS // max(k, 1))
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
     parts: dict[str, list[torch.Tensor]] = {}
-    for r in range(0, n, step):
-        wc = w[r:r + step].detach().float()
+    for r in row_blocks(n, k, RTN_CHUNK_ELEMENTS):
+        wc = w[r].detach().float()
         p = group_params(fmt, wc, group_size, scale_dtype)
-        codes[r:r + step] = formats.encode(fmt, wc, {q: expand_groups(t, k, group_size) for q, t in p.items()})
+        codes[r] = formats.encode(fmt, wc, {q: expand_groups(t, k, group_size) for q, t in p.items()})
         for q, t in p.items():
             parts.setdefault(q, []).append(t)
     return codes, {q: torch.cat(ts) for q, ts in parts.items()}

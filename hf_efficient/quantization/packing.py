@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import torch
 
+from ..blocks import row_blocks
+
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 GUARD_TENSOR = "weight"
@@ -70,13 +72,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows = codes.reshape(-1, k)
     out = torch.empty(rows.shape[0], words, dtype=torch.int32, device=codes.device)
     shifts = torch.arange(per, device=codes.device, dtype=torch.int64) * bits
-    step = max(1, 2 ** 20 // max(k, 1))  # int64 temporaries of ~2**20 elements, not 8 bytes per code at once
-    for r in range(0, rows.shape[0], step):
-        padded = torch.zeros(min(step, rows.shape[0] - r), words * per, dtype=torch.int64, device=codes.device)
-        padded[:, :k] = rows[r:r + step]
+    for r in row_blocks(rows.shape[0], words * per):  # int64 temporaries of a block, not 8 bytes per code at once
+        padded = torch.zeros(r.stop - r.start, words * per, dtype=torch.int64, device=codes.device)
+        padded[:, :k] = rows[r]
         acc = (padded.view(-1, words, per) << shifts).sum(-1)
         # Wrap into int32 two's complement explicitly (an out-of-range int64->int32 cast is not defined behaviour).
-        out[r:r + step] = torch.where(acc >= 2 ** 31, acc - 2 ** 32, acc)
+        out[r] = torch.where(acc >= 2 ** 31, acc - 2 ** 32, acc)
     return out.view(*codes.shape[:-1], words)
 
 
@@ -89,8 +90,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         raise ValueError(f"packed width {packed.shape[-1]} does not hold k={k} codes of {bits} bits "
                          f"(expected {packed_width(k, bits)} words)")
     shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    codes = (packed.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :k].to(torch.uint8)
+    words = packed.reshape(-1, packed.shape[-1])
+    out = torch.empty(words.shape[0], k, dtype=torch.uint8, device=packed.device)
+    for r in row_blocks(words.shape[0], words.shape[1] * per):  # int32 temporaries of a block only
+        out[r] = ((words[r].unsqueeze(-1) >> shifts) & (2 ** bits - 1)).reshape(r.stop - r.start, -1)[:, :k]
+    return out.view(*packed.shape[:-1], k)
 
 
 def n_groups(k: int, group_size: int) -> int:
