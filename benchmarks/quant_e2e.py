@@ -17,6 +17,7 @@ does not fit the device budget; its layer shapes and per-token work are the same
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -177,8 +178,10 @@ HF_CONFIGS = {"hf-bf16": None, "hf-int4_asym": dict(bits=4, group_size=128, fmt=
 
 @torch.no_grad()
 def hf_generate_speed(kind: str, path: str, new_tokens: int, prompt: int = 16) -> dict:
-    """The user's path: ``from_pretrained(path, quantization_config=...)`` then ``generate`` with a static cache
-    and ``torch.compile`` of the forward ("reduce-overhead": CUDA graphs), timed after a warm-up generate."""
+    """The user's path: ``from_pretrained(path, quantization_config=...)`` then ``generate`` with a static cache,
+    which makes transformers compile the forward itself (its default compile config: CUDA graphs, fullgraph),
+    timed after two warm-up generates. ``compiled`` says whether generate took that path (a quantizer that is not
+    ``is_compileable`` keeps it eager)."""
     from transformers import AutoModelForCausalLM
 
     from hf_efficient import AFPQConfig
@@ -186,8 +189,9 @@ def hf_generate_speed(kind: str, path: str, new_tokens: int, prompt: int = 16) -
     t0 = time.time()
     cfg = HF_CONFIGS[kind]
     q = {"quantization_config": AFPQConfig(**cfg)} if cfg else {}
+    if cfg and os.environ.get("HF_EFFICIENT_E2E_COMPILE") == "1":
+        q["quantization_config"].compileable = True  # to time generate's compiled path for AFPQ configs
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda", **q).eval()
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
     for _ in range(2):  # compile + capture
@@ -199,7 +203,8 @@ def hf_generate_speed(kind: str, path: str, new_tokens: int, prompt: int = 16) -
     torch.cuda.synchronize()
     sec = time.time() - t
     out = {"model": kind, "tokens_per_s": new_tokens / sec, "ms_per_token": 1e3 * sec / new_tokens,
-           "linear_weight_GB": None, "build_s": build_s, "layers": model.config.num_hidden_layers}
+           "linear_weight_GB": None, "build_s": build_s, "layers": model.config.num_hidden_layers,
+           "compiled": hasattr(model, "_compiled_call")}
     del model
     torch.cuda.empty_cache()
     return out

@@ -67,10 +67,14 @@ def measure(path: str, name: str, cap_gb: float | None = None) -> dict:
         try:
             AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda",
                                                  quantization_config=AFPQConfig(**CONFIGS[name]))
-        except torch.OutOfMemoryError as e:
-            return dict(model=name, cap_GB=cap_gb, loads_under_cap=False, error=str(e)[:200])
+        except torch.OutOfMemoryError as e:  # allocated vs reserved at the failure: live data or fragmentation
+            return dict(model=name, cap_GB=cap_gb, loads_under_cap=False, error=str(e)[:120],
+                        allocated_GB=torch.cuda.memory_allocated() / GB, reserved_GB=torch.cuda.memory_reserved() / GB,
+                        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
         return dict(model=name, cap_GB=cap_gb, loads_under_cap=True,
-                    peak_load_GB=torch.cuda.max_memory_allocated() / GB)
+                    peak_load_GB=torch.cuda.max_memory_allocated() / GB,
+                    peak_reserved_GB=torch.cuda.max_memory_reserved() / GB,
+                    alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     kw = CONFIGS[name]
     q = {"quantization_config": AFPQConfig(**kw)} if kw else {}
     torch.cuda.reset_peak_memory_stats()
