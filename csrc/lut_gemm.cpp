@@ -10,7 +10,7 @@
 // Engine choice: the best ISA of the CPU; HF_EFFICIENT_LUT_ISA=scalar|avx2|avx512|neon caps it,
 // HF_EFFICIENT_LUT_SCALAR=1 (or force_scalar) forces the scalar engine; HF_EFFICIENT_LUT_MAX_ROWS moves the
 // table/GEMM crossover (both read per call, so tests and benchmarks can switch them).
-#include "lut/engine.h"
+#include "lut_gemm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -91,6 +91,46 @@ static void check_weights(const Geometry& geo, const at::Tensor& qweight) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 2 == 0, "lut: qweight must be 2-byte aligned");
 }
 
+Geometry lut_geometry(int64_t K, int64_t N, const c10::optional<at::Tensor>& grid, int64_t bits, int64_t group_size) {
+  return geometry_or_throw(K, N, bits, group_size, grid.has_value(), grid_channels(grid, bits));
+}
+
+void lut_check_weights(const Geometry& geo, const at::Tensor& qweight) { check_weights(geo, qweight); }
+
+Engine lut_engine(const Geometry& geo, bool force_scalar) { return select_engine(geo, isa_cap(force_scalar)); }
+
+void lut_row_tables(const float* x, const Geometry& geo, const float* grid, const Engine& eng, RowTables* t) {
+  const std::vector<float> coeffs = table_coeffs(geo, grid);
+  std::vector<float> xp(static_cast<size_t>(geo.Kp), 0.0f);
+  std::vector<float> ft(static_cast<size_t>(geo.channels * (geo.G / geo.slot) * 16));
+  std::memcpy(xp.data(), x, sizeof(float) * geo.K);
+  t->tab.resize(static_cast<size_t>(geo.table_stride()));
+  t->tscale.resize(static_cast<size_t>(geo.ng));
+  t->gsum.resize(static_cast<size_t>(geo.ng));
+  eng.build(xp.data(), geo, coeffs.data(), ft.data(), t->tab.data(), t->tscale.data(), t->gsum.data());
+}
+
+void lut_row_tiles(const uint8_t* w, const Geometry& geo, const Engine& eng, const RowTables& t, float* y) {
+  const int64_t tb = geo.tile_bytes(), N = geo.N;
+  const TileFn fn = eng.tile;
+  const int8_t* tab = t.tab.data();
+  const float *ts = t.tscale.data(), *gs = t.gsum.data();
+  at::parallel_for(0, geo.NT, 1, [&](int64_t b, int64_t e) {
+    alignas(64) float yt[kTileN];
+    for (int64_t nt = b; nt < e; ++nt) {
+      fn(w + nt * tb, tab, ts, gs, geo, yt);
+      std::memcpy(y + nt * kTileN, yt, sizeof(float) * std::min(kTileN, N - nt * kTileN));
+    }
+  });
+}
+
+void lut_gemv_row(const float* x, const uint8_t* w, const float* grid, const Geometry& geo, const Engine& eng,
+                  float* y) {
+  RowTables t;
+  lut_row_tables(x, geo, grid, eng, &t);
+  lut_row_tiles(w, geo, eng, t, y);
+}
+
 struct Tables {
   at::Tensor tab, tscale, gsum;
 };
@@ -155,6 +195,12 @@ at::Tensor lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const c10::o
   if (M > max_lut_rows()) {
     at::Tensor gr = grid.has_value() ? grid->contiguous() : at::Tensor();
     gemm_dequant(xc, w, grid.has_value() ? gr.data_ptr<float>() : nullptr, geo, eng, out);
+    return out;
+  }
+  if (M == 1) {  // decode: the one-row GEMV that the fused decode step (csrc/decode_step.cpp) also runs
+    at::Tensor gr = grid.has_value() ? grid->contiguous() : at::Tensor();
+    lut_gemv_row(xc.data_ptr<float>(), w, grid.has_value() ? gr.data_ptr<float>() : nullptr, geo, eng,
+                 out.data_ptr<float>());
     return out;
   }
   Tables t = make_tables(xc, geo, grid, eng);

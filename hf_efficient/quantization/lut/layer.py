@@ -84,7 +84,7 @@ def prepare_layer(layer: QuantLinear) -> kernel.LUTWeight | None:
 
 
 def enable_lut(model: nn.Module, enabled: bool = True, *, head_bits: int | None = None,
-               head_group_size: int = 64) -> list[str]:
+               head_group_size: int = 64, fast_decode: bool = True) -> list[str]:
     """Run every supported QuantLinear of ``model`` on the CPU LUT kernels (permuting weights now).
 
     ``head_bits`` (2, 3 or 4): also give the float output head (``model.get_output_embeddings()``, an
@@ -92,6 +92,10 @@ def enable_lut(model: nn.Module, enabled: bool = True, *, head_bits: int | None 
     no-grad forwards (:class:`LUTHead`); its float weight stays in place (ties, saving and training see it
     unchanged). Returns the names of the layers that will use the kernels. ``enabled=False`` switches back
     to the stored layout and the reference path (and frees the head's quantized copy).
+
+    ``fast_decode``: also switch the model's Llama-style decoder layers to the fused one-token decode step
+    (:func:`~hf_efficient.quantization.lut.decode.enable_fast_decode`; other architectures are left as they are);
+    with ``enabled=False`` the layers are switched back.
     """
     if enabled and not kernel.available():
         raise RuntimeError("enable_lut: the hf_efficient C++ extension is not built")
@@ -109,6 +113,10 @@ def enable_lut(model: nn.Module, enabled: bool = True, *, head_bits: int | None 
             names.append(name)
     if enabled and head_bits is not None:
         names.append(_enable_head(model, head_bits, head_group_size))
+    if fast_decode:
+        from .decode import enable_fast_decode
+
+        enable_fast_decode(model, enabled)
     return names
 
 

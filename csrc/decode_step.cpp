@@ -1,0 +1,294 @@
+// One decode token (one query row, batch 1) of a Llama-style decoder layer in two torch ops, around the KV cache
+// update that stays in Python (so any transformers Cache class keeps working):
+//
+//   decode_attn_in:      h = RMSNorm(x) -> q, k, v projections (+bias) -> rotary (rotate_half convention)
+//                        -> q (1, heads, 1, d), k and v (1, kv_heads, 1, d)
+//   (Python)             k_all, v_all = cache.update(k, v, layer_idx)
+//   decode_attn_out_mlp: one-query attention over k_all/v_all (GQA: head h reads kv head h / (heads/kv_heads);
+//                        scores * scaling (+ mask), softmax in fp32) -> o_proj -> + x -> RMSNorm -> gate, up
+//                        -> silu(gate) * up -> down -> + residual -> (1, 1, hidden)
+//
+// Each projection is described by weights[i], grids[i], biases[i] and meta[4i..4i+4) = (bits, group_size,
+// in_features, out_features): bits 1..4 = a LUT stream in the adopted cpu-lut layout (csrc/lut_gemm.cpp, engine.h;
+// grid as lut_gemm takes it), bits 0 = a float32 (out_features, in_features) weight (torch's GEMV). Projections
+// that read the same row with the same table geometry (q/k/v, gate/up) share one build of the activation tables.
+// The Python glue (and the reference these ops are tested against: the layer's own forward) is
+// hf_efficient/quantization/lut/decode.py; their fakes belong with the others in hf_efficient/ops.py.
+#include "lut_gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace hf_efficient {
+namespace lut {
+namespace {
+
+struct Proj {
+  int64_t K = 0, N = 0;
+  bool is_lut = false;
+  at::Tensor weight;          // uint8 stream or float32 (N, K)
+  at::Tensor grid;            // contiguous, LUT code-indexed only
+  const float* bias = nullptr;
+  at::Tensor bias_t;
+  Geometry geo;
+  Engine eng;
+};
+
+std::vector<Proj> parse_projs(const char* op, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& grids,
+                              const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef meta, size_t n) {
+  TORCH_CHECK(weights.size() == n && grids.size() == n && biases.size() == n && meta.size() == 4 * n, op,
+              ": expected ", n, " projections (weights, grids, biases) and ", 4 * n, " meta ints, got ",
+              weights.size(), ", ", grids.size(), ", ", biases.size(), " and ", meta.size());
+  std::vector<Proj> ps(n);
+  for (size_t i = 0; i < n; ++i) {
+    Proj& p = ps[i];
+    const int64_t bits = meta[4 * i], gs = meta[4 * i + 1];
+    p.K = meta[4 * i + 2];
+    p.N = meta[4 * i + 3];
+    p.weight = weights[i];
+    TORCH_CHECK(p.weight.device().is_cpu(), op, ": projection ", i, " weight must be on the CPU");
+    if (bits == 0) {
+      TORCH_CHECK(p.weight.scalar_type() == at::kFloat && p.weight.dim() == 2 && p.weight.size(0) == p.N &&
+                      p.weight.size(1) == p.K,
+                  op, ": projection ", i, " (float) needs a float32 (", p.N, ", ", p.K, ") weight, got ",
+                  p.weight.scalar_type(), " ", p.weight.sizes());
+    } else {
+      p.is_lut = true;
+      const c10::optional<at::Tensor> g = grids.get(i);
+      if (g.has_value()) p.grid = g->contiguous();
+      p.geo = lut_geometry(p.K, p.N, g.has_value() ? c10::optional<at::Tensor>(p.grid) : c10::nullopt, bits, gs);
+      lut_check_weights(p.geo, p.weight);
+      p.eng = lut_engine(p.geo);
+    }
+    const c10::optional<at::Tensor> b = biases.get(i);
+    if (b.has_value()) {
+      p.bias_t = b->contiguous();
+      TORCH_CHECK(p.bias_t.scalar_type() == at::kFloat && p.bias_t.numel() == p.N && p.bias_t.device().is_cpu(),
+                  op, ": projection ", i, " bias must be float32 with ", p.N, " values");
+      p.bias = p.bias_t.data_ptr<float>();
+    }
+  }
+  return ps;
+}
+
+// Row tables depend on K, group size, bits, the engine kind and the grid values, not on the output rows.
+bool same_tables(const Proj& a, const Proj& b) {
+  if (!a.is_lut || !b.is_lut) return false;
+  const Geometry &x = a.geo, &y = b.geo;
+  if (x.K != y.K || x.G != y.G || x.bits != y.bits || x.codes != y.codes || x.channels != y.channels ||
+      a.eng.build != b.eng.build)
+    return false;
+  if (!x.codes) return true;
+  return a.grid.numel() == b.grid.numel() &&
+         std::memcmp(a.grid.data_ptr<float>(), b.grid.data_ptr<float>(), sizeof(float) * a.grid.numel()) == 0;
+}
+
+// y[0..N) = W x (+ bias) for projections that all read x; LUT ones with equal table geometry share tables.
+void project(const std::vector<Proj*>& ps, const float* x, const std::vector<float*>& ys) {
+  std::vector<RowTables> tables(ps.size());
+  std::vector<int> owner(ps.size(), -1);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const Proj& p = *ps[i];
+    if (p.is_lut) {
+      for (size_t j = 0; j < i && owner[i] < 0; ++j)
+        if (owner[j] == static_cast<int>(j) && same_tables(*ps[j], p)) owner[i] = static_cast<int>(j);
+      if (owner[i] < 0) {
+        owner[i] = static_cast<int>(i);
+        lut_row_tables(x, p.geo, p.grid.defined() ? p.grid.data_ptr<float>() : nullptr, p.eng, &tables[i]);
+      }
+      lut_row_tiles(p.weight.data_ptr<uint8_t>(), p.geo, p.eng, tables[owner[i]], ys[i]);
+    } else {
+      at::Tensor xt = at::from_blob(const_cast<float*>(x), {p.K}, at::kFloat);
+      at::Tensor yt = at::from_blob(ys[i], {p.N}, at::kFloat);
+      at::mv_out(yt, p.weight, xt);
+    }
+    if (p.bias != nullptr)
+      for (int64_t n = 0; n < p.N; ++n) ys[i][n] += p.bias[n];
+  }
+}
+
+// HF's RMSNorm in fp32: w * (x * rsqrt(mean(x^2) + eps)).
+void rms_norm(const float* x, const float* w, int64_t n, double eps, float* y) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float r = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(n)) + static_cast<float>(eps));
+  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+// q * cos + rotate_half(q) * sin for `heads` consecutive vectors of d floats, in place.
+void rotary(float* q, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  const int64_t h2 = d / 2;
+  std::vector<float> t(static_cast<size_t>(d));
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = q + h * d;
+    for (int64_t i = 0; i < h2; ++i) t[i] = v[i] * cos[i] - v[i + h2] * sin[i];
+    for (int64_t i = h2; i < d; ++i) t[i] = v[i] * cos[i] + v[i - h2] * sin[i];
+    std::memcpy(v, t.data(), sizeof(float) * d);
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+at::Tensor as_cpu_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, op, ": ", name,
+              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+  return t.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_in(
+    const at::Tensor& x, const at::Tensor& norm_weight, double eps, at::TensorList weights,
+    const c10::List<c10::optional<at::Tensor>>& grids, const c10::List<c10::optional<at::Tensor>>& biases,
+    at::IntArrayRef meta, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
+    int64_t head_dim) {
+  const char* op = "decode_attn_in";
+  const at::Tensor xc = as_cpu_float(op, "x", x), wn = as_cpu_float(op, "norm_weight", norm_weight);
+  const int64_t H = xc.size(-1);
+  TORCH_CHECK(xc.numel() == H, op, ": x must hold one row (batch 1, one query), got shape ", x.sizes());
+  TORCH_CHECK(wn.numel() == H, op, ": norm_weight has ", wn.numel(), " values, x has ", H, " features");
+  TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0 && num_heads > 0 && num_kv_heads > 0, op,
+              ": bad head geometry");
+  std::vector<Proj> ps = parse_projs(op, weights, grids, biases, meta, 3);
+  const int64_t want[3] = {num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim};
+  for (int i = 0; i < 3; ++i)
+    TORCH_CHECK(ps[i].K == H && ps[i].N == want[i], op, ": projection ", i, " is ", ps[i].N, "x", ps[i].K,
+                ", expected ", want[i], "x", H);
+  const at::Tensor cc = as_cpu_float(op, "cos", cos), sc = as_cpu_float(op, "sin", sin);
+  TORCH_CHECK(cc.numel() == head_dim && sc.numel() == head_dim, op, ": cos/sin must hold one position's ",
+              head_dim, " values, got ", cos.sizes(), " and ", sin.sizes());
+
+  std::vector<float> h(static_cast<size_t>(H));
+  rms_norm(xc.data_ptr<float>(), wn.data_ptr<float>(), H, eps, h.data());
+  at::Tensor q = at::empty({1, num_heads, 1, head_dim}, xc.options());
+  at::Tensor k = at::empty({1, num_kv_heads, 1, head_dim}, xc.options());
+  at::Tensor v = at::empty({1, num_kv_heads, 1, head_dim}, xc.options());
+  project({&ps[0], &ps[1], &ps[2]}, h.data(), {q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>()});
+  rotary(q.data_ptr<float>(), num_heads, head_dim, cc.data_ptr<float>(), sc.data_ptr<float>());
+  rotary(k.data_ptr<float>(), num_kv_heads, head_dim, cc.data_ptr<float>(), sc.data_ptr<float>());
+  return {q, k, v};
+}
+
+at::Tensor decode_attn_out_mlp(const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& v_all,
+                               const c10::optional<at::Tensor>& mask, double scaling, const at::Tensor& residual,
+                               const at::Tensor& norm_weight, double eps, at::TensorList weights,
+                               const c10::List<c10::optional<at::Tensor>>& grids,
+                               const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef meta) {
+  const char* op = "decode_attn_out_mlp";
+  const at::Tensor qc = as_cpu_float(op, "q", q), xc = as_cpu_float(op, "residual", residual);
+  const at::Tensor wn = as_cpu_float(op, "norm_weight", norm_weight);
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(2) == 1, op, ": q must be (1, heads, 1, head_dim), got ",
+              q.sizes());
+  TORCH_CHECK(k_all.dim() == 4 && v_all.dim() == 4 && k_all.size(0) == 1 && k_all.sizes() == v_all.sizes(), op,
+              ": k and v must be (1, kv_heads, kv_len, head_dim) alike, got ", k_all.sizes(), " and ", v_all.sizes());
+  TORCH_CHECK(k_all.device().is_cpu() && k_all.scalar_type() == at::kFloat && v_all.device().is_cpu() &&
+                  v_all.scalar_type() == at::kFloat,
+              op, ": k and v must be float32 CPU tensors");
+  const int64_t heads = q.size(1), d = q.size(3), kvh = k_all.size(1), S = k_all.size(2);
+  TORCH_CHECK(k_all.size(3) == d && kvh > 0 && heads % kvh == 0, op, ": q has ", heads, " heads of ", d,
+              ", k ", kvh, " heads of ", k_all.size(3));
+  const at::Tensor kc = k_all.stride(3) == 1 ? k_all : k_all.contiguous();
+  const at::Tensor vc = v_all.stride(3) == 1 ? v_all : v_all.contiguous();
+  const int64_t H = xc.numel();
+  TORCH_CHECK(wn.numel() == H, op, ": norm_weight has ", wn.numel(), " values, residual ", H);
+  at::Tensor mk;
+  if (mask.has_value()) {
+    mk = mask->contiguous();
+    TORCH_CHECK(mk.device().is_cpu() && mk.numel() == S && (mk.scalar_type() == at::kBool ||
+                                                            mk.scalar_type() == at::kFloat),
+                op, ": mask must be bool or float32 with kv_len = ", S, " values, got ", mk.scalar_type(), " ",
+                mk.sizes());
+  }
+  std::vector<Proj> ps = parse_projs(op, weights, grids, biases, meta, 4);
+  const int64_t I = ps[1].N;
+  TORCH_CHECK(ps[0].K == heads * d && ps[0].N == H && ps[1].K == H && ps[2].K == H && ps[2].N == I &&
+                  ps[3].K == I && ps[3].N == H,
+              op, ": projection shapes do not fit (o ", ps[0].N, "x", ps[0].K, ", gate ", ps[1].N, "x", ps[1].K,
+              ", up ", ps[2].N, "x", ps[2].K, ", down ", ps[3].N, "x", ps[3].K, ") with hidden ", H, ", heads*d ",
+              heads * d);
+
+  // Attention, one query per head.
+  std::vector<float> a(static_cast<size_t>(heads * d));
+  const float* pq = qc.data_ptr<float>();
+  const float *pk = kc.data_ptr<float>(), *pv = vc.data_ptr<float>();
+  const int64_t ksh = kc.stride(1), kst = kc.stride(2), vsh = vc.stride(1), vst = vc.stride(2);
+  const bool* mb = mk.defined() && mk.scalar_type() == at::kBool ? mk.data_ptr<bool>() : nullptr;
+  const float* mf = mk.defined() && mk.scalar_type() == at::kFloat ? mk.data_ptr<float>() : nullptr;
+  const int64_t rep = heads / kvh;
+  const float sc = static_cast<float>(scaling);
+  const int64_t grain = S * d * heads < (int64_t(1) << 16) ? heads : 1;
+  at::parallel_for(0, heads, grain, [&](int64_t hb, int64_t he) {
+    std::vector<float> s(static_cast<size_t>(S));
+    for (int64_t h = hb; h < he; ++h) {
+      const float* qh = pq + h * d;
+      const float* kh = pk + (h / rep) * ksh;
+      const float* vh = pv + (h / rep) * vsh;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < S; ++t) {
+        float v = dot(qh, kh + t * kst, d) * sc;
+        if (mb != nullptr && !mb[t]) v = -std::numeric_limits<float>::infinity();
+        if (mf != nullptr) v += mf[t];
+        s[t] = v;
+        mx = std::max(mx, v);
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < S; ++t) {
+        s[t] = s[t] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(s[t] - mx);
+        sum += s[t];
+      }
+      const float inv = 1.0f / sum;
+      float* out = a.data() + h * d;
+      std::fill(out, out + d, 0.0f);
+      for (int64_t t = 0; t < S; ++t) {
+        const float p = s[t] * inv;
+        const float* vt = vh + t * vst;
+        for (int64_t i = 0; i < d; ++i) out[i] += p * vt[i];
+      }
+    }
+  });
+
+  at::Tensor y = at::empty_like(xc);
+  float* py = y.data_ptr<float>();
+  const float* px = xc.data_ptr<float>();
+  std::vector<float> o(static_cast<size_t>(H)), n(static_cast<size_t>(H));
+  project({&ps[0]}, a.data(), {o.data()});
+  for (int64_t i = 0; i < H; ++i) py[i] = px[i] + o[i];
+  rms_norm(py, wn.data_ptr<float>(), H, eps, n.data());
+  std::vector<float> g(static_cast<size_t>(I)), u(static_cast<size_t>(I));
+  project({&ps[1], &ps[2]}, n.data(), {g.data(), u.data()});
+  for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  project({&ps[3]}, g.data(), {o.data()});
+  for (int64_t i = 0; i < H; ++i) py[i] += o[i];
+  return y;
+}
+
+}  // namespace lut
+}  // namespace hf_efficient
+
+TORCH_LIBRARY_FRAGMENT(hf_efficient, m) {
+  m.def("decode_attn_in(Tensor x, Tensor norm_weight, float eps, Tensor[] weights, Tensor?[] grids, "
+        "Tensor?[] biases, int[] meta, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, int head_dim) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("decode_attn_out_mlp(Tensor q, Tensor k, Tensor v, Tensor? mask, float scaling, Tensor residual, "
+        "Tensor norm_weight, float eps, Tensor[] weights, Tensor?[] grids, Tensor?[] biases, int[] meta) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hf_efficient, CPU, m) {
+  m.impl("decode_attn_in", &hf_efficient::lut::decode_attn_in);
+  m.impl("decode_attn_out_mlp", &hf_efficient::lut::decode_attn_out_mlp);
+}

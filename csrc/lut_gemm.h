@@ -1,0 +1,37 @@
+// Internal C++ interface of the LUT GEMV (csrc/lut_gemm.cpp) for other translation units of the extension
+// (csrc/decode_step.cpp): geometry and engine checks as the ops do them, and the one-row GEMV split into its
+// two halves, so that several layers reading the same activation row (q/k/v, gate/up) build its tables once.
+#pragma once
+#include "lut/engine.h"
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace hf_efficient {
+namespace lut {
+
+// Geometry of a packed weight (in_features K, out_features N) with the op's argument checks (TORCH_CHECK on
+// bad arguments); grid: float32 (channels, 2**bits) for code-indexed weights, or none (bit-serial INT).
+Geometry lut_geometry(int64_t K, int64_t N, const c10::optional<at::Tensor>& grid, int64_t bits, int64_t group_size);
+// Checks that qweight is a contiguous uint8 CPU stream of geo's size.
+void lut_check_weights(const Geometry& geo, const at::Tensor& qweight);
+// The engine lut_gemm runs for geo (best ISA, capped by HF_EFFICIENT_LUT_ISA / HF_EFFICIENT_LUT_SCALAR).
+Engine lut_engine(const Geometry& geo, bool force_scalar = false);
+
+// Scratch tables of one activation row: int8 tab [channels][slots][16], tscale and gsum [ng].
+struct RowTables {
+  std::vector<int8_t> tab;
+  std::vector<float> tscale, gsum;
+};
+// Builds the tables of one float row x[0..K) (grid: channels x 2**bits floats or nullptr) into t.
+void lut_row_tables(const float* x, const Geometry& geo, const float* grid, const Engine& eng, RowTables* t);
+// y[0..N) = W x from row tables built for a geometry with the same K, group size, bits, engine kind and grid
+// (tables depend only on those); tiles run under at::parallel_for.
+void lut_row_tiles(const uint8_t* w, const Geometry& geo, const Engine& eng, const RowTables& t, float* y);
+// Both: y = W x for one row (what lut_gemm runs for a one-row input, bit for bit).
+void lut_gemv_row(const float* x, const uint8_t* w, const float* grid, const Geometry& geo, const Engine& eng,
+                  float* y);
+
+}  // namespace lut
+}  // namespace hf_efficient

@@ -1,0 +1,267 @@
+"""A fused CPU decode step for Llama-style decoder layers: :func:`enable_fast_decode`.
+
+One decode token of a decoder layer in eager transformers costs ~170 ATen ops and their Python (norms, rotary,
+reshapes, the projections' wrappers, residuals), about ten times what its matmuls cost on a small model. This
+module runs such a step in two C++ ops (``csrc/decode_step.cpp``) around the cache update, which stays the
+Cache object's own (``DynamicCache``, ``StaticCache``, ... all keep working)::
+
+    q, k, v = decode_attn_in(x, ...)               # RMSNorm, q/k/v projections (+bias), rotary
+    k_all, v_all = cache.update(k, v, layer_idx)   # as the HF attention does
+    x = decode_attn_out_mlp(q, k_all, v_all, ...)  # attention, o_proj, residual, RMSNorm, SwiGLU MLP, residual
+
+Projections are LUT streams (QuantLinear layers on the ``cpu-lut`` layout, see :mod:`.layer`) or plain float32
+``nn.Linear`` weights, so an fp32 model gets the same path. q/k/v (and gate/up) that share a table geometry
+build the activation tables once.
+
+:func:`enable_fast_decode` switches each supported decoder layer's class in place (as :class:`.layer.LUTHead`
+does): parameters, buffers, state dict, saving and peft see the same module. The fused forward runs only for
+a no-grad, eval-mode, CPU, float32 forward of **one token of batch 1**, with the ``sdpa`` or ``eager``
+attention, no attention-weight capture, and every projection a float ``nn.Linear`` or a LUT-enabled
+QuantLinear (not under ``reference_only()``); anything else (prefill, batch > 1, training, LoRA-wrapped
+projections, bf16, another attention function) calls the layer's own forward. A mask (static caches,
+eager attention) is applied; its last dimension must be the cache length.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ...kernels import lut_cpu as kernel
+from .. import linear as _linear
+from ..linear import QuantLinear
+from .layer import _cached_weight
+
+logger = logging.getLogger(__name__)
+
+# Decoder layers whose forward is RMSNorm -> attention (q/k/v/o, rotary, GQA) -> residual -> RMSNorm -> SwiGLU
+# MLP -> residual, with the attention module's forward as Llama's (Mistral and Qwen2 differ only in a sliding
+# window, which keeps such layers on their own forward, and Qwen2's q/k/v biases).
+SUPPORTED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+ATTENTIONS = ("sdpa", "eager")
+
+try:  # transformers >= 5: output capture (output_attentions) through hooks and a context variable
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - older transformers pass output_attentions to the layer
+    _active_collector = None
+
+_WARNED: set = set()
+_OPS: list = []
+
+
+def _ops():
+    if not _OPS:
+        ops = kernel.ops()
+        _OPS.extend([ops.decode_attn_in.default, ops.decode_attn_out_mlp.default])
+    return _OPS
+
+
+class _Plan:
+    """What the two ops read for one layer, with the identity key of the tensors it was built from."""
+
+    __slots__ = ("key", "attn_in", "attn_out", "n1", "eps1", "n2", "eps2", "heads", "kv_heads", "head_dim",
+                 "scaling", "layer_idx")
+
+
+def _proj(m: nn.Module):
+    """(weight, grid, bias, meta) of one projection for the ops, or None if the fused step cannot run it."""
+    if type(m) is nn.Linear:
+        w = m.weight
+        if w.dtype != torch.float32 or w.device.type != "cpu" or (m.bias is not None and m.bias.dtype != w.dtype):
+            return None
+        return w, None, m.bias, [0, 0, m.in_features, m.out_features]
+    if type(m) is QuantLinear and m.act_fmt is None and m.__dict__.get("_lut_enabled", True):
+        w = _cached_weight(m)
+        if w is None:
+            return None
+        bias = None if m.bias is None else m.bias.detach().float()
+        return w.qweight, w.grid, bias, [w.bits, w.group_size, w.in_features, w.out_features]
+    return None
+
+
+def _proj_key(m: nn.Module):
+    d = m.__dict__
+    if type(m) is QuantLinear:
+        return id(d["_buffers"].get("_rl_stream")) if d.get("_lut_enabled", True) else None
+    return id(d["_parameters"].get("weight"))
+
+
+def _modules(layer: nn.Module):
+    a, mlp = layer.self_attn, layer.mlp
+    return (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+
+def _key(layer: nn.Module, mods) -> tuple:
+    return (*map(id, mods), *map(_proj_key, mods), id(layer.input_layernorm.weight),
+            id(layer.post_attention_layernorm.weight))
+
+
+def _build_plan(layer: nn.Module, mods, key) -> _Plan | None:
+    projs = [_proj(m) for m in mods]
+    if any(p is None for p in projs):
+        return None
+    a = layer.self_attn
+    p = _Plan()
+    p.key = key
+    p.attn_in = tuple(list(x) for x in zip(*projs[:3]))
+    p.attn_out = tuple(list(x) for x in zip(*projs[3:]))
+    p.attn_in = (*p.attn_in[:3], [v for m in p.attn_in[3] for v in m])
+    p.attn_out = (*p.attn_out[:3], [v for m in p.attn_out[3] for v in m])
+    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+    p.n1, p.eps1 = n1.weight, float(n1.variance_epsilon)
+    p.n2, p.eps2 = n2.weight, float(n2.variance_epsilon)
+    cfg = a.config
+    p.heads, p.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    p.head_dim, p.scaling, p.layer_idx = a.head_dim, float(a.scaling), a.layer_idx
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (p.n1, p.n2)):
+        return None
+    return p
+
+
+def _plan(layer: nn.Module) -> _Plan | None:
+    mods = _modules(layer)
+    key = _key(layer, mods)
+    plan = layer.__dict__.get("_hfe_plan")
+    if plan is not None and plan.key == key:
+        return plan
+    plan = _build_plan(layer, mods, key)
+    # a layer that cannot run fused is remembered too (key holds None entries or unsupported modules)
+    layer.__dict__["_hfe_plan"] = plan if plan is not None else _Unsupported(key)
+    return plan
+
+
+class _Unsupported:
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+
+_ONE = (1, 1)
+
+
+def _fast_step(layer, hidden_states, args, kwargs):
+    """The fused step's output, or None when the layer's own forward must run (nothing is changed then)."""
+    if (args or torch.is_grad_enabled() or layer.training or hidden_states.dtype != torch.float32
+            or not hidden_states.is_cpu or hidden_states.dim() != 3 or hidden_states.shape[:2] != _ONE
+            or getattr(_linear._state, "reference_only", False) or kwargs.get("output_attentions")):
+        return None
+    pe = kwargs.get("position_embeddings")
+    if pe is None:
+        return None
+    if layer.self_attn.config._attn_implementation not in ATTENTIONS:
+        return None
+    if _active_collector is not None:
+        col = _active_collector.get()
+        if col is not None and "attentions" in col:
+            return None
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[0] == 1
+                                 and mask.shape[2] == 1 and mask.dtype in (torch.bool, torch.float32)):
+        return None
+    plan = _plan(layer)
+    if type(plan) is not _Plan:
+        return None
+    attn_in, attn_out = _ops()
+    cos, sin = pe
+    q, k, v = attn_in(hidden_states, plan.n1, plan.eps1, *plan.attn_in, cos, sin, plan.heads, plan.kv_heads,
+                      plan.head_dim)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None:
+        extra = {k: v for k, v in kwargs.items() if k not in _LAYER_KWARGS}
+        k, v = cache.update(k, v, plan.layer_idx, kwargs=extra)
+    return attn_out(q, k, v, mask, plan.scaling, hidden_states, plan.n2, plan.eps2, *plan.attn_out)
+
+
+# keyword arguments of the decoder layer that its attention takes by name, so they are not in the kwargs it
+# forwards to cache.update(kwargs=...)
+_LAYER_KWARGS = frozenset(("attention_mask", "cache", "past_key_values", "position_embeddings"))
+
+
+class _FastDecodeMixin:
+    """Decoder layer forward that runs one decode token fused (see the module docstring), else the original."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = _fast_step(self, hidden_states, args, kwargs)
+        if out is not None:
+            return out
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+_CLASSES: dict = {}
+
+
+def _fused_class(base: type) -> type:
+    cls = _CLASSES.get(base)
+    if cls is None:
+        name = f"FastDecode{base.__name__}"
+        cls = type(name, (_FastDecodeMixin, base), {"_hfe_base": base, "__module__": __name__})
+        cls.__qualname__ = name
+        globals()[name] = cls  # picklable by name (torch.save of a whole model)
+        _CLASSES[base] = cls
+    return cls
+
+
+def _why_unsupported(m: nn.Module) -> str | None:
+    """None if the layer can be fused, else the reason."""
+    a, mlp = getattr(m, "self_attn", None), getattr(m, "mlp", None)
+    if a is None or mlp is None or any(not hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
+            or any(not hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return "not a q/k/v/o attention + gate/up/down MLP layer"
+    cfg = getattr(a, "config", None)
+    if cfg is None or getattr(cfg, "hidden_act", None) not in ("silu", "swish"):
+        return f"hidden_act {getattr(cfg, 'hidden_act', None)!r} is not silu"
+    for n in ("input_layernorm", "post_attention_layernorm"):
+        norm = getattr(m, n, None)
+        if norm is None or not hasattr(norm, "variance_epsilon") or not type(norm).__name__.endswith("RMSNorm"):
+            return f"{n} is not an RMSNorm"
+    if getattr(a, "sliding_window", None) is not None or (
+            type(m).__name__.startswith("Mistral") and getattr(cfg, "sliding_window", None) is not None):
+        return "sliding-window attention"
+    return None
+
+
+def _base_class(m: nn.Module) -> type:
+    return getattr(type(m), "_hfe_base", type(m))
+
+
+def enable_fast_decode(model: nn.Module, enabled: bool = True) -> list[str]:
+    """Run one-token decode steps of ``model``'s decoder layers as two fused C++ ops (CPU, no grad, batch 1).
+
+    Supported layers: ``LlamaDecoderLayer``, ``MistralDecoderLayer`` and ``Qwen2DecoderLayer`` with SiLU MLPs and
+    full attention. Each is switched in place to a subclass whose forward falls back to the original for any
+    other input (see the module docstring), so results elsewhere are unchanged and parameters are untouched.
+    Returns the names of the switched layers; ``[]`` (and one logged warning) when the model has none.
+    ``enabled=False`` switches them back and returns their names.
+    """
+    if enabled and not kernel.available():
+        raise RuntimeError("enable_fast_decode: the hf_efficient C++ extension is not built")
+    names, skipped = [], {}
+    for name, m in model.named_modules():
+        base = _base_class(m)
+        if base.__name__ not in SUPPORTED:
+            continue
+        if not enabled:
+            if base is not type(m):
+                m.__class__ = base
+                m.__dict__.pop("_hfe_plan", None)
+                names.append(name)
+            continue
+        why = _why_unsupported(m)
+        if why is not None:
+            skipped.setdefault(why, name)
+            if base is not type(m):  # no longer supported (e.g. a config change): back to the original
+                m.__class__ = base
+            continue
+        m.__class__ = _fused_class(base)
+        m.__dict__.pop("_hfe_plan", None)
+        names.append(name)
+    if enabled and not names:
+        arch = type(model).__name__
+        if arch not in _WARNED:
+            _WARNED.add(arch)
+            reason = "; ".join(f"{w} (e.g. {n})" for w, n in skipped.items()) or \
+                f"no decoder layer of a supported class ({', '.join(SUPPORTED)})"
+            logger.warning("enable_fast_decode: %s has no layer the fused decode step supports: %s", arch, reason)
+    return names

@@ -1,0 +1,389 @@
+"""The fused CPU decode step (enable_fast_decode; csrc/decode_step.cpp) against the layers' own forward.
+
+Every comparison also counts the fused steps that ran, so a silent fallback cannot make a test pass."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import hf_efficient  # noqa: F401  (registers quant_method "lut" and the C++ ops)
+from hf_efficient.kernels import lut_cpu as kernel
+from hf_efficient.quantization import reference_only
+from hf_efficient.quantization.lut import LUTConfig, enable_fast_decode, enable_lut
+from hf_efficient.quantization.lut import decode
+
+pytestmark = pytest.mark.skipif(not kernel.available(), reason="the C++ extension is not built")
+
+# (name, config overrides, LUTConfig kwargs or None for fp32). "pad": K = 72 and 100 are not multiples of 16 or
+# of the group (zero-padded tails, a short last group); head_dim 18.
+CASES = [
+    ("fp32", {}, None),
+    ("int4-g32", {}, dict(bits=4, group_size=32)),
+    ("int2-g64", {}, dict(bits=2, group_size=64)),
+    ("nf4-g32", {}, dict(bits=4, group_size=32, fmt="nf")),  # code-indexed tables (grid shared by q/k/v)
+    ("int4-g32-pad", dict(hidden_size=72, intermediate_size=100), dict(bits=4, group_size=32)),
+    ("fp32-pad", dict(hidden_size=72, intermediate_size=100), None),
+]
+
+
+def _tiny_config(**over):
+    from conftest import tiny_llama_config  # tests/ is on sys.path (rootdir conftest)
+
+    return tiny_llama_config(**over)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    dirs = {}
+    for key in {repr(c[1]) for c in CASES}:
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(_tiny_config(**eval(key)))
+        with torch.no_grad():  # larger weights: varied greedy tokens instead of one repeated token
+            for p in m.parameters():
+                p.mul_(3)
+        d = tmp_path_factory.mktemp("fast_decode")
+        m.save_pretrained(d)
+        dirs[key] = d
+    return dirs
+
+
+def _load(model_dirs, case):
+    from transformers import AutoModelForCausalLM
+
+    _, over, q = next(c for c in CASES if c[0] == case)
+    kw = {} if q is None else dict(quantization_config=LUTConfig(**q))
+    model = AutoModelForCausalLM.from_pretrained(model_dirs[repr(over)], **kw).eval()
+    if q is None:
+        enable_fast_decode(model)
+    return model
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """A list that gets one entry per decoder-layer forward that ran fused."""
+    calls = []
+    real = decode._fast_step
+
+    def spy(*a):
+        out = real(*a)
+        if out is not None:
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(decode, "_fast_step", spy)
+    return calls
+
+
+def _ids(n, batch=1, seed=0):
+    return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_lut_models_switch_on_by_default(model_dirs, case):
+    model = _load(model_dirs, case)
+    layers = model.model.layers
+    assert all(type(m).__name__ == "FastDecodeLlamaDecoderLayer" for m in layers)
+    assert all(isinstance(m, decode._FastDecodeMixin) and type(m)._hfe_base.__name__ == "LlamaDecoderLayer"
+               for m in layers)
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+@pytest.mark.parametrize("static", [False, True])
+def test_layer_step_equals_original_forward(model_dirs, case, static, fused_calls):
+    """(a) One fused step of each layer against the layer's own forward, on the same cache, several positions."""
+    from transformers import DynamicCache, StaticCache
+
+    model = _load(model_dirs, case)
+    cfg = model.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    gen = torch.Generator().manual_seed(1)
+    for past in (0, 1, 5, 23):
+        for layer in model.model.layers:
+            cache = StaticCache(config=cfg, max_cache_len=32) if static else DynamicCache(config=cfg)
+            if past:
+                for i in range(cfg.num_hidden_layers):  # a random past for every layer
+                    kv = torch.randn(1, cfg.num_key_value_heads, past, hd, generator=gen)
+                    cache.update(kv, kv * 0.5 + 0.1, i)
+            x = torch.randn(1, 1, cfg.hidden_size, generator=gen) * 2
+            pos = torch.tensor([[past]])
+            pe = model.model.rotary_emb(x, pos)
+            mask = None
+            if static:  # what sdpa gets with a static cache: a bool row over the whole cache
+                mask = (torch.arange(32) <= past).view(1, 1, 1, 32)
+            c2 = copy.deepcopy(cache)
+            kw = dict(attention_mask=mask, position_ids=pos, use_cache=True, position_embeddings=pe)
+            with torch.no_grad():
+                n0 = len(fused_calls)
+                got = layer(x, cache=cache, **kw)
+                assert len(fused_calls) == n0 + 1
+                want = type(layer)._hfe_base.forward(layer, x, cache=c2, **kw)
+            scale = want.abs().max()
+            assert torch.allclose(got, want, atol=1e-4 * scale, rtol=0), float((got - want).abs().max() / scale)
+            k1, v1 = cache.layers[layer.self_attn.layer_idx].keys, cache.layers[layer.self_attn.layer_idx].values
+            k2, v2 = c2.layers[layer.self_attn.layer_idx].keys, c2.layers[layer.self_attn.layer_idx].values
+            assert k1.shape == k2.shape and torch.allclose(k1, k2, atol=1e-4 * k2.abs().max(), rtol=0)
+            assert torch.allclose(v1, v2, atol=1e-4 * v2.abs().max(), rtol=0)
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_tokens_identical(model_dirs, case, cache, fused_calls):
+    """(b) Greedy generate gives the same tokens with and without the fused step."""
+    model = _load(model_dirs, case)
+    ids = _ids(9)
+    kw = dict(max_new_tokens=12, do_sample=False, **({"cache_implementation": "static"} if cache == "static" else {}))
+    with torch.no_grad():
+        fused = model.generate(ids, **kw)
+    assert len(fused_calls) == 11 * model.config.num_hidden_layers  # every decode step of every layer
+    assert enable_fast_decode(model, False) == ["model.layers.0", "model.layers.1"]
+    with torch.no_grad():
+        plain = model.generate(ids, **kw)
+    assert len(fused_calls) == 11 * model.config.num_hidden_layers
+    assert torch.equal(fused, plain), (fused, plain)
+    assert len(set(plain[0, 9:].tolist())) > 2  # the test model does not just repeat one token
+
+
+@pytest.mark.parametrize("case", ["fp32", "int4-g32"])
+def test_fallbacks_give_the_original_results(model_dirs, case, fused_calls):
+    """(c) Batch 2 with left padding, gradients enabled, prefill, reference_only: the layers' own forward, bit for
+    bit (the same model with the fused step switched off gives the same tensors)."""
+    model = _load(model_dirs, case)
+    ids = _ids(7, batch=2)
+    attn = torch.ones_like(ids)
+    attn[0, :3] = 0  # left padding
+
+    def run():
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=attn, max_new_tokens=6, do_sample=False)
+            with reference_only():
+                ref = model.generate(_ids(5), max_new_tokens=3, do_sample=False)
+        out = model(_ids(5), use_cache=True)  # prefill with gradients enabled
+        step = model(_ids(1, seed=3), cache=out.past_key_values, use_cache=True).logits  # one token, grad enabled
+        return gen, ref, out.logits, step
+
+    fused = run()
+    assert not fused_calls
+    enable_fast_decode(model, False)
+    plain = run()
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
+    enable_fast_decode(model)
+    with torch.no_grad():
+        model.generate(_ids(5), max_new_tokens=3, do_sample=False)
+    assert len(fused_calls) == 2 * model.config.num_hidden_layers  # and it does run where it should
+
+
+def test_other_attention_and_training_fall_back(model_dirs, fused_calls):
+    model = _load(model_dirs, "int4-g32")
+    model.config._attn_implementation = "flex_attention"  # any attention function but sdpa/eager
+    with torch.no_grad():
+        try:
+            out = model(_ids(4), use_cache=True)
+            model(_ids(1), cache=out.past_key_values, use_cache=True)
+        except Exception:  # flex may not run here; the point is that the fused step did not
+            pass
+    assert not fused_calls
+    model.config._attn_implementation = "eager"
+    model.train()
+    with torch.no_grad():
+        out = model(_ids(4), use_cache=True)
+        model(_ids(1), cache=out.past_key_values, use_cache=True)
+    assert not fused_calls
+    model.eval()
+    with torch.no_grad():
+        out = model(_ids(4), use_cache=True)
+        a = model(_ids(1), cache=copy.deepcopy(out.past_key_values), use_cache=True).logits
+        assert len(fused_calls) == 2
+        enable_fast_decode(model, False)
+        b = model(_ids(1), cache=out.past_key_values, use_cache=True).logits
+    assert torch.allclose(a, b, atol=1e-4 * b.abs().max(), rtol=0)
+
+
+def test_disable_restores_and_state_dict_unchanged(model_dirs, fused_calls):
+    """(d) enable_fast_decode(model, False) puts the original classes back; nothing else changes."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model = _load(model_dirs, "int4-g32")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert enable_fast_decode(model, False) == ["model.layers.0", "model.layers.1"]
+    assert all(type(m) is LlamaDecoderLayer and "_hfe_plan" not in m.__dict__ for m in model.model.layers)
+    assert enable_fast_decode(model, False) == []
+    sd2 = model.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    with torch.no_grad():
+        model.generate(_ids(5), max_new_tokens=3, do_sample=False)
+    assert not fused_calls
+    assert enable_fast_decode(model) == ["model.layers.0", "model.layers.1"]
+    assert enable_fast_decode(model) == ["model.layers.0", "model.layers.1"]  # idempotent
+    enable_lut(model, False)  # back to the reference path: the layers are switched back too
+    assert all(type(m) is LlamaDecoderLayer for m in model.model.layers)
+    assert enable_lut(model, fast_decode=False) and all(type(m) is LlamaDecoderLayer for m in model.model.layers)
+
+
+def test_layer_changes_rebuild_the_plan(model_dirs, fused_calls):
+    """A projection replaced (e.g. by a LoRA wrapper) or switched off the kernels: the plan follows."""
+    model = _load(model_dirs, "fp32")
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        model.generate(_ids(5), max_new_tokens=2, do_sample=False)
+        n = len(fused_calls)
+        old = layer.self_attn.q_proj
+        layer.self_attn.q_proj = nn.Sequential(old)  # not a projection the fused step knows
+        model.generate(_ids(5), max_new_tokens=2, do_sample=False)
+        assert len(fused_calls) == n + 1  # layer 1 only
+        layer.self_attn.q_proj = old
+        layer.self_attn.q_proj.weight = nn.Parameter(old.weight * 0)  # a new weight tensor
+        a = model.generate(_ids(5), max_new_tokens=4, do_sample=False)
+        assert len(fused_calls) == n + 1 + 3 * 2
+        enable_fast_decode(model, False)
+        assert torch.equal(a, model.generate(_ids(5), max_new_tokens=4, do_sample=False))
+
+
+def test_qwen2_biases(fused_calls):
+    """Qwen2 (q/k/v biases) takes the same path with the biases added."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+    ids = _ids(6)
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=8, do_sample=False)
+        assert enable_fast_decode(model) == ["model.layers.0", "model.layers.1"]
+        fused = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert len(fused_calls) == 7 * 2 and torch.equal(plain, fused)
+
+
+def test_unsupported_models_give_empty_and_log(caplog):
+    """(e) A non-Llama model: [] and one warning; nothing is switched."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    decode._WARNED.discard("GPT2LMHeadModel")
+    with caplog.at_level(logging.WARNING, logger=decode.__name__):
+        assert enable_fast_decode(model) == []
+        assert enable_fast_decode(model) == []
+    msgs = [r.getMessage() for r in caplog.records if r.name == decode.__name__]
+    assert len(msgs) == 1 and "GPT2LMHeadModel" in msgs[0] and "supported" in msgs[0]
+    assert enable_fast_decode(nn.Linear(2, 2)) == []
+
+
+def test_unsupported_activation_is_refused(caplog):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(_tiny_config(hidden_act="gelu"))
+    with caplog.at_level(logging.WARNING, logger=decode.__name__):
+        assert enable_fast_decode(model) == []
+    assert any("silu" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops themselves
+# ------------------------------------------------------------------------------------------------
+
+def _qlayer(n, k, fmt, group_size, seed):
+    from hf_efficient.quantization import QuantLinear
+    from hf_efficient.quantization.lut.layer import prepare_layer
+
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=False)
+    q = QuantLinear.from_linear(lin, fmt, group_size)
+    return prepare_layer(q)
+
+
+def test_attn_in_shares_tables_only_where_equal():
+    """q/k/v of mixed geometries (INT4 g32, INT4 g32, INT2 g64; NF4 with two different grids; float): each equals
+    lut_gemm / the float GEMV of the normalized row (cos 1, sin 0: no rotation)."""
+    ops = torch.ops.hf_efficient
+    H, heads, kvh, d = 64, 4, 2, 16
+    specs = [[("int4_asym", 32), ("int4_asym", 32), ("int2_asym", 64)], [("nf4_asym", 32), ("fp4_sym", 32), ("nf4_asym", 32)],
+             [("int4_asym", 32), None, ("int4_sym", 64)]]
+    # x = +-2 with eps 0: RMSNorm is exact (x / 2 * w) in any summation order, so the LUT rows are compared
+    # bit for bit with lut_gemm of the same normalized row
+    sign = torch.randint(0, 2, (1, 1, H), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = sign.float() * 2
+    nw = torch.rand(H) + 0.5
+    h = (nw * sign.float()).view(1, H)
+    for spec in specs:
+        ws, grids, meta, want = [], [], [], []
+        for i, (s, n) in enumerate(zip(spec, (heads * d, kvh * d, kvh * d))):
+            if s is None:
+                w = torch.randn(n, H)
+                ws.append(w), grids.append(None), meta.extend([0, 0, H, n])
+                want.append(h @ w.t())
+                continue
+            lw = _qlayer(n, H, s[0], s[1], seed=i)
+            ws.append(lw.qweight), grids.append(lw.grid), meta.extend([lw.bits, lw.group_size, H, n])
+            want.append(lw.matmul(h))
+        q, k, v = ops.decode_attn_in(x, nw, 0.0, ws, grids, [None] * 3, meta, torch.ones(d), torch.zeros(d),
+                                     heads, kvh, d)
+        assert q.shape == (1, heads, 1, d) and k.shape == v.shape == (1, kvh, 1, d)
+        for got, exp, s in zip((q, k, v), want, spec):
+            if s is None:
+                assert torch.allclose(got.reshape(1, -1), exp, atol=1e-5 * exp.abs().max(), rtol=0)
+            else:
+                assert torch.equal(got.reshape(1, -1), exp), spec
+
+
+def test_ops_reject_bad_arguments():
+    ops = torch.ops.hf_efficient
+    H, d = 64, 16
+    w = [torch.randn(64, H), torch.randn(32, H), torch.randn(32, H)]
+    args = dict(x=torch.randn(1, 1, H), nw=torch.ones(H))
+    meta = [0, 0, H, 64, 0, 0, H, 32, 0, 0, H, 32]
+    ok = ops.decode_attn_in(args["x"], args["nw"], 1e-5, w, [None] * 3, [None] * 3, meta, torch.ones(d),
+                            torch.zeros(d), 4, 2, d)
+    assert ok[0].shape == (1, 4, 1, d)
+    with pytest.raises(RuntimeError, match="one row"):
+        ops.decode_attn_in(torch.randn(2, 1, H), args["nw"], 1e-5, w, [None] * 3, [None] * 3, meta, torch.ones(d),
+                           torch.zeros(d), 4, 2, d)
+    with pytest.raises(RuntimeError, match="projection 1"):
+        ops.decode_attn_in(args["x"], args["nw"], 1e-5, w, [None] * 3, [None] * 3, meta, torch.ones(d),
+                           torch.zeros(d), 4, 4, d)
+    with pytest.raises(RuntimeError, match="expected 3 projections"):
+        ops.decode_attn_in(args["x"], args["nw"], 1e-5, w[:2], [None] * 2, [None] * 2, meta[:8], torch.ones(d),
+                           torch.zeros(d), 4, 2, d)
+    with pytest.raises(RuntimeError, match="qweight"):
+        ops.decode_attn_in(args["x"], args["nw"], 1e-5, [torch.zeros(10, dtype=torch.uint8)] + w[1:], [None] * 3,
+                           [None] * 3, [4, 32, H, 64] + meta[4:], torch.ones(d), torch.zeros(d), 4, 2, d)
+    q, k, v = ok
+    mw = [torch.randn(H, 64), torch.randn(96, H), torch.randn(96, H), torch.randn(H, 96)]
+    mmeta = [0, 0, 64, H, 0, 0, H, 96, 0, 0, H, 96, 0, 0, 96, H]
+    y = ops.decode_attn_out_mlp(q, k, v, None, 0.25, args["x"], args["nw"], 1e-5, mw, [None] * 4, [None] * 4, mmeta)
+    assert y.shape == (1, 1, H)
+    with pytest.raises(RuntimeError, match="mask"):
+        ops.decode_attn_out_mlp(q, k, v, torch.ones(1, 1, 1, 3, dtype=torch.bool), 0.25, args["x"], args["nw"], 1e-5,
+                                mw, [None] * 4, [None] * 4, mmeta)
+    with pytest.raises(RuntimeError, match="projection shapes"):
+        ops.decode_attn_out_mlp(q, k, v, None, 0.25, args["x"], args["nw"], 1e-5, mw[::-1], [None] * 4, [None] * 4,
+                                [0, 0, 96, H, 0, 0, H, 96, 0, 0, H, 96, 0, 0, H, 64])
+
+
+def test_ops_opcheck():
+    from torch._library.simple_registry import singleton
+
+    if any(singleton.find(f"hf_efficient::{n}").fake_impl.kernel is None
+           for n in ("decode_attn_in", "decode_attn_out_mlp")):
+        pytest.skip("the decode ops' fakes are not registered (they belong in hf_efficient/ops.py)")
+    ops = torch.ops.hf_efficient
+    H, d = 64, 16
+    w = [torch.randn(64, H), torch.randn(32, H), torch.randn(32, H)]
+    meta = [0, 0, H, 64, 0, 0, H, 32, 0, 0, H, 32]
+    a = (torch.randn(1, 1, H), torch.ones(H), 1e-5, w, [None] * 3, [None] * 3, meta, torch.ones(d), torch.zeros(d),
+         4, 2, d)
+    torch.library.opcheck(ops.decode_attn_in.default, a)
+    q, k, v = ops.decode_attn_in(*a)
+    mw = [torch.randn(H, 64), torch.randn(96, H), torch.randn(96, H), torch.randn(H, 96)]
+    mmeta = [0, 0, 64, H, 0, 0, H, 96, 0, 0, H, 96, 0, 0, 96, H]
+    b = (q, torch.cat([k, k], 2), torch.cat([v, v], 2), None, 0.25, a[0], a[1], 1e-5, mw, [None] * 4, [None] * 4, mmeta)
+    torch.library.opcheck(ops.decode_attn_out_mlp.default, b)
