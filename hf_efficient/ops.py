@@ -20,6 +20,8 @@ C++ ops (schemas and CPU kernels in ``csrc/``; fakes here where they return tens
 * ``lut_gemm``, ``lut_tables``, ``lut_dequant``, ``lut_codes``, ``lut_isa``, ``lut_max_rows``
   (``csrc/lut_gemm.cpp``; glue :mod:`hf_efficient.kernels.lut_cpu`, reference
   :mod:`hf_efficient.kernels.lut_cpu_reference`).
+* ``decode_attn_in``, ``decode_attn_out_mlp`` (``csrc/decode_step.cpp``; the fused decode step of
+  :mod:`hf_efficient.quantization.lut.decode`).
 * ``read_probe``, ``hugepage_empty`` (``csrc/memory.cpp``; no fake: they run eagerly, outside compiled graphs).
 
 Call sites use ``torch.ops.hf_efficient.<name>``.
@@ -172,6 +174,16 @@ if HAS_CPP_OPS:
     def _half_gemm_fake(x, weight, force_scalar=False):
         torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "half_gemm: x and weight must be 2-D")
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("hf_efficient::decode_attn_in")
+    def _decode_attn_in_fake(x, norm_weight, eps, weights, grids, biases, meta, cos, sin, num_heads, num_kv_heads,
+                             head_dim):
+        return (x.new_empty(1, num_heads, 1, head_dim), x.new_empty(1, num_kv_heads, 1, head_dim),
+                x.new_empty(1, num_kv_heads, 1, head_dim))
+
+    @torch.library.register_fake("hf_efficient::decode_attn_out_mlp")
+    def _decode_attn_out_mlp_fake(q, k, v, mask, scaling, residual, norm_weight, eps, weights, grids, biases, meta):
+        return torch.empty_like(residual)
 
     @torch.library.register_fake("hf_efficient::lut_codes")
     def _lut_codes_fake(qweight, bits, group_size, in_features, out_features, code_indexed):
