@@ -1,11 +1,15 @@
 """Where one decode step of the embedded model spends its time on the CPU: kernels, other ops, framework.
 
-For each row (fp32; LUT INT4 g128; LUT INT4 g128 + INT4 g32 head on the kernels) and thread count: a random
+For each row (fp32; LUT INT4 g128; LUT INT4 g128 + INT4 g32 head on the kernels; each without and with the
+fused decode step) and thread count: a random
 16-token prompt is prefilled, then ``--steps`` single-token forwards on its KV cache are timed twice:
 plain (``wall_ms`` per token, the number that counts) and under ``torch.profiler`` (per-op self CPU time).
 Self times are grouped into
 
 * ``lut_kernels``: ``hf_efficient::lut_gemm`` (tables + LUT GEMV, our C++);
+* ``fused_step``: the fused decode step's two ops (``decode_attn_in``, ``decode_attn_out_mlp``: a whole decoder
+  layer's norms, projections, rotary, attention and MLP in C++; rows named ``... fused``, see
+  :func:`hf_efficient.quantization.lut.enable_fast_decode`);
 * ``float_matmul``: ``aten::mm/addmm/bmm/linear``-family self time (BLAS; the fp32 row's linears, the float head);
 * ``attention``: ``scaled_dot_product_attention`` and its CPU kernels;
 * ``other_ops``: every other ATen op (norms, rotary, SiLU, adds, cache updates, copies, argmax ...);
@@ -27,7 +31,9 @@ from benchmarks.common import print_rows, write_results
 
 GROUPS = {
     "lut_kernels": ("hf_efficient::lut_gemm",),
-    "float_matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_addmm_activation"),
+    "fused_step": ("hf_efficient::decode_attn_in", "hf_efficient::decode_attn_out_mlp"),
+    "float_matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_addmm_activation",
+                     "aten::mv", "aten::addmv_", "aten::addmv"),
     "attention": ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
                   "aten::_scaled_dot_product_attention_math"),
 }
@@ -89,7 +95,7 @@ def main(argv=None):
 
     from benchmarks.cpu_threads import cpu_info
     from hf_efficient.models import load_model
-    from hf_efficient.quantization.lut import LUTConfig, enable_lut
+    from hf_efficient.quantization.lut import LUTConfig, enable_fast_decode, enable_lut
 
     rows = []
     for name in ("fp32", "lut-int4-g128", "lut-int4-g128 + head"):
@@ -97,10 +103,14 @@ def main(argv=None):
         model = load_model(None, dtype=torch.float32, quantization_config=qc)[0].eval()
         if name.endswith("head"):
             enable_lut(model, head_bits=4, head_group_size=32)
-        for threads in args.threads:
-            r = {"name": name, **breakdown(model, args.steps, threads)}
-            rows.append(r)
-            print_rows([r])
+        # the same model without and with the fused decode step (LUT models load with it on)
+        for fused in (False, True):
+            switched = enable_fast_decode(model, fused)
+            assert not fused or switched, "the fused decode step did not switch on"
+            for threads in args.threads:
+                r = {"name": name + (" fused" if fused else ""), **breakdown(model, args.steps, threads)}
+                rows.append(r)
+                print_rows([r])
         del model
     info = cpu_info()
     write_results(args.name, rows, {**info, "steps": args.steps, "prompt_len": 16,
@@ -108,7 +118,7 @@ def main(argv=None):
                                                          "torch.profiler over the decode steps only; framework = profiled "
                                                          "wall - op self time"},
                   args.out, columns=["name", "threads", "wall_ms", "tok_s", "profiled_ms", "lut_kernels_ms",
-                                     "float_matmul_ms", "attention_ms", "other_ops_ms", "framework_ms",
+                                     "fused_step_ms", "float_matmul_ms", "attention_ms", "other_ops_ms", "framework_ms",
                                      "framework_share", "n_ops"])
 
 

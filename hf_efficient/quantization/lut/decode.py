@@ -61,7 +61,7 @@ class _Plan:
     """What the two ops read for one layer, with the identity key of the tensors it was built from."""
 
     __slots__ = ("key", "attn_in", "attn_out", "n1", "eps1", "n2", "eps2", "heads", "kv_heads", "head_dim",
-                 "scaling", "layer_idx")
+                 "scaling", "layer_idx", "config", "cfg_dict")
 
 
 def _proj(m: nn.Module):
@@ -81,10 +81,16 @@ def _proj(m: nn.Module):
 
 
 def _proj_key(m: nn.Module):
+    # identity of what a plan read from one projection (ids of objects the plan keeps alive, so never reused)
     d = m.__dict__
-    if type(m) is QuantLinear:
-        return id(d["_buffers"].get("_rl_stream")) if d.get("_lut_enabled", True) else None
-    return id(d["_parameters"].get("weight"))
+    t = type(m)
+    if t is QuantLinear:
+        return (id(m), id(d["_buffers"].get("_rl_stream")) if d.get("_lut_enabled", True) else None,
+                id(d["_parameters"].get("bias", d["_buffers"].get("bias"))))
+    if t is nn.Linear:
+        p = d["_parameters"]
+        return id(m), id(p["weight"]), id(p["bias"])
+    return t
 
 
 def _modules(layer: nn.Module):
@@ -92,18 +98,22 @@ def _modules(layer: nn.Module):
     return (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
 
-def _key(layer: nn.Module, mods) -> tuple:
-    return (*map(id, mods), *map(_proj_key, mods), id(layer.input_layernorm.weight),
-            id(layer.post_attention_layernorm.weight))
+def _key(layer: nn.Module) -> tuple:
+    # Runs every step: plain dict reads instead of nn.Module.__getattr__ (a Python call per attribute).
+    lm = layer.__dict__["_modules"]
+    am, mm = lm["self_attn"].__dict__["_modules"], lm["mlp"].__dict__["_modules"]
+    return (_proj_key(am["q_proj"]), _proj_key(am["k_proj"]), _proj_key(am["v_proj"]), _proj_key(am["o_proj"]),
+            _proj_key(mm["gate_proj"]), _proj_key(mm["up_proj"]), _proj_key(mm["down_proj"]),
+            id(lm["input_layernorm"].__dict__["_parameters"]["weight"]),
+            id(lm["post_attention_layernorm"].__dict__["_parameters"]["weight"]))
 
 
-def _build_plan(layer: nn.Module, mods, key) -> _Plan | None:
+def _build_plan(layer: nn.Module, mods) -> _Plan | None:
     projs = [_proj(m) for m in mods]
     if any(p is None for p in projs):
         return None
     a = layer.self_attn
     p = _Plan()
-    p.key = key
     p.attn_in = tuple(list(x) for x in zip(*projs[:3]))
     p.attn_out = tuple(list(x) for x in zip(*projs[3:]))
     p.attn_in = (*p.attn_in[:3], [v for m in p.attn_in[3] for v in m])
@@ -114,19 +124,25 @@ def _build_plan(layer: nn.Module, mods, key) -> _Plan | None:
     cfg = a.config
     p.heads, p.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     p.head_dim, p.scaling, p.layer_idx = a.head_dim, float(a.scaling), a.layer_idx
+    p.config = cfg
+    # the config's own dict, read every step without transformers' __getattribute__ (a Python call)
+    p.cfg_dict = object.__getattribute__(cfg, "__dict__")
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (p.n1, p.n2)):
         return None
     return p
 
 
 def _plan(layer: nn.Module) -> _Plan | None:
-    mods = _modules(layer)
-    key = _key(layer, mods)
+    key = _key(layer)
     plan = layer.__dict__.get("_hfe_plan")
     if plan is not None and plan.key == key:
         return plan
-    plan = _build_plan(layer, mods, key)
-    # a layer that cannot run fused is remembered too (key holds None entries or unsupported modules)
+    plan = _build_plan(layer, _modules(layer))
+    # building may convert a QuantLinear to the kernel layout (a new stream): key what the plan holds; a layer
+    # that cannot run fused is remembered too, until one of its projections changes
+    key = _key(layer)
+    if plan is not None:
+        plan.key = key
     layer.__dict__["_hfe_plan"] = plan if plan is not None else _Unsupported(key)
     return plan
 
@@ -139,6 +155,7 @@ class _Unsupported:
 
 
 _ONE = (1, 1)
+_MISSING = object()
 
 
 def _fast_step(layer, hidden_states, args, kwargs):
@@ -150,7 +167,13 @@ def _fast_step(layer, hidden_states, args, kwargs):
     pe = kwargs.get("position_embeddings")
     if pe is None:
         return None
-    if layer.self_attn.config._attn_implementation not in ATTENTIONS:
+    plan = _plan(layer)
+    if type(plan) is not _Plan:
+        return None
+    impl = plan.cfg_dict.get("_attn_implementation_internal", _MISSING)
+    if impl is _MISSING:
+        impl = plan.config._attn_implementation
+    if impl not in ATTENTIONS:
         return None
     if _active_collector is not None:
         col = _active_collector.get()
@@ -159,9 +182,6 @@ def _fast_step(layer, hidden_states, args, kwargs):
     mask = kwargs.get("attention_mask")
     if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[0] == 1
                                  and mask.shape[2] == 1 and mask.dtype in (torch.bool, torch.float32)):
-        return None
-    plan = _plan(layer)
-    if type(plan) is not _Plan:
         return None
     attn_in, attn_out = _ops()
     cos, sin = pe
