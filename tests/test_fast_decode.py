@@ -387,3 +387,27 @@ def test_ops_opcheck():
     mmeta = [0, 0, 64, H, 0, 0, H, 96, 0, 0, H, 96, 0, 0, 96, H]
     b = (q, torch.cat([k, k], 2), torch.cat([v, v], 2), None, 0.25, a[0], a[1], 1e-5, mw, [None] * 4, [None] * 4, mmeta)
     torch.library.opcheck(ops.decode_attn_out_mlp.default, b)
+
+
+def test_whole_model_pickles(model_dirs, fused_calls):
+    """torch.save of a whole model: the switched class is found by name, also before any layer was switched."""
+    import io
+
+    model = _load(model_dirs, "fp32")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    name = type(model.model.layers[0]).__name__
+    base = type(model.model.layers[0])._hfe_base
+    cls = decode._CLASSES.pop(base)
+    del decode.__dict__[name]  # as in a fresh process
+    try:
+        buf.seek(0)
+        again = torch.load(buf, weights_only=False)
+        assert type(again.model.layers[0]).__name__ == name
+        with torch.no_grad():
+            a = again.generate(_ids(5), max_new_tokens=3, do_sample=False)
+        assert len(fused_calls) == 2 * 2 and torch.equal(a, model.generate(_ids(5), max_new_tokens=3,
+                                                                           do_sample=False))
+    finally:
+        decode._CLASSES[base] = cls
+        setattr(decode, name, cls)

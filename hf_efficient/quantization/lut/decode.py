@@ -1,8 +1,8 @@
 """A fused CPU decode step for Llama-style decoder layers: :func:`enable_fast_decode`.
 
-One decode token of a decoder layer in eager transformers costs ~170 ATen ops and their Python (norms, rotary,
-reshapes, the projections' wrappers, residuals), about ten times what its matmuls cost on a small model. This
-module runs such a step in two C++ ops (``csrc/decode_step.cpp``) around the cache update, which stays the
+One decode token of a decoder layer in eager transformers is a long chain of small ATen ops and their Python
+(norms, rotary, reshapes, the projections' wrappers, residuals), which costs more than its matmuls on a small
+model (measurements in ``docs/lut.md``). This module runs such a step in two C++ ops (``csrc/decode_step.cpp``) around the cache update, which stays the
 Cache object's own (``DynamicCache``, ``StaticCache``, ... all keep working)::
 
     q, k, v = decode_attn_in(x, ...)               # RMSNorm, q/k/v projections (+bias), rotary
@@ -17,8 +17,8 @@ build the activation tables once.
 does): parameters, buffers, state dict, saving and peft see the same module. The fused forward runs only for
 a no-grad, eval-mode, CPU, float32 forward of **one token of batch 1**, with the ``sdpa`` or ``eager``
 attention, no attention-weight capture, and every projection a float ``nn.Linear`` or a LUT-enabled
-QuantLinear (not under ``reference_only()``); anything else (prefill, batch > 1, training, LoRA-wrapped
-projections, bf16, another attention function) calls the layer's own forward. A mask (static caches,
+QuantLinear, not under ``reference_only()`` or ``torch.compile``; anything else (prefill, batch > 1, training,
+LoRA-wrapped projections, bf16, another attention function) calls the layer's own forward. A mask (static caches,
 eager attention) is applied; its last dimension must be the cache length.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 # MLP -> residual, with the attention module's forward as Llama's (Mistral and Qwen2 differ only in a sliding
 # window, which keeps such layers on their own forward, and Qwen2's q/k/v biases).
 SUPPORTED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+_HOME = {"LlamaDecoderLayer": "llama", "MistralDecoderLayer": "mistral", "Qwen2DecoderLayer": "qwen2"}
 ATTENTIONS = ("sdpa", "eager")
 
 try:  # transformers >= 5: output capture (output_attentions) through hooks and a context variable
@@ -162,7 +163,8 @@ def _fast_step(layer, hidden_states, args, kwargs):
     """The fused step's output, or None when the layer's own forward must run (nothing is changed then)."""
     if (args or torch.is_grad_enabled() or layer.training or hidden_states.dtype != torch.float32
             or not hidden_states.is_cpu or hidden_states.dim() != 3 or hidden_states.shape[:2] != _ONE
-            or getattr(_linear._state, "reference_only", False) or kwargs.get("output_attentions")):
+            or getattr(_linear._state, "reference_only", False) or kwargs.get("output_attentions")
+            or torch.compiler.is_compiling()):  # compiled graphs trace the layer's own forward
         return None
     pe = kwargs.get("position_embeddings")
     if pe is None:
@@ -221,6 +223,17 @@ def _fused_class(base: type) -> type:
         globals()[name] = cls  # picklable by name (torch.save of a whole model)
         _CLASSES[base] = cls
     return cls
+
+
+def __getattr__(name: str):
+    # unpickling a whole model (torch.save) in a process that has not switched a layer yet
+    base = name.removeprefix("FastDecode")
+    if name.startswith("FastDecode") and base in _HOME:
+        import importlib
+
+        home = _HOME[base]
+        return _fused_class(getattr(importlib.import_module(f"transformers.models.{home}.modeling_{home}"), base))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _why_unsupported(m: nn.Module) -> str | None:
