@@ -63,9 +63,12 @@ def mofq_w4_rows(group: int) -> list[tuple[str, dict]]:
 
 
 def mofq_asym_rows(group: int) -> list[tuple[str, dict]]:
-    """MoFQ over every 4-bit format (INT/FP/NF, asym two-scale or zero point, and sym), by layer output error."""
+    """MoFQ over every 4-bit format (INT/FP/NF, asym two-scale or zero point, and sym), by layer output error
+    (the default: mean squared) and, RTN, by the relative one (each token's error over its output norm)."""
     return [(f"MoFQ-asym W4 g{group} {algo.upper()}", dict(cls=MoFQConfig, bits=4, group_size=group, algorithm=algo))
-            for algo in ("rtn", "gptq")]
+            for algo in ("rtn", "gptq")] + \
+        [(f"MoFQ-asym W4 relative g{group} RTN", dict(cls=MoFQConfig, bits=4, group_size=group,
+                                                       selection="relative_output_error"))]
 
 
 def mofq_w8a8_rows() -> list[tuple[str, dict]]:

@@ -88,6 +88,65 @@ def test_mofq_output_error_uses_activations():
         cfg.choose_format("l2", w)
 
 
+def _built_in(fmt_name, n=24, k=128, seed=0):
+    """A weight exactly on ``fmt_name``'s grid with g128 parameters that RTN refits exactly (grid ends hit)."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = formats.get_format(fmt_name)
+    codes = torch.tensor(fmt.valid_codes)[torch.randint(0, len(fmt.valid_codes), (n, k), generator=g)]
+    codes[:, 0] = max(fmt.valid_codes, key=lambda c: fmt.grid[c])
+    codes[:, 1] = min(fmt.valid_codes, key=lambda c: fmt.grid[c])
+    scale = (torch.rand(n, 1, generator=g) * 0.02 + 0.01).half().float()
+    p = {"scales": scale, "zeros": torch.full((n, 1), 3.0)} if fmt.scheme == "zero_point" else \
+        {"scales_pos": scale, "scales_neg": (scale * 0.3).half().float()}
+    return formats.decode(fmt, codes.to(torch.uint8), p)
+
+
+@pytest.mark.parametrize("target", ["int4_asym", "fp4_asym", "nf4_asym"])
+def test_mofq_relative_output_error_picks_the_format_a_layer_was_built_in(target):
+    w = _built_in(target)
+    x, _ = _layer_problem(k=128)
+    cfg = MoFQConfig(bits=4, group_size=128, selection="relative_output_error")
+    assert cfg.needs_calibration() and "relative_output_error" in cfg.needs_calibration()
+    errs = select.output_errors(w, x, cfg.candidates, 128, torch.float16, cfg.act_format, relative=True)
+    assert errs[target] < 1e-12 and all(e > 1e-9 for c, e in errs.items() if c != target), errs
+    assert cfg.choose_format("l", w, x) == target
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_mofq_relative_output_error_is_the_per_token_normalised_error(act_bits):
+    x, w = _layer_problem(k=96)
+    x[3] = 0.0  # a token with no output is skipped, not a division by zero
+    cfg = MoFQConfig(bits=8 if act_bits else 4, group_size=32, act_bits=act_bits)
+    got = select.output_errors(w, x, cfg.candidates, 32, torch.float16, cfg.act_format, relative=True)
+    y = x @ w.T
+    for c in cfg.candidates:
+        xq = x if act_bits is None else formats.quantize_per_token(formats.get_format(cfg.act_format(c)), x)
+        e = (xq @ select.rtn_dequant(w, c, 32, torch.float16).T - y).pow(2).sum(1)
+        keep = y.pow(2).sum(1) > 0
+        ref = (e[keep] / y.pow(2).sum(1)[keep]).sum().item() / len(x)
+        assert got[c] == pytest.approx(ref, rel=1e-4), c
+
+
+def test_mofq_relative_output_error_is_not_decided_by_one_sink_token():
+    """One attention-sink-like token (a 1e3 activation on one channel) decides the mean squared error alone;
+    the relative error picks what the other tokens prefer, as both criteria do without that token."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (32, 128), generator=g).float()
+    q[:, 1], q[:, 2] = 0, 15  # every row spans the INT4-asym grid, so INT4-asym fits it almost exactly
+    w = (q - 7) * 0.01
+    w[:, 0] = 0.5 * 8 * 0.01 / 6  # column 0 on the FP4-asym grid (scale_pos = max / 6), between two INT steps
+    x = torch.randn(512, 128, generator=g)
+    x[0] = 0.0
+    x[0, 0] = 1e3
+    cands = ["int4_asym", "fp4_asym"]
+    mse = MoFQConfig(bits=4, group_size=128, candidates=cands, selection="output_error")
+    rel = MoFQConfig(bits=4, group_size=128, candidates=cands, selection="relative_output_error")
+    assert mse.choose_format("l", w, x) == "fp4_asym"
+    assert rel.choose_format("l", w, x) == "int4_asym"
+    assert mse.choose_format("l", w, x[1:]) == rel.choose_format("l", w, x[1:]) == "int4_asym"
+    assert "selection by relative_output_error" in (rel.record_choice("l", "int4_asym") or rel.summary())
+
+
 def test_w8a8_layer_quantizes_activations():
     torch.manual_seed(0)
     lin = nn.Linear(64, 16)

@@ -14,7 +14,7 @@ CANDIDATE_SETS = {
     "sym": {4: ["int4_sym", "fp4_sym"], 3: ["int3_sym", "fp3_sym"], 8: ["int8_sym", "fp8_sym"]},
 }
 DEFAULT_CANDIDATES = CANDIDATE_SETS["all"]
-SELECTIONS = ("weight_mse", "output_error")
+SELECTIONS = ("weight_mse", "output_error", "relative_output_error")
 
 
 class MoFQConfig(QuantConfigBase):
@@ -30,8 +30,10 @@ class MoFQConfig(QuantConfigBase):
             INT and FP8-E4M3 for layers that chose FP (W8A8).
         selection: "output_error" (the paper's criterion: mean squared error of the layer's output on
             calibration inputs, activations quantized too under W8A8; needs
-            :func:`hf_efficient.quantization.quantize`) or "weight_mse" (weight MSE; works on load when every
-            candidate stores the same tensors). Default: "weight_mse" when that works on load, else "output_error".
+            :func:`hf_efficient.quantization.quantize`), "relative_output_error" (the same with each token's
+            error divided by its squared output norm, so that a few attention-sink tokens with huge outputs do
+            not decide the choice alone) or "weight_mse" (weight MSE; works on load when every candidate stores
+            the same tensors). Default: "weight_mse" when that works on load, else "output_error".
         selection_tokens: calibration tokens per layer input on which output errors are measured (default
             512; with ``algorithm="rtn"`` only as many calibration windows as hold them are run).
         layer_formats: {module name: chosen format}, filled by the selection and saved in the checkpoint.
@@ -94,8 +96,8 @@ class MoFQConfig(QuantConfigBase):
             return reason
         if self.layer_formats:
             return None
-        if self.selection == "output_error":
-            return "selection='output_error' measures layer outputs on calibration data"
+        if self.selection in ("output_error", "relative_output_error"):
+            return f"selection={self.selection!r} measures layer outputs on calibration data"
         layouts = {formats.get_format(c).param_names for c in self.candidates}
         if len(layouts) > 1:
             return (f"candidates {self.candidates} store different tensors, so the choice must be made before "
@@ -112,9 +114,10 @@ class MoFQConfig(QuantConfigBase):
                                           name)
         else:
             if inputs is None:
-                raise ValueError(f"MoFQ selection='output_error' needs calibration inputs for layer {name}")
+                raise ValueError(f"MoFQ selection={self.selection!r} needs calibration inputs for layer {name}")
             errors = select.output_errors(weight, inputs[: self.selection_tokens], self.candidates,
-                                          self.group_size_or_none(), self.scale_torch_dtype, self.act_format, name)
+                                          self.group_size_or_none(), self.scale_torch_dtype, self.act_format, name,
+                                          relative=self.selection == "relative_output_error")
         return select.best(errors)
 
     def record_choice(self, name: str, fmt: str) -> None:

@@ -21,15 +21,22 @@ def weight_errors(w: torch.Tensor, candidates, group_size, scale_dtype, name=Non
 
 
 def output_errors(w: torch.Tensor, x: torch.Tensor, candidates, group_size, scale_dtype, act_format,
-                  name=None) -> dict[str, float]:
+                  name=None, relative: bool = False) -> dict[str, float]:
     """Mean squared output error of ``x @ W^T`` when ``W`` (RTN) and, under W8A8, ``x`` (per token) are quantized.
 
     ``x``: calibration inputs of the layer, (tokens, in_features). ``act_format(weight_fmt)`` gives the
     activation format paired with a weight format (None: activations stay float; then the error is
-    ``x @ (W_q - W)^T``, one matmul for all weight-only candidates together).
+    ``x @ (W_q - W)^T``, one matmul for all weight-only candidates together). ``relative``: each token's
+    squared error is divided by its squared float output ``||x_t W^T||^2`` before the mean, so every token
+    weighs the same: attention-sink tokens, whose outputs can be 1e5x larger than the rest, no longer decide
+    the choice alone.
     """
     w = w.detach().float()
     x = x.float()
+    y = x @ w.T
+    # per token: 1 (plain mean over outputs) or 1 / ||y_t||^2 (relative); tokens with a zero output are skipped
+    norm = y.pow(2).sum(1)
+    weight = torch.where(norm > 0, 1.0 / norm, 0.0) if relative else torch.full_like(norm, 1.0 / w.shape[0])
     out, weight_only = {}, []
     for c in candidates:
         a = act_format(c)
@@ -37,11 +44,12 @@ def output_errors(w: torch.Tensor, x: torch.Tensor, candidates, group_size, scal
             weight_only.append(c)
             continue
         xq = formats.quantize_per_token(formats.get_format(a), x)
-        out[c] = (xq @ rtn_dequant(w, c, group_size, scale_dtype, name).T - x @ w.T).pow(2).mean().item()
+        err = (xq @ rtn_dequant(w, c, group_size, scale_dtype, name).T - y).pow(2).sum(1)
+        out[c] = (err * weight).mean().item()
     if weight_only:
         delta = torch.cat([rtn_dequant(w, c, group_size, scale_dtype, name) - w for c in weight_only])
-        err = (x @ delta.T).pow(2).reshape(x.shape[0], len(weight_only), w.shape[0]).mean(dim=(0, 2))
-        out.update(zip(weight_only, err.tolist()))
+        err = (x @ delta.T).pow(2).reshape(x.shape[0], len(weight_only), w.shape[0]).sum(2)
+        out.update(zip(weight_only, (err * weight[:, None]).mean(0).tolist()))
     return {c: out[c] for c in candidates}
 
 
