@@ -26,7 +26,10 @@ rule for both sides), and each row records the 1-minute load average at the time
 the same ``--ppl-tokens`` token ids of the held-out plays (our tokenizer's ids are fed to llama.cpp directly; the
 GGUF has the same vocabulary) in one window, every token after the first scored once.
 
-Run: ``python -m benchmarks.lut_e2e [--threads 1 2] [--rounds 3] [--out DIR]``.
+Rows ending in "fused" run the decoder layers on the fused C++ decode step
+(:func:`hf_efficient.quantization.lut.enable_fast_decode`); fp32 and the INT4 rows also run without it.
+
+Run: ``python -m benchmarks.lut_e2e [--threads 1 2] [--rounds 3] [--out DIR] [--name KIND]``.
 """
 from __future__ import annotations
 
@@ -50,6 +53,10 @@ LLAMA_TYPES = ["F32", "Q4_0", "Q2_K", "TQ2_0"]
 HEAD_BITS, HEAD_GROUP = 4, 32  # the "+ head" rows: INT4 g32 output head (llama.cpp uses Q6_K/Q4_0 for it)
 # Our rows and the llama.cpp types at the same bits (2-bit rows compare with the faster of TQ2_0 and Q2_K).
 SAME_BITS = {"fp32": ["F32"], "lut-int4-g128": ["Q4_0"], "lut-int2-g64": ["TQ2_0", "Q2_K"]}
+# Every row runs with the fused decode step (enable_fast_decode; name suffix FUSED); these also run without it, so
+# the same run gives the step's before/after.
+FUSED = " fused"
+UNFUSED = ("fp32", "lut-int4-g128", "lut-int4-g128 + head")
 
 # Child process: keeps the llama.cpp models loaded and answers one JSON line per JSON request line.
 _LLAMA_SERVER = r"""
@@ -202,17 +209,34 @@ def load_ours() -> tuple[dict, object]:
     from hf_efficient.models import load_model
     from hf_efficient.quantization.lut import LUTConfig, enable_lut
 
+    from hf_efficient.quantization.lut import enable_fast_decode
+
     models = {}
     for name, cfg in [("fp32", None), ("lut-int4-g128", LUTConfig(bits=4, group_size=128)),
                       ("lut-int2-g64", LUTConfig(bits=2, group_size=64))]:
         kw = {"quantization_config": cfg} if cfg is not None else {}
         model, tok = load_model(None, dtype=torch.float32, **kw)
-        models[name] = model
+        variants = {name: model}
         if cfg is not None:
             head = copy.deepcopy(model)
             enable_lut(head, head_bits=HEAD_BITS, head_group_size=HEAD_GROUP)
-            models[name + " + head"] = head
+            variants[name + " + head"] = head
+        for vname, m in variants.items():
+            # each row with the fused decode step (FUSED); the rows of UNFUSED also without it
+            if vname in UNFUSED:
+                models[vname] = copy.deepcopy(m)
+                enable_fast_decode(models[vname], False)
+            fused = copy.deepcopy(m)
+            if not enable_fast_decode(fused):
+                raise RuntimeError(f"{vname}: the fused decode step did not switch on")
+            models[vname + FUSED] = fused
+        del variants, model
     return models, tok
+
+
+def base_row(name: str) -> str:
+    """The SAME_BITS key of a row name ("ours lut-int4-g128 + head fused" -> "lut-int4-g128")."""
+    return name.removeprefix("ours ").removesuffix(FUSED).removesuffix(" + head")
 
 
 def engine_of(model, prompt: torch.Tensor) -> str:
@@ -279,11 +303,11 @@ def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, ca
                            "file_MB": li.get("bytes", 0) / 1e6 or None,
                            "llama_weight_types": li.get("weight_types", ""),
                            "note": li.get("error", "") if llama else "llama-cpp-python not found (optional)"})
-        fp32 = best["ours fp32"]["decode_tok_s"]
+        fp32 = best["ours fp32"]["decode_tok_s"]  # the plain fp32 model (no fused step)
         by_type = {r["name"].split()[-1]: r.get("decode_tok_s") for r in theirs}
         for r in ours:
             r["speedup_vs_our_fp32"] = r["decode_tok_s"] / fp32
-            refs = [(by_type[t], t) for t in SAME_BITS[r["name"].removeprefix("ours ").removesuffix(" + head")]
+            refs = [(by_type[t], t) for t in SAME_BITS[base_row(r["name"])]
                     if by_type.get(t)]
             if refs:
                 tok_s, t = max(refs)
@@ -333,6 +357,7 @@ def main(argv=None):
     ap.add_argument("--llama-python", default=None, help="interpreter with llama_cpp (default: autodetect)")
     ap.add_argument("--cache", default="/tmp/lut_e2e_gguf", help="folder for the requantized GGUF files")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--name", default=None, help="machine kind: results go to lut_cpu_e2e_<name>.{json,md}")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1 or args.ppl_tokens < 2:
         raise SystemExit("--rounds and --repeats must be >= 1 and --ppl-tokens >= 2")
@@ -342,7 +367,7 @@ def main(argv=None):
         print("llama-cpp-python not found: llama.cpp rows stay empty (scripts/build_llama_cpp.sh builds it)")
 
     def save(rows, progress):
-        write_results("lut_cpu_e2e", rows,
+        write_results("lut_cpu_e2e" + (f"_{args.name}" if args.name else ""), rows,
                       {"model": "embedded SmolLM2-135M (GGUF Q4_1; ours dequantizes and requantizes on load)",
                        "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "repeats": args.repeats,
                        "rounds": args.rounds, "progress": progress, "threads": args.threads,
@@ -351,7 +376,9 @@ def main(argv=None):
                        "llama_cpp_system_info": llama.system_info if llama else None,
                        "note": "decode through model.generate (greedy, per-token stamps) vs llama.cpp's greedy "
                                "argmax + one-token decode loop, interleaved; best round of each. '+ head': tied "
-                               f"output head also on the LUT kernels (INT{HEAD_BITS} g{HEAD_GROUP} runtime copy)."},
+                               f"output head also on the LUT kernels (INT{HEAD_BITS} g{HEAD_GROUP} runtime copy). "
+                               "'fused': decoder layers on the fused C++ decode step (enable_fast_decode); "
+                               "speedup_vs_our_fp32 is against the plain fp32 row."},
                       args.out, columns=["name", "threads", "decode_tok_s", "forward_loop_tok_s",
                                          "speedup_vs_our_fp32", "llama_cpp_same_bits", "llama_cpp_tok_s",
                                          "ours_over_llama_cpp", "ppl", "llama_cpp_ppl", "file_MB",
