@@ -97,3 +97,27 @@ def test_loader_budgets_packed_bytes_not_the_float_placeholders(float_dir, monke
     AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=AFPQConfig(bits=4, group_size=32))
     (budget, packed, unquantized), = budgets
     assert packed > 0 and budget == packed + unquantized
+
+
+@pytest.mark.parametrize("config", [AFPQConfig(bits=4, group_size=32, fmt="nf"), AFPQConfig(bits=4, group_size=32)],
+                         ids=["afpq-nf4", "int4"])
+def test_a_cpu_load_decodes_through_the_fused_step(float_dir, config):
+    """Any quantization config loaded on the CPU gets the fused one-token decode step (not only LUTConfig), and
+    greedy generate gives the same tokens as the layers' own forward."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from hf_efficient.kernels import lut_cpu
+    from hf_efficient.quantization.lut import enable_fast_decode
+
+    if not lut_cpu.available():
+        pytest.fail("the C++ extension is not built")
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config).eval()
+    layers = model.model.layers
+    assert all(type(layer) is not LlamaDecoderLayer and isinstance(layer, LlamaDecoderLayer) for layer in layers)
+    ids = torch.tensor([[5, 17, 3, 9]])
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    fused = model.generate(ids, **kw)
+    assert enable_fast_decode(model, enabled=False) == ["model.layers.0", "model.layers.1"]
+    assert all(type(layer) is LlamaDecoderLayer for layer in layers)
+    assert torch.equal(model.generate(ids, **kw), fused)

@@ -273,6 +273,12 @@ class HfEfficientQuantizer(HfQuantizer):
             from ..quantization.gpu import prepare_model
 
             prepare_model(model)  # each layer's kernel layout now, as its only copy (not at the first forward)
+        else:
+            from ..kernels import lut_cpu
+            from ..quantization.lut import enable_fast_decode
+
+            if lut_cpu.available():  # every format's CPU decode steps run fused, not only LUTConfig's
+                enable_fast_decode(model)
         return model
 
     @property
