@@ -20,6 +20,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -134,14 +138,159 @@ void rotary(float* q, int64_t heads, int64_t d, const float* cos, const float* s
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#define HFE_INLINE inline __attribute__((always_inline))
+
+HFE_INLINE float dot(const float* a, const float* b, int64_t n) {
+  float acc[16] = {0};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  for (int j = 0; j < 8; ++j) acc[j] += acc[j + 8];
   float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), Cephes' expf polynomial (about 1 ulp), written so that
+// the compiler vectorizes a loop of it; x below -87.3 gives ~1e-38 instead of 0 (the caller zeroes -inf).
+HFE_INLINE float exp_nonpos(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return y * scale;
+}
+
+// One head's one-query attention: out[0..d) = softmax(q.k_t * sc + mask_t) @ v; s: scratch of S floats.
+HFE_INLINE void attend_head_body(const float* qh, const float* kh, int64_t kst, const float* vh, int64_t vst,
+                                 int64_t S, int64_t d, float sc, const bool* mb, const float* mf, float* s,
+                                 float* out) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float mx = kNegInf;
+  for (int64_t t = 0; t < S; ++t) {
+    float v = dot(qh, kh + t * kst, d) * sc;
+    if (mb != nullptr && !mb[t]) v = kNegInf;
+    if (mf != nullptr) v += mf[t];
+    s[t] = v;
+    mx = std::max(mx, v);
+  }
+  for (int64_t t = 0; t < S; ++t) {
+    const float e = exp_nonpos(s[t] - mx);
+    s[t] = s[t] == kNegInf ? 0.0f : e;
+  }
+  float sum = 0.0f;
+  for (int64_t t = 0; t < S; ++t) sum += s[t];
+  const float inv = 1.0f / sum;
+  for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
+  for (int64_t t = 0; t < S; ++t) {
+    const float p = s[t] * inv;
+    const float* vt = vh + t * vst;
+    for (int64_t i = 0; i < d; ++i) out[i] += p * vt[i];
+  }
+}
+
+using AttendFn = void (*)(const float*, const float*, int64_t, const float*, int64_t, int64_t, int64_t, float,
+                          const bool*, const float*, float*, float*);
+
+void attend_head_generic(const float* qh, const float* kh, int64_t kst, const float* vh, int64_t vst, int64_t S,
+                         int64_t d, float sc, const bool* mb, const float* mf, float* s, float* out) {
+  attend_head_body(qh, kh, kst, vh, vst, S, d, sc, mb, mf, s, out);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#define HFE_AVX2 __attribute__((target("avx2,fma")))
+
+HFE_AVX2 inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// exp_nonpos on 8 lanes (same polynomial, fused multiply-adds).
+HFE_AVX2 inline __m256 exp_nonpos8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// attend_head_body with AVX2 + FMA for head_dim a multiple of 8 (others take the generic body).
+HFE_AVX2 void attend_head_avx2(const float* qh, const float* kh, int64_t kst, const float* vh, int64_t vst, int64_t S,
+                               int64_t d, float sc, const bool* mb, const float* mf, float* s, float* out) {
+  if (d % 8 != 0) {
+    attend_head_body(qh, kh, kst, vh, vst, S, d, sc, mb, mf, s, out);
+    return;
+  }
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float mx = kNegInf;
+  for (int64_t t = 0; t < S; ++t) {
+    const float* kt = kh + t * kst;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(kt + i), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i + 8), _mm256_loadu_ps(kt + i + 8), a1);
+    }
+    if (i < d) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(kt + i), a0);
+    float v = hsum8(_mm256_add_ps(a0, a1)) * sc;
+    if (mb != nullptr && !mb[t]) v = kNegInf;
+    if (mf != nullptr) v += mf[t];
+    s[t] = v;
+    mx = std::max(mx, v);
+  }
+  const __m256 vmx = _mm256_set1_ps(mx), vninf = _mm256_set1_ps(kNegInf);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= S; t += 8) {
+    const __m256 x = _mm256_loadu_ps(s + t);
+    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, vninf, _CMP_EQ_OQ), exp_nonpos8(_mm256_sub_ps(x, vmx)));
+    _mm256_storeu_ps(s + t, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum8(vsum);
+  for (; t < S; ++t) {
+    s[t] = s[t] == kNegInf ? 0.0f : exp_nonpos(s[t] - mx);
+    sum += s[t];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t i = 0; i < d; i += 8) _mm256_storeu_ps(out + i, _mm256_setzero_ps());
+  for (int64_t u = 0; u < S; ++u) {
+    const __m256 p = _mm256_set1_ps(s[u] * inv);
+    const float* vt = vh + u * vst;
+    for (int64_t i = 0; i < d; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + i), _mm256_loadu_ps(out + i)));
+  }
+}
+#endif
+
+AttendFn attend_fn() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const AttendFn fn = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &attend_head_avx2
+                                                                                            : &attend_head_generic;
+  return fn;
+#else
+  return &attend_head_generic;
+#endif
 }
 
 at::Tensor as_cpu_float(const char* op, const char* name, const at::Tensor& t) {
@@ -232,34 +381,12 @@ at::Tensor decode_attn_out_mlp(const at::Tensor& q, const at::Tensor& k_all, con
   const int64_t rep = heads / kvh;
   const float sc = static_cast<float>(scaling);
   const int64_t grain = S * d * heads < (int64_t(1) << 16) ? heads : 1;
+  const AttendFn attend = attend_fn();
   at::parallel_for(0, heads, grain, [&](int64_t hb, int64_t he) {
     std::vector<float> s(static_cast<size_t>(S));
-    for (int64_t h = hb; h < he; ++h) {
-      const float* qh = pq + h * d;
-      const float* kh = pk + (h / rep) * ksh;
-      const float* vh = pv + (h / rep) * vsh;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < S; ++t) {
-        float v = dot(qh, kh + t * kst, d) * sc;
-        if (mb != nullptr && !mb[t]) v = -std::numeric_limits<float>::infinity();
-        if (mf != nullptr) v += mf[t];
-        s[t] = v;
-        mx = std::max(mx, v);
-      }
-      float sum = 0.0f;
-      for (int64_t t = 0; t < S; ++t) {
-        s[t] = s[t] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(s[t] - mx);
-        sum += s[t];
-      }
-      const float inv = 1.0f / sum;
-      float* out = a.data() + h * d;
-      std::fill(out, out + d, 0.0f);
-      for (int64_t t = 0; t < S; ++t) {
-        const float p = s[t] * inv;
-        const float* vt = vh + t * vst;
-        for (int64_t i = 0; i < d; ++i) out[i] += p * vt[i];
-      }
-    }
+    for (int64_t h = hb; h < he; ++h)
+      attend(pq + h * d, pk + (h / rep) * ksh, kst, pv + (h / rep) * vsh, vst, S, d, sc, mb, mf, s.data(),
+             a.data() + h * d);
   });
 
   at::Tensor y = at::empty_like(xc);
