@@ -27,6 +27,7 @@ CASES = [
     ("nf4-g32", {}, dict(bits=4, group_size=32, fmt="nf")),  # code-indexed tables (grid shared by q/k/v)
     ("int4-g32-pad", dict(hidden_size=72, intermediate_size=100), dict(bits=4, group_size=32)),
     ("fp32-pad", dict(hidden_size=72, intermediate_size=100), None),
+    ("afpq-fp4-g32", {}, dict(afpq=True, bits=4, group_size=32, fmt="fp")),  # converts on first use
 ]
 
 
@@ -56,10 +57,15 @@ def model_dirs(tmp_path_factory):
 def _load(model_dirs, case):
     from transformers import AutoModelForCausalLM
 
+    from hf_efficient import AFPQConfig
+
     _, over, q = next(c for c in CASES if c[0] == case)
-    kw = {} if q is None else dict(quantization_config=LUTConfig(**q))
+    q = None if q is None else dict(q)
+    kw = {}
+    if q is not None:
+        kw["quantization_config"] = AFPQConfig(**q) if q.pop("afpq", False) else LUTConfig(**q)
     model = AutoModelForCausalLM.from_pretrained(model_dirs[repr(over)], **kw).eval()
-    if q is None:
+    if q is None or "afpq" in case:  # LUT models switch on when loaded (enable_lut); others by hand
         enable_fast_decode(model)
     return model
 
@@ -100,6 +106,7 @@ def test_layer_step_equals_original_forward(model_dirs, case, static, fused_call
     from transformers import DynamicCache, StaticCache
 
     model = _load(model_dirs, case)
+    q_cfg = next(c for c in CASES if c[0] == case)[2]
     cfg = model.config
     hd = cfg.hidden_size // cfg.num_attention_heads
     gen = torch.Generator().manual_seed(1)
@@ -124,7 +131,15 @@ def test_layer_step_equals_original_forward(model_dirs, case, static, fused_call
                 assert len(fused_calls) == n0 + 1
                 want = type(layer)._hfe_base.forward(layer, x, cache=c2, **kw)
             scale = want.abs().max()
-            assert torch.allclose(got, want, atol=1e-4 * scale, rtol=0), float((got - want).abs().max() / scale)
+            if q_cfg is None:  # float: only the summation order differs
+                assert torch.allclose(got, want, atol=1e-4 * scale, rtol=0), float((got - want).abs().max() / scale)
+            else:
+                # The projections are the same kernels on the same streams (bit for bit on equal inputs:
+                # test_attn_in_shares_tables_only_where_equal), but the norm's last-ulp differences can flip the
+                # rounding of an int8 table entry (half a table step; on the FP4 two-scale tables of this test
+                # up to 0.4 % of the output scale). Bugs (a wrong rotary, mask or head) give errors of order 1.
+                err = (got - want).abs().max() / scale
+                assert err < 1e-2 and (got - want).norm() / want.norm() < 3e-3, float(err)
             k1, v1 = cache.layers[layer.self_attn.layer_idx].keys, cache.layers[layer.self_attn.layer_idx].values
             k2, v2 = c2.layers[layer.self_attn.layer_idx].keys, c2.layers[layer.self_attn.layer_idx].values
             assert k1.shape == k2.shape and torch.allclose(k1, k2, atol=1e-4 * k2.abs().max(), rtol=0)
@@ -140,11 +155,12 @@ def test_generate_tokens_identical(model_dirs, case, cache, fused_calls):
     kw = dict(max_new_tokens=12, do_sample=False, **({"cache_implementation": "static"} if cache == "static" else {}))
     with torch.no_grad():
         fused = model.generate(ids, **kw)
-    assert len(fused_calls) == 11 * model.config.num_hidden_layers  # every decode step of every layer
+    steps = fused.shape[1] - 9 - 1  # decode steps (generation may stop early at an EOS token)
+    assert steps >= 4 and len(fused_calls) == steps * model.config.num_hidden_layers  # every step of every layer
     assert enable_fast_decode(model, False) == ["model.layers.0", "model.layers.1"]
     with torch.no_grad():
         plain = model.generate(ids, **kw)
-    assert len(fused_calls) == 11 * model.config.num_hidden_layers
+    assert len(fused_calls) == steps * model.config.num_hidden_layers
     assert torch.equal(fused, plain), (fused, plain)
     assert len(set(plain[0, 9:].tolist())) > 2  # the test model does not just repeat one token
 
