@@ -65,7 +65,7 @@ def _load(model_dirs, case):
     if q is not None:
         kw["quantization_config"] = AFPQConfig(**q) if q.pop("afpq", False) else LUTConfig(**q)
     model = AutoModelForCausalLM.from_pretrained(model_dirs[repr(over)], **kw).eval()
-    if q is None or "afpq" in case:  # LUT models switch on when loaded (enable_lut); others by hand
+    if q is None or "afpq" in case:  # quantized models switch on when loaded; again is a no-op; fp32 by hand
         enable_fast_decode(model)
     return model
 
