@@ -39,4 +39,4 @@ class LUTConfig(AFPQConfig):
     def after_load(self, model) -> None:
         from .layer import enable_lut
 
-        enable_lut(model)
+        enable_lut(model, fast_decode=False)  # the quantizer switches the decoder layers for every config

@@ -33,10 +33,14 @@ def output_errors(w: torch.Tensor, x: torch.Tensor, candidates, group_size, scal
     """
     w = w.detach().float()
     x = x.float()
-    y = x @ w.T
+    # the float output, needed only by activation-quantized candidates and the relative weighting
+    y = x @ w.T if relative or any(act_format(c) is not None for c in candidates) else None
     # per token: 1 (plain mean over outputs) or 1 / ||y_t||^2 (relative); tokens with a zero output are skipped
-    norm = y.pow(2).sum(1)
-    weight = torch.where(norm > 0, 1.0 / norm, 0.0) if relative else torch.full_like(norm, 1.0 / w.shape[0])
+    if relative:
+        norm = y.pow(2).sum(1)
+        weight = torch.where(norm > 0, 1.0 / norm, 0.0)
+    else:
+        weight = torch.full((x.shape[0],), 1.0 / w.shape[0], device=x.device)
     out, weight_only = {}, []
     for c in candidates:
         a = act_format(c)
