@@ -53,7 +53,7 @@ def make_linear(kind: str, k: int, n: int) -> nn.Module:
         return TinyGemmLinear(k, n)
     from hf_efficient.quantization import QuantLinear
 
-    q = QuantLinear(k, n, kind, GROUP, device="cuda")
+    q = QuantLinear(k, n, kind.split("@")[0], GROUP, device="cuda")
     q.qweight.random_(-2 ** 31, 2 ** 31 - 1)  # every 4-bit code is valid in these formats
     for p in q.fmt.param_names:
         t = getattr(q, p)
@@ -125,10 +125,14 @@ def decode_speed(kind: str, new_tokens: int, prompt: int = 16) -> dict:
     t0 = time.time()
     torch.manual_seed(0)
     model = Model(kind, prompt + new_tokens + 1).eval()
+    layouts = None
     if kind not in ("bf16", "tinygemm"):
-        from hf_efficient.quantization.gpu import prepare_model
+        from hf_efficient.quantization.gpu import force_kernel, prepare_model
 
-        prepare_model(model)
+        # "<fmt>@<kernel>" pins a layout (e.g. int4_asym@gemv: our Triton kernels where tinygemm is the default)
+        with force_kernel(kind.split("@")[1] if "@" in kind else "auto"):
+            prepare_model(model, torch.bfloat16)
+        layouts = ",".join(sorted({m.layout.kind for m in model.modules() if getattr(m, "layout", None)}))
     build_s = time.time() - t0
     ids = torch.randint(0, CFG["vocab"], (1, prompt), device="cuda")
     logits = model(ids, torch.arange(prompt, device="cuda"))  # prefill (not timed); also autotunes
@@ -162,11 +166,11 @@ def decode_speed(kind: str, new_tokens: int, prompt: int = 16) -> dict:
     end.synchronize()
     sec = start.elapsed_time(end) / 1e3
     lin_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.split(".")[-1] in
-                    ("_rl_qweight", "_rl_params", "w", "sz"))
+                    ("_rl_qweight", "_rl_params", "_rl_sz", "_rl_scale", "w", "sz"))
     lin_bytes += sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                      if ".blocks." in f".{n}" and p.dim() == 2)
     out = {"model": kind, "tokens_per_s": new_tokens / sec, "ms_per_token": 1e3 * sec / new_tokens,
-           "linear_weight_GB": lin_bytes / 1e9, "build_s": build_s}
+           "linear_weight_GB": lin_bytes / 1e9, "build_s": build_s, "layouts": layouts}
     del model, g
     torch.cuda.empty_cache()
     return out
@@ -189,8 +193,6 @@ def hf_generate_speed(kind: str, path: str, new_tokens: int, prompt: int = 16) -
     t0 = time.time()
     cfg = HF_CONFIGS[kind]
     q = {"quantization_config": AFPQConfig(**cfg)} if cfg else {}
-    if cfg and os.environ.get("HF_EFFICIENT_E2E_COMPILE") == "1":
-        q["quantization_config"].compileable = True  # to time generate's compiled path for AFPQ configs
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda", **q).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
@@ -214,7 +216,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--kinds", default="bf16,tinygemm,fp4_asym,nf4_asym,int4_asym")
+    ap.add_argument("--kinds", default="bf16,tinygemm,fp4_asym,nf4_asym,int4_asym,int4_asym@gemv")
     ap.add_argument("--hf-dir", default=None, help="also time HF generate (static cache + torch.compile) on this "
                     "bf16 checkpoint (e.g. the one benchmarks.quant_load_memory writes)")
     ap.add_argument("--hf-kinds", default=",".join(HF_CONFIGS))

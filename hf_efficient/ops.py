@@ -12,6 +12,9 @@ Python ops (declared here; the fast kernels are registered by the module named):
   (:mod:`hf_efficient.quantization.gpu`); reference :func:`hf_efficient.kernels.quant_reference.quant_matmul_reference`.
 * ``quant_mma``: the CUDA mma extension (:mod:`hf_efficient.kernels.quant_mma`); reference
   :func:`hf_efficient.kernels.quant_mma.dequantize_reference` times ``x``.
+* ``quant_tinygemm``: torch's tinygemm (``aten._weight_int4pack_mm``) on CUDA for INT4 decode, dequantize +
+  cuBLAS for prompts (:mod:`hf_efficient.kernels.quant_tinygemm`); reference
+  :func:`hf_efficient.kernels.quant_tinygemm.dequantize_reference` times ``x``.
 * ``seer_sparse_attention``, ``seer_pooled_attention``, ``seer_gate_indices``: Triton on CUDA
   (:mod:`hf_efficient.attention.seer.ops`); references in :mod:`hf_efficient.kernels.seer_reference`.
 
@@ -82,6 +85,22 @@ def quant_mma(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, tabl
 @quant_mma.register_fake
 def _quant_mma_fake(x, qweight, params, tables, n, k, bits, group_size, mode, splits):
     torch._check(x.dim() == 2 and x.shape[1] == k, lambda: f"quant_mma: x must be (M, {k})")
+    return x.new_empty(x.shape[0], n)
+
+
+@torch.library.custom_op("hf_efficient::quant_tinygemm", mutates_args=())
+def quant_tinygemm(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, n: int, k: int,
+                   group_size: int) -> torch.Tensor:
+    """``x @ W.T`` for ``x`` (M, K) and INT4 W in tinygemm's layout
+    (:class:`~hf_efficient.kernels.quant_tinygemm.TinyWeight`) -> (M, N) in x's dtype."""
+    from .kernels.quant_tinygemm import dequantize
+
+    return (x.float() @ dequantize(qweight, sz, n, k, group_size, torch.float32).t()).to(x.dtype)
+
+
+@quant_tinygemm.register_fake
+def _quant_tinygemm_fake(x, qweight, sz, n, k, group_size):
+    torch._check(x.dim() == 2 and x.shape[1] == k, lambda: f"quant_tinygemm: x must be (M, {k})")
     return x.new_empty(x.shape[0], n)
 
 

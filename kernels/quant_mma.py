@@ -177,6 +177,16 @@ def _source_hash() -> str:
     return h.hexdigest()[:12]
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` only if ``path`` holds something else: a rewrite with a new mtime makes ninja relink a
+    library that another process may have loaded."""
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def extension():
     """The compiled extension, or None (with the reason logged once) where it cannot be built."""
     global _ext, _ext_error
@@ -192,24 +202,31 @@ def extension():
             _ext_error = "the mma kernel needs compute capability >= 8.0"
             return None
         try:
+            import fcntl  # POSIX; only reached where CUDA is
+
             from torch.utils.cpp_extension import load
 
             tag = _source_hash()
             build = Path(os.environ.get("HF_EFFICIENT_CACHE", Path.home() / ".cache" / "hf_efficient")) / f"mma_{tag}"
             build.mkdir(parents=True, exist_ok=True)
-            sources = [str(_SRC / "quant_mma_binding.cpp")]
-            for bits in MMA_BITS:
-                for mode in MODES:  # = the MODE_* constants of cuda/quant_mma.cuh (tests check)
-                    f = build / f"inst_b{bits}_m{mode}.cu"
-                    f.write_text(f'#include "{_SRC / "quant_mma.cuh"}"\n'
-                                 f"template void hfe_mma::launch<{bits}, {mode}>(const hfe_mma::Args&);\n")
-                    sources.append(str(f))
             major, minor = torch.cuda.get_device_capability()
-            _ext = load(name=f"hfe_quant_mma_{tag}", sources=sources, build_directory=str(build),
-                        extra_include_paths=[str(_SRC)], verbose=False,
-                        extra_cflags=["-O3"],
-                        extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{major}{minor},"
-                                           f"code=sm_{major}{minor}"])
+            # Other processes (pytest -n 8, several ranks) build into the same directory: hold a file lock over
+            # writing the sources, building and loading, so none sees a half-written file or a library that ninja
+            # is relinking under it.
+            with open(build / "build.lock", "w") as lock_file:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                sources = [str(_SRC / "quant_mma_binding.cpp")]
+                for bits in MMA_BITS:
+                    for mode in MODES:  # = the MODE_* constants of cuda/quant_mma.cuh (tests check)
+                        f = build / f"inst_b{bits}_m{mode}.cu"
+                        _write_if_changed(f, f'#include "{_SRC / "quant_mma.cuh"}"\n'
+                                             f"template void hfe_mma::launch<{bits}, {mode}>(const hfe_mma::Args&);\n")
+                        sources.append(str(f))
+                _ext = load(name=f"hfe_quant_mma_{tag}", sources=sources, build_directory=str(build),
+                            extra_include_paths=[str(_SRC)], verbose=False,
+                            extra_cflags=["-O3"],
+                            extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{major}{minor},"
+                                               f"code=sm_{major}{minor}"])
         except Exception as e:  # noqa: BLE001 - any build failure means "use the Triton kernels"
             _ext_error = f"{type(e).__name__}: {e}"
             logger.warning("hf_efficient: the CUDA mma kernel could not be built (%s); using the Triton kernels",

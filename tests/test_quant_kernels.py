@@ -350,7 +350,7 @@ def test_gpu_layers_after_other_launches():
 
     from hf_efficient.kernels.quant_gemm import quant_gemm, quant_gemv
     from hf_efficient.quantization import QuantLinear, reference_only
-    from hf_efficient.quantization.gpu import _TRITON_TENSORS, _kernel_weight
+    from hf_efficient.quantization.gpu import _TRITON_TENSORS, _kernel_weight, force_kernel
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(576, 192, bias=True)
@@ -362,7 +362,8 @@ def test_gpu_layers_after_other_launches():
             with reference_only():
                 ref = cpu(x)
             xd = x.cuda().to(dtype)
-            torch.testing.assert_close(gpu(xd).float().cpu(), ref, atol=0.05, rtol=0.05)
+            with force_kernel("gemv"):  # INT4 at bf16 would otherwise take tinygemm's layout
+                torch.testing.assert_close(gpu(xd).float().cpu(), ref, atol=0.05, rtol=0.05)
             kw = _kernel_weight(*[gpu.layout_tensor(n) for n in _TRITON_TENSORS], 192, 576, *gpu.layout.meta)
             assert torch.equal(unpack(kw).cpu(), cpu.codes())
             for split in (1, 2, 8):

@@ -68,6 +68,9 @@ class QuantConfigBase(QuantizationConfigMixin):
     """
 
     quant_method_name = ""
+    # Read by the generic quantizer (hf_efficient.integrations.transformers): every layer's kernel layout is
+    # built once at load (CUDA and CPU), outside any trace, so generate may compile the model (static cache).
+    compileable = True
 
     def __init__(self, bits: int = 4, group_size: int = 128, scale_dtype: str = "float16",
                  modules_to_not_convert: list[str] | None = None, algorithm: str = "rtn", act_order: bool = False,

@@ -5,6 +5,10 @@ A layer on CUDA adopts **one** kernel layout as its only copy of its weights
 
 * ``"cuda-triton"`` (default): the Triton kernels through ``torch.ops.hf_efficient.quant_matmul``, which
   chooses by shape (:func:`choose_kernel`): the dequant GEMV for ``M <= 8``, the dequant GEMM above.
+* ``"cuda-tinygemm"`` (default for uniform INT4 layers run with bfloat16 activations where
+  :func:`hf_efficient.kernels.quant_tinygemm.unsupported` allows, e.g. INT4-asym/sym at group 32-256): torch's
+  tinygemm kernel up to 16 rows, measured faster than our Triton GEMV at M = 1 (docs/gpu_kernels.md), and
+  dequantize + cuBLAS for prompts. ``force_kernel("gemv")``/``("gemm")`` keep such a layer on the Triton layout.
 * ``"cuda-mma"`` (opt-in, ``with force_kernel("mma"):`` while the layer first runs or :func:`prepare_model`
   is called): the tensor-core CUDA kernel of :mod:`hf_efficient.kernels.quant_mma` for 2/3/4-bit weights,
   where the extension builds. It runs every format at nearly the same speed, but on the H200 it measured
@@ -35,7 +39,7 @@ from .linear import QuantLinear, ResidentLayout, register_fast_path, storage_ten
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("auto", "gemv", "gemm", "lut", "mma")
+KERNELS = ("auto", "gemv", "gemm", "lut", "mma", "tinygemm")
 MMA_MAX_M = 256  # above: dequantize + cuBLAS (prefill), where a full-size GEMM beats re-reading fragments
 GEMV_MAX_M = 8  # = kernels.quant_gemm.GEMV_MAX_M (not imported here: importing the kernels needs triton)
 _forced: list[str] = []
@@ -54,9 +58,9 @@ def force_kernel(name: str):
 
 
 def choose_kernel(m: int, bits: int, requested: str = "auto") -> str:
-    """Kernel for an ``(m, K) x (K, N)`` product with ``bits``-bit weights."""
+    """Triton kernel for an ``(m, K) x (K, N)`` product with ``bits``-bit weights."""
     req = _forced[-1] if _forced else requested
-    if req not in ("auto", "mma"):  # "mma" layers never reach the Triton op; others run it as "auto"
+    if req not in ("auto", "mma", "tinygemm"):  # layers of those layouts never reach the Triton op
         return req
     return "gemv" if m <= GEMV_MAX_M else "gemm"
 
@@ -95,6 +99,8 @@ def _quant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, params: torch.T
 # ------------------------------------------------------------------------------------------------
 _TRITON_TENSORS = ("qweight", "params", "table")
 _MMA_TENSORS = ("qweight", "params", "tables")
+_TINY_TENSORS = ("qweight", "sz", "scale")
+CUDA_LAYOUTS = ("cuda-triton", "cuda-mma", "cuda-tinygemm")
 
 
 def supports(layer: QuantLinear) -> str | None:
@@ -138,8 +144,38 @@ def _triton_storage(layer: QuantLinear) -> dict:
     return _from_kernel(layer, unpack(kw), kw.params[0], kw.params[1])
 
 
-def repack_layer(layer: QuantLinear) -> None:
-    """Give ``layer`` its kernel layout (``"cuda-mma"`` or ``"cuda-triton"``) as its only weight copy."""
+def _tiny_storage(layer: QuantLinear) -> dict:
+    from ..kernels.quant_tinygemm import TinyWeight, unpack
+
+    t = [layer.layout_tensor(n) for n in _TINY_TENSORS]
+    codes, a, b = unpack(TinyWeight(*t, layer.out_features, layer.in_features, *layer.layout.meta))
+    return _from_kernel(layer, codes, a, b)
+
+
+def _tiny_reason(layer: QuantLinear, a: torch.Tensor, b: torch.Tensor | None) -> str | None:
+    from ..kernels.quant_tinygemm import unsupported
+
+    fmt = layer.fmt
+    return unsupported(fmt.bits, fmt.grid, fmt.scale_scheme.mode, layer.group_size, layer.out_features,
+                       layer.in_features, a, b)
+
+
+def _wanted_layout(layer: QuantLinear, dtype: torch.dtype | None, a=None, b=None) -> str:
+    """The layout ``layer`` should hold for activations of ``dtype`` under the forced kernel (if any)."""
+    if _mma_kind(layer):
+        return "cuda-mma"
+    if (_forced[-1] if _forced else "auto") not in ("auto", "tinygemm") or dtype != torch.bfloat16:
+        return "cuda-triton"
+    if layer.fmt.bits != 4:
+        return "cuda-triton"
+    if a is None:
+        a, b = layer.fmt.scale_scheme.kernel_ab(layer.storage())
+    return "cuda-tinygemm" if _tiny_reason(layer, a, b) is None else "cuda-triton"
+
+
+def repack_layer(layer: QuantLinear, dtype: torch.dtype | None = None) -> None:
+    """Give ``layer`` its kernel layout as its only weight copy: ``"cuda-tinygemm"`` where it applies to
+    activations of ``dtype`` (module docstring), ``"cuda-mma"`` when forced, else ``"cuda-triton"``."""
     reason = supports(layer)
     if reason:
         raise ValueError(f"the GPU kernels cannot run {layer.extra_repr()}: {reason}")
@@ -148,7 +184,14 @@ def repack_layer(layer: QuantLinear) -> None:
     b = b.to(a.dtype) if b is not None else None
     codes = layer.codes()
     mode = fmt.scale_scheme.mode
-    if _mma_kind(layer):
+    kind = _wanted_layout(layer, dtype, a, b)
+    if kind == "cuda-tinygemm":
+        from ..kernels.quant_tinygemm import pack as tiny_pack
+
+        w = tiny_pack(codes, a, b, fmt.grid, layer.group_size, mode)
+        layout = ResidentLayout(kind, {n: getattr(w, n) for n in _TINY_TENSORS}, _tiny_storage,
+                                (w.group_size, w.mode, w.v_off))
+    elif kind == "cuda-mma":
         from ..kernels.quant_mma import pack
 
         w = pack(codes, a, b, fmt.grid, fmt.bits, layer.group_size, mode)
@@ -163,43 +206,49 @@ def repack_layer(layer: QuantLinear) -> None:
     layer.adopt_layout(layout)
 
 
-def prepare_model(model: nn.Module) -> int:
-    """Give every supported QuantLinear of ``model`` that sits on CUDA its kernel layout; returns how many."""
+def prepare_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Give every supported QuantLinear of ``model`` that sits on CUDA its kernel layout for activations of
+    ``dtype`` (default: ``model.dtype``, where the model has one); returns how many."""
+    if dtype is None:
+        dtype = getattr(model, "dtype", None)
     count = 0
     for mod in model.modules():
         if (isinstance(mod, QuantLinear) and supports(mod) is None
                 and any(t.is_cuda for t in mod.buffers(recurse=False))):
-            if not _ready(mod):
-                repack_layer(mod)
+            if not _ready(mod, dtype):
+                repack_layer(mod, dtype)
             count += 1
     return count
 
 
-def _ready(layer: QuantLinear) -> bool:
-    """Whether the layer's layout serves this call: an adopted layout stays unless a kernel of the other layout
-    is forced (``force_kernel("mma")`` or one of the Triton kernels)."""
+def _ready(layer: QuantLinear, dtype: torch.dtype | None) -> bool:
+    """Whether the layer's layout serves this call: an adopted layout stays (whatever the activations' dtype)
+    unless a kernel of another layout is forced (``force_kernel("mma")``, ``("tinygemm")`` or a Triton one)."""
     lay = layer.layout
-    if lay is None or lay.kind not in ("cuda-mma", "cuda-triton"):
+    if lay is None or lay.kind not in CUDA_LAYOUTS:
         return False
     if not _forced or _forced[-1] == "auto" or torch.compiler.is_compiling():
         return True
-    return (lay.kind == "cuda-mma") == _mma_kind(layer)
+    return lay.kind == _wanted_layout(layer, dtype)
 
 
 def quant_linear_forward(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor | None:
     """The fast path registered for QuantLinear on CUDA (declines by returning None)."""
     if x.dtype not in (torch.float16, torch.bfloat16) or supports(layer) is not None:
         return None
-    if not _ready(layer):
+    if not _ready(layer, x.dtype):
         if torch.compiler.is_compiling():
             logger.warning("QuantLinear has no kernel layout while compiling: call "
                            "hf_efficient.quantization.gpu.prepare_model(model) first; using the reference path")
             return None
-        repack_layer(layer)
+        repack_layer(layer, x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)
     meta = layer.layout.meta
-    if layer.layout.kind == "cuda-mma":
+    if layer.layout.kind == "cuda-tinygemm":
+        q, sz = layer.layout_tensor("qweight"), layer.layout_tensor("sz")
+        y = torch.ops.hf_efficient.quant_tinygemm(x2, q, sz, layer.out_features, layer.in_features, meta[0])
+    elif layer.layout.kind == "cuda-mma":
         if x2.shape[0] > MMA_MAX_M:
             y = F.linear(x2, layer.dequantize(x.dtype))
         else:
@@ -217,5 +266,5 @@ def quant_linear_forward(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor | 
 for _bits in (2, 3, 4, 8):
     register_fast_path("*", _bits, "cuda", quant_linear_forward, name="cuda")
 
-__all__ = ["quant_matmul", "choose_kernel", "force_kernel", "prepare_model", "repack_layer", "supports",
+__all__ = ["quant_matmul", "choose_kernel", "CUDA_LAYOUTS", "force_kernel", "prepare_model", "repack_layer", "supports",
            "quant_linear_forward", "KERNELS", "MMA_MAX_M"]

@@ -32,10 +32,6 @@ class LUTConfig(AFPQConfig):
             raise _err("bits", bits, "2, 3 or 4 (the LUT kernels take 1..4-bit codes; the formats catalog has 2..4)")
         super().__init__(bits=bits, group_size=group_size, fmt=fmt, asymmetric=asymmetric, **kwargs)
 
-    # Read by the generic quantizer (hf_efficient.integrations.transformers): the kernel layout is built
-    # once at load, outside any trace, so generate may compile the model.
-    compileable = True
-
     def after_load(self, model) -> None:
         from .layer import enable_lut
 
