@@ -3,8 +3,10 @@
 Run: ``python -m benchmarks.quant_gemv [--out DIR] [--quick]`` (CUDA only). For each weight shape (N, K) and
 batch M it times cuBLAS bf16 ``F.linear``, ``torch._weight_int4pack_mm`` (tinygemm, int4 g128), gemlite
 A16W4 (int4 asym g128, when installed) and ours at group 128: the tensor-core mma kernel
-(``torch.ops.hf_efficient.quant_mma``, what a QuantLinear on CUDA runs) for INT4/INT3/INT2-asym, AFPQ
-FP4/NF4/NF3 (two scales) and NF4-sym, and the older Triton dequant kernels for INT4 (``ours-triton``).
+(``torch.ops.hf_efficient.quant_mma``, opt-in: ``force_kernel("mma")``) for INT4/INT3/INT2-asym, AFPQ
+FP4/NF4/NF3 (two scales) and NF4-sym, the Triton dequant kernels for INT4 (``ours-triton``; the default for
+every format but INT4 at bf16) and INT4's default path at bf16, tinygemm's layout through our op
+(``ours-tinygemm``: tinygemm up to M = 16, dequantize + cuBLAS above).
 Every cell of the written table comes from this one run.
 
 Timing (honest for memory-bound kernels): every implementation gets ``n`` copies of its weights, enough
@@ -67,6 +69,24 @@ def triton_make(kw):
         return lambda x: quant_matmul(x, ki.qweight, ki.params, ki.table, ki.N, ki.K, ki.bits, ki.group_size,
                                       ki.mode, ki.decode, ki.v_off, "auto")
     return make, kw.nbytes()
+
+
+def tiny_make(n, k, group):
+    """Our INT4-asym layer's default CUDA path at bf16: the tinygemm layout through our op (tinygemm up to
+    M = 16, dequantize + cuBLAS above), with the fp16 scales it keeps for an exact save."""
+    from hf_efficient import formats
+    from hf_efficient.kernels import quant_tinygemm
+
+    fmt = formats.get_format("int4_asym")
+    codes = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8)
+    a = (torch.rand(n, k // group, device="cuda") * 0.01 + 1e-3).half()
+    b = torch.randint(0, 16, (n, k // group), device="cuda").half()
+    w = quant_tinygemm.pack(codes, a, b, fmt.grid, group, fmt.scale_scheme.mode)
+
+    def make(i):
+        wi = w if i == 0 else dataclasses.replace(w, qweight=w.qweight.clone(), sz=w.sz.clone())
+        return lambda x: quant_tinygemm.matmul(x, wi)
+    return make, sum(t.numel() * t.element_size() for t in (w.qweight, w.sz, w.scale))
 
 
 def copies_for(nbytes: int) -> int:
@@ -136,6 +156,10 @@ def gemlite_make(n, k, group):
 
 def chosen_config(impl: str, m: int, n: int, k: int) -> str:
     """The configuration our kernel ran (``-`` for baselines)."""
+    if impl.startswith("ours-tinygemm"):
+        from hf_efficient.kernels.quant_tinygemm import TINYGEMM_MAX_M
+
+        return "tinygemm" if m <= TINYGEMM_MAX_M else "dequantize + cuBLAS"
     if impl.startswith("ours-triton"):
         from hf_efficient.kernels import quant_gemm
 
@@ -221,6 +245,8 @@ def main(argv=None):
             impls[f"ours_{f}_g{GROUP}"] = mma_make(kernel_weight(f, n, k, GROUP, "cuda"))
             if f in TRITON:
                 impls[f"ours-triton_{f}_g{GROUP}"] = triton_make(kernel_weight(f, n, k, GROUP, "cuda", "triton"))
+            if f == "int4_asym":
+                impls[f"ours-tinygemm_{f}_g{GROUP}"] = tiny_make(n, k, GROUP)
         built = {name: [make(i) for i in range(copies_for(nb))] for name, (make, nb) in impls.items()}
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
