@@ -162,10 +162,18 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
 
-    base, tok = load_model(None, dtype=torch.float32, device=args.device)
+    formats_ = args.formats.split(",")
+    algorithms = [a for a in args.algorithms.split(",") if a]  # --algorithms '' --llama7b: the 7B row only
+    widths = sorted({formats.get_format(f).bits for f in formats_})
+    plan = []  # in the order of --algorithms
+    for a in algorithms:
+        plan += [(f"w{b}", a) for b in widths] if a == "mofq-asym" else [(f, a) for f in formats_]
     defaults = AFPQConfig(algorithm="gptq")
-    windows = api.calibration_windows(tok, defaults.calib_samples, defaults.calib_seqlen, seed=0,
-                                      source=defaults.calib_source, model=base, progress=False)
+    base = windows = None
+    if plan:
+        base, tok = load_model(None, dtype=torch.float32, device=args.device)
+        windows = api.calibration_windows(tok, defaults.calib_samples, defaults.calib_seqlen, seed=0,
+                                          source=defaults.calib_source, model=base, progress=False)
     settings = {"model": "SmolLM2-135M-Instruct (embedded)", "calib_windows": defaults.calib_samples,
                 "calib_seqlen": defaults.calib_seqlen, "calib_source": defaults.calib_source,
                 "group_size": args.group_size, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -177,12 +185,6 @@ def main(argv=None):
         settings["merged_rows"] = (f"{len(kept)} rows of other devices from {args.merge_from} "
                                    f"({old['environment'].get('device')}, {old['environment'].get('date')}, "
                                    f"settings {old.get('settings')})")
-    formats_ = args.formats.split(",")
-    algorithms = args.algorithms.split(",")
-    widths = sorted({formats.get_format(f).bits for f in formats_})
-    plan = []  # in the order of --algorithms
-    for a in algorithms:
-        plan += [(f"w{b}", a) for b in widths] if a == "mofq-asym" else [(f, a) for f in formats_]
     rows = kept
     for fmt_name, algorithm in plan:
         cfg = make_config(fmt_name, algorithm, args.group_size)
