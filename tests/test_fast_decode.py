@@ -72,9 +72,23 @@ def _load(model_dirs, case):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """A list that gets one entry per decoder-layer forward that ran fused."""
+    """A list that gets one entry per decoder-layer step that ran fused (from the layer's or the model's forward)."""
     calls = []
-    real = decode._fast_step
+    real = decode._run_layer
+
+    def spy(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(decode, "_run_layer", spy)
+    return calls
+
+
+@pytest.fixture
+def model_steps(monkeypatch):
+    """A list that gets one entry per decoder-stack forward that ran the fused model step."""
+    calls = []
+    real = decode._fast_model_step
 
     def spy(*a):
         out = real(*a)
@@ -82,7 +96,7 @@ def fused_calls(monkeypatch):
             calls.append(1)
         return out
 
-    monkeypatch.setattr(decode, "_fast_step", spy)
+    monkeypatch.setattr(decode, "_fast_model_step", spy)
     return calls
 
 
@@ -148,16 +162,19 @@ def test_layer_step_equals_original_forward(model_dirs, case, static, fused_call
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_generate_tokens_identical(model_dirs, case, cache, fused_calls):
+def test_generate_tokens_identical(model_dirs, case, cache, fused_calls, model_steps):
     """(b) Greedy generate gives the same tokens with and without the fused step."""
     model = _load(model_dirs, case)
+    assert type(model.model).__name__ == "FastDecodeLlamaModel"
     ids = _ids(9)
     kw = dict(max_new_tokens=12, do_sample=False, **({"cache_implementation": "static"} if cache == "static" else {}))
     with torch.no_grad():
         fused = model.generate(ids, **kw)
     steps = fused.shape[1] - 9 - 1  # decode steps (generation may stop early at an EOS token)
     assert steps >= 4 and len(fused_calls) == steps * model.config.num_hidden_layers  # every step of every layer
+    assert len(model_steps) == steps  # through the decoder stack's fused step
     assert enable_fast_decode(model, False) == ["model.layers.0", "model.layers.1"]
+    assert type(model.model).__name__ == "LlamaModel"
     with torch.no_grad():
         plain = model.generate(ids, **kw)
     assert len(fused_calls) == steps * model.config.num_hidden_layers
@@ -261,7 +278,152 @@ def test_layer_changes_rebuild_the_plan(model_dirs, fused_calls):
         assert torch.equal(a, model.generate(_ids(5), max_new_tokens=4, do_sample=False))
 
 
-def test_qwen2_biases(fused_calls):
+# ------------------------------------------------------------------------------------------------
+# The decoder stack's fused step (decode._fast_model_step)
+# ------------------------------------------------------------------------------------------------
+
+def _cache_with_past(model, kind, past, gen):
+    """A dynamic or static cache holding ``past`` random positions in every layer."""
+    from transformers import DynamicCache, StaticCache
+
+    cfg = model.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    cache = StaticCache(config=cfg, max_cache_len=32) if kind == "static" else DynamicCache(config=cfg)
+    if past:
+        for i in range(cfg.num_hidden_layers):
+            kv = torch.randn(1, cfg.num_key_value_heads, past, hd, generator=gen)
+            cache.update(kv, kv * 0.5 + 0.1, i)
+    return cache
+
+
+@pytest.mark.parametrize("case", ["fp32", "int4-g32", "int4-g32-pad"])
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("inputs", ["plain", "positions", "mask2d", "embeds", "eager"])
+def test_model_step_equals_stack_forward(model_dirs, case, kind, inputs, fused_calls, model_steps):
+    """The fused model step gives the decoder stack's own forward (its layers fused as well) bit for bit: the same
+    embedding, rotary, mask and layer steps, and the cache updated alike."""
+    model = _load(model_dirs, case)
+    stack = model.model
+    base = type(stack)._hfe_base
+    if inputs == "eager":
+        model.config._attn_implementation = "eager"
+    gen = torch.Generator().manual_seed(2)
+    for past in (0, 1, 7):
+        cache = _cache_with_past(model, kind, past, gen)
+        c2 = copy.deepcopy(cache)
+        tok = _ids(1, seed=past)
+        kw = dict(input_ids=tok, use_cache=True)
+        if inputs == "positions":
+            kw["position_ids"] = torch.tensor([[past]])
+        elif inputs == "mask2d":
+            kw["attention_mask"] = torch.ones(1, past + 1, dtype=torch.long)
+        elif inputs == "embeds":
+            kw = dict(inputs_embeds=stack.embed_tokens(tok).detach(), use_cache=True)
+        with torch.no_grad():
+            n, f = len(model_steps), len(fused_calls)
+            got = stack(cache=cache, **kw)
+            assert len(model_steps) == n + 1 and len(fused_calls) == f + model.config.num_hidden_layers
+            want = base.forward(stack, cache=c2, **kw)
+            assert len(model_steps) == n + 1
+        assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+        for a, b in zip(cache.layers, c2.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("rope", [None, dict(rope_type="linear", factor=2.0), dict(rope_type="dynamic", factor=2.0),
+                                  dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128),
+                                  dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=128)])
+def test_rope_equals_rotary_module(rope):
+    """The model step's cos/sin of one position equal the rotary module's, bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    over = {} if rope is None else {"rope_parameters": {**rope, "rope_theta": 10000.0}}
+    rot = LlamaRotaryEmbedding(_tiny_config(**over))
+    h = torch.randn(1, 1, 64)
+    for pos in (0, 1, 17, 300, 4000):
+        want = rot(h, torch.tensor([[pos]]))
+        got = decode._rope(rot, h, torch.tensor([[pos]]), pos)
+        assert all(torch.equal(a, b) and a.shape == b.shape for a, b in zip(got, want)), (rope, pos)
+
+
+@pytest.mark.parametrize("past", [0, 1, 9])
+def test_no_mask_where_the_model_step_builds_none(model_dirs, past):
+    """Where the model step skips the mask (sdpa, a DynamicCache of full-attention layers, no attention mask, the
+    position right after the cache), transformers' own mask function returns None as well."""
+    from transformers.masking_utils import create_causal_mask
+
+    model = _load(model_dirs, "fp32")
+    cfg = model.config
+    assert cfg._attn_implementation == "sdpa"
+    cache = _cache_with_past(model, "dynamic", past, torch.Generator().manual_seed(0))
+    assert decode._plain_dynamic(cache)
+    mask = create_causal_mask(config=cfg, inputs_embeds=torch.randn(1, 1, cfg.hidden_size), attention_mask=None,
+                              cache=cache, position_ids=torch.tensor([[past]]))
+    assert mask is None
+
+
+def test_model_step_fallbacks(model_dirs, fused_calls, model_steps):
+    """Output capture, tuple outputs, a hooked layer, unknown kwargs, batch 2, gradients: the stack's own forward,
+    with the same results as the model with the fused step switched off."""
+    model = _load(model_dirs, "fp32")
+    stack = model.model
+    with torch.no_grad():
+        prefill = model(_ids(5), use_cache=True).past_key_values
+    seen = []
+    cases = [dict(output_hidden_states=True), dict(output_attentions=True), dict(return_dict=False),
+             dict(cache_position=torch.tensor([5])), "hook", "batch2", "grad"]
+
+    def run(c):
+        cache = copy.deepcopy(prefill)
+        kw = c if isinstance(c, dict) else {}
+        ids = _ids(1, seed=4)
+        if c == "batch2":
+            ids, cache = _ids(1, batch=2), None
+        handle = stack.layers[1].register_forward_hook(lambda *a: seen.append(1)) if c == "hook" else None
+        try:
+            with torch.set_grad_enabled(c == "grad"):
+                out = stack(input_ids=ids, cache=cache, use_cache=True, **kw)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    for c in cases:
+        got = run(c)
+        assert not model_steps, c
+        enable_fast_decode(model, False)
+        want = run(c)
+        enable_fast_decode(model)
+        assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()), rtol=0), c
+    assert len(seen) == 2  # the hook ran, fused step or not
+    with torch.no_grad():
+        stack(input_ids=_ids(1), cache=copy.deepcopy(prefill), use_cache=True)
+    assert len(model_steps) == 1  # and it does run where it should
+
+
+def test_model_classes_and_sliding_windows(fused_calls, model_steps):
+    """Mistral without a sliding window gets the model step; with one, neither its layers nor its stack switch."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(sliding_window=None, **kw)).eval()
+    assert enable_fast_decode(model) == ["model.layers.0", "model.layers.1"]
+    assert type(model.model).__name__ == "FastDecodeMistralModel"
+    ids = _ids(6)
+    with torch.no_grad():
+        fused = model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert len(model_steps) == 4
+        enable_fast_decode(model, False)
+        assert type(model.model).__name__ == "MistralModel"
+        assert torch.equal(fused, model.generate(ids, max_new_tokens=5, do_sample=False))
+    slid = MistralForCausalLM(MistralConfig(sliding_window=4, **kw)).eval()
+    assert enable_fast_decode(slid) == [] and type(slid.model).__name__ == "MistralModel"
+
+
+def test_qwen2_biases(fused_calls, model_steps):
     """Qwen2 (q/k/v biases) takes the same path with the biases added."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -276,8 +438,9 @@ def test_qwen2_biases(fused_calls):
     with torch.no_grad():
         plain = model.generate(ids, max_new_tokens=8, do_sample=False)
         assert enable_fast_decode(model) == ["model.layers.0", "model.layers.1"]
+        assert type(model.model).__name__ == "FastDecodeQwen2Model"
         fused = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert len(fused_calls) == 7 * 2 and torch.equal(plain, fused)
+    assert len(fused_calls) == 7 * 2 and len(model_steps) == 7 and torch.equal(plain, fused)
 
 
 def test_unsupported_models_give_empty_and_log(caplog):
@@ -405,25 +568,26 @@ def test_ops_opcheck():
     torch.library.opcheck(ops.decode_attn_out_mlp.default, b)
 
 
-def test_whole_model_pickles(model_dirs, fused_calls):
-    """torch.save of a whole model: the switched class is found by name, also before any layer was switched."""
+def test_whole_model_pickles(model_dirs, fused_calls, model_steps):
+    """torch.save of a whole model: the switched classes are found by name, also before any was switched."""
     import io
 
     model = _load(model_dirs, "fp32")
     buf = io.BytesIO()
     torch.save(model, buf)
-    name = type(model.model.layers[0]).__name__
-    base = type(model.model.layers[0])._hfe_base
-    cls = decode._CLASSES.pop(base)
-    del decode.__dict__[name]  # as in a fresh process
+    switched = [type(model.model.layers[0]), type(model.model)]
+    saved = [(c.__name__, c._hfe_base, decode._CLASSES.pop(c._hfe_base)) for c in switched]
+    for name, _, _ in saved:
+        del decode.__dict__[name]  # as in a fresh process
     try:
         buf.seek(0)
         again = torch.load(buf, weights_only=False)
-        assert type(again.model.layers[0]).__name__ == name
+        assert [type(again.model.layers[0]).__name__, type(again.model).__name__] == [n for n, _, _ in saved]
         with torch.no_grad():
             a = again.generate(_ids(5), max_new_tokens=3, do_sample=False)
-        assert len(fused_calls) == 2 * 2 and torch.equal(a, model.generate(_ids(5), max_new_tokens=3,
-                                                                           do_sample=False))
+        assert len(fused_calls) == 2 * 2 and len(model_steps) == 2
+        assert torch.equal(a, model.generate(_ids(5), max_new_tokens=3, do_sample=False))
     finally:
-        decode._CLASSES[base] = cls
-        setattr(decode, name, cls)
+        for name, base, cls in saved:
+            decode._CLASSES[base] = cls
+            setattr(decode, name, cls)

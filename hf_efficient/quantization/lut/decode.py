@@ -27,6 +27,9 @@ import logging
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ...kernels import lut_cpu as kernel
 from .. import linear as _linear
@@ -39,7 +42,11 @@ logger = logging.getLogger(__name__)
 # MLP -> residual, with the attention module's forward as Llama's (Mistral and Qwen2 differ only in a sliding
 # window, which keeps such layers on their own forward, and Qwen2's q/k/v biases).
 SUPPORTED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
-_HOME = {"LlamaDecoderLayer": "llama", "MistralDecoderLayer": "mistral", "Qwen2DecoderLayer": "qwen2"}
+# Their decoder stacks, whose forward (embedding, positions, causal mask, rotary, layers, norm) the fused model step
+# reproduces for one token when every layer is switched and no layer slides (Mistral's and Qwen2's sliding masks)
+SUPPORTED_MODELS = ("LlamaModel", "MistralModel", "Qwen2Model")
+_HOME = {"LlamaDecoderLayer": "llama", "MistralDecoderLayer": "mistral", "Qwen2DecoderLayer": "qwen2",
+         "LlamaModel": "llama", "MistralModel": "mistral", "Qwen2Model": "qwen2"}
 ATTENTIONS = ("sdpa", "eager")
 
 try:  # transformers >= 5: output capture (output_attentions) through hooks and a context variable
@@ -159,41 +166,59 @@ _ONE = (1, 1)
 _MISSING = object()
 
 
+def _blocked(hidden_states) -> bool:
+    """True when no fused step may run for this call, whatever the layer (grad, dtype, compile, ...)."""
+    return (torch.is_grad_enabled() or hidden_states.dtype != torch.float32 or not hidden_states.is_cpu
+            or hidden_states.dim() != 3 or hidden_states.shape[:2] != _ONE
+            or getattr(_linear._state, "reference_only", False)
+            or torch.compiler.is_compiling())  # compiled graphs trace the modules' own forwards
+
+
+def _impl_ok(plan: _Plan) -> bool:
+    impl = plan.cfg_dict.get("_attn_implementation_internal", _MISSING)
+    if impl is _MISSING:
+        impl = plan.config._attn_implementation
+    return impl in ATTENTIONS
+
+
+def _capturing_attentions() -> bool:
+    if _active_collector is None:
+        return False
+    col = _active_collector.get()
+    return col is not None and "attentions" in col
+
+
+def _mask_ok(mask) -> bool:
+    return mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[0] == 1
+                            and mask.shape[2] == 1 and mask.dtype in (torch.bool, torch.float32))
+
+
+def _run_layer(plan: _Plan, hidden_states, mask, cos, sin, cache, extra):
+    """One fused decoder-layer step (every fused step of a layer, from the layer or the model, runs here)."""
+    attn_in, attn_out = _ops()
+    q, k, v = attn_in(hidden_states, plan.n1, plan.eps1, *plan.attn_in, cos, sin, plan.heads, plan.kv_heads,
+                      plan.head_dim)
+    if cache is not None:
+        k, v = cache.update(k, v, plan.layer_idx, kwargs=extra)
+    return attn_out(q, k, v, mask, plan.scaling, hidden_states, plan.n2, plan.eps2, *plan.attn_out)
+
+
 def _fast_step(layer, hidden_states, args, kwargs):
     """The fused step's output, or None when the layer's own forward must run (nothing is changed then)."""
-    if (args or torch.is_grad_enabled() or layer.training or hidden_states.dtype != torch.float32
-            or not hidden_states.is_cpu or hidden_states.dim() != 3 or hidden_states.shape[:2] != _ONE
-            or getattr(_linear._state, "reference_only", False) or kwargs.get("output_attentions")
-            or torch.compiler.is_compiling()):  # compiled graphs trace the layer's own forward
+    if args or layer.training or _blocked(hidden_states) or kwargs.get("output_attentions"):
         return None
     pe = kwargs.get("position_embeddings")
     if pe is None:
         return None
     plan = _plan(layer)
-    if type(plan) is not _Plan:
+    if type(plan) is not _Plan or not _impl_ok(plan) or _capturing_attentions():
         return None
-    impl = plan.cfg_dict.get("_attn_implementation_internal", _MISSING)
-    if impl is _MISSING:
-        impl = plan.config._attn_implementation
-    if impl not in ATTENTIONS:
-        return None
-    if _active_collector is not None:
-        col = _active_collector.get()
-        if col is not None and "attentions" in col:
-            return None
     mask = kwargs.get("attention_mask")
-    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[0] == 1
-                                 and mask.shape[2] == 1 and mask.dtype in (torch.bool, torch.float32)):
+    if not _mask_ok(mask):
         return None
-    attn_in, attn_out = _ops()
-    cos, sin = pe
-    q, k, v = attn_in(hidden_states, plan.n1, plan.eps1, *plan.attn_in, cos, sin, plan.heads, plan.kv_heads,
-                      plan.head_dim)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is not None:
-        extra = {k: v for k, v in kwargs.items() if k not in _LAYER_KWARGS}
-        k, v = cache.update(k, v, plan.layer_idx, kwargs=extra)
-    return attn_out(q, k, v, mask, plan.scaling, hidden_states, plan.n2, plan.eps2, *plan.attn_out)
+    extra = None if cache is None else {k: v for k, v in kwargs.items() if k not in _LAYER_KWARGS}
+    return _run_layer(plan, hidden_states, mask, pe[0], pe[1], cache, extra)
 
 
 # keyword arguments of the decoder layer that its attention takes by name, so they are not in the kwargs it
@@ -211,6 +236,119 @@ class _FastDecodeMixin:
         return super().forward(hidden_states, *args, **kwargs)
 
 
+# keyword arguments the decoder stack's fused step understands (generate passes the first seven); any other one
+# (e.g. flash-attention kwargs, a cache_position) sends the call to the model's own forward
+_MODEL_KWARGS = frozenset(("input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds",
+                           "use_cache", "return_dict", "output_attentions", "output_hidden_states"))
+_PASSED_ON = ("output_attentions", "output_hidden_states")  # what the model's forward hands on to its layers
+# rotary modules whose forward is cos/sin(position * inv_freq) * attention_scaling (rope types other than the
+# dynamic and longrope ones, which update inv_freq on the fly)
+_ROTARIES = ("LlamaRotaryEmbedding", "MistralRotaryEmbedding", "Qwen2RotaryEmbedding")
+
+
+def _hooked(m: nn.Module) -> bool:
+    # transformers' output-capture hooks (installed for good by the first output_attentions/hidden_states call)
+    # do nothing without an active collector, which the model step requires; any other hook keeps the module call
+    return bool(m._forward_pre_hooks) or any(getattr(h, "__name__", None) != "output_capturing_hook"
+                                             for h in m._forward_hooks.values())
+
+
+def _rope(rot: nn.Module, h, position_ids, pos: int):
+    """``rot(h, position_ids)`` for one position: the same float32 ops, without the module call's overhead."""
+    rt = getattr(rot, "rope_type", None)
+    inv = rot.__dict__["_buffers"].get("inv_freq")
+    if (type(rot).__name__ not in _ROTARIES or not isinstance(rt, str) or "dynamic" in rt or rt == "longrope"
+            or _hooked(rot) or inv is None or inv.dtype != torch.float32 or not inv.is_cpu):
+        return rot(h, position_ids)
+    freqs = inv * float(pos)  # what position_ids.float() * inv_freq gives (an exact float32 product)
+    emb = torch.cat((freqs, freqs)).view(1, 1, -1)
+    s = rot.attention_scaling
+    return emb.cos() * s, emb.sin() * s
+
+
+def _plain_dynamic(cache) -> bool:
+    return type(cache) is DynamicCache and all(type(x) is DynamicLayer for x in cache.layers)
+
+
+def _fast_model_step(model, args, kwargs):
+    """The decoder stack's output for one decode token of batch 1, its layers run fused where they can, or None
+    when the model's own forward must run (nothing is changed then). Same inputs to every layer as the model's
+    forward gives them: embedding, position, mask, rotary and the cache's own update."""
+    if args or model.training or torch.is_grad_enabled() or not _MODEL_KWARGS.issuperset(kwargs):
+        return None
+    cfg = model.config
+    for k in _PASSED_ON:  # output capture goes through hooks set up by the model's own forward
+        if kwargs[k] if k in kwargs else getattr(cfg, k, False):
+            return None
+    if not kwargs.get("return_dict", getattr(cfg, "return_dict", True)):
+        return None
+    ids, emb = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    mask = kwargs.get("attention_mask")
+    if ((ids is None) == (emb is None) or not isinstance(cache, Cache) or isinstance(mask, dict)
+            or cfg._attn_implementation not in ATTENTIONS or _global_hooks() or _capturing()):
+        return None
+    if ids is not None and not (isinstance(ids, torch.Tensor) and ids.shape == _ONE):
+        return None
+    layers = list(model.layers._modules.values())[: cfg.num_hidden_layers]  # (slicing builds a ModuleList)
+    if any(_hooked(m) for m in layers):
+        return None
+    h = emb if emb is not None else model.embed_tokens(ids)
+    if _blocked(h):
+        return None
+    position_ids = kwargs.get("position_ids")
+    past = cache.get_seq_length()
+    if position_ids is None:
+        pos, position_ids = past, torch.tensor([[past]], device=h.device)
+    elif isinstance(position_ids, torch.Tensor) and position_ids.shape == _ONE:
+        pos = int(position_ids)
+    else:
+        return None
+    if mask is None and pos == past and cfg._attn_implementation == "sdpa" and _plain_dynamic(cache):
+        pass  # create_causal_mask gives None here: the one query sees every cached position (tested)
+    elif not (isinstance(mask, torch.Tensor) and mask.dim() == 4):  # a 4-D mask is used as it is
+        mask = create_causal_mask(config=cfg, inputs_embeds=h, attention_mask=mask, cache=cache,
+                                  position_ids=position_ids)
+    if not _mask_ok(mask):
+        return None
+    pe = _rope(model.rotary_emb, h, position_ids, pos)
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(cfg, "use_cache", None)
+    rest = {k: kwargs[k] for k in _PASSED_ON if k in kwargs}
+    extra = {"position_ids": position_ids, "use_cache": use_cache, **rest}  # the attention's cache.update kwargs
+    cos, sin = pe
+    for layer in layers:
+        plan = _plan(layer) if isinstance(layer, _FastDecodeMixin) and not layer.training else None
+        if type(plan) is _Plan and plan.config is cfg:
+            h = _run_layer(plan, h, mask, cos, sin, cache, extra)
+        else:
+            h = layer(h, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
+                      position_embeddings=pe, **rest)
+    return BaseModelOutputWithPast(last_hidden_state=model.norm(h), cache=cache)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _m
+
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks)
+
+
+def _capturing() -> bool:
+    return _active_collector is not None and bool(_active_collector.get())
+
+
+class _FastDecodeModelMixin:
+    """Decoder-stack forward that runs one decode token through the fused layer steps directly (no mask build when
+    none is needed, a cheap rotary, no module call per layer), else the original (see :func:`_fast_model_step`)."""
+
+    def forward(self, *args, **kwargs):
+        out = _fast_model_step(self, args, kwargs)
+        if out is not None:
+            return out
+        return super().forward(*args, **kwargs)
+
+
 _CLASSES: dict = {}
 
 
@@ -218,7 +356,8 @@ def _fused_class(base: type) -> type:
     cls = _CLASSES.get(base)
     if cls is None:
         name = f"FastDecode{base.__name__}"
-        cls = type(name, (_FastDecodeMixin, base), {"_hfe_base": base, "__module__": __name__})
+        mixin = _FastDecodeModelMixin if base.__name__ in SUPPORTED_MODELS else _FastDecodeMixin
+        cls = type(name, (mixin, base), {"_hfe_base": base, "__module__": __name__})
         cls.__qualname__ = name
         globals()[name] = cls  # picklable by name (torch.save of a whole model)
         _CLASSES[base] = cls
@@ -255,6 +394,16 @@ def _why_unsupported(m: nn.Module) -> str | None:
     return None
 
 
+def _stack_supported(m: nn.Module) -> bool:
+    layers = getattr(m, "layers", None)
+    cfg = getattr(m, "config", None)
+    return (isinstance(layers, nn.ModuleList) and len(layers) > 0
+            and all(isinstance(x, _FastDecodeMixin) for x in layers)
+            and all(hasattr(m, n) for n in ("embed_tokens", "rotary_emb", "norm"))
+            and not getattr(m, "has_sliding_layers", False)  # Qwen2
+            and not (_base_class(m).__name__ == "MistralModel" and getattr(cfg, "sliding_window", None) is not None))
+
+
 def _base_class(m: nn.Module) -> type:
     return getattr(type(m), "_hfe_base", type(m))
 
@@ -270,9 +419,11 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True) -> list[str]:
     """
     if enabled and not kernel.available():
         raise RuntimeError("enable_fast_decode: the hf_efficient C++ extension is not built")
-    names, skipped = [], {}
+    names, skipped, stacks = [], {}, []
     for name, m in model.named_modules():
         base = _base_class(m)
+        if base.__name__ in SUPPORTED_MODELS:
+            stacks.append(m)
         if base.__name__ not in SUPPORTED:
             continue
         if not enabled:
@@ -290,6 +441,10 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True) -> list[str]:
         m.__class__ = _fused_class(base)
         m.__dict__.pop("_hfe_plan", None)
         names.append(name)
+    for m in stacks:  # the decoder stack's fused step, where all its layers run the fused one
+        base = _base_class(m)
+        fused = enabled and _stack_supported(m)
+        m.__class__ = _fused_class(base) if fused else base
     if enabled and not names:
         arch = type(model).__name__
         if arch not in _WARNED:
