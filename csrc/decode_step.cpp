@@ -10,7 +10,8 @@
 //
 // Each projection is described by weights[i], grids[i], biases[i] and meta[4i..4i+4) = (bits, group_size,
 // in_features, out_features): bits 1..4 = a LUT stream in the adopted cpu-lut layout (csrc/lut_gemm.cpp, engine.h;
-// grid as lut_gemm takes it), bits 0 = a float32 (out_features, in_features) weight (torch's GEMV). Projections
+// grid as lut_gemm takes it), bits 0 = a float32 (out_features, in_features) weight (gemv_f32 below; torch's mv if
+// the weight is not contiguous). Projections
 // that read the same row with the same table geometry (q/k/v, gate/up) share one build of the activation tables.
 // The Python glue (and the reference these ops are tested against: the layer's own forward) is
 // hf_efficient/quantization/lut/decode.py; their fakes belong with the others in hf_efficient/ops.py.
@@ -94,6 +95,8 @@ bool same_tables(const Proj& a, const Proj& b) {
          std::memcmp(a.grid.data_ptr<float>(), b.grid.data_ptr<float>(), sizeof(float) * a.grid.numel()) == 0;
 }
 
+void gemv_f32(const float* w, int64_t K, int64_t N, const float* x, float* y);
+
 // y[0..N) = W x (+ bias) for projections that all read x; LUT ones with equal table geometry share tables.
 void project(const std::vector<Proj*>& ps, const float* x, const std::vector<float*>& ys) {
   std::vector<RowTables> tables(ps.size());
@@ -108,6 +111,8 @@ void project(const std::vector<Proj*>& ps, const float* x, const std::vector<flo
         lut_row_tables(x, p.geo, p.grid.defined() ? p.grid.data_ptr<float>() : nullptr, p.eng, &tables[i]);
       }
       lut_row_tiles(p.weight.data_ptr<uint8_t>(), p.geo, p.eng, tables[owner[i]], ys[i]);
+    } else if (p.weight.is_contiguous()) {
+      gemv_f32(p.weight.data_ptr<float>(), p.K, p.N, x, ys[i]);
     } else {
       at::Tensor xt = at::from_blob(const_cast<float*>(x), {p.K}, at::kFloat);
       at::Tensor yt = at::from_blob(ys[i], {p.N}, at::kFloat);
@@ -291,6 +296,48 @@ AttendFn attend_fn() {
 #else
   return &attend_head_generic;
 #endif
+}
+
+// Float projections: y = W x over a row-major (N, K) weight, rows split over the threads. torch's mv (MKL's
+// sgemv) reads decode-sized weights below the memory bandwidth on one core and gains nothing from a second
+// thread on the 2-core EPYC (measured, docs/lut.md).
+using RowsFn = void (*)(const float* w, int64_t K, int64_t n0, int64_t n1, const float* x, float* y);
+
+void gemv_rows_generic(const float* w, int64_t K, int64_t n0, int64_t n1, const float* x, float* y) {
+  for (int64_t n = n0; n < n1; ++n) y[n] = dot(w + n * K, x, K);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// One row at a time, four 8-wide accumulators: the chunk is read as one sequential stream, which the hardware
+// prefetcher follows best (several rows interleaved, or software prefetch, read slower in a benchmark here).
+HFE_AVX2 void gemv_rows_avx2(const float* w, int64_t K, int64_t n0, int64_t n1, const float* x, float* y) {
+  const int64_t K32 = K - K % 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* r = w + n * K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K32; k += 32) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k), _mm256_loadu_ps(x + k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (int64_t k = K32; k < K; ++k) s += r[k] * x[k];
+    y[n] = s;
+  }
+}
+#endif
+
+void gemv_f32(const float* w, int64_t K, int64_t N, const float* x, float* y) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const RowsFn rows = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &gemv_rows_avx2
+                                                                                            : &gemv_rows_generic;
+#else
+  static const RowsFn rows = &gemv_rows_generic;
+#endif
+  // chunks of at least ~64 KiB of weights, so that small projections stay on one thread
+  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 14) / std::max<int64_t>(K, 1));
+  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) { rows(w, K, b, e, x, y); });
 }
 
 at::Tensor as_cpu_float(const char* op, const char* name, const at::Tensor& t) {

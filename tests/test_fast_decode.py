@@ -548,6 +548,33 @@ def test_ops_reject_bad_arguments():
                                 [0, 0, 96, H, 0, 0, H, 96, 0, 0, H, 96, 0, 0, H, 64])
 
 
+@pytest.mark.parametrize("K", [64, 72, 100, 576])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float_projections_match_linear(K, threads):
+    """The ops' own float GEMV (contiguous weights; K with and without a tail of the 32-wide loop, rows split over
+    threads) and torch's mv (a strided weight) give F.linear's q/k/v within summation-order rounding."""
+    ops = torch.ops.hf_efficient
+    d = 16
+    gen = torch.Generator().manual_seed(K)
+    w = [torch.randn(n, K, generator=gen) for n in (64, 32, 32)]
+    strided = [x.t().contiguous().t() for x in w]  # the same values, column-major
+    assert not strided[0].is_contiguous()
+    x = torch.randn(1, 1, K, generator=gen)
+    meta = [0, 0, K, 64, 0, 0, K, 32, 0, 0, K, 32]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for ws in (w, strided):
+            q, k, v = ops.decode_attn_in(x, torch.ones(K), 1e-5, ws, [None] * 3, [None] * 3, meta, torch.ones(d),
+                                         torch.zeros(d), 4, 2, d)  # cos 1, sin 0: no rotation
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+            for got, wi in zip((q, k, v), w):
+                want = torch.nn.functional.linear(h, wi).view(-1)
+                assert torch.allclose(got.reshape(-1), want, atol=1e-5 * float(want.abs().max()), rtol=0)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_ops_opcheck():
     from torch._library.simple_registry import singleton
 
