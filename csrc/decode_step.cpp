@@ -451,10 +451,39 @@ at::Tensor decode_attn_out_mlp(const at::Tensor& q, const at::Tensor& k_all, con
   return y;
 }
 
+// y = x W^T (+ bias) for one float32 row x (..., K) and a float32 (N, K) weight: a decode step's output head,
+// on the same GEMV as the ops' float projections.
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const char* op = "decode_linear";
+  const at::Tensor xc = as_cpu_float(op, "x", x);
+  const int64_t K = xc.size(-1);
+  TORCH_CHECK(xc.numel() == K, op, ": x must hold one row, got shape ", x.sizes());
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
+                  weight.size(1) == K,
+              op, ": weight must be a float32 CPU (out_features, ", K, ") tensor, got ", weight.scalar_type(), " ",
+              weight.sizes());
+  Proj p;
+  p.K = K;
+  p.N = weight.size(0);
+  p.weight = weight;
+  if (bias.has_value()) {
+    p.bias_t = bias->contiguous();
+    TORCH_CHECK(p.bias_t.scalar_type() == at::kFloat && p.bias_t.numel() == p.N && p.bias_t.device().is_cpu(), op,
+                ": bias must be float32 with ", p.N, " values");
+    p.bias = p.bias_t.data_ptr<float>();
+  }
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = p.N;
+  at::Tensor y = at::empty(sizes, xc.options());
+  project({&p}, xc.data_ptr<float>(), {y.data_ptr<float>()});
+  return y;
+}
+
 }  // namespace lut
 }  // namespace hf_efficient
 
 TORCH_LIBRARY_FRAGMENT(hf_efficient, m) {
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("decode_attn_in(Tensor x, Tensor norm_weight, float eps, Tensor[] weights, Tensor?[] grids, "
         "Tensor?[] biases, int[] meta, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, int head_dim) "
         "-> (Tensor, Tensor, Tensor)");
@@ -465,4 +494,5 @@ TORCH_LIBRARY_FRAGMENT(hf_efficient, m) {
 TORCH_LIBRARY_IMPL(hf_efficient, CPU, m) {
   m.impl("decode_attn_in", &hf_efficient::lut::decode_attn_in);
   m.impl("decode_attn_out_mlp", &hf_efficient::lut::decode_attn_out_mlp);
+  m.impl("decode_linear", &hf_efficient::lut::decode_linear);
 }

@@ -23,7 +23,7 @@ C++ ops (schemas and CPU kernels in ``csrc/``; fakes here where they return tens
 * ``lut_gemm``, ``lut_tables``, ``lut_dequant``, ``lut_codes``, ``lut_isa``, ``lut_max_rows``
   (``csrc/lut_gemm.cpp``; glue :mod:`hf_efficient.kernels.lut_cpu`, reference
   :mod:`hf_efficient.kernels.lut_cpu_reference`).
-* ``decode_attn_in``, ``decode_attn_out_mlp`` (``csrc/decode_step.cpp``; the fused decode step of
+* ``decode_attn_in``, ``decode_attn_out_mlp``, ``decode_linear`` (``csrc/decode_step.cpp``; the fused decode step of
   :mod:`hf_efficient.quantization.lut.decode`).
 * ``read_probe``, ``hugepage_empty`` (``csrc/memory.cpp``; no fake: they run eagerly, outside compiled graphs).
 
@@ -203,6 +203,10 @@ if HAS_CPP_OPS:
     @torch.library.register_fake("hf_efficient::decode_attn_out_mlp")
     def _decode_attn_out_mlp_fake(q, k, v, mask, scaling, residual, norm_weight, eps, weights, grids, biases, meta):
         return torch.empty_like(residual)
+
+    @torch.library.register_fake("hf_efficient::decode_linear")
+    def _decode_linear_fake(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     @torch.library.register_fake("hf_efficient::lut_codes")
     def _lut_codes_fake(qweight, bits, group_size, in_features, out_features, code_indexed):

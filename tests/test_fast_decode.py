@@ -100,6 +100,22 @@ def model_steps(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def lm_steps(monkeypatch):
+    """A list that gets one entry per causal-LM forward whose float head ran on decode_linear."""
+    calls = []
+    real = decode._fast_lm_step
+
+    def spy(*a):
+        out = real(*a)
+        if out is not None:
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(decode, "_fast_lm_step", spy)
+    return calls
+
+
 def _ids(n, batch=1, seed=0):
     return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
 
@@ -162,10 +178,11 @@ def test_layer_step_equals_original_forward(model_dirs, case, static, fused_call
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_generate_tokens_identical(model_dirs, case, cache, fused_calls, model_steps):
+def test_generate_tokens_identical(model_dirs, case, cache, fused_calls, model_steps, lm_steps):
     """(b) Greedy generate gives the same tokens with and without the fused step."""
     model = _load(model_dirs, case)
     assert type(model.model).__name__ == "FastDecodeLlamaModel"
+    assert type(model).__name__ == "FastDecodeLlamaForCausalLM"
     ids = _ids(9)
     kw = dict(max_new_tokens=12, do_sample=False, **({"cache_implementation": "static"} if cache == "static" else {}))
     with torch.no_grad():
@@ -173,8 +190,9 @@ def test_generate_tokens_identical(model_dirs, case, cache, fused_calls, model_s
     steps = fused.shape[1] - 9 - 1  # decode steps (generation may stop early at an EOS token)
     assert steps >= 4 and len(fused_calls) == steps * model.config.num_hidden_layers  # every step of every layer
     assert len(model_steps) == steps  # through the decoder stack's fused step
+    assert len(lm_steps) == steps  # and the float head on decode_linear
     assert enable_fast_decode(model, False) == ["model.layers.0", "model.layers.1"]
-    assert type(model.model).__name__ == "LlamaModel"
+    assert type(model.model).__name__ == "LlamaModel" and type(model).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
         plain = model.generate(ids, **kw)
     assert len(fused_calls) == steps * model.config.num_hidden_layers
@@ -402,6 +420,42 @@ def test_model_step_fallbacks(model_dirs, fused_calls, model_steps):
     assert len(model_steps) == 1  # and it does run where it should
 
 
+@pytest.mark.parametrize("case", ["fp32", "int4-g32"])
+def test_lm_step_head_and_fallbacks(model_dirs, case, lm_steps, model_steps):
+    """The causal LM's one-token step: logits as its own forward's within summation-order rounding; labels,
+    logits_to_keep > 1, gradients, a hooked head and a quantized head (enable_lut head_bits) take its own forward."""
+    model = _load(model_dirs, case)
+    base = type(model)._hfe_base
+    with torch.no_grad():
+        prefill = model(_ids(5), use_cache=True).past_key_values
+    tok = _ids(1, seed=4)
+
+    def both(**kw):
+        with torch.no_grad():
+            got = model(input_ids=tok, cache=copy.deepcopy(prefill), use_cache=True, **kw)
+            want = base.forward(model, input_ids=tok, cache=copy.deepcopy(prefill), use_cache=True, **kw)
+        return got, want
+
+    got, want = both()
+    assert len(lm_steps) == 1 and got.logits.shape == want.logits.shape == (1, 1, model.config.vocab_size)
+    scale = float(want.logits.abs().max())
+    assert torch.allclose(got.logits, want.logits, atol=1e-5 * scale, rtol=0)
+    got, want = both(logits_to_keep=1)
+    assert len(lm_steps) == 2 and torch.allclose(got.logits, want.logits, atol=1e-5 * scale, rtol=0)
+    both(labels=tok)
+    both(logits_to_keep=2)
+    handle = model.lm_head.register_forward_hook(lambda *a: None)
+    both()
+    handle.remove()
+    assert len(lm_steps) == 2
+    enable_lut(model, head_bits=4, head_group_size=32)  # the head becomes a LUTHead: the LM's own forward runs it
+    assert type(model).__name__ == "FastDecodeLlamaForCausalLM"
+    n = len(model_steps)
+    with torch.no_grad():
+        model.generate(_ids(5), max_new_tokens=3, do_sample=False)
+    assert len(lm_steps) == 2 and len(model_steps) == n + 2
+
+
 def test_model_classes_and_sliding_windows(fused_calls, model_steps):
     """Mistral without a sliding window gets the model step; with one, neither its layers nor its stack switch."""
     from transformers import MistralConfig, MistralForCausalLM
@@ -579,7 +633,7 @@ def test_ops_opcheck():
     from torch._library.simple_registry import singleton
 
     if any(singleton.find(f"hf_efficient::{n}").fake_impl.kernel is None
-           for n in ("decode_attn_in", "decode_attn_out_mlp")):
+           for n in ("decode_attn_in", "decode_attn_out_mlp", "decode_linear")):
         pytest.skip("the decode ops' fakes are not registered (they belong in hf_efficient/ops.py)")
     ops = torch.ops.hf_efficient
     H, d = 64, 16
@@ -593,6 +647,12 @@ def test_ops_opcheck():
     mmeta = [0, 0, 64, H, 0, 0, H, 96, 0, 0, H, 96, 0, 0, 96, H]
     b = (q, torch.cat([k, k], 2), torch.cat([v, v], 2), None, 0.25, a[0], a[1], 1e-5, mw, [None] * 4, [None] * 4, mmeta)
     torch.library.opcheck(ops.decode_attn_out_mlp.default, b)
+    torch.library.opcheck(ops.decode_linear.default, (torch.randn(1, 1, H), torch.randn(40, H), torch.randn(40)))
+    torch.library.opcheck(ops.decode_linear.default, (torch.randn(1, H), torch.randn(40, H), None))
+    with pytest.raises(RuntimeError, match="one row"):
+        ops.decode_linear(torch.randn(2, 1, H), torch.randn(40, H), None)
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.decode_linear(torch.randn(1, 1, H), torch.randn(40, H + 1), None)
 
 
 def test_whole_model_pickles(model_dirs, fused_calls, model_steps):
@@ -602,14 +662,15 @@ def test_whole_model_pickles(model_dirs, fused_calls, model_steps):
     model = _load(model_dirs, "fp32")
     buf = io.BytesIO()
     torch.save(model, buf)
-    switched = [type(model.model.layers[0]), type(model.model)]
+    switched = [type(model.model.layers[0]), type(model.model), type(model)]
     saved = [(c.__name__, c._hfe_base, decode._CLASSES.pop(c._hfe_base)) for c in switched]
     for name, _, _ in saved:
         del decode.__dict__[name]  # as in a fresh process
     try:
         buf.seek(0)
         again = torch.load(buf, weights_only=False)
-        assert [type(again.model.layers[0]).__name__, type(again.model).__name__] == [n for n, _, _ in saved]
+        assert [type(again.model.layers[0]).__name__, type(again.model).__name__, type(again).__name__] == \
+            [n for n, _, _ in saved]
         with torch.no_grad():
             a = again.generate(_ids(5), max_new_tokens=3, do_sample=False)
         assert len(fused_calls) == 2 * 2 and len(model_steps) == 2

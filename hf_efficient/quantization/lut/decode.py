@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ...kernels import lut_cpu as kernel
 from .. import linear as _linear
@@ -45,8 +45,12 @@ SUPPORTED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 # Their decoder stacks, whose forward (embedding, positions, causal mask, rotary, layers, norm) the fused model step
 # reproduces for one token when every layer is switched and no layer slides (Mistral's and Qwen2's sliding masks)
 SUPPORTED_MODELS = ("LlamaModel", "MistralModel", "Qwen2Model")
+# Their causal LMs, switched with their decoder stack: a one-token step's float32 output head runs on the ops' own
+# GEMV (torch's F.linear reads it far below the memory bandwidth here; docs/lut.md)
+SUPPORTED_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _HOME = {"LlamaDecoderLayer": "llama", "MistralDecoderLayer": "mistral", "Qwen2DecoderLayer": "qwen2",
-         "LlamaModel": "llama", "MistralModel": "mistral", "Qwen2Model": "qwen2"}
+         "LlamaModel": "llama", "MistralModel": "mistral", "Qwen2Model": "qwen2",
+         "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ATTENTIONS = ("sdpa", "eager")
 
 try:  # transformers >= 5: output capture (output_attentions) through hooks and a context variable
@@ -328,6 +332,52 @@ def _fast_model_step(model, args, kwargs):
     return BaseModelOutputWithPast(last_hidden_state=model.norm(h), cache=cache)
 
 
+_LM_KWARGS = _MODEL_KWARGS | {"labels", "logits_to_keep"}
+
+
+def _fast_lm_step(lm, args, kwargs):
+    """A causal LM's output for one decode token of batch 1 whose output head is a plain float32 ``nn.Linear``:
+    the decoder stack as it is, the head on the ``decode_linear`` op; or None (the LM's own forward runs)."""
+    if args or lm.training or torch.is_grad_enabled() or not _LM_KWARGS.issuperset(kwargs):
+        return None
+    if kwargs.get("labels") is not None or kwargs.get("logits_to_keep", 0) not in (0, 1):
+        return None
+    if not kwargs.get("return_dict", getattr(lm.config, "return_dict", True)):
+        return None
+    head = lm.__dict__["_modules"].get("lm_head")
+    ids, emb = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    if (type(head) is not nn.Linear or _hooked(head) or head.weight.dtype != torch.float32 or not head.weight.is_cpu
+            or (head.bias is not None and head.bias.dtype != torch.float32)):
+        return None
+    x = ids if ids is not None else emb
+    if not isinstance(x, torch.Tensor) or x.shape[:2] != _ONE or (emb is not None and x.dim() != 3):
+        return None
+    inner = {k: v for k, v in kwargs.items() if k not in ("labels", "logits_to_keep")}
+    out = lm.model(**inner)
+    h = out.last_hidden_state  # one position: logits_to_keep 0 and 1 keep it alike
+    if h.dtype != torch.float32 or h.shape[:2] != _ONE:
+        logits = head(h)
+    else:
+        logits = _linear_op()(h, head.weight, head.bias)
+    return CausalLMOutputWithPast(loss=None, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                                  attentions=out.attentions)
+
+
+def _linear_op():
+    return kernel.ops().decode_linear.default
+
+
+class _FastDecodeLMMixin:
+    """Causal-LM forward whose one-token, no-grad steps run the float head on the ``decode_linear`` op (see
+    :func:`_fast_lm_step`), else the original."""
+
+    def forward(self, *args, **kwargs):
+        out = _fast_lm_step(self, args, kwargs)
+        if out is not None:
+            return out
+        return super().forward(*args, **kwargs)
+
+
 def _global_hooks() -> bool:
     from torch.nn.modules import module as _m
 
@@ -356,7 +406,8 @@ def _fused_class(base: type) -> type:
     cls = _CLASSES.get(base)
     if cls is None:
         name = f"FastDecode{base.__name__}"
-        mixin = _FastDecodeModelMixin if base.__name__ in SUPPORTED_MODELS else _FastDecodeMixin
+        mixin = (_FastDecodeModelMixin if base.__name__ in SUPPORTED_MODELS
+                 else _FastDecodeLMMixin if base.__name__ in SUPPORTED_LMS else _FastDecodeMixin)
         cls = type(name, (mixin, base), {"_hfe_base": base, "__module__": __name__})
         cls.__qualname__ = name
         globals()[name] = cls  # picklable by name (torch.save of a whole model)
@@ -422,7 +473,7 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True) -> list[str]:
     names, skipped, stacks = [], {}, []
     for name, m in model.named_modules():
         base = _base_class(m)
-        if base.__name__ in SUPPORTED_MODELS:
+        if base.__name__ in SUPPORTED_MODELS or base.__name__ in SUPPORTED_LMS:
             stacks.append(m)
         if base.__name__ not in SUPPORTED:
             continue
@@ -441,9 +492,14 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True) -> list[str]:
         m.__class__ = _fused_class(base)
         m.__dict__.pop("_hfe_plan", None)
         names.append(name)
-    for m in stacks:  # the decoder stack's fused step, where all its layers run the fused one
+    stacks.sort(key=lambda m: _base_class(m).__name__ in SUPPORTED_LMS)  # an LM after its stack
+    for m in stacks:  # the decoder stack's fused step where all its layers run the fused one, then its LM's
         base = _base_class(m)
-        fused = enabled and _stack_supported(m)
+        if base.__name__ in SUPPORTED_LMS:
+            inner = getattr(m, "model", None)
+            fused = enabled and isinstance(inner, nn.Module) and isinstance(inner, _FastDecodeModelMixin)
+        else:
+            fused = enabled and _stack_supported(m)
         m.__class__ = _fused_class(base) if fused else base
     if enabled and not names:
         arch = type(model).__name__
