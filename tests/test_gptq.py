@@ -242,3 +242,25 @@ def test_each_layer_is_calibrated_on_the_quantized_previous_layer(tiny_llama, ac
             (h0, kw), h1 = seen[i], seen[i + 1][0]
             out = [api._layer_output(layers[i](h, **k)) for h, k in zip(h0, kw)]
             assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(out, h1))
+
+
+def test_rtn_selection_sample_spans_the_calibration_set(tiny_llama):
+    """MoFQ without GPTQ runs only a token sample; it is spread over the windows (a "mixed" set holds one domain
+    first and the other after it), not the first few."""
+    import copy
+
+    from hf_efficient.quantization import api
+
+    seen = []
+    capture = api._capture_first_layer_inputs
+
+    def recording(model, layers, windows, device):
+        seen.append(windows.clone())
+        return capture(model, layers, windows, device)
+
+    windows = torch.arange(10).repeat_interleave(16).view(10, 16)  # window i holds token i only
+    cfg = MoFQConfig(bits=4, group_size=32, selection_tokens=32)  # 2 x 32 tokens: 4 of the 10 windows
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "_capture_first_layer_inputs", recording)
+        api.quantize_model(copy.deepcopy(tiny_llama), cfg, windows, progress=False)
+    assert seen[0][:, 0].tolist() == [0, 3, 6, 9]

@@ -199,8 +199,9 @@ def quantize_model(model: nn.Module, config: QuantConfigBase, windows: torch.Ten
     if calibrated:
         gptq = config.algorithm == "gptq"
         sample_tokens = getattr(config, "selection_tokens", MAX_SELECTION_TOKENS)
-        if not gptq:
-            windows = windows[: max(1, -(-2 * sample_tokens // windows.shape[1]))]
+        if not gptq:  # spread over the set: a "mixed" set holds the plays first, then the generated text
+            keep = min(len(windows), max(1, -(-2 * sample_tokens // windows.shape[1])))
+            windows = windows[torch.linspace(0, len(windows) - 1, keep).round().long()]
         layers = decoder_layers(model)
         prefix = next(n for n, m in model.named_modules() if m is layers)
         hidden, kwargs = _capture_first_layer_inputs(model, layers, windows, device)
