@@ -32,7 +32,7 @@ from benchmarks.common import print_rows, time_cuda, write_results
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
 BATCHES = [1, 4, 16, 64]
 OURS = ["int4_asym", "fp4_asym", "nf4_asym", "nf4_sym", "int3_asym", "nf3_asym", "int2_asym"]
-TRITON = ["int4_asym", "nf4_asym", "fp4_asym"]  # the Triton kernels: the default layout of every format but INT4 at bf16
+TRITON = ["int4_asym", "nf4_asym", "fp4_asym"]  # Triton: the default layout of every format but INT4 at bf16
 GROUP = 128
 L2_BYTES = 50 * 2 ** 20
 

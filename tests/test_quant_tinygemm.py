@@ -52,7 +52,8 @@ def test_dequantize_matches_format_decode(name):
     bound = 2.0 ** -8 * 16 * a.abs() + 1e-6
     assert ((theirs - ours).abs() <= bound).all()
     if name == "int4_sym":  # zf = 0: only the scale's rounding
-        assert torch.equal(theirs, (codes.float() - 8) * kw.params[0].to(torch.bfloat16).float().repeat_interleave(64, 1))
+        s = kw.params[0].to(torch.bfloat16).float().repeat_interleave(64, 1)
+        assert torch.equal(theirs, (codes.float() - 8) * s)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
