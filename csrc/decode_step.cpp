@@ -97,12 +97,16 @@ bool same_tables(const Proj& a, const Proj& b) {
 
 void gemv_f32(const float* w, int64_t K, int64_t N, const float* x, float* y);
 
-// y[0..N) = W x (+ bias) for projections that all read x; LUT ones with equal table geometry share tables.
+// y[0..N) = W x (+ bias) for projections that all read x; LUT ones with equal table geometry share tables, and
+// the tiles of all LUT projections run in one parallel region (one fork/join per call, not one per projection:
+// the projections of this model are a few microseconds each).
 void project(const std::vector<Proj*>& ps, const float* x, const std::vector<float*>& ys) {
   std::vector<RowTables> tables(ps.size());
   std::vector<int> owner(ps.size(), -1);
+  std::vector<int64_t> first(ps.size() + 1, 0);  // global index of each LUT projection's first tile
   for (size_t i = 0; i < ps.size(); ++i) {
     const Proj& p = *ps[i];
+    first[i + 1] = first[i];
     if (p.is_lut) {
       for (size_t j = 0; j < i && owner[i] < 0; ++j)
         if (owner[j] == static_cast<int>(j) && same_tables(*ps[j], p)) owner[i] = static_cast<int>(j);
@@ -110,7 +114,7 @@ void project(const std::vector<Proj*>& ps, const float* x, const std::vector<flo
         owner[i] = static_cast<int>(i);
         lut_row_tables(x, p.geo, p.grid.defined() ? p.grid.data_ptr<float>() : nullptr, p.eng, &tables[i]);
       }
-      lut_row_tiles(p.weight.data_ptr<uint8_t>(), p.geo, p.eng, tables[owner[i]], ys[i]);
+      first[i + 1] += p.geo.NT;
     } else if (p.weight.is_contiguous()) {
       gemv_f32(p.weight.data_ptr<float>(), p.K, p.N, x, ys[i]);
     } else {
@@ -118,9 +122,18 @@ void project(const std::vector<Proj*>& ps, const float* x, const std::vector<flo
       at::Tensor yt = at::from_blob(ys[i], {p.N}, at::kFloat);
       at::mv_out(yt, p.weight, xt);
     }
-    if (p.bias != nullptr)
-      for (int64_t n = 0; n < p.N; ++n) ys[i][n] += p.bias[n];
   }
+  at::parallel_for(0, first.back(), 1, [&](int64_t b, int64_t e) {
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const int64_t lo = std::max(b, first[i]), hi = std::min(e, first[i + 1]);
+      if (lo < hi)
+        lut_row_tile_range(ps[i]->weight.data_ptr<uint8_t>(), ps[i]->geo, ps[i]->eng, tables[owner[i]], ys[i],
+                           lo - first[i], hi - first[i]);
+    }
+  });
+  for (size_t i = 0; i < ps.size(); ++i)
+    if (ps[i]->bias != nullptr)
+      for (int64_t n = 0; n < ps[i]->N; ++n) ys[i][n] += ps[i]->bias[n];
 }
 
 // HF's RMSNorm in fp32: w * (x * rsqrt(mean(x^2) + eps)).

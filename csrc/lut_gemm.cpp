@@ -110,18 +110,21 @@ void lut_row_tables(const float* x, const Geometry& geo, const float* grid, cons
   eng.build(xp.data(), geo, coeffs.data(), ft.data(), t->tab.data(), t->tscale.data(), t->gsum.data());
 }
 
-void lut_row_tiles(const uint8_t* w, const Geometry& geo, const Engine& eng, const RowTables& t, float* y) {
+void lut_row_tile_range(const uint8_t* w, const Geometry& geo, const Engine& eng, const RowTables& t, float* y,
+                        int64_t nt0, int64_t nt1) {
   const int64_t tb = geo.tile_bytes(), N = geo.N;
   const TileFn fn = eng.tile;
   const int8_t* tab = t.tab.data();
   const float *ts = t.tscale.data(), *gs = t.gsum.data();
-  at::parallel_for(0, geo.NT, 1, [&](int64_t b, int64_t e) {
-    alignas(64) float yt[kTileN];
-    for (int64_t nt = b; nt < e; ++nt) {
-      fn(w + nt * tb, tab, ts, gs, geo, yt);
-      std::memcpy(y + nt * kTileN, yt, sizeof(float) * std::min(kTileN, N - nt * kTileN));
-    }
-  });
+  alignas(64) float yt[kTileN];
+  for (int64_t nt = nt0; nt < nt1; ++nt) {
+    fn(w + nt * tb, tab, ts, gs, geo, yt);
+    std::memcpy(y + nt * kTileN, yt, sizeof(float) * std::min(kTileN, N - nt * kTileN));
+  }
+}
+
+void lut_row_tiles(const uint8_t* w, const Geometry& geo, const Engine& eng, const RowTables& t, float* y) {
+  at::parallel_for(0, geo.NT, 1, [&](int64_t b, int64_t e) { lut_row_tile_range(w, geo, eng, t, y, b, e); });
 }
 
 void lut_gemv_row(const float* x, const uint8_t* w, const float* grid, const Geometry& geo, const Engine& eng,

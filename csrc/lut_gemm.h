@@ -29,6 +29,10 @@ void lut_row_tables(const float* x, const Geometry& geo, const float* grid, cons
 // y[0..N) = W x from row tables built for a geometry with the same K, group size, bits, engine kind and grid
 // (tables depend only on those); tiles run under at::parallel_for.
 void lut_row_tiles(const uint8_t* w, const Geometry& geo, const Engine& eng, const RowTables& t, float* y);
+// Tiles [nt0, nt1) of lut_row_tiles on the calling thread (to run several projections' tiles in one parallel
+// region: csrc/decode_step.cpp).
+void lut_row_tile_range(const uint8_t* w, const Geometry& geo, const Engine& eng, const RowTables& t, float* y,
+                        int64_t nt0, int64_t nt1);
 // Both: y = W x for one row (what lut_gemm runs for a one-row input, bit for bit).
 void lut_gemv_row(const float* x, const uint8_t* w, const float* grid, const Geometry& geo, const Engine& eng,
                   float* y);
