@@ -416,8 +416,9 @@ def test_model_step_fallbacks(model_dirs, fused_calls, model_steps):
         assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()), rtol=0), c
     assert len(seen) == 2  # the hook ran, fused step or not
     with torch.no_grad():
-        stack(input_ids=_ids(1), cache=copy.deepcopy(prefill), use_cache=True)
-    assert len(model_steps) == 1  # and it does run where it should
+        a = stack(input_ids=_ids(1), cache=copy.deepcopy(prefill), use_cache=True)
+        b = stack(_ids(1), cache=copy.deepcopy(prefill), use_cache=True)  # input_ids by position
+    assert len(model_steps) == 2 and torch.equal(a.last_hidden_state, b.last_hidden_state)  # it runs where it should
 
 
 @pytest.mark.parametrize("case", ["fp32", "int4-g32"])
@@ -442,18 +443,21 @@ def test_lm_step_head_and_fallbacks(model_dirs, case, lm_steps, model_steps):
     assert torch.allclose(got.logits, want.logits, atol=1e-5 * scale, rtol=0)
     got, want = both(logits_to_keep=1)
     assert len(lm_steps) == 2 and torch.allclose(got.logits, want.logits, atol=1e-5 * scale, rtol=0)
+    with torch.no_grad():  # input_ids given by position, as model(ids, ...) does
+        pos = model(tok, past_key_values=copy.deepcopy(prefill), use_cache=True)
+    assert len(lm_steps) == 3 and torch.equal(pos.logits, got.logits)
     both(labels=tok)
     both(logits_to_keep=2)
     handle = model.lm_head.register_forward_hook(lambda *a: None)
     both()
     handle.remove()
-    assert len(lm_steps) == 2
+    assert len(lm_steps) == 3
     enable_lut(model, head_bits=4, head_group_size=32)  # the head becomes a LUTHead: the LM's own forward runs it
     assert type(model).__name__ == "FastDecodeLlamaForCausalLM"
     n = len(model_steps)
     with torch.no_grad():
         model.generate(_ids(5), max_new_tokens=3, do_sample=False)
-    assert len(lm_steps) == 2 and len(model_steps) == n + 2
+    assert len(lm_steps) == 3 and len(model_steps) == n + 2
 
 
 def test_model_classes_and_sliding_windows(fused_calls, model_steps):

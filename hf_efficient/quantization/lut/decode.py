@@ -278,7 +278,8 @@ def _fast_model_step(model, args, kwargs):
     """The decoder stack's output for one decode token of batch 1, its layers run fused where they can, or None
     when the model's own forward must run (nothing is changed then). Same inputs to every layer as the model's
     forward gives them: embedding, position, mask, rotary and the cache's own update."""
-    if args or model.training or torch.is_grad_enabled() or not _MODEL_KWARGS.issuperset(kwargs):
+    kwargs = _ids_from_args(args, kwargs)
+    if kwargs is None or model.training or torch.is_grad_enabled() or not _MODEL_KWARGS.issuperset(kwargs):
         return None
     cfg = model.config
     for k in _PASSED_ON:  # output capture goes through hooks set up by the model's own forward
@@ -338,7 +339,8 @@ _LM_KWARGS = _MODEL_KWARGS | {"labels", "logits_to_keep"}
 def _fast_lm_step(lm, args, kwargs):
     """A causal LM's output for one decode token of batch 1 whose output head is a plain float32 ``nn.Linear``:
     the decoder stack as it is, the head on the ``decode_linear`` op; or None (the LM's own forward runs)."""
-    if args or lm.training or torch.is_grad_enabled() or not _LM_KWARGS.issuperset(kwargs):
+    kwargs = _ids_from_args(args, kwargs)
+    if kwargs is None or lm.training or torch.is_grad_enabled() or not _LM_KWARGS.issuperset(kwargs):
         return None
     if kwargs.get("labels") is not None or kwargs.get("logits_to_keep", 0) not in (0, 1):
         return None
@@ -376,6 +378,15 @@ class _FastDecodeLMMixin:
         if out is not None:
             return out
         return super().forward(*args, **kwargs)
+
+
+def _ids_from_args(args, kwargs):
+    # model(ids, ...): input_ids is the first parameter of the supported stacks' and LMs' forwards
+    if not args:
+        return kwargs
+    if len(args) > 1 or "input_ids" in kwargs:
+        return None
+    return {**kwargs, "input_ids": args[0]}
 
 
 def _global_hooks() -> bool:
