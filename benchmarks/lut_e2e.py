@@ -377,7 +377,7 @@ def main(argv=None):
                        "note": "decode through model.generate (greedy, per-token stamps) vs llama.cpp's greedy "
                                "argmax + one-token decode loop, interleaved; best round of each. '+ head': tied "
                                f"output head also on the LUT kernels (INT{HEAD_BITS} g{HEAD_GROUP} runtime copy). "
-                               "'fused': decoder layers on the fused C++ decode step (enable_fast_decode); "
+                               "'fused': the fused C++ decode step (enable_fast_decode: decoder layers, stack, float head); "
                                "speedup_vs_our_fp32 is against the plain fp32 row."},
                       args.out, columns=["name", "threads", "decode_tok_s", "forward_loop_tok_s",
                                          "speedup_vs_our_fp32", "llama_cpp_same_bits", "llama_cpp_tok_s",
