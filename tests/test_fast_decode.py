@@ -70,50 +70,37 @@ def _load(model_dirs, case):
     return model
 
 
+def _count(monkeypatch, name: str, ran=lambda out: True) -> list:
+    """A list that gets one entry per call of ``decode.<name>`` whose result ``ran`` accepts."""
+    calls = []
+    real = getattr(decode, name)
+
+    def spy(*a):
+        out = real(*a)
+        if ran(out):
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(decode, name, spy)
+    return calls
+
+
 @pytest.fixture
 def fused_calls(monkeypatch):
     """A list that gets one entry per decoder-layer step that ran fused (from the layer's or the model's forward)."""
-    calls = []
-    real = decode._run_layer
-
-    def spy(*a):
-        calls.append(1)
-        return real(*a)
-
-    monkeypatch.setattr(decode, "_run_layer", spy)
-    return calls
+    return _count(monkeypatch, "_run_layer")
 
 
 @pytest.fixture
 def model_steps(monkeypatch):
     """A list that gets one entry per decoder-stack forward that ran the fused model step."""
-    calls = []
-    real = decode._fast_model_step
-
-    def spy(*a):
-        out = real(*a)
-        if out is not None:
-            calls.append(1)
-        return out
-
-    monkeypatch.setattr(decode, "_fast_model_step", spy)
-    return calls
+    return _count(monkeypatch, "_fast_model_step", lambda out: out is not None)
 
 
 @pytest.fixture
 def lm_steps(monkeypatch):
     """A list that gets one entry per causal-LM forward whose float head ran on decode_linear."""
-    calls = []
-    real = decode._fast_lm_step
-
-    def spy(*a):
-        out = real(*a)
-        if out is not None:
-            calls.append(1)
-        return out
-
-    monkeypatch.setattr(decode, "_fast_lm_step", spy)
-    return calls
+    return _count(monkeypatch, "_fast_lm_step", lambda out: out is not None)
 
 
 def _ids(n, batch=1, seed=0):
