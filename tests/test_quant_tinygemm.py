@@ -57,9 +57,10 @@ def test_dequantize_matches_format_decode(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(8, 32, 32), (24, 96, 32), (40, 256, 128), (16, 384, 128)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(8, 32, 32), (24, 96, 32), (16, 64, 64), (40, 256, 256), (16, 384, 64),
+                                   (32, 1024, 32), (8, 512, 128)], ids=lambda s: "x".join(map(str, s)))
 def test_triton_dequantizer_equals_reference(shape, dtype):
+    """Every inner-k-tile count (2, 4, 8) and 1, 2 or 4 groups per K super-tile, or a group over two."""
     from hf_efficient.kernels.quant_reference import INTERP_BF16_OUT
     from hf_efficient.kernels.quant_tinygemm_dequant import dequantize_triton
 
