@@ -24,6 +24,7 @@ for the padded rows and groups, zero activations for the padded K, so padding ad
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 from .. import ops
+from ..blocks import row_blocks
 from ..schemes import MODES, scheme_of_mode
 from .quant_layout import check_weight_args
 
@@ -159,6 +161,17 @@ def dequantize_reference(w: MmaWeight, dtype: torch.dtype = torch.bfloat16) -> t
     v = lo.view(torch.float16 if dtype == torch.float16 else torch.bfloat16).float()[codes.long()]
     gi = torch.arange(w.K, device=codes.device) // w.group_size
     return scheme_of_mode(w.mode).apply(v, a.float()[:, gi], b.float()[:, gi])
+
+
+def dequantize(w: MmaWeight, dtype: torch.dtype, block_elements: int = 2 ** 24) -> torch.Tensor:
+    """The ``(N, K)`` weight of :func:`dequantize_reference`, rounded once to ``dtype``, built a block of row tiles
+    at a time (prompts on the mma layout run cuBLAS on it: no whole-matrix integer temporaries)."""
+    out = torch.empty(w.N, w.K, dtype=dtype, device=w.qweight.device)
+    for r in row_blocks(w.qweight.shape[0], 16 * w.qweight.shape[1] * BLOCK_K, block_elements):
+        lo, hi = 16 * r.start, min(16 * r.stop, w.N)
+        sub = dataclasses.replace(w, qweight=w.qweight[r], params=w.params[r], N=hi - lo)
+        out[lo:hi] = dequantize_reference(sub, dtype)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -171,3 +171,18 @@ def test_gpu_quantlinear_mma_layer_matches_cpu(name):
     sd = gpu.state_dict()
     for t, v in cpu.state_dict().items():
         assert torch.equal(sd[t].cpu(), v), t
+
+
+@pytest.mark.parametrize("case", [("nf4_asym", 40, 300, 64), ("int3_asym", 33, 128, 32), ("nf3_asym", 64, 256, 128)],
+                         ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_blocked_dequantize_equals_reference(case, dtype):
+    """The prompt path's weight, built a block of row tiles at a time (blocks of one tile here, so the last
+    block is a partial tile), equals the whole-matrix reference rounded to the activation dtype."""
+    name, n, k, group = case
+    fmt, codes, kw = random_kernel_weight(name, n, k, group)
+    w = Q.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, group, fmt.scale_scheme.mode)
+    want = Q.dequantize_reference(w, dtype).to(dtype)
+    for block in (1, 16 * 128 * 3, 2 ** 24):
+        got = Q.dequantize(w, dtype, block_elements=block)
+        assert got.dtype == dtype and torch.equal(got, want)

@@ -239,3 +239,30 @@ def test_gpu_from_pretrained_int4_generate_compiled(tmp_path):
         with reference_only():
             ref = model(out).logits.float()
     assert out.shape == (1, 15) and (fast - ref).norm() / ref.norm() < 2e-2
+
+
+def test_measured_dispatch_table(monkeypatch):
+    """"auto" gives a layer the mma layout only where MEASURED_MMA lists this GPU and the grid's kind."""
+    from hf_efficient.quantization import QuantLinear, gpu
+    from hf_efficient.kernels import quant_mma
+
+    layers = {n: QuantLinear.from_linear(torch.nn.Linear(64, 16), n, 32) for n in ("nf4_asym", "int4_asym",
+                                                                                     "fp4_asym")}
+    assert not any(gpu._mma_kind(m) for m in layers.values())  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(quant_mma, "extension", lambda: object())
+    gpu._measured.cache_clear()
+    try:
+        assert gpu._mma_kind(layers["nf4_asym"])
+        assert not gpu._mma_kind(layers["int4_asym"]) and not gpu._mma_kind(layers["fp4_asym"])
+        with gpu.force_kernel("gemv"):
+            assert not gpu._mma_kind(layers["nf4_asym"])
+        with gpu.force_kernel("mma"):
+            assert gpu._mma_kind(layers["int4_asym"])
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Other GPU")
+        gpu._measured.cache_clear()
+        assert not gpu._mma_kind(layers["nf4_asym"])  # unmeasured GPU: the Triton layout
+    finally:
+        gpu._measured.cache_clear()

@@ -9,11 +9,12 @@ A layer on CUDA adopts **one** kernel layout as its only copy of its weights
   :func:`hf_efficient.kernels.quant_tinygemm.unsupported` allows, e.g. INT4-asym/sym at group 32-256): torch's
   tinygemm kernel up to 16 rows, measured faster than our Triton GEMV at M = 1 (docs/gpu_kernels.md), and
   dequantize + cuBLAS for prompts. ``force_kernel("gemv")``/``("gemm")`` keep such a layer on the Triton layout.
-* ``"cuda-mma"`` (opt-in, ``with force_kernel("mma"):`` while the layer first runs or :func:`prepare_model`
-  is called): the tensor-core CUDA kernel of :mod:`hf_efficient.kernels.quant_mma` for 2/3/4-bit weights,
-  where the extension builds. It runs every format at nearly the same speed, but on the H200 it measured
-  slower than the Triton kernels at M = 1 and 16 (docs/gpu_kernels.md), so "auto" does not choose it.
-  Prompts longer than :data:`MMA_MAX_M` rows dequantize the layer once per call and run cuBLAS.
+* ``"cuda-mma"``: the tensor-core CUDA kernel of :mod:`hf_efficient.kernels.quant_mma` for 2/3/4-bit weights,
+  where the extension builds (once, on first use). "auto" chooses it where :data:`MEASURED_MMA` lists the
+  GPU and the format's kind of grid (on the H200: value-table grids such as NF4/NF3, where the Triton kernels
+  read the table per weight); elsewhere ``with force_kernel("mma"):`` while the layer first runs or
+  :func:`prepare_model` is called. Prompts longer than :data:`MMA_MAX_M` rows dequantize the layer once per
+  call (a block of row tiles at a time) and run cuBLAS.
 
 The bit-serial LUT GEMM never won a measurement and runs only inside ``force_kernel("lut")``: an experiment
 that computes its terms per call instead of keeping buffers in every layer.
@@ -27,6 +28,7 @@ Triton kernels of ``quant_matmul``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 
@@ -107,22 +109,43 @@ def supports(layer: QuantLinear) -> str | None:
     """None if the GPU kernels can run ``layer``; otherwise the reason they cannot."""
     if layer.act_fmt is not None:
         return "activation quantization"
-    if _mma_kind(layer):
-        return None
+    reason = None
     if layer.fmt.bits not in (2, 3, 4, 8):
-        return f"bits={layer.fmt.bits}"
-    if layer.group_size % 32:
-        return f"group_size={layer.group_size} is not a multiple of 32"
-    return None
+        reason = f"bits={layer.fmt.bits}"
+    elif layer.group_size % 32:
+        reason = f"group_size={layer.group_size} is not a multiple of 32"
+    # checked only where the Triton kernels cannot run the layer: this runs at every forward
+    return None if reason is None or _mma_kind(layer) else reason
+
+
+# The layout "auto" gives a format by how its grid decodes (DECODE_TABLE: NF and other value tables; DECODE_INT;
+# DECODE_E2M1), per GPU, where one same-run measurement of both kernels at M = 1, 16 and 64 says the mma kernel
+# wins (benchmarks/results/quant_gemv_tinygemm.md; docs/gpu_kernels.md). Anything not listed keeps the Triton
+# layout (or tinygemm's, for INT4 at bf16).
+MEASURED_MMA = {"NVIDIA H200": {"table"}}
+
+
+def _mma_measured_faster(layer: QuantLinear) -> bool:
+    return torch.cuda.is_available() and _measured(tuple(layer.fmt.grid), torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _measured(grid: tuple, device: int) -> bool:
+    from ..kernels.quant_layout import DECODE_INT, DECODE_TABLE, choose_decode
+
+    decode = choose_decode([float(v) for v in grid])[0]
+    kind = "table" if decode == DECODE_TABLE else "int" if decode == DECODE_INT else "e2m1"
+    return kind in MEASURED_MMA.get(torch.cuda.get_device_name(device), ())
 
 
 def _mma_kind(layer: QuantLinear) -> bool:
     from ..kernels import quant_mma
 
-    # Measured (benchmarks/results/quant_gemv_summary.md): the mma kernel is slower than the Triton kernels at
-    # M = 1 and 16, so "auto" keeps the Triton layout and the mma kernel runs only when forced.
-    return (bool(_forced) and _forced[-1] == "mma" and layer.fmt.bits in quant_mma.MMA_BITS
-            and layer.group_size % 16 == 0 and layer.act_fmt is None and quant_mma.extension() is not None)
+    forced = _forced[-1] if _forced else "auto"
+    if forced not in ("auto", "mma") or (forced == "auto" and not _mma_measured_faster(layer)):
+        return False
+    return (layer.fmt.bits in quant_mma.MMA_BITS and layer.group_size % 16 == 0 and layer.act_fmt is None
+            and quant_mma.extension() is not None)
 
 
 def _from_kernel(layer: QuantLinear, codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -249,10 +272,12 @@ def quant_linear_forward(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor | 
         q, sz = layer.layout_tensor("qweight"), layer.layout_tensor("sz")
         y = torch.ops.hf_efficient.quant_tinygemm(x2, q, sz, layer.out_features, layer.in_features, meta[0])
     elif layer.layout.kind == "cuda-mma":
+        t = [layer.layout_tensor(n) for n in _MMA_TENSORS]
         if x2.shape[0] > MMA_MAX_M:
-            y = F.linear(x2, layer.dequantize(x.dtype))
+            from ..kernels.quant_mma import MmaWeight, dequantize
+
+            y = F.linear(x2, dequantize(MmaWeight(*t, layer.out_features, layer.in_features, *meta), x.dtype))
         else:
-            t = [layer.layout_tensor(n) for n in _MMA_TENSORS]
             y = torch.ops.hf_efficient.quant_mma(x2, *t, layer.out_features, layer.in_features, *meta, 0)
     else:
         t = [layer.layout_tensor(n) for n in _TRITON_TENSORS]
@@ -266,5 +291,5 @@ def quant_linear_forward(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor | 
 for _bits in (2, 3, 4, 8):
     register_fast_path("*", _bits, "cuda", quant_linear_forward, name="cuda")
 
-__all__ = ["quant_matmul", "choose_kernel", "CUDA_LAYOUTS", "force_kernel", "prepare_model", "repack_layer", "supports",
+__all__ = ["quant_matmul", "choose_kernel", "CUDA_LAYOUTS", "MEASURED_MMA", "force_kernel", "prepare_model", "repack_layer", "supports",
            "quant_linear_forward", "KERNELS", "MMA_MAX_M"]
