@@ -7,7 +7,9 @@ model also with the tied output head on the kernels (``enable_lut(model, head_bi
 like-for-like comparison. ``decode_tok_s`` is greedy ``model.generate`` on a random 16-token prompt: a logits
 processor stamps the time of every generated token, and the rate is (tokens - 1) / (last stamp - first stamp), so
 prefill is excluded and every counted interval is one whole generate step (forward, cache, argmax, stopping
-checks). ``forward_loop_tok_s`` is ``measure_speed``'s bare loop of one-token forwards (what earlier tables
+checks). Since 2026-12-03 (#21) generate runs with ``eos_token_id=None`` instead of ``min_new_tokens``: it cannot
+stop early either way (the step count is checked), but ``min_new_tokens`` added two logits processors (~2 ms a
+token on the 2-core EPYC) that llama.cpp's loop does not have; earlier tables were timed with them. ``forward_loop_tok_s`` is ``measure_speed``'s bare loop of one-token forwards (what earlier tables
 reported), so the gap between the two is ``generate``'s own overhead.
 
 llama.cpp (optional, never a dependency): ``llama-cpp-python`` in a separate interpreter, given by
@@ -194,8 +196,10 @@ def generate_decode_tok_s(model, prompt: torch.Tensor, new_tokens: int, repeats:
     rates = []
     for _ in range(repeats):
         stamps = _Stamps()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([stamps]),
+        # eos_token_id=None: no EOS stop, so every run makes new_tokens steps (checked below) without the two
+        # min-length logits processors that min_new_tokens adds (~2 ms a token here; llama.cpp's loop has none)
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, eos_token_id=None,
+                       do_sample=False, logits_processor=LogitsProcessorList([stamps]),
                        pad_token_id=model.config.eos_token_id)
         if len(stamps.times) != new_tokens:
             raise RuntimeError(f"generate made {len(stamps.times)} steps, expected {new_tokens}")
@@ -240,15 +244,39 @@ def base_row(name: str) -> str:
 
 
 def engine_of(model, prompt: torch.Tensor) -> str:
-    """Which implementation served the quantized linears in a short generate, and the LUT engine's ISA."""
+    """What served a short generate: the fused decode step's layer steps and float-head GEMVs (counted), the
+    implementation of the quantized linears outside it (prefill; a quantized head) and the LUT engine's ISA."""
     from hf_efficient.evaluation import KernelCensus
     from hf_efficient.kernels import lut_cpu as K
+    from hf_efficient.quantization.lut import decode
 
-    with KernelCensus() as census, torch.no_grad():
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False,
-                       pad_token_id=model.config.eos_token_id)
+    fused = {"layer": 0, "head": 0}
+    run_layer, lm_step = decode._run_layer, decode._fast_lm_step
+
+    def counted_layer(*a, **k):
+        fused["layer"] += 1
+        return run_layer(*a, **k)
+
+    def counted_lm(*a, **k):
+        out = lm_step(*a, **k)
+        fused["head"] += out is not None
+        return out
+
+    decode._run_layer, decode._fast_lm_step = counted_layer, counted_lm
+    try:
+        with KernelCensus() as census, torch.no_grad():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False,
+                           pad_token_id=model.config.eos_token_id)
+    finally:
+        decode._run_layer, decode._fast_lm_step = run_layer, lm_step
     isa = K.isa() if K.available() else "no C++ extension"
-    return census.summary() + ("" if not census.counts else f" · LUT engine {isa}")
+    parts = []
+    if fused["layer"]:
+        parts.append(f"fused decode step ({fused['layer']} layer steps"
+                     + (f", float head on decode_linear x{fused['head']})" if fused["head"] else ")"))
+    parts.append(("other linears: " if fused["layer"] else "") + census.summary().replace(
+        "float (torch matmul)", "float (torch matmul, prefill)" if fused["layer"] else "float (torch matmul)"))
+    return "; ".join(parts) + ("" if not census.counts else f" · LUT engine {isa}")
 
 
 def load_avg() -> float:
@@ -378,6 +406,7 @@ def main(argv=None):
                                "argmax + one-token decode loop, interleaved; best round of each. '+ head': tied "
                                f"output head also on the LUT kernels (INT{HEAD_BITS} g{HEAD_GROUP} runtime copy). "
                                "'fused': the fused C++ decode step (enable_fast_decode: decoder layers, stack, float head); "
+                               "generate with eos_token_id=None (no min_new_tokens logits processors); "
                                "speedup_vs_our_fp32 is against the plain fp32 row."},
                       args.out, columns=["name", "threads", "decode_tok_s", "forward_loop_tok_s",
                                          "speedup_vs_our_fp32", "llama_cpp_same_bits", "llama_cpp_tok_s",
