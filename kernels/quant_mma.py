@@ -148,24 +148,34 @@ def unpack(w: MmaWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return codes, p[..., 0].contiguous(), p[..., 1].contiguous()
 
 
+def grid_values(w: MmaWeight, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``(2**bits,)``: each code's grid value as the kernel's fragments hold it (the pair tables' entries,
+    rounded to the activation dtype)."""
+    row = 0 if dtype == torch.float16 else 1
+    idx = torch.arange(2 ** w.bits, device=w.tables.device)
+    # entries whose pair is (c, 0): their low half is v[c] in the activation dtype
+    pair = idx if w.bits != 3 else (idx & 3) | ((idx >> 2) << 4)
+    lo = (w.tables[row, pair] & 0xFFFF).to(torch.int16)
+    return lo.view(torch.float16 if dtype == torch.float16 else torch.bfloat16).float()
+
+
 def dequantize_reference(w: MmaWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The float32 ``(N, K)`` weight the kernel multiplies by: grid values rounded to the activation dtype (the
     pair tables), times the per-group rule in float32."""
     codes, a, b = unpack(w)
-    row = 0 if dtype == torch.float16 else 1
-    n = 2 ** w.bits
-    idx = torch.arange(n, device=codes.device)
-    # entries whose pair is (c, 0): their low half is v[c] in the activation dtype
-    pair = idx if w.bits != 3 else (idx & 3) | ((idx >> 2) << 4)
-    lo = (w.tables[row, pair] & 0xFFFF).to(torch.int16)
-    v = lo.view(torch.float16 if dtype == torch.float16 else torch.bfloat16).float()[codes.long()]
+    v = grid_values(w, dtype)[codes.long()]
     gi = torch.arange(w.K, device=codes.device) // w.group_size
     return scheme_of_mode(w.mode).apply(v, a.float()[:, gi], b.float()[:, gi])
 
 
 def dequantize(w: MmaWeight, dtype: torch.dtype, block_elements: int = 2 ** 24) -> torch.Tensor:
-    """The ``(N, K)`` weight of :func:`dequantize_reference`, rounded once to ``dtype``, built a block of row tiles
-    at a time (prompts on the mma layout run cuBLAS on it: no whole-matrix integer temporaries)."""
+    """The ``(N, K)`` weight of :func:`dequantize_reference`, rounded once to ``dtype`` (prompts on the mma layout
+    run cuBLAS on it): on CUDA by the Triton dequantizer, elsewhere a block of row tiles at a time (no
+    whole-matrix integer temporaries)."""
+    if w.qweight.is_cuda:
+        from .quant_mma_dequant import dequantize_triton
+
+        return dequantize_triton(w, grid_values(w, dtype), dtype)
     out = torch.empty(w.N, w.K, dtype=dtype, device=w.qweight.device)
     for r in row_blocks(w.qweight.shape[0], 16 * w.qweight.shape[1] * BLOCK_K, block_elements):
         lo, hi = 16 * r.start, min(16 * r.stop, w.N)

@@ -186,3 +186,24 @@ def test_blocked_dequantize_equals_reference(case, dtype):
     for block in (1, 16 * 128 * 3, 2 ** 24):
         got = Q.dequantize(w, dtype, block_elements=block)
         assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-g{c[3]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("special", [None, "extreme", "zero"])
+def test_triton_dequantize_equals_reference(case, dtype, special):
+    """The CUDA prompt path's Triton dequantizer (run by the interpreter here) against the reference, for every
+    family at 2/3/4 bits, all three scale rules, N and K off the tiles, K < a group, extreme and zero groups."""
+    from hf_efficient.kernels.quant_mma_dequant import dequantize_triton
+    from hf_efficient.kernels.quant_reference import INTERP_BF16_OUT
+
+    name, n, k, group = case
+    fmt, codes, kw = random_kernel_weight(name, n, k, group, special=special)
+    w = Q.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, group, fmt.scale_scheme.mode)
+    got = dequantize_triton(w, Q.grid_values(w, dtype), dtype)
+    ref = Q.dequantize_reference(w, dtype)
+    assert got.shape == (n, k) and got.dtype == dtype
+    if dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16: within one ulp, not rounded
+        assert ((got.float() - ref).abs() <= INTERP_BF16_OUT * ref.abs()).all()
+    else:
+        assert torch.equal(got, ref.to(dtype))

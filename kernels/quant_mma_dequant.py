@@ -1,0 +1,63 @@
+"""Triton kernel: weights in the mma layout (:mod:`hf_efficient.kernels.quant_mma`) -> a dense ``(N, K)`` matrix,
+for the prompt path of mma layers (dequantize once per call, then cuBLAS). Oracle:
+:func:`hf_efficient.kernels.quant_mma.dequantize_reference`.
+
+A program takes ``BLOCK_T`` 16-row tiles of one 128-K block: it reads their chunks (contiguous words), pulls
+code field ``f = 2 p + e`` of each chunk (pair ``p = 2 s + h``), reorders the fields in registers to the K order
+``16 s + 8 h + 2 q + e`` of the layout, and writes whole rows of the block.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import interpreting
+from .quant_gemm import apply_params
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, p_ptr, v_ptr, out_ptr, N, K, KB, NG, GROUP: tl.constexpr, BITS: tl.constexpr,
+                    MODE: tl.constexpr, BLOCK_T: tl.constexpr):
+    CW: tl.constexpr = 3 if BITS == 3 else BITS            # words per chunk
+    FW: tl.constexpr = 2 if BITS == 3 else BITS            # bits per field in words 0..1 (3 bits: low two)
+    PER: tl.constexpr = 32 // FW                            # fields per word
+    kb = tl.program_id(1)
+    tile = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    r = tl.arange(0, 16)
+    q = tl.arange(0, 4)
+    f = tl.arange(0, 32)
+    chunk = ((tile[:, None, None] * KB + kb) * 16 + r[None, :, None]) * 4 + q[None, None, :]   # [BT, 16, 4]
+    live = (tile < (N + 15) // 16)[:, None, None, None]
+    base = qw_ptr + chunk[:, :, :, None] * CW
+    words = tl.load(base + f[None, None, None, :] // PER, mask=live, other=0)                  # [BT, 16, 4, 32]
+    c = (words >> (FW * (f % PER))[None, None, None, :]) & ((1 << FW) - 1)
+    if BITS == 3:
+        top = tl.load(base + 2, mask=live, other=0)
+        c = c | (((top >> f[None, None, None, :]) & 1) << 2)
+    # f = 4 s + 2 h + e  ->  K column 16 s + 8 h + 2 q + e
+    c = tl.reshape(c, [BLOCK_T * 16, 4, 8, 2, 2])                                              # row q s h e
+    c = tl.permute(c, [0, 2, 3, 1, 4])                                                         # row s h q e
+    c = tl.reshape(c, [BLOCK_T * 16, 128])
+    n = tl.program_id(0) * BLOCK_T * 16 + tl.arange(0, BLOCK_T * 16)
+    k = kb * 128 + tl.arange(0, 128)
+    g = k // GROUP
+    pp = p_ptr + (((n[:, None] // 16) * NG + g[None, :]) * 16 + n[:, None] % 16) * 2
+    mask = (n < N)[:, None] & (k < K)[None, :]
+    a = tl.load(pp, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(pp + 1, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + c)
+    w = apply_params(v, a, b, MODE)
+    tl.store(out_ptr + n[:, None] * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_triton(w, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(N, K)`` in ``dtype`` from :class:`~hf_efficient.kernels.quant_mma.MmaWeight` ``w``; ``values``: the grid
+    as the kernel's fragments hold it (float32, rounded to the activation dtype)."""
+    out = torch.empty(w.N, w.K, dtype=dtype, device=w.qweight.device)
+    nt, kb = w.qweight.shape[:2]
+    bt = 1 if interpreting() else 4
+    grid = (triton.cdiv(nt, bt), kb)
+    _dequant_kernel[grid](w.qweight, w.params, values, out, w.N, w.K, kb, w.params.shape[1], GROUP=w.group_size,
+                          BITS=w.bits, MODE=w.mode, BLOCK_T=bt)
+    return out
