@@ -147,6 +147,7 @@ def main(argv=None):
                          "python3, only needs numpy)")
     ap.add_argument("--name", default=None, help="result file name (default lut_cpu_gemv[_quick]); one per machine "
                                                   "kind, e.g. lut_cpu_gemv_quick_avx2")
+    ap.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2,16 on the 16-core machine")
     args = ap.parse_args(argv)
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (4096, 11008)]
     cases = [("int", 2), ("int", 4)] if args.quick else \
@@ -160,7 +161,7 @@ def main(argv=None):
     info = cpu_info()
     print(info, flush=True)
     try:
-        rows = kernel_rows(shapes, (1, 2), cases, 128, args.repeats, llama, args.rounds)
+        rows = kernel_rows(shapes, [int(t) for t in args.threads.split(",")], cases, 128, args.repeats, llama, args.rounds)
     finally:
         if llama:
             llama.close()
