@@ -101,7 +101,11 @@ void gemv_f32(const float* w, int64_t K, int64_t N, const float* x, float* y);
 // the tiles of all LUT projections run in one parallel region (one fork/join per call, not one per projection:
 // the projections of this model are a few microseconds each).
 void project(const std::vector<Proj*>& ps, const float* x, const std::vector<float*>& ys) {
-  std::vector<RowTables> tables(ps.size());
+  // per-thread scratch, reused: the buffers keep their capacity between calls (the lambda below runs on other
+  // threads too, so it reads them through this thread's pointer, never by the thread_local's name)
+  thread_local std::vector<RowTables> scratch;
+  if (scratch.size() < ps.size()) scratch.resize(ps.size());
+  RowTables* tables = scratch.data();
   std::vector<int> owner(ps.size(), -1);
   std::vector<int64_t> first(ps.size() + 1, 0);  // global index of each LUT projection's first tile
   for (size_t i = 0; i < ps.size(); ++i) {
@@ -147,7 +151,8 @@ void rms_norm(const float* x, const float* w, int64_t n, double eps, float* y) {
 // q * cos + rotate_half(q) * sin for `heads` consecutive vectors of d floats, in place.
 void rotary(float* q, int64_t heads, int64_t d, const float* cos, const float* sin) {
   const int64_t h2 = d / 2;
-  std::vector<float> t(static_cast<size_t>(d));
+  thread_local std::vector<float> t;
+  t.resize(static_cast<size_t>(d));
   for (int64_t h = 0; h < heads; ++h) {
     float* v = q + h * d;
     for (int64_t i = 0; i < h2; ++i) t[i] = v[i] * cos[i] - v[i + h2] * sin[i];
@@ -359,21 +364,17 @@ at::Tensor as_cpu_float(const char* op, const char* name, const at::Tensor& t) {
   return t.contiguous();
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_in(
-    const at::Tensor& x, const at::Tensor& norm_weight, double eps, at::TensorList weights,
-    const c10::List<c10::optional<at::Tensor>>& grids, const c10::List<c10::optional<at::Tensor>>& biases,
-    at::IntArrayRef meta, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
-    int64_t head_dim) {
-  const char* op = "decode_attn_in";
+// decode_attn_in on parsed projections ps[0..3) (q, k, v).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_in(const char* op, const at::Tensor& x,
+                                                       const at::Tensor& norm_weight, double eps, Proj* ps,
+                                                       const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads,
+                                                       int64_t num_kv_heads, int64_t head_dim) {
   const at::Tensor xc = as_cpu_float(op, "x", x), wn = as_cpu_float(op, "norm_weight", norm_weight);
   const int64_t H = xc.size(-1);
   TORCH_CHECK(xc.numel() == H, op, ": x must hold one row (batch 1, one query), got shape ", x.sizes());
   TORCH_CHECK(wn.numel() == H, op, ": norm_weight has ", wn.numel(), " values, x has ", H, " features");
   TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0 && num_heads > 0 && num_kv_heads > 0, op,
               ": bad head geometry");
-  std::vector<Proj> ps = parse_projs(op, weights, grids, biases, meta, 3);
   const int64_t want[3] = {num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim};
   for (int i = 0; i < 3; ++i)
     TORCH_CHECK(ps[i].K == H && ps[i].N == want[i], op, ": projection ", i, " is ", ps[i].N, "x", ps[i].K,
@@ -382,7 +383,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_in(
   TORCH_CHECK(cc.numel() == head_dim && sc.numel() == head_dim, op, ": cos/sin must hold one position's ",
               head_dim, " values, got ", cos.sizes(), " and ", sin.sizes());
 
-  std::vector<float> h(static_cast<size_t>(H));
+  thread_local std::vector<float> h;  // per-thread scratch, reused (no heap traffic per layer)
+  h.resize(static_cast<size_t>(H));
   rms_norm(xc.data_ptr<float>(), wn.data_ptr<float>(), H, eps, h.data());
   at::Tensor q = at::empty({1, num_heads, 1, head_dim}, xc.options());
   at::Tensor k = at::empty({1, num_kv_heads, 1, head_dim}, xc.options());
@@ -393,12 +395,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_in(
   return {q, k, v};
 }
 
-at::Tensor decode_attn_out_mlp(const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& v_all,
-                               const c10::optional<at::Tensor>& mask, double scaling, const at::Tensor& residual,
-                               const at::Tensor& norm_weight, double eps, at::TensorList weights,
-                               const c10::List<c10::optional<at::Tensor>>& grids,
-                               const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef meta) {
-  const char* op = "decode_attn_out_mlp";
+// decode_attn_out_mlp on parsed projections ps[0..4) (o, gate, up, down).
+at::Tensor attn_out_mlp(const char* op, const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& v_all,
+                        const c10::optional<at::Tensor>& mask, double scaling, const at::Tensor& residual,
+                        const at::Tensor& norm_weight, double eps, Proj* ps) {
   const at::Tensor qc = as_cpu_float(op, "q", q), xc = as_cpu_float(op, "residual", residual);
   const at::Tensor wn = as_cpu_float(op, "norm_weight", norm_weight);
   TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(2) == 1, op, ": q must be (1, heads, 1, head_dim), got ",
@@ -423,7 +423,6 @@ at::Tensor decode_attn_out_mlp(const at::Tensor& q, const at::Tensor& k_all, con
                 op, ": mask must be bool or float32 with kv_len = ", S, " values, got ", mk.scalar_type(), " ",
                 mk.sizes());
   }
-  std::vector<Proj> ps = parse_projs(op, weights, grids, biases, meta, 4);
   const int64_t I = ps[1].N;
   TORCH_CHECK(ps[0].K == heads * d && ps[0].N == H && ps[1].K == H && ps[2].K == H && ps[2].N == I &&
                   ps[3].K == I && ps[3].N == H,
@@ -432,7 +431,11 @@ at::Tensor decode_attn_out_mlp(const at::Tensor& q, const at::Tensor& k_all, con
               heads * d);
 
   // Attention, one query per head.
-  std::vector<float> a(static_cast<size_t>(heads * d));
+  // per-thread scratch, reused (no heap traffic per layer); every element is written before it is read
+  // (the attention lambda runs on other threads too: it writes through pa, not the thread_local's name)
+  thread_local std::vector<float> a, o, n, g, u;
+  a.resize(static_cast<size_t>(heads * d));
+  float* pa = a.data();
   const float* pq = qc.data_ptr<float>();
   const float *pk = kc.data_ptr<float>(), *pv = vc.data_ptr<float>();
   const int64_t ksh = kc.stride(1), kst = kc.stride(2), vsh = vc.stride(1), vst = vc.stride(2);
@@ -443,25 +446,80 @@ at::Tensor decode_attn_out_mlp(const at::Tensor& q, const at::Tensor& k_all, con
   const int64_t grain = S * d * heads < (int64_t(1) << 16) ? heads : 1;
   const AttendFn attend = attend_fn();
   at::parallel_for(0, heads, grain, [&](int64_t hb, int64_t he) {
-    std::vector<float> s(static_cast<size_t>(S));
+    thread_local std::vector<float> s;
+    s.resize(static_cast<size_t>(S));
     for (int64_t h = hb; h < he; ++h)
       attend(pq + h * d, pk + (h / rep) * ksh, kst, pv + (h / rep) * vsh, vst, S, d, sc, mb, mf, s.data(),
-             a.data() + h * d);
+             pa + h * d);
   });
 
   at::Tensor y = at::empty_like(xc);
   float* py = y.data_ptr<float>();
   const float* px = xc.data_ptr<float>();
-  std::vector<float> o(static_cast<size_t>(H)), n(static_cast<size_t>(H));
+  o.resize(static_cast<size_t>(H));
+  n.resize(static_cast<size_t>(H));
   project({&ps[0]}, a.data(), {o.data()});
   for (int64_t i = 0; i < H; ++i) py[i] = px[i] + o[i];
   rms_norm(py, wn.data_ptr<float>(), H, eps, n.data());
-  std::vector<float> g(static_cast<size_t>(I)), u(static_cast<size_t>(I));
+  g.resize(static_cast<size_t>(I));
+  u.resize(static_cast<size_t>(I));
   project({&ps[1], &ps[2]}, n.data(), {g.data(), u.data()});
   for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
   project({&ps[3]}, g.data(), {o.data()});
   for (int64_t i = 0; i < H; ++i) py[i] += o[i];
   return y;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_in(
+    const at::Tensor& x, const at::Tensor& norm_weight, double eps, at::TensorList weights,
+    const c10::List<c10::optional<at::Tensor>>& grids, const c10::List<c10::optional<at::Tensor>>& biases,
+    at::IntArrayRef meta, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads,
+    int64_t head_dim) {
+  const char* op = "decode_attn_in";
+  std::vector<Proj> ps = parse_projs(op, weights, grids, biases, meta, 3);
+  return attn_in(op, x, norm_weight, eps, ps.data(), cos, sin, num_heads, num_kv_heads, head_dim);
+}
+
+at::Tensor decode_attn_out_mlp(const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& v_all,
+                               const c10::optional<at::Tensor>& mask, double scaling, const at::Tensor& residual,
+                               const at::Tensor& norm_weight, double eps, at::TensorList weights,
+                               const c10::List<c10::optional<at::Tensor>>& grids,
+                               const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef meta) {
+  const char* op = "decode_attn_out_mlp";
+  std::vector<Proj> ps = parse_projs(op, weights, grids, biases, meta, 4);
+  return attn_out_mlp(op, q, k_all, v_all, mask, scaling, residual, norm_weight, eps, ps.data());
+}
+
+// All L decoder layers of one decode token in one call, for a cache whose update is torch.cat((keys, k), -2) per
+// layer (transformers' DynamicLayer): per layer l, attn_in (norm l*2, projections 7l..7l+3) -> the cache's concat
+// -> attn_out_mlp (norm 2l+1, projections 7l+3..7l+7), i.e. decode_attn_in, the concat and decode_attn_out_mlp
+// bit for bit, without a Python round trip per layer. Returns the last layer's output and every layer's new
+// keys/values (the caller stores them in its cache layers). One mask (or none) serves every layer.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_layers(
+    const at::Tensor& x, at::TensorList norm_weights, at::ArrayRef<double> eps, at::TensorList weights,
+    const c10::List<c10::optional<at::Tensor>>& grids, const c10::List<c10::optional<at::Tensor>>& biases,
+    at::IntArrayRef meta, const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& mask,
+    double scaling, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, at::TensorList keys,
+    at::TensorList values) {
+  const char* op = "decode_layers";
+  const size_t L = keys.size();
+  TORCH_CHECK(L > 0 && values.size() == L && norm_weights.size() == 2 * L && eps.size() == 2 * L, op,
+              ": expected per layer one keys and values tensor, two norm weights and two eps, got ", keys.size(),
+              ", ", values.size(), ", ", norm_weights.size(), " and ", eps.size());
+  std::vector<Proj> ps = parse_projs(op, weights, grids, biases, meta, 7 * L);
+  std::vector<at::Tensor> nk(L), nv(L);
+  at::Tensor h = x;
+  for (size_t l = 0; l < L; ++l) {
+    auto qkv = attn_in(op, h, norm_weights[2 * l], eps[2 * l], &ps[7 * l], cos, sin, num_heads, num_kv_heads,
+                       head_dim);
+    nk[l] = at::cat({keys[l], std::get<1>(qkv)}, -2);
+    nv[l] = at::cat({values[l], std::get<2>(qkv)}, -2);
+    h = attn_out_mlp(op, std::get<0>(qkv), nk[l], nv[l], mask, scaling, h, norm_weights[2 * l + 1], eps[2 * l + 1],
+                     &ps[7 * l + 3]);
+  }
+  return {h, nk, nv};
 }
 
 // y = x W^T (+ bias) for one float32 row x (..., K) and a float32 (N, K) weight: a decode step's output head,
@@ -500,6 +558,9 @@ TORCH_LIBRARY_FRAGMENT(hf_efficient, m) {
   m.def("decode_attn_in(Tensor x, Tensor norm_weight, float eps, Tensor[] weights, Tensor?[] grids, "
         "Tensor?[] biases, int[] meta, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, int head_dim) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("decode_layers(Tensor x, Tensor[] norm_weights, float[] eps, Tensor[] weights, Tensor?[] grids, "
+        "Tensor?[] biases, int[] meta, Tensor cos, Tensor sin, Tensor? mask, float scaling, int num_heads, "
+        "int num_kv_heads, int head_dim, Tensor[] keys, Tensor[] values) -> (Tensor, Tensor[], Tensor[])");
   m.def("decode_attn_out_mlp(Tensor q, Tensor k, Tensor v, Tensor? mask, float scaling, Tensor residual, "
         "Tensor norm_weight, float eps, Tensor[] weights, Tensor?[] grids, Tensor?[] biases, int[] meta) -> Tensor");
 }
@@ -508,4 +569,5 @@ TORCH_LIBRARY_IMPL(hf_efficient, CPU, m) {
   m.impl("decode_attn_in", &hf_efficient::lut::decode_attn_in);
   m.impl("decode_attn_out_mlp", &hf_efficient::lut::decode_attn_out_mlp);
   m.impl("decode_linear", &hf_efficient::lut::decode_linear);
+  m.impl("decode_layers", &hf_efficient::lut::decode_layers);
 }

@@ -101,9 +101,12 @@ Engine lut_engine(const Geometry& geo, bool force_scalar) { return select_engine
 
 void lut_row_tables(const float* x, const Geometry& geo, const float* grid, const Engine& eng, RowTables* t) {
   const std::vector<float> coeffs = table_coeffs(geo, grid);
-  std::vector<float> xp(static_cast<size_t>(geo.Kp), 0.0f);
-  std::vector<float> ft(static_cast<size_t>(geo.channels * (geo.G / geo.slot) * 16));
+  // per-thread scratch, reused across calls (decode runs hundreds of these per token)
+  thread_local std::vector<float> xp, ft;
+  xp.resize(static_cast<size_t>(geo.Kp));
+  ft.resize(static_cast<size_t>(geo.channels * (geo.G / geo.slot) * 16));
   std::memcpy(xp.data(), x, sizeof(float) * geo.K);
+  std::fill(xp.begin() + geo.K, xp.end(), 0.0f);
   t->tab.resize(static_cast<size_t>(geo.table_stride()));
   t->tscale.resize(static_cast<size_t>(geo.ng));
   t->gsum.resize(static_cast<size_t>(geo.ng));

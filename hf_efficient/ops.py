@@ -23,8 +23,8 @@ C++ ops (schemas and CPU kernels in ``csrc/``; fakes here where they return tens
 * ``lut_gemm``, ``lut_tables``, ``lut_dequant``, ``lut_codes``, ``lut_isa``, ``lut_max_rows``
   (``csrc/lut_gemm.cpp``; glue :mod:`hf_efficient.kernels.lut_cpu`, reference
   :mod:`hf_efficient.kernels.lut_cpu_reference`).
-* ``decode_attn_in``, ``decode_attn_out_mlp``, ``decode_linear`` (``csrc/decode_step.cpp``; the fused decode step of
-  :mod:`hf_efficient.quantization.lut.decode`).
+* ``decode_attn_in``, ``decode_attn_out_mlp``, ``decode_linear``, ``decode_layers`` (``csrc/decode_step.cpp``; the
+  fused decode step of :mod:`hf_efficient.quantization.lut.decode`).
 * ``read_probe``, ``hugepage_empty`` (``csrc/memory.cpp``; no fake: they run eagerly, outside compiled graphs).
 
 Call sites use ``torch.ops.hf_efficient.<name>``.
@@ -203,6 +203,14 @@ if HAS_CPP_OPS:
     @torch.library.register_fake("hf_efficient::decode_attn_out_mlp")
     def _decode_attn_out_mlp_fake(q, k, v, mask, scaling, residual, norm_weight, eps, weights, grids, biases, meta):
         return torch.empty_like(residual)
+
+    @torch.library.register_fake("hf_efficient::decode_layers")
+    def _decode_layers_fake(x, norm_weights, eps, weights, grids, biases, meta, cos, sin, mask, scaling, num_heads,
+                            num_kv_heads, head_dim, keys, values):
+        def grown(t):  # the cache concat: one more position
+            return t.new_empty(t.shape[0], t.shape[1], t.shape[2] + 1, t.shape[3])
+
+        return torch.empty_like(x), [grown(k) for k in keys], [grown(v) for v in values]
 
     @torch.library.register_fake("hf_efficient::decode_linear")
     def _decode_linear_fake(x, weight, bias):

@@ -87,8 +87,24 @@ def _count(monkeypatch, name: str, ran=lambda out: True) -> list:
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """A list that gets one entry per decoder-layer step that ran fused (from the layer's or the model's forward)."""
-    return _count(monkeypatch, "_run_layer")
+    """A list that gets one entry per decoder-layer step that ran fused (from the layer's or the model's forward,
+    one layer at a time or all layers in one ``decode_layers`` call)."""
+    calls = _count(monkeypatch, "_run_layer")
+    real = decode._run_layers
+
+    def spy(stack, *a):
+        out = real(stack, *a)
+        calls.extend([1] * stack.n)
+        return out
+
+    monkeypatch.setattr(decode, "_run_layers", spy)
+    return calls
+
+
+@pytest.fixture
+def stacked_steps(monkeypatch):
+    """A list that gets one entry per model step whose layers all ran in one ``decode_layers`` call."""
+    return _count(monkeypatch, "_run_layers")
 
 
 @pytest.fixture
@@ -165,7 +181,7 @@ def test_layer_step_equals_original_forward(model_dirs, case, static, fused_call
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_generate_tokens_identical(model_dirs, case, cache, fused_calls, model_steps, lm_steps):
+def test_generate_tokens_identical(model_dirs, case, cache, fused_calls, model_steps, lm_steps, stacked_steps):
     """(b) Greedy generate gives the same tokens with and without the fused step."""
     model = _load(model_dirs, case)
     assert type(model.model).__name__ == "FastDecodeLlamaModel"
@@ -178,6 +194,8 @@ def test_generate_tokens_identical(model_dirs, case, cache, fused_calls, model_s
     assert steps >= 4 and len(fused_calls) == steps * model.config.num_hidden_layers  # every step of every layer
     assert len(model_steps) == steps  # through the decoder stack's fused step
     assert len(lm_steps) == steps  # and the float head on decode_linear
+    # all layers in one decode_layers call where the cache is a plain DynamicCache, one at a time otherwise
+    assert len(stacked_steps) == (steps if cache == "dynamic" else 0)
     assert enable_fast_decode(model, False) == ["model.layers.0", "model.layers.1"]
     assert type(model.model).__name__ == "LlamaModel" and type(model).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
@@ -304,9 +322,11 @@ def _cache_with_past(model, kind, past, gen):
 @pytest.mark.parametrize("case", ["fp32", "int4-g32", "int4-g32-pad"])
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 @pytest.mark.parametrize("inputs", ["plain", "positions", "mask2d", "embeds", "eager"])
-def test_model_step_equals_stack_forward(model_dirs, case, kind, inputs, fused_calls, model_steps):
+def test_model_step_equals_stack_forward(model_dirs, case, kind, inputs, fused_calls, model_steps, stacked_steps):
     """The fused model step gives the decoder stack's own forward (its layers fused as well) bit for bit: the same
-    embedding, rotary, mask and layer steps, and the cache updated alike."""
+    embedding, rotary, mask and layer steps, and the cache updated alike. With a DynamicCache that holds a past,
+    the step runs all layers in one decode_layers call, the stack's forward one layer step at a time (each with
+    cache.update), so this also checks the two against each other."""
     model = _load(model_dirs, case)
     stack = model.model
     base = type(stack)._hfe_base
@@ -325,14 +345,56 @@ def test_model_step_equals_stack_forward(model_dirs, case, kind, inputs, fused_c
         elif inputs == "embeds":
             kw = dict(inputs_embeds=stack.embed_tokens(tok).detach(), use_cache=True)
         with torch.no_grad():
-            n, f = len(model_steps), len(fused_calls)
+            n, f, st = len(model_steps), len(fused_calls), len(stacked_steps)
             got = stack(cache=cache, **kw)
             assert len(model_steps) == n + 1 and len(fused_calls) == f + model.config.num_hidden_layers
+            assert len(stacked_steps) == st + (kind == "dynamic" and past > 0)
             want = base.forward(stack, cache=c2, **kw)
-            assert len(model_steps) == n + 1
+            assert len(model_steps) == n + 1 and len(stacked_steps) == st + (kind == "dynamic" and past > 0)
         assert torch.equal(got.last_hidden_state, want.last_hidden_state)
         for a, b in zip(cache.layers, c2.layers):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+            assert a.keys.is_contiguous() == b.keys.is_contiguous() and a.keys.stride() == b.keys.stride()
+
+
+def test_stacked_step_conditions(model_dirs, fused_calls, stacked_steps):
+    """decode_layers runs for a plain DynamicCache whose layers all hold a past; a cache layer without one, a
+    DynamicCache subclass (its update may differ) or a layer in training mode take the per-layer steps (each with
+    cache.update), which give the same hidden states and cache bit for bit."""
+    from transformers import DynamicCache
+
+    class MyCache(DynamicCache):
+        pass
+
+    model = _load(model_dirs, "int4-g32")
+    stack = model.model
+    with torch.no_grad():
+        prefill = model(_ids(6), use_cache=True).past_key_values
+    tok = _ids(1, seed=3)
+
+    def step(cache):
+        with torch.no_grad():
+            return stack(input_ids=tok, cache=cache, use_cache=True).last_hidden_state, cache
+
+    want, wc = step(copy.deepcopy(prefill))
+    assert len(stacked_steps) == 1
+    unfilled = DynamicCache(config=model.config)  # layers not initialized yet: cache.update starts them
+    step(unfilled)
+    assert len(stacked_steps) == 1 and all(x.keys.shape[-2] == 1 for x in unfilled.layers)
+    mine = MyCache()
+    for i, x in enumerate(prefill.layers):
+        mine.update(x.keys, x.values, i)
+    n = len(fused_calls)
+    got, gc = step(mine)
+    assert len(stacked_steps) == 1 and len(fused_calls) == n + 2 and torch.equal(got, want)
+    for a, b in zip(gc.layers, wc.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    model.model.layers[1].train()
+    got, _ = step(copy.deepcopy(prefill))
+    model.model.layers[1].eval()
+    assert len(stacked_steps) == 1 and torch.allclose(got, want, atol=1e-4 * float(want.abs().max()), rtol=0)
+    got, _ = step(copy.deepcopy(prefill))  # all layers fused again: the stacked step, the same result
+    assert len(stacked_steps) == 2 and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("rope", [None, dict(rope_type="linear", factor=2.0), dict(rope_type="dynamic", factor=2.0),
@@ -624,7 +686,7 @@ def test_ops_opcheck():
     from torch._library.simple_registry import singleton
 
     if any(singleton.find(f"hf_efficient::{n}").fake_impl.kernel is None
-           for n in ("decode_attn_in", "decode_attn_out_mlp", "decode_linear")):
+           for n in ("decode_attn_in", "decode_attn_out_mlp", "decode_linear", "decode_layers")):
         pytest.skip("the decode ops' fakes are not registered (they belong in hf_efficient/ops.py)")
     ops = torch.ops.hf_efficient
     H, d = 64, 16
@@ -638,6 +700,24 @@ def test_ops_opcheck():
     mmeta = [0, 0, 64, H, 0, 0, H, 96, 0, 0, H, 96, 0, 0, 96, H]
     b = (q, torch.cat([k, k], 2), torch.cat([v, v], 2), None, 0.25, a[0], a[1], 1e-5, mw, [None] * 4, [None] * 4, mmeta)
     torch.library.opcheck(ops.decode_attn_out_mlp.default, b)
+    # decode_layers: two layers = attn_in -> the cache concat -> attn_out_mlp per layer, bit for bit
+    past = [torch.randn(1, 2, 3, d) for _ in range(4)]
+    c = (a[0], [a[1], torch.ones(H) * 0.5] * 2, [1e-5, 1e-6] * 2, (w + mw) * 2, [None] * 14, [None] * 14,
+         (meta + mmeta) * 2, a[7], a[8], None, 0.25, 4, 2, d, past[:2], past[2:])
+    torch.library.opcheck(ops.decode_layers.default, c)
+    h, keys, values = ops.decode_layers(*c)
+    x = a[0]
+    for i in range(2):
+        q, k, v = ops.decode_attn_in(x, a[1], 1e-5, w, [None] * 3, [None] * 3, meta, a[7], a[8], 4, 2, d)
+        k, v = torch.cat([past[i], k], -2), torch.cat([past[2 + i], v], -2)
+        x = ops.decode_attn_out_mlp(q, k, v, None, 0.25, x, torch.ones(H) * 0.5, 1e-6, mw, [None] * 4, [None] * 4,
+                                    mmeta)
+        assert torch.equal(keys[i], k) and torch.equal(values[i], v)
+    assert torch.equal(h, x)
+    with pytest.raises(RuntimeError, match="per layer"):
+        ops.decode_layers(*c[:14], past[:2], past[2:3])
+    with pytest.raises(RuntimeError, match="projections"):
+        ops.decode_layers(*c[:3], c[3][:13], *c[4:])
     torch.library.opcheck(ops.decode_linear.default, (torch.randn(1, 1, H), torch.randn(40, H), torch.randn(40)))
     torch.library.opcheck(ops.decode_linear.default, (torch.randn(1, H), torch.randn(40, H), None))
     with pytest.raises(RuntimeError, match="one row"):

@@ -323,6 +323,10 @@ def _fast_model_step(model, args, kwargs):
     rest = {k: kwargs[k] for k in _PASSED_ON if k in kwargs}
     extra = {"position_ids": position_ids, "use_cache": use_cache, **rest}  # the attention's cache.update kwargs
     cos, sin = pe
+    stack = _stack_plan(model, layers, cache) if _plain_dynamic(cache) and not cache.offloading else None
+    if stack is not None:
+        h = _run_layers(stack, h, mask, cos, sin, cache)
+        return BaseModelOutputWithPast(last_hidden_state=model.norm(h), cache=cache)
     for layer in layers:
         plan = _plan(layer) if isinstance(layer, _FastDecodeMixin) and not layer.training else None
         if type(plan) is _Plan and plan.config is cfg:
@@ -331,6 +335,60 @@ def _fast_model_step(model, args, kwargs):
             h = layer(h, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
                       position_embeddings=pe, **rest)
     return BaseModelOutputWithPast(last_hidden_state=model.norm(h), cache=cache)
+
+
+class _Stack:
+    """The ``decode_layers`` arguments of a decoder stack, built from its layers' plans (kept to check identity)."""
+
+    __slots__ = ("plans", "n", "args", "scaling", "heads", "kv_heads", "head_dim")
+
+
+def _stack_plan(model, layers, cache) -> _Stack | None:
+    """The stack's ``decode_layers`` arguments when every layer runs fused on this config with one attention
+    geometry and its plain ``DynamicCache`` layer holds a (1, kv_heads, past, head_dim) past, else None (each layer
+    then runs on its own, its cache updated by ``cache.update``)."""
+    cfg, cl = model.config, cache.layers
+    if len(cl) < len(layers):
+        return None
+    plans = []
+    for i, layer in enumerate(layers):
+        plan = _plan(layer) if isinstance(layer, _FastDecodeMixin) and not layer.training else None
+        if type(plan) is not _Plan or plan.config is not cfg or plan.layer_idx != i:
+            return None
+        c = cl[i]
+        if not c.is_initialized or c.keys.dim() != 4 or c.values.dim() != 4:
+            return None
+        plans.append(plan)
+    st = model.__dict__.get("_hfe_stack")
+    if st is not None and st.n == len(plans) and all(a is b for a, b in zip(st.plans, plans)):
+        return st
+    p0 = plans[0]
+    geo = (p0.scaling, p0.heads, p0.kv_heads, p0.head_dim)
+    if any((p.scaling, p.heads, p.kv_heads, p.head_dim) != geo for p in plans):
+        return None
+    st = _Stack()
+    st.plans, st.n = tuple(plans), len(plans)
+    st.scaling, st.heads, st.kv_heads, st.head_dim = geo
+    lists = [[v for p in plans for v in p.attn_in[j] + p.attn_out[j]] for j in range(4)]  # weights, grids, ...
+    st.args = ([t for p in plans for t in (p.n1, p.n2)], [e for p in plans for e in (p.eps1, p.eps2)], *lists)
+    model.__dict__["_hfe_stack"] = st
+    return st
+
+
+def _run_layers(stack: _Stack, h, mask, cos, sin, cache):
+    """Every layer's fused step in one ``decode_layers`` call; each cache layer gets what ``DynamicLayer.update``
+    would have stored (``torch.cat((keys, k), -2)``, computed in the op)."""
+    cl = cache.layers
+    n = stack.n
+    h, keys, values = _layers_op()(h, *stack.args, cos, sin, mask, stack.scaling, stack.heads, stack.kv_heads,
+                                   stack.head_dim, [c.keys for c in cl[:n]], [c.values for c in cl[:n]])
+    for c, k, v in zip(cl, keys, values):
+        c.keys, c.values = k, v
+    return h
+
+
+def _layers_op():
+    return kernel.ops().decode_layers.default
 
 
 _LM_KWARGS = _MODEL_KWARGS | {"labels", "logits_to_keep"}
