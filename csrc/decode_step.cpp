@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -40,6 +41,8 @@ struct Proj {
   bool is_lut = false;
   at::Tensor weight;          // uint8 stream or float32 (N, K)
   at::Tensor grid;            // contiguous, LUT code-indexed only
+  const uint8_t* stream = nullptr;  // LUT: weight's bytes, read once at parse (not per tile range)
+  const float* grid_ptr = nullptr;  // LUT code-indexed: grid's values
   const float* bias = nullptr;
   at::Tensor bias_t;
   Geometry geo;
@@ -71,6 +74,8 @@ std::vector<Proj> parse_projs(const char* op, at::TensorList weights, const c10:
       p.geo = lut_geometry(p.K, p.N, g.has_value() ? c10::optional<at::Tensor>(p.grid) : c10::nullopt, bits, gs);
       lut_check_weights(p.geo, p.weight);
       p.eng = lut_engine(p.geo);
+      p.stream = p.weight.data_ptr<uint8_t>();
+      p.grid_ptr = p.grid.defined() ? p.grid.data_ptr<float>() : nullptr;
     }
     const c10::optional<at::Tensor> b = biases.get(i);
     if (b.has_value()) {
@@ -97,10 +102,16 @@ bool same_tables(const Proj& a, const Proj& b) {
 
 void gemv_f32(const float* w, int64_t K, int64_t N, const float* x, float* y);
 
+// Output rows [n0, n1) of every projection of a project() call, once they are final (bias added).
+using TileRowsFn = std::function<void(int64_t n0, int64_t n1)>;
+
 // y[0..N) = W x (+ bias) for projections that all read x; LUT ones with equal table geometry share tables, and
 // the tiles of all LUT projections run in one parallel region (one fork/join per call, not one per projection:
-// the projections of this model are a few microseconds each).
-void project(const std::vector<Proj*>& ps, const float* x, const std::vector<float*>& ys) {
+// the projections of this model are a few microseconds each). rows, if given, then runs over all N rows; when
+// every projection is a LUT one with the same N (gate/up), the region runs tile t of all of them on one thread
+// and calls rows on that tile's rows right away (the SiLU product: split over the threads, on rows in L1).
+void project(const std::vector<Proj*>& ps, const float* x, const std::vector<float*>& ys,
+             const TileRowsFn& rows = nullptr) {
   // per-thread scratch, reused: the buffers keep their capacity between calls (the lambda below runs on other
   // threads too, so it reads them through this thread's pointer, never by the thread_local's name)
   thread_local std::vector<RowTables> scratch;
@@ -116,7 +127,7 @@ void project(const std::vector<Proj*>& ps, const float* x, const std::vector<flo
         if (owner[j] == static_cast<int>(j) && same_tables(*ps[j], p)) owner[i] = static_cast<int>(j);
       if (owner[i] < 0) {
         owner[i] = static_cast<int>(i);
-        lut_row_tables(x, p.geo, p.grid.defined() ? p.grid.data_ptr<float>() : nullptr, p.eng, &tables[i]);
+        lut_row_tables(x, p.geo, p.grid_ptr, p.eng, &tables[i]);
       }
       first[i + 1] += p.geo.NT;
     } else if (p.weight.is_contiguous()) {
@@ -127,17 +138,36 @@ void project(const std::vector<Proj*>& ps, const float* x, const std::vector<flo
       at::mv_out(yt, p.weight, xt);
     }
   }
+  const auto add_bias = [&](size_t i, int64_t n0, int64_t n1) {
+    if (ps[i]->bias != nullptr)
+      for (int64_t n = n0; n < n1; ++n) ys[i][n] += ps[i]->bias[n];
+  };
+  const int64_t N = ps[0]->N;
+  bool paired = rows != nullptr;
+  for (const Proj* p : ps) paired = paired && p->is_lut && p->N == N;
+  if (paired) {
+    at::parallel_for(0, ps[0]->geo.NT, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n0 = t * kTileN, n1 = std::min(N, n0 + kTileN);
+        for (size_t i = 0; i < ps.size(); ++i) {
+          lut_row_tile_range(ps[i]->stream, ps[i]->geo, ps[i]->eng, tables[owner[i]], ys[i], t, t + 1);
+          add_bias(i, n0, n1);
+        }
+        rows(n0, n1);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, first.back(), 1, [&](int64_t b, int64_t e) {
     for (size_t i = 0; i < ps.size(); ++i) {
       const int64_t lo = std::max(b, first[i]), hi = std::min(e, first[i + 1]);
       if (lo < hi)
-        lut_row_tile_range(ps[i]->weight.data_ptr<uint8_t>(), ps[i]->geo, ps[i]->eng, tables[owner[i]], ys[i],
-                           lo - first[i], hi - first[i]);
+        lut_row_tile_range(ps[i]->stream, ps[i]->geo, ps[i]->eng, tables[owner[i]], ys[i], lo - first[i],
+                           hi - first[i]);
     }
   });
-  for (size_t i = 0; i < ps.size(); ++i)
-    if (ps[i]->bias != nullptr)
-      for (int64_t n = 0; n < ps[i]->N; ++n) ys[i][n] += ps[i]->bias[n];
+  for (size_t i = 0; i < ps.size(); ++i) add_bias(i, 0, ps[i]->N);
+  if (rows != nullptr) rows(0, N);
 }
 
 // HF's RMSNorm in fp32: w * (x * rsqrt(mean(x^2) + eps)).
@@ -463,8 +493,10 @@ at::Tensor attn_out_mlp(const char* op, const at::Tensor& q, const at::Tensor& k
   rms_norm(py, wn.data_ptr<float>(), H, eps, n.data());
   g.resize(static_cast<size_t>(I));
   u.resize(static_cast<size_t>(I));
-  project({&ps[1], &ps[2]}, n.data(), {g.data(), u.data()});
-  for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  float *pg = g.data(), *pu = u.data();  // (the rows callback may run on other threads: no thread_local names)
+  project({&ps[1], &ps[2]}, n.data(), {pg, pu}, [pg, pu](int64_t n0, int64_t n1) {
+    for (int64_t i = n0; i < n1; ++i) pg[i] = pg[i] / (1.0f + std::exp(-pg[i])) * pu[i];
+  });
   project({&ps[3]}, g.data(), {o.data()});
   for (int64_t i = 0; i < H; ++i) py[i] += o[i];
   return y;
