@@ -415,9 +415,11 @@ def test_rope_equals_rotary_module(rope):
 
 
 @pytest.mark.parametrize("past", [0, 1, 9])
-def test_no_mask_where_the_model_step_builds_none(model_dirs, past):
-    """Where the model step skips the mask (sdpa, a DynamicCache of full-attention layers, no attention mask, the
-    position right after the cache), transformers' own mask function returns None as well."""
+@pytest.mark.parametrize("attn", [None, "ones-long", "ones-bool", "padded", "longer"])
+def test_no_mask_where_the_model_step_builds_none(model_dirs, past, attn):
+    """Where the model step skips the mask (sdpa, a DynamicCache of full-attention layers, no attention mask or a
+    2-D one of the cache's length + 1 that masks nothing, the position right after the cache), transformers' own
+    mask function returns None as well; a mask that pads or has another length is built."""
     from transformers.masking_utils import create_causal_mask
 
     model = _load(model_dirs, "fp32")
@@ -425,9 +427,17 @@ def test_no_mask_where_the_model_step_builds_none(model_dirs, past):
     assert cfg._attn_implementation == "sdpa"
     cache = _cache_with_past(model, "dynamic", past, torch.Generator().manual_seed(0))
     assert decode._plain_dynamic(cache)
-    mask = create_causal_mask(config=cfg, inputs_embeds=torch.randn(1, 1, cfg.hidden_size), attention_mask=None,
+    am = None
+    if attn is not None:
+        am = torch.ones(1, past + (2 if attn == "longer" else 1), dtype=torch.bool if attn == "ones-bool" else torch.long)
+        if attn == "padded":
+            am[0, 0] = 0
+    mask = create_causal_mask(config=cfg, inputs_embeds=torch.randn(1, 1, cfg.hidden_size), attention_mask=am,
                               cache=cache, position_ids=torch.tensor([[past]]))
-    assert mask is None
+    skipped = decode._no_padding(am, past)
+    assert skipped == (attn in (None, "ones-long", "ones-bool"))
+    if skipped:
+        assert mask is None
 
 
 def test_model_step_fallbacks(model_dirs, fused_calls, model_steps):
