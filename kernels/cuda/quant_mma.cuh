@@ -105,19 +105,6 @@ template <typename PT> struct GroupParams {
   }
 };
 
-// One 128-K block of a warp's work in flight: the rows g / g+8 chunks and the parameters of the block's first
-// group (for groups of 128 and more, its only one; the others are loaded when the block starts).
-template <int BITS, typename PT> struct Slot {
-  Chunk<BITS> w0, w8;
-  GroupParams<PT> first;
-  __device__ __forceinline__ void load(const uint32_t* wrow, const PT* prow, int kb, int group) {
-    constexpr int CW = chunk_words<BITS>();
-    w0.load(wrow + (size_t)kb * 64 * CW);
-    w8.load(wrow + ((size_t)kb * 64 + 32) * CW);
-    first.load(prow, kb * BLOCK_K / group);
-  }
-};
-
 // Explicit conversions: torch extensions build with __CUDA_NO_HALF_CONVERSIONS__ (no implicit float <-> half).
 template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
@@ -128,9 +115,8 @@ template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v
 
 // x (M, K) row stride ldx; qw: (Ntiles, KB, 16, 4, CW) int32 words; params: (Ntiles, NG, 16, 2) of PT;
 // table: 4**BITS uint32 pair entries; y (M, N); ws: (S, M, Npad) fp32; counters: one int per (CTA row, M tile).
-template <typename T, typename PT, int BITS, int MODE, int MT, int DEPTH>
-// Two CTAs per SM at M <= 16: more warps with DEPTH blocks in flight each (registers capped at 128).
-__global__ void __launch_bounds__(WARPS * 32, MT == 8 ? 1 : 2)
+template <typename T, typename PT, int BITS, int MODE, int MT>
+__global__ void __launch_bounds__(WARPS * 32)
 quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t* __restrict__ qw,
                  const PT* __restrict__ params, const uint32_t* __restrict__ table, T* __restrict__ y, int N,
                  int Ntiles, int KB, int group, int NG, int blocks_per_split, int stage_blocks,
@@ -150,19 +136,6 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   const int kb0 = split * blocks_per_split, kb1 = min(KB, kb0 + blocks_per_split);
   const int stage_k = stage_blocks * BLOCK_K, xstride = stage_k + 8;  // +8: rows land on different banks
 
-  const bool live = tile < Ntiles;
-  const uint32_t* wrow = qw + ((size_t)tile * KB * 64 + g * 4 + q) * CW;  // chunk (tile, kb=0, g, q)
-  const PT* prow = params + (size_t)tile * NG * 32 + g * 2;
-  // DEPTH blocks of weights and scales in flight per warp, the first ones issued before the table and x are
-  // staged: at M = 1 a warp spends little time per block, so one block of prefetch left it waiting on DRAM.
-  // ring[d] holds block kb + d.
-  Slot<BITS, PT> ring[DEPTH];
-  if (live) {
-#pragma unroll
-    for (int d = 0; d < DEPTH; ++d)
-      if (kb0 + d < kb1) ring[d].load(wrow, prow, kb0 + d, group);
-  }
-
   for (int i = threadIdx.x; i < TE * 32; i += blockDim.x) tbl[i] = table[i >> 5];
 
   float acc[MT][4], cg[MT][4], c2[MT][4];
@@ -171,44 +144,54 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[t][i] = cg[t][i] = c2[t][i] = 0.f;
 
+  const bool live = tile < Ntiles;
+  const uint32_t* wrow = qw + ((size_t)tile * KB * 64 + g * 4 + q) * CW;  // chunk (tile, kb=0, g, q)
+  const PT* prow = params + (size_t)tile * NG * 32 + g * 2;
   uint32_t ones = 0;
   if constexpr (MODE == MODE_ZERO) {
     T one2[2] = {from_f<T>(1.0f), from_f<T>(1.0f)};
     ones = *reinterpret_cast<uint32_t*>(one2);
   }
 
-  // x rows past M are not staged: they feed only output columns m >= M, which are never written.
-  const int rows_live = min(ROWS, M - m0);
   int gi = kb0 * BLOCK_K / group;      // the group being accumulated
   int next_end = (gi + 1) * group;     // the K position where it ends
   for (int ks = kb0; ks < kb1; ks += stage_blocks) {
     const int kend = min(kb1, ks + stage_blocks);
     __syncthreads();  // the previous stage's x is consumed
-    // Stage x[m0 : m0+rows_live, ks*128 : kend*128] (zero past K) as 32-bit pairs.
+    // Stage x[m0 : m0+ROWS, ks*128 : kend*128] (zero outside M and K) as 32-bit pairs.
     const int pairs = (kend - ks) * BLOCK_K / 2;
-    for (int i = threadIdx.x; i < rows_live * pairs; i += blockDim.x) {
+    for (int i = threadIdx.x; i < ROWS * pairs; i += blockDim.x) {
       const int r = i / pairs, c = 2 * (i - r * pairs), m = m0 + r, k = ks * BLOCK_K + c;
       uint32_t v = 0;
-      if (k + 1 < K && (ldx & 1) == 0) {
-        v = *reinterpret_cast<const uint32_t*>(x + (size_t)m * ldx + k);
-      } else if (k < K) {  // odd row stride (or the last column): two scalar loads
-        T two[2] = {x[(size_t)m * ldx + k], k + 1 < K ? x[(size_t)m * ldx + k + 1] : from_f<T>(0.0f)};
-        v = *reinterpret_cast<uint32_t*>(two);
+      if (m < M) {
+        if (k + 1 < K && (ldx & 1) == 0) {
+          v = *reinterpret_cast<const uint32_t*>(x + (size_t)m * ldx + k);
+        } else if (k < K) {  // odd row stride (or the last column): two scalar loads
+          T two[2] = {x[(size_t)m * ldx + k], k + 1 < K ? x[(size_t)m * ldx + k + 1] : from_f<T>(0.0f)};
+          v = *reinterpret_cast<uint32_t*>(two);
+        }
       }
       *reinterpret_cast<uint32_t*>(xs + r * xstride + c) = v;
     }
     __syncthreads();
     if (!live) continue;
 
+    Chunk<BITS> nxt0, nxt8;
+    GroupParams<PT> nfirst, nlast;  // the groups of the next block's first and last slice
+    nxt0.load(wrow + (size_t)ks * 64 * CW);
+    nxt8.load(wrow + ((size_t)ks * 64 + 32) * CW);
+    nfirst.load(prow, ks * BLOCK_K / group);
+    nlast.load(prow, (ks * BLOCK_K + BLOCK_K - 1) / group);
     for (int kb = ks; kb < kend; ++kb) {
-      const Chunk<BITS> w0 = ring[0].w0, w8 = ring[0].w8;
-      const GroupParams<PT> pfirst = ring[0].first;
-#pragma unroll
-      for (int d = 0; d + 1 < DEPTH; ++d) ring[d] = ring[d + 1];  // register moves: the ring stays in registers
-      if (kb + DEPTH < kb1) ring[DEPTH - 1].load(wrow, prow, kb + DEPTH, group);
+      const Chunk<BITS> w0 = nxt0, w8 = nxt8;
+      const GroupParams<PT> pfirst = nfirst, plast = nlast;
       const int gfirst = kb * BLOCK_K / group, glast = (kb * BLOCK_K + BLOCK_K - 1) / group;
-      GroupParams<PT> plast = pfirst;
-      if (glast != gfirst) plast.load(prow, glast);
+      if (kb + 1 < kend) {  // prefetch the next block's weights and scales while this one decodes
+        nxt0.load(wrow + (size_t)(kb + 1) * 64 * CW);
+        nxt8.load(wrow + ((size_t)(kb + 1) * 64 + 32) * CW);
+        nfirst.load(prow, (kb + 1) * BLOCK_K / group);
+        nlast.load(prow, ((kb + 1) * BLOCK_K + BLOCK_K - 1) / group);
+      }
       const T* xb = xs + (kb - ks) * BLOCK_K + 2 * q;
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
@@ -307,9 +290,7 @@ void launch_typed(const Args& a) {
   // x stage: about 32 KB of shared memory whatever M is.
   const int stage_blocks = (MT == 1 ? 16 : MT == 2 ? 8 : 2);
   const size_t smem = TE * 32 * 4 + (size_t)MT * 8 * (stage_blocks * BLOCK_K + 8) * sizeof(T);
-  // blocks in flight per warp; a stage holds a multiple of them
-  constexpr int DEPTH = MT == 8 ? 2 : 4;
-  auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT, DEPTH>;
+  auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   dim3 grid(row_ctas, a.splits, (a.M + MT * 8 - 1) / (MT * 8));
   kern<<<grid, WARPS * 32, smem, a.stream>>>(
