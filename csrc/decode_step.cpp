@@ -394,11 +394,10 @@ at::Tensor as_cpu_float(const char* op, const char* name, const at::Tensor& t) {
   return t.contiguous();
 }
 
-// decode_attn_in on parsed projections ps[0..3) (q, k, v).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_in(const char* op, const at::Tensor& x,
-                                                       const at::Tensor& norm_weight, double eps, Proj* ps,
-                                                       const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads,
-                                                       int64_t num_kv_heads, int64_t head_dim) {
+// decode_attn_in on parsed projections ps[0..3) (q, k, v), into q, k, v (allocated here where undefined).
+void attn_in(const char* op, const at::Tensor& x, const at::Tensor& norm_weight, double eps, Proj* ps,
+             const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+             at::Tensor& q, at::Tensor& k, at::Tensor& v) {
   const at::Tensor xc = as_cpu_float(op, "x", x), wn = as_cpu_float(op, "norm_weight", norm_weight);
   const int64_t H = xc.size(-1);
   TORCH_CHECK(xc.numel() == H, op, ": x must hold one row (batch 1, one query), got shape ", x.sizes());
@@ -416,19 +415,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_in(const char* op, const at:
   thread_local std::vector<float> h;  // per-thread scratch, reused (no heap traffic per layer)
   h.resize(static_cast<size_t>(H));
   rms_norm(xc.data_ptr<float>(), wn.data_ptr<float>(), H, eps, h.data());
-  at::Tensor q = at::empty({1, num_heads, 1, head_dim}, xc.options());
-  at::Tensor k = at::empty({1, num_kv_heads, 1, head_dim}, xc.options());
-  at::Tensor v = at::empty({1, num_kv_heads, 1, head_dim}, xc.options());
+  if (!q.defined()) q = at::empty({1, num_heads, 1, head_dim}, xc.options());
+  if (!k.defined()) k = at::empty({1, num_kv_heads, 1, head_dim}, xc.options());
+  if (!v.defined()) v = at::empty({1, num_kv_heads, 1, head_dim}, xc.options());
   project({&ps[0], &ps[1], &ps[2]}, h.data(), {q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>()});
   rotary(q.data_ptr<float>(), num_heads, head_dim, cc.data_ptr<float>(), sc.data_ptr<float>());
   rotary(k.data_ptr<float>(), num_kv_heads, head_dim, cc.data_ptr<float>(), sc.data_ptr<float>());
-  return {q, k, v};
 }
 
-// decode_attn_out_mlp on parsed projections ps[0..4) (o, gate, up, down).
+// decode_attn_out_mlp on parsed projections ps[0..4) (o, gate, up, down), into y (allocated here if undefined;
+// never residual's storage).
 at::Tensor attn_out_mlp(const char* op, const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& v_all,
                         const c10::optional<at::Tensor>& mask, double scaling, const at::Tensor& residual,
-                        const at::Tensor& norm_weight, double eps, Proj* ps) {
+                        const at::Tensor& norm_weight, double eps, Proj* ps, at::Tensor y = at::Tensor()) {
   const at::Tensor qc = as_cpu_float(op, "q", q), xc = as_cpu_float(op, "residual", residual);
   const at::Tensor wn = as_cpu_float(op, "norm_weight", norm_weight);
   TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(2) == 1, op, ": q must be (1, heads, 1, head_dim), got ",
@@ -483,7 +482,7 @@ at::Tensor attn_out_mlp(const char* op, const at::Tensor& q, const at::Tensor& k
              pa + h * d);
   });
 
-  at::Tensor y = at::empty_like(xc);
+  if (!y.defined()) y = at::empty_like(xc);
   float* py = y.data_ptr<float>();
   const float* px = xc.data_ptr<float>();
   o.resize(static_cast<size_t>(H));
@@ -511,7 +510,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_attn_in(
     int64_t head_dim) {
   const char* op = "decode_attn_in";
   std::vector<Proj> ps = parse_projs(op, weights, grids, biases, meta, 3);
-  return attn_in(op, x, norm_weight, eps, ps.data(), cos, sin, num_heads, num_kv_heads, head_dim);
+  at::Tensor q, k, v;
+  attn_in(op, x, norm_weight, eps, ps.data(), cos, sin, num_heads, num_kv_heads, head_dim, q, k, v);
+  return {q, k, v};
 }
 
 at::Tensor decode_attn_out_mlp(const at::Tensor& q, const at::Tensor& k_all, const at::Tensor& v_all,
@@ -523,6 +524,28 @@ at::Tensor decode_attn_out_mlp(const at::Tensor& q, const at::Tensor& k_all, con
   std::vector<Proj> ps = parse_projs(op, weights, grids, biases, meta, 4);
   return attn_out_mlp(op, q, k_all, v_all, mask, scaling, residual, norm_weight, eps, ps.data());
 }
+
+namespace {
+
+// torch.cat({past, kv}, -2) for a contiguous float32 past (1, heads, S, d) and kv (1, heads, 1, d) by plain copies
+// (the same values and a contiguous result, as cat gives, without its dispatch per call); else at::cat itself.
+at::Tensor append_position(const at::Tensor& past, const at::Tensor& kv) {
+  if (past.dim() != 4 || kv.dim() != 4 || past.scalar_type() != at::kFloat || kv.scalar_type() != at::kFloat ||
+      !past.is_contiguous() || !kv.is_contiguous() || past.size(0) != 1 || kv.size(0) != 1 ||
+      past.size(1) != kv.size(1) || kv.size(2) != 1 || past.size(3) != kv.size(3) || !past.device().is_cpu())
+    return at::cat({past, kv}, -2);
+  const int64_t heads = past.size(1), S = past.size(2), d = past.size(3);
+  at::Tensor out = at::empty({1, heads, S + 1, d}, past.options());
+  const float *pp = past.data_ptr<float>(), *pk = kv.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  for (int64_t hh = 0; hh < heads; ++hh) {
+    std::memcpy(po + hh * (S + 1) * d, pp + hh * S * d, sizeof(float) * S * d);
+    std::memcpy(po + (hh * (S + 1) + S) * d, pk + hh * d, sizeof(float) * d);
+  }
+  return out;
+}
+
+}  // namespace
 
 // All L decoder layers of one decode token in one call, for a cache whose update is torch.cat((keys, k), -2) per
 // layer (transformers' DynamicLayer): per layer l, attn_in (norm l*2, projections 7l..7l+3) -> the cache's concat
@@ -542,14 +565,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
               ", ", values.size(), ", ", norm_weights.size(), " and ", eps.size());
   std::vector<Proj> ps = parse_projs(op, weights, grids, biases, meta, 7 * L);
   std::vector<at::Tensor> nk(L), nv(L);
-  at::Tensor h = x;
+  // q/k/v and the hidden state between layers live in buffers of this call (two for h, so that a layer's output
+  // never overwrites its residual input), not in fresh tensors per layer
+  at::Tensor q, k, v, h = x, buf[2];
   for (size_t l = 0; l < L; ++l) {
-    auto qkv = attn_in(op, h, norm_weights[2 * l], eps[2 * l], &ps[7 * l], cos, sin, num_heads, num_kv_heads,
-                       head_dim);
-    nk[l] = at::cat({keys[l], std::get<1>(qkv)}, -2);
-    nv[l] = at::cat({values[l], std::get<2>(qkv)}, -2);
-    h = attn_out_mlp(op, std::get<0>(qkv), nk[l], nv[l], mask, scaling, h, norm_weights[2 * l + 1], eps[2 * l + 1],
-                     &ps[7 * l + 3]);
+    attn_in(op, h, norm_weights[2 * l], eps[2 * l], &ps[7 * l], cos, sin, num_heads, num_kv_heads, head_dim, q, k, v);
+    nk[l] = append_position(keys[l], k);
+    nv[l] = append_position(values[l], v);
+    at::Tensor& out = buf[l % 2];
+    out = attn_out_mlp(op, q, nk[l], nv[l], mask, scaling, h, norm_weights[2 * l + 1], eps[2 * l + 1],
+                       &ps[7 * l + 3], out);
+    h = out;
   }
   return {h, nk, nv};
 }
