@@ -8,7 +8,8 @@ Self times are grouped into
 
 * ``lut_kernels``: ``hf_efficient::lut_gemm`` (tables + LUT GEMV, our C++);
 * ``fused_step``: the fused decode step's ops (``decode_attn_in``, ``decode_attn_out_mlp``: a whole decoder
-  layer's norms, projections, rotary, attention and MLP in C++; ``decode_linear``: a float32 output head's GEMV;
+  layer's norms, projections, rotary, attention and MLP in C++; ``decode_layers``: all layers and their
+  ``DynamicCache`` appends in one call; ``decode_linear``: a float32 output head's GEMV;
   rows named ``... fused``, see :func:`hf_efficient.quantization.lut.enable_fast_decode`);
 * ``float_matmul``: ``aten::mm/addmm/bmm/linear``-family self time (BLAS; the fp32 row's linears, the float head);
 * ``attention``: ``scaled_dot_product_attention`` and its CPU kernels;
@@ -31,7 +32,8 @@ from benchmarks.common import print_rows, write_results
 
 GROUPS = {
     "lut_kernels": ("hf_efficient::lut_gemm",),
-    "fused_step": ("hf_efficient::decode_attn_in", "hf_efficient::decode_attn_out_mlp", "hf_efficient::decode_linear"),
+    "fused_step": ("hf_efficient::decode_attn_in", "hf_efficient::decode_attn_out_mlp", "hf_efficient::decode_linear",
+                   "hf_efficient::decode_layers"),
     "float_matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_addmm_activation",
                      "aten::mv", "aten::addmv_", "aten::addmv"),
     "attention": ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
