@@ -14,7 +14,7 @@ A layer on CUDA adopts **one** kernel layout as its only copy of its weights
   GPU and the format's kind of grid (on the H200: value-table grids such as NF4/NF3, where the Triton kernels
   read the table per weight); elsewhere ``with force_kernel("mma"):`` while the layer first runs or
   :func:`prepare_model` is called. Prompts longer than :data:`MMA_MAX_M` rows dequantize the layer once per
-  call (a block of row tiles at a time) and run cuBLAS.
+  call (:func:`hf_efficient.kernels.quant_mma.dequantize`: a Triton kernel on CUDA) and run cuBLAS.
 
 The bit-serial LUT GEMM never won a measurement and runs only inside ``force_kernel("lut")``: an experiment
 that computes its terms per call instead of keeping buffers in every layer.
