@@ -251,24 +251,28 @@ def engine_of(model, prompt: torch.Tensor) -> str:
     from hf_efficient.quantization.lut import decode
 
     fused = {"layer": 0, "head": 0}
-    run_layer, lm_step = decode._run_layer, decode._fast_lm_step
+    run_layer, run_layers, lm_step = decode._run_layer, decode._run_layers, decode._fast_lm_step
 
     def counted_layer(*a, **k):
         fused["layer"] += 1
         return run_layer(*a, **k)
+
+    def counted_layers(stack, *a, **k):  # all layers in one decode_layers call
+        fused["layer"] += stack.n
+        return run_layers(stack, *a, **k)
 
     def counted_lm(*a, **k):
         out = lm_step(*a, **k)
         fused["head"] += out is not None
         return out
 
-    decode._run_layer, decode._fast_lm_step = counted_layer, counted_lm
+    decode._run_layer, decode._run_layers, decode._fast_lm_step = counted_layer, counted_layers, counted_lm
     try:
         with KernelCensus() as census, torch.no_grad():
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False,
                            pad_token_id=model.config.eos_token_id)
     finally:
-        decode._run_layer, decode._fast_lm_step = run_layer, lm_step
+        decode._run_layer, decode._run_layers, decode._fast_lm_step = run_layer, run_layers, lm_step
     isa = K.isa() if K.available() else "no C++ extension"
     parts = []
     if fused["layer"]:
