@@ -8,8 +8,9 @@ like-for-like comparison. ``decode_tok_s`` is greedy ``model.generate`` on a ran
 processor stamps the time of every generated token, and the rate is (tokens - 1) / (last stamp - first stamp), so
 prefill is excluded and every counted interval is one whole generate step (forward, cache, argmax, stopping
 checks). Since 2026-12-03 (#21) generate runs with ``eos_token_id=None`` instead of ``min_new_tokens``: it cannot
-stop early either way (the step count is checked), but ``min_new_tokens`` added two logits processors (~2 ms a
-token on the 2-core EPYC) that llama.cpp's loop does not have; earlier tables were timed with them. ``forward_loop_tok_s`` is ``measure_speed``'s bare loop of one-token forwards (what earlier tables
+stop early either way (the step count is checked), but ``min_new_tokens`` added two logits processors and EOS
+stopping that llama.cpp's loop does not have (their cost: docs/lut.md); earlier tables were timed with them.
+``forward_loop_tok_s`` is ``measure_speed``'s bare loop of one-token forwards (what earlier tables
 reported), so the gap between the two is ``generate``'s own overhead.
 
 llama.cpp (optional, never a dependency): ``llama-cpp-python`` in a separate interpreter, given by
@@ -197,7 +198,7 @@ def generate_decode_tok_s(model, prompt: torch.Tensor, new_tokens: int, repeats:
     for _ in range(repeats):
         stamps = _Stamps()
         # eos_token_id=None: no EOS stop, so every run makes new_tokens steps (checked below) without the two
-        # min-length logits processors that min_new_tokens adds (~2 ms a token here; llama.cpp's loop has none)
+        # min-length logits processors that min_new_tokens adds (llama.cpp's loop has none; cost in docs/lut.md)
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, eos_token_id=None,
                        do_sample=False, logits_processor=LogitsProcessorList([stamps]),
                        pad_token_id=model.config.eos_token_id)

@@ -276,7 +276,7 @@ def _plain_dynamic(cache) -> bool:
 
 def _no_padding(mask, past: int) -> bool:
     """No attention mask, or a 2-D one over the cache and the new token that masks nothing (what generate passes
-    without padding): transformers' sdpa mask is None for both with one query, and building it costs ~0.1 ms."""
+    without padding): transformers' sdpa mask is None for both with one query, so it need not be built (docs/lut.md)."""
     return mask is None or (isinstance(mask, torch.Tensor) and mask.shape == (1, past + 1)
                             and mask.dtype in (torch.bool, torch.int64, torch.int32) and bool(mask.all()))
 
