@@ -262,15 +262,29 @@ def unavailable_reason() -> str | None:
     return _ext_error
 
 
+# CTAs of the kernel resident per SM by M tiles per CTA (``mtiles_for`` in cuda/quant_mma_args.h): its
+# __launch_bounds__ (registers) and shared memory allow 4 for decode (one M tile), 2 for two, 1 for eight.
+RESIDENT_CTAS = {1: 4, 2: 2, 8: 1}
+# A CTA's fixed cost (pair-table fill, x staging, the split-K reduction) in 128-K blocks of weight work.
+CTA_OVERHEAD_BLOCKS = 6
+
+
+def mtiles_for(m: int) -> int:
+    return 1 if m <= 8 else 2 if m <= 16 else 8
+
+
 def choose_splits(m: int, n: int, k: int, sms: int) -> int:
-    """Split-K factor: enough CTAs for two per SM, each split at least two 128-K blocks."""
+    """Split-K factor minimising (waves of CTAs) x (blocks per CTA + its fixed cost), each split at least two
+    128-K blocks: a grid just over a whole number of waves costs a whole extra wave, so more splits are not always
+    better."""
     kb = -(-k // BLOCK_K)
-    tiles = -(-n // 16)
-    row_ctas = -(-tiles // WARPS)
-    mt_rows = 8 if m <= 8 else 16 if m <= 16 else 64
-    ctas = row_ctas * -(-m // mt_rows)
-    want = max(1, -(-2 * sms // ctas))
-    return max(1, min(want, kb // 2 or 1))
+    mt = mtiles_for(m)
+    ctas = -(-(-(-n // 16)) // WARPS) * -(-m // (8 * mt))
+    slots = sms * RESIDENT_CTAS[mt]
+
+    def cost(s: int) -> int:
+        return -(-ctas * s // slots) * (-(-kb // s) + CTA_OVERHEAD_BLOCKS)
+    return min(range(1, max(1, kb // 2) + 1), key=lambda s: (cost(s), s))
 
 
 def _counter_buffer(device: torch.device, need: int) -> torch.Tensor:
@@ -307,8 +321,7 @@ def _quant_mma_cuda(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor
     if not splits:
         splits = choose_splits(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
     kb = qweight.shape[1]
-    mt_rows = 8 if m <= 8 else 16 if m <= 16 else 64
-    need = -(-qweight.shape[0] // WARPS) * -(-m // mt_rows)
+    need = -(-qweight.shape[0] // WARPS) * -(-m // (8 * mtiles_for(m)))
     table = tables[0 if x.dtype == torch.float16 else 1]
     return extension().quant_mma(x, qweight, params, table, _counter_buffer(x.device, need), n, k, bits,
                                  group_size, mode, min(splits, kb))

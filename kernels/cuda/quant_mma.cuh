@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "quant_mma_args.h"
@@ -113,30 +114,49 @@ template <typename PT> __device__ __forceinline__ float to_f(PT v) { return stat
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// The pair table in shared memory: entry e of lane l at byte e*128 + 4*l (one copy per lane, so the lookups of a
+// warp never share a bank). A lookup is one shift-add and one 32-bit shared load: the address is formed as a
+// 32-bit shared-window offset here because the compiler, given a pointer, spends two more integer instructions.
+struct PairTable {
+  uint32_t base;  // this lane's copy, as a shared-window address
+  __device__ __forceinline__ PairTable(const uint32_t* smem, int lane)
+      : base(static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + 4 * lane) {}
+  __device__ static void fill(uint32_t* smem, const uint32_t* __restrict__ table, int te) {
+    for (int i = threadIdx.x; i < te * 32; i += blockDim.x) smem[i] = table[i >> 5];
+  }
+  __device__ __forceinline__ uint32_t operator()(uint32_t idx) const {
+    uint32_t v;
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(base + (idx << 7)));
+    return v;
+  }
+};
+
 // x (M, K) row stride ldx; qw: (Ntiles, KB, 16, 4, CW) int32 words; params: (Ntiles, NG, 16, 2) of PT;
 // table: 4**BITS uint32 pair entries; y (M, N); ws: (S, M, Npad) fp32; counters: one int per (CTA row, M tile).
+// Shared memory: the pair table, then x staged as srows + 1 rows (srows = the rows of x this CTA has, at most
+// MT * 8; the extra row is zeros and stands in for the B-fragment rows past M, so decode does not stage 8 rows).
 template <typename T, typename PT, int BITS, int MODE, int MT>
-__global__ void __launch_bounds__(WARPS * 32)
+__global__ void __launch_bounds__(WARPS * 32, MT == 1 ? 4 : MT == 2 ? 2 : 1)
 quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t* __restrict__ qw,
                  const PT* __restrict__ params, const uint32_t* __restrict__ table, T* __restrict__ y, int N,
                  int Ntiles, int KB, int group, int NG, int blocks_per_split, int stage_blocks,
                  float* __restrict__ ws, int* __restrict__ counters) {
   constexpr int TE = 1 << (2 * BITS);  // pair-table entries
   constexpr int CW = chunk_words<BITS>();
-  constexpr int ROWS = MT * 8;         // x rows staged per CTA
+  constexpr int ROWS = MT * 8;         // rows of x per CTA
   extern __shared__ __align__(16) uint32_t smem[];
-  uint32_t* tbl = smem;                                     // [TE][32]
-  T* xs = reinterpret_cast<T*>(smem + TE * 32);             // [ROWS][stage_k + 8]
+  T* xs = reinterpret_cast<T*>(smem + TE * 32);             // [srows + 1][stage_k + 8]
   __shared__ int last_flag;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
   const int tile = blockIdx.x * WARPS + warp;
   const int split = blockIdx.y, S = gridDim.y;
-  const int m0 = blockIdx.z * ROWS;
+  const int m0 = blockIdx.z * ROWS, srows = min(ROWS, M - m0);
   const int kb0 = split * blocks_per_split, kb1 = min(KB, kb0 + blocks_per_split);
   const int stage_k = stage_blocks * BLOCK_K, xstride = stage_k + 8;  // +8: rows land on different banks
 
-  for (int i = threadIdx.x; i < TE * 32; i += blockDim.x) tbl[i] = table[i >> 5];
+  PairTable::fill(smem, table, TE);
+  const PairTable lookup(smem, lane);
 
   float acc[MT][4], cg[MT][4], c2[MT][4];
 #pragma unroll
@@ -152,18 +172,59 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     T one2[2] = {from_f<T>(1.0f), from_f<T>(1.0f)};
     ones = *reinterpret_cast<uint32_t*>(one2);
   }
+  int xrow[MT];  // this lane's B row per M tile, in xs (the zero row past the CTA's rows)
+#pragma unroll
+  for (int t = 0; t < MT; ++t) xrow[t] = min(t * 8 + g, srows) * xstride + 2 * q;
 
+  // The MMAs of slice s (16 K) of a block: A rows g / g+8 (chunks w0 / w8) at K 2q..2q+1 (pair 2s) and
+  // 2q+8..2q+9 (pair 2s+1); B from the staged x at xb (the block's first column).
+  auto mma_slice = [&](const Chunk<BITS>& w0, const Chunk<BITS>& w8, const T* xb, int s) {
+    const uint32_t a0 = lookup(w0.idx(2 * s)), a1 = lookup(w8.idx(2 * s));
+    const uint32_t a2 = lookup(w0.idx(2 * s + 1)), a3 = lookup(w8.idx(2 * s + 1));
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      const T* xr = xb + xrow[t] + 16 * s;
+      const uint32_t b0 = *reinterpret_cast<const uint32_t*>(xr);
+      const uint32_t b1 = *reinterpret_cast<const uint32_t*>(xr + 8);
+      if constexpr (MODE == MODE_TWO) {
+        mma16816<T>(cg[t], hmax0<T>(a0), hmax0<T>(a1), hmax0<T>(a2), hmax0<T>(a3), b0, b1);
+        mma16816<T>(c2[t], hmin0<T>(a0), hmin0<T>(a1), hmin0<T>(a2), hmin0<T>(a3), b0, b1);
+      } else {
+        mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
+        if constexpr (MODE == MODE_ZERO) mma16816<T>(c2[t], ones, ones, ones, ones, b0, b1);
+      }
+    }
+  };
+  // A group (or this split's share of it) ends: scale its sums into acc.
+  auto flush = [&](const GroupParams<PT>& p) {
+    const float ag = to_f(p.a), bg = to_f(p.b), ag8 = to_f(p.a8), bg8 = to_f(p.b8);
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float a = i < 2 ? ag : ag8, b = i < 2 ? bg : bg8;
+        if constexpr (MODE == MODE_SYM) acc[t][i] += a * cg[t][i];
+        else if constexpr (MODE == MODE_ZERO) acc[t][i] += a * (cg[t][i] - b * c2[t][i]);
+        else acc[t][i] += a * cg[t][i] + b * c2[t][i];
+        cg[t][i] = c2[t][i] = 0.f;
+      }
+    }
+  };
+
+  // Groups of whole blocks (group % 128 == 0, the common case): every block lies in one group, so the group
+  // checks and parameter loads happen once per block instead of once per slice.
+  const bool aligned = group % BLOCK_K == 0;
   int gi = kb0 * BLOCK_K / group;      // the group being accumulated
   int next_end = (gi + 1) * group;     // the K position where it ends
   for (int ks = kb0; ks < kb1; ks += stage_blocks) {
     const int kend = min(kb1, ks + stage_blocks);
     __syncthreads();  // the previous stage's x is consumed
-    // Stage x[m0 : m0+ROWS, ks*128 : kend*128] (zero outside M and K) as 32-bit pairs.
+    // Stage x[m0 : m0+srows, ks*128 : kend*128] (zero outside K) as 32-bit pairs, plus the zero row.
     const int pairs = (kend - ks) * BLOCK_K / 2;
-    for (int i = threadIdx.x; i < ROWS * pairs; i += blockDim.x) {
+    for (int i = threadIdx.x; i < (srows + 1) * pairs; i += blockDim.x) {
       const int r = i / pairs, c = 2 * (i - r * pairs), m = m0 + r, k = ks * BLOCK_K + c;
       uint32_t v = 0;
-      if (m < M) {
+      if (r < srows) {
         if (k + 1 < K && (ldx & 1) == 0) {
           v = *reinterpret_cast<const uint32_t*>(x + (size_t)m * ldx + k);
         } else if (k < K) {  // odd row stride (or the last column): two scalar loads
@@ -177,59 +238,51 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     if (!live) continue;
 
     Chunk<BITS> nxt0, nxt8;
-    GroupParams<PT> nfirst, nlast;  // the groups of the next block's first and last slice
     nxt0.load(wrow + (size_t)ks * 64 * CW);
     nxt8.load(wrow + ((size_t)ks * 64 + 32) * CW);
-    nfirst.load(prow, ks * BLOCK_K / group);
-    nlast.load(prow, (ks * BLOCK_K + BLOCK_K - 1) / group);
+    if (aligned) {
+      GroupParams<PT> np;  // the next block's group parameters
+      np.load(prow, gi);
+      for (int kb = ks; kb < kend; ++kb) {
+        const Chunk<BITS> w0 = nxt0, w8 = nxt8;
+        const GroupParams<PT> p = np;
+        const bool ends = (kb + 1) * BLOCK_K == next_end;
+        if (kb + 1 < kend) {  // prefetch the next block's weights and scales while this one decodes
+          nxt0.load(wrow + (size_t)(kb + 1) * 64 * CW);
+          nxt8.load(wrow + ((size_t)(kb + 1) * 64 + 32) * CW);
+          np.load(prow, gi + ends);
+        }
+        const T* xb = xs + (kb - ks) * BLOCK_K;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) mma_slice(w0, w8, xb, s);
+        if (ends || kb + 1 == kb1) flush(p);
+        if (ends) {
+          ++gi;
+          next_end += group;
+        }
+      }
+      continue;
+    }
+    // Groups narrower than a block (or not aligned to blocks): check after every slice; the parameters are
+    // loaded when a group ends (not prefetched: that would hold two more parameter sets in registers).
     for (int kb = ks; kb < kend; ++kb) {
       const Chunk<BITS> w0 = nxt0, w8 = nxt8;
-      const GroupParams<PT> pfirst = nfirst, plast = nlast;
-      const int gfirst = kb * BLOCK_K / group, glast = (kb * BLOCK_K + BLOCK_K - 1) / group;
-      if (kb + 1 < kend) {  // prefetch the next block's weights and scales while this one decodes
+      if (kb + 1 < kend) {
         nxt0.load(wrow + (size_t)(kb + 1) * 64 * CW);
         nxt8.load(wrow + ((size_t)(kb + 1) * 64 + 32) * CW);
-        nfirst.load(prow, (kb + 1) * BLOCK_K / group);
-        nlast.load(prow, ((kb + 1) * BLOCK_K + BLOCK_K - 1) / group);
       }
-      const T* xb = xs + (kb - ks) * BLOCK_K + 2 * q;
+      const T* xb = xs + (kb - ks) * BLOCK_K;
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
-        // A fragment: rows g / g+8 (chunks w0 / w8) at K 2q..2q+1 (pair 2s) and 2q+8..2q+9 (pair 2s+1).
-        const uint32_t a0 = tbl[w0.idx(2 * s) * 32 + lane], a1 = tbl[w8.idx(2 * s) * 32 + lane];
-        const uint32_t a2 = tbl[w0.idx(2 * s + 1) * 32 + lane], a3 = tbl[w8.idx(2 * s + 1) * 32 + lane];
-#pragma unroll
-        for (int t = 0; t < MT; ++t) {
-          const T* xr = xb + (t * 8 + g) * xstride + 16 * s;
-          const uint32_t b0 = *reinterpret_cast<const uint32_t*>(xr);
-          const uint32_t b1 = *reinterpret_cast<const uint32_t*>(xr + 8);
-          if constexpr (MODE == MODE_TWO) {
-            mma16816<T>(cg[t], hmax0<T>(a0), hmax0<T>(a1), hmax0<T>(a2), hmax0<T>(a3), b0, b1);
-            mma16816<T>(c2[t], hmin0<T>(a0), hmin0<T>(a1), hmin0<T>(a2), hmin0<T>(a3), b0, b1);
-          } else {
-            mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
-            if constexpr (MODE == MODE_ZERO) mma16816<T>(c2[t], ones, ones, ones, ones, b0, b1);
-          }
-        }
+        mma_slice(w0, w8, xb, s);
         const int kpos = kb * BLOCK_K + 16 * (s + 1);
-        if (kpos == next_end || (s == 7 && kb + 1 == kb1)) {  // a group (or this split's share of it) ends
-          GroupParams<PT> p = gi == glast ? plast : pfirst;
-          if (gi != glast && gi != gfirst) p.load(prow, gi);  // groups < 64 wide: more than two per block
-          const float ag = to_f(p.a), bg = to_f(p.b), ag8 = to_f(p.a8), bg8 = to_f(p.b8);
+        if (kpos == next_end || (s == 7 && kb + 1 == kb1)) {
+          GroupParams<PT> p;
+          p.load(prow, gi);
+          flush(p);
           if (kpos == next_end) {
             ++gi;
             next_end += group;
-          }
-#pragma unroll
-          for (int t = 0; t < MT; ++t) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const float a = i < 2 ? ag : ag8, b = i < 2 ? bg : bg8;
-              if constexpr (MODE == MODE_SYM) acc[t][i] += a * cg[t][i];
-              else if constexpr (MODE == MODE_ZERO) acc[t][i] += a * (cg[t][i] - b * c2[t][i]);
-              else acc[t][i] += a * cg[t][i] + b * c2[t][i];
-              cg[t][i] = c2[t][i] = 0.f;
-            }
           }
         }
       }
@@ -287,9 +340,12 @@ template <typename T, typename PT, int BITS, int MODE, int MT>
 void launch_typed(const Args& a) {
   constexpr int TE = 1 << (2 * BITS);
   const int row_ctas = (a.Ntiles + WARPS - 1) / WARPS;
-  // x stage: about 32 KB of shared memory whatever M is.
-  const int stage_blocks = (MT == 1 ? 16 : MT == 2 ? 8 : 2);
-  const size_t smem = TE * 32 * 4 + (size_t)MT * 8 * (stage_blocks * BLOCK_K + 8) * sizeof(T);
+  // x stage: the CTA's rows of x plus the zero row, up to 16 KB (decode: 4 CTAs per SM) or 36 KB, never more
+  // K than one split covers.
+  const int rows = std::min(MT * 8, a.M) + 1;
+  const int budget = (MT == 1 ? 16384 : 36864) / (rows * BLOCK_K * (int)sizeof(T));
+  const int stage_blocks = std::max(1, std::min(budget, a.blocks_per_split));
+  const size_t smem = TE * 128 + (size_t)rows * (stage_blocks * BLOCK_K + 8) * sizeof(T);
   auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   dim3 grid(row_ctas, a.splits, (a.M + MT * 8 - 1) / (MT * 8));
