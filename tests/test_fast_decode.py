@@ -397,6 +397,54 @@ def test_stacked_step_conditions(model_dirs, fused_calls, stacked_steps):
     assert len(stacked_steps) == 2 and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("case", ["fp32", "int4-g32"])
+def test_stack_plan_follows_changes(model_dirs, case, stacked_steps):
+    """The stacked step's arguments are reused while nothing they were built from changed, and rebuilt when a
+    projection's weight, its LUT stream, a norm weight or a projection module is replaced (results then as the
+    unfused model's)."""
+    model = _load(model_dirs, case)
+    stack = model.model
+    with torch.no_grad():
+        prefill = model(_ids(6), use_cache=True).past_key_values
+    tok = _ids(1, seed=3)
+
+    def step():
+        with torch.no_grad():
+            return stack(input_ids=tok, cache=copy.deepcopy(prefill), use_cache=True).last_hidden_state
+
+    def unfused():
+        enable_fast_decode(model, False)
+        try:
+            return step()
+        finally:
+            enable_fast_decode(model)
+
+    step()
+    st = stack._hfe_stack
+    step()
+    assert stack._hfe_stack is st and len(stacked_steps) == 2
+    layer = stack.layers[1]
+    # (change, whether it changes the values)
+    changes = [(lambda: setattr(layer.post_attention_layernorm, "weight",
+                                nn.Parameter(layer.post_attention_layernorm.weight * 2)), True),
+               (lambda: setattr(layer.mlp, "up_proj", copy.deepcopy(layer.mlp.up_proj)), False)]
+    if case == "fp32":
+        changes.append((lambda: setattr(layer.mlp.down_proj, "weight", nn.Parameter(layer.mlp.down_proj.weight * 0)),
+                        True))
+    else:  # a new stream buffer (what .to() or a re-conversion leaves)
+        q = layer.self_attn.v_proj
+        changes.append((lambda: q._buffers.__setitem__("_rl_stream", q._buffers["_rl_stream"].clone()), False))
+    for change, alters in changes:
+        before = step()
+        change()
+        got = step()
+        assert stack._hfe_stack is not st
+        st = stack._hfe_stack
+        want = unfused()
+        assert torch.equal(got, before) != alters
+        assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()), rtol=0)
+
+
 @pytest.mark.parametrize("rope", [None, dict(rope_type="linear", factor=2.0), dict(rope_type="dynamic", factor=2.0),
                                   dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128),
                                   dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -482,8 +530,9 @@ def test_model_step_fallbacks(model_dirs, fused_calls, model_steps):
 
 @pytest.mark.parametrize("case", ["fp32", "int4-g32"])
 def test_lm_step_head_and_fallbacks(model_dirs, case, lm_steps, model_steps):
-    """The causal LM's one-token step: logits as its own forward's within summation-order rounding; labels,
-    logits_to_keep > 1, gradients, a hooked head and a quantized head (enable_lut head_bits) take its own forward."""
+    """The causal LM's one-token step: logits as its own forward's within summation-order rounding (float head on
+    decode_linear), or bit for bit (a hooked head and a quantized head, enable_lut head_bits, run by their module
+    call on the same hidden state); labels, logits_to_keep > 1 and gradients take its own forward."""
     model = _load(model_dirs, case)
     base = type(model)._hfe_base
     with torch.no_grad():
@@ -507,16 +556,22 @@ def test_lm_step_head_and_fallbacks(model_dirs, case, lm_steps, model_steps):
     assert len(lm_steps) == 3 and torch.equal(pos.logits, got.logits)
     both(labels=tok)
     both(logits_to_keep=2)
-    handle = model.lm_head.register_forward_hook(lambda *a: None)
-    both()
-    handle.remove()
+    with torch.enable_grad():
+        model(input_ids=tok, cache=copy.deepcopy(prefill), use_cache=True)
     assert len(lm_steps) == 3
-    enable_lut(model, head_bits=4, head_group_size=32)  # the head becomes a LUTHead: the LM's own forward runs it
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda *a: seen.append(1))
+    got, want = both()
+    handle.remove()
+    assert len(lm_steps) == 4 and len(seen) == 2 and torch.equal(got.logits, want.logits)
+    enable_lut(model, head_bits=4, head_group_size=32)  # the head becomes a LUTHead, run by its module call
     assert type(model).__name__ == "FastDecodeLlamaForCausalLM"
     n = len(model_steps)
+    got, want = both()
+    assert len(lm_steps) == 5 and len(model_steps) == n + 2 and torch.equal(got.logits, want.logits)
     with torch.no_grad():
         model.generate(_ids(5), max_new_tokens=3, do_sample=False)
-    assert len(lm_steps) == 3 and len(model_steps) == n + 2
+    assert len(lm_steps) == 7 and len(model_steps) == n + 4
 
 
 def test_model_classes_and_sliding_windows(fused_calls, model_steps):
@@ -724,6 +779,11 @@ def test_ops_opcheck():
                                     mmeta)
         assert torch.equal(keys[i], k) and torch.equal(values[i], v)
     assert torch.equal(h, x)
+    # strided pasts (same values) take at::cat instead of the copies that ride along with the q/k/v tiles
+    strided = [p.transpose(2, 3).contiguous().transpose(2, 3) for p in past]
+    assert not strided[0].is_contiguous()
+    h2, keys2, values2 = ops.decode_layers(*c[:14], strided[:2], strided[2:])
+    assert torch.equal(h2, h) and all(torch.equal(a, b) for a, b in zip(keys2 + values2, keys + values))
     with pytest.raises(RuntimeError, match="per layer"):
         ops.decode_layers(*c[:14], past[:2], past[2:3])
     with pytest.raises(RuntimeError, match="projections"):

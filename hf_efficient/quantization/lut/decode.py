@@ -24,6 +24,7 @@ eager attention) is applied; its last dimension must be the cache length.
 from __future__ import annotations
 
 import logging
+from operator import is_
 
 import torch
 from torch import nn
@@ -70,9 +71,9 @@ def _ops():
 
 
 class _Plan:
-    """What the two ops read for one layer, with the identity key of the tensors it was built from."""
+    """What the two ops read for one layer, with the watch (:class:`_Watch`) of what it was built from."""
 
-    __slots__ = ("key", "attn_in", "attn_out", "n1", "eps1", "n2", "eps2", "heads", "kv_heads", "head_dim",
+    __slots__ = ("watch", "attn_in", "attn_out", "n1", "eps1", "n2", "eps2", "heads", "kv_heads", "head_dim",
                  "scaling", "layer_idx", "config", "cfg_dict")
 
 
@@ -92,32 +93,67 @@ def _proj(m: nn.Module):
     return None
 
 
-def _proj_key(m: nn.Module):
-    # identity of what a plan read from one projection (ids of objects the plan keeps alive, so never reused)
-    d = m.__dict__
-    t = type(m)
-    if t is QuantLinear:
-        return (id(m), id(d["_buffers"].get("_rl_stream")) if d.get("_lut_enabled", True) else None,
-                id(d["_parameters"].get("bias", d["_buffers"].get("bias"))))
-    if t is nn.Linear:
-        p = d["_parameters"]
-        return id(m), id(p["weight"]), id(p["bias"])
-    return t
-
-
 def _modules(layer: nn.Module):
     a, mlp = layer.self_attn, layer.mlp
     return (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
 
-def _key(layer: nn.Module) -> tuple:
-    # Runs every step: plain dict reads instead of nn.Module.__getattr__ (a Python call per attribute).
+class _Watch:
+    """Where the inputs of a plan live, checked every step in a few C-level loops (no Python call per entry):
+    ``dicts[i].get(names[i]) is objs[i]`` for every entry (submodules, the projections' weights or LUT streams
+    and biases, their ``_lut_enabled`` flags, the norm weights, the attention's config and layer index) and
+    ``type(mods[i]) is types[i]``. Objects are held, so ids are never reused while the watch lives; a replaced
+    module, weight, stream (a re-conversion, ``.to()``) or config makes it fail and the plan is rebuilt."""
+
+    __slots__ = ("dicts", "names", "objs", "mods", "types")
+
+    def __init__(self):
+        self.dicts, self.names, self.objs, self.mods, self.types = [], [], [], [], []
+
+    def add(self, d: dict, *names):
+        for n in names:
+            self.dicts.append(d)
+            self.names.append(n)
+            self.objs.append(d.get(n))
+
+    def module(self, m):
+        self.mods.append(m)
+        self.types.append(type(m))
+
+    def holds(self) -> bool:
+        return (all(map(is_, map(type, self.mods), self.types))
+                and all(map(is_, map(dict.get, self.dicts, self.names), self.objs)))
+
+    def extend(self, other: "_Watch"):
+        for a, b in zip((self.dicts, self.names, self.objs, self.mods, self.types),
+                        (other.dicts, other.names, other.objs, other.mods, other.types)):
+            a.extend(b)
+
+
+def _watch(layer: nn.Module) -> _Watch:
+    """The watch of everything a layer's plan reads (what decides whether it can be reused)."""
+    w = _Watch()
     lm = layer.__dict__["_modules"]
-    am, mm = lm["self_attn"].__dict__["_modules"], lm["mlp"].__dict__["_modules"]
-    return (_proj_key(am["q_proj"]), _proj_key(am["k_proj"]), _proj_key(am["v_proj"]), _proj_key(am["o_proj"]),
-            _proj_key(mm["gate_proj"]), _proj_key(mm["up_proj"]), _proj_key(mm["down_proj"]),
-            id(lm["input_layernorm"].__dict__["_parameters"]["weight"]),
-            id(lm["post_attention_layernorm"].__dict__["_parameters"]["weight"]))
+    w.add(lm, "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+    attn, mlp = lm["self_attn"], lm["mlp"]
+    w.add(attn.__dict__, "config", "layer_idx")
+    for parent, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj",
+                                                                                      "down_proj"))):
+        pm = parent.__dict__["_modules"]
+        w.add(pm, *names)
+        for n in names:
+            m = pm[n]
+            w.module(m)
+            d = m.__dict__
+            if type(m) is QuantLinear:
+                w.add(d, "_lut_enabled")
+                w.add(d["_buffers"], "_rl_stream", "bias")
+                w.add(d["_parameters"], "bias")
+            elif type(m) is nn.Linear:
+                w.add(d["_parameters"], "weight", "bias")
+    for n in ("input_layernorm", "post_attention_layernorm"):
+        w.add(lm[n].__dict__["_parameters"], "weight")
+    return w
 
 
 def _build_plan(layer: nn.Module, mods) -> _Plan | None:
@@ -145,25 +181,21 @@ def _build_plan(layer: nn.Module, mods) -> _Plan | None:
 
 
 def _plan(layer: nn.Module) -> _Plan | None:
-    key = _key(layer)
     plan = layer.__dict__.get("_hfe_plan")
-    if plan is not None and plan.key == key:
-        return plan
+    if plan is not None and plan.watch.holds():
+        return plan if type(plan) is _Plan else None
     plan = _build_plan(layer, _modules(layer))
-    # building may convert a QuantLinear to the kernel layout (a new stream): key what the plan holds; a layer
+    # building may convert a QuantLinear to the kernel layout (a new stream): watch what the plan holds; a layer
     # that cannot run fused is remembered too, until one of its projections changes
-    key = _key(layer)
-    if plan is not None:
-        plan.key = key
-    layer.__dict__["_hfe_plan"] = plan if plan is not None else _Unsupported(key)
-    return plan
+    if plan is None:
+        plan = _Unsupported()
+    plan.watch = _watch(layer)
+    layer.__dict__["_hfe_plan"] = plan
+    return plan if type(plan) is _Plan else None
 
 
 class _Unsupported:
-    __slots__ = ("key",)
-
-    def __init__(self, key):
-        self.key = key
+    __slots__ = ("watch",)
 
 
 _ONE = (1, 1)
@@ -215,7 +247,7 @@ def _fast_step(layer, hidden_states, args, kwargs):
     if pe is None:
         return None
     plan = _plan(layer)
-    if type(plan) is not _Plan or not _impl_ok(plan) or _capturing_attentions():
+    if plan is None or not _impl_ok(plan) or _capturing_attentions():
         return None
     mask = kwargs.get("attention_mask")
     if not _mask_ok(mask):
@@ -316,7 +348,8 @@ def _fast_model_step(model, args, kwargs):
         pos = int(position_ids)
     else:
         return None
-    if pos == past and cfg._attn_implementation == "sdpa" and _plain_dynamic(cache) and _no_padding(mask, past):
+    plain = _plain_dynamic(cache)
+    if pos == past and cfg._attn_implementation == "sdpa" and plain and _no_padding(mask, past):
         mask = None  # create_causal_mask gives None here: the one query sees every cached position (tested)
     elif not (isinstance(mask, torch.Tensor) and mask.dim() == 4):  # a 4-D mask is used as it is
         mask = create_causal_mask(config=cfg, inputs_embeds=h, attention_mask=mask, cache=cache,
@@ -330,13 +363,13 @@ def _fast_model_step(model, args, kwargs):
     rest = {k: kwargs[k] for k in _PASSED_ON if k in kwargs}
     extra = {"position_ids": position_ids, "use_cache": use_cache, **rest}  # the attention's cache.update kwargs
     cos, sin = pe
-    stack = _stack_plan(model, layers, cache) if _plain_dynamic(cache) and not cache.offloading else None
+    stack = _stack_plan(model, layers, cache) if plain and not cache.offloading else None
     if stack is not None:
         h = _run_layers(stack, h, mask, cos, sin, cache)
         return BaseModelOutputWithPast(last_hidden_state=model.norm(h), cache=cache)
     for layer in layers:
         plan = _plan(layer) if isinstance(layer, _FastDecodeMixin) and not layer.training else None
-        if type(plan) is _Plan and plan.config is cfg:
+        if plan is not None and plan.config is cfg:
             h = _run_layer(plan, h, mask, cos, sin, cache, extra)
         else:
             h = layer(h, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
@@ -345,36 +378,40 @@ def _fast_model_step(model, args, kwargs):
 
 
 class _Stack:
-    """The ``decode_layers`` arguments of a decoder stack, built from its layers' plans (kept to check identity)."""
+    """The ``decode_layers`` arguments of a decoder stack, built from its layers' plans, with the watch of the
+    layers, their training flags and everything their plans read (reused while it holds: no per-layer plan check
+    per step)."""
 
-    __slots__ = ("plans", "n", "args", "scaling", "heads", "kv_heads", "head_dim")
+    __slots__ = ("layers", "cfg", "watch", "n", "args", "scaling", "heads", "kv_heads", "head_dim")
 
 
 def _stack_plan(model, layers, cache) -> _Stack | None:
     """The stack's ``decode_layers`` arguments when every layer runs fused on this config with one attention
     geometry and its plain ``DynamicCache`` layer holds a (1, kv_heads, past, head_dim) past, else None (each layer
     then runs on its own, its cache updated by ``cache.update``)."""
-    cfg, cl = model.config, cache.layers
-    if len(cl) < len(layers):
+    cfg, cl, n = model.config, cache.layers, len(layers)
+    if len(cl) < n or not all(c.is_initialized and c.keys.dim() == 4 and c.values.dim() == 4 for c in cl[:n]):
         return None
+    st = model.__dict__.get("_hfe_stack")
+    if st is not None and st.cfg is cfg and st.n == n and all(map(is_, layers, st.layers)) and st.watch.holds():
+        return st
     plans = []
     for i, layer in enumerate(layers):
         plan = _plan(layer) if isinstance(layer, _FastDecodeMixin) and not layer.training else None
-        if type(plan) is not _Plan or plan.config is not cfg or plan.layer_idx != i:
-            return None
-        c = cl[i]
-        if not c.is_initialized or c.keys.dim() != 4 or c.values.dim() != 4:
+        if plan is None or plan.config is not cfg or plan.layer_idx != i:
             return None
         plans.append(plan)
-    st = model.__dict__.get("_hfe_stack")
-    if st is not None and st.n == len(plans) and all(a is b for a, b in zip(st.plans, plans)):
-        return st
     p0 = plans[0]
     geo = (p0.scaling, p0.heads, p0.kv_heads, p0.head_dim)
     if any((p.scaling, p.heads, p.kv_heads, p.head_dim) != geo for p in plans):
         return None
     st = _Stack()
-    st.plans, st.n = tuple(plans), len(plans)
+    st.layers, st.cfg, st.n = tuple(layers), cfg, n
+    st.watch = _Watch()
+    for layer, p in zip(layers, plans):
+        st.watch.module(layer)  # still a fused class
+        st.watch.add(layer.__dict__, "training")
+        st.watch.extend(p.watch)
     st.scaling, st.heads, st.kv_heads, st.head_dim = geo
     lists = [[v for p in plans for v in p.attn_in[j] + p.attn_out[j]] for j in range(4)]  # weights, grids, ...
     st.args = ([t for p in plans for t in (p.n1, p.n2)], [e for p in plans for e in (p.eps1, p.eps2)], *lists)
@@ -402,8 +439,10 @@ _LM_KWARGS = _MODEL_KWARGS | {"labels", "logits_to_keep"}
 
 
 def _fast_lm_step(lm, args, kwargs):
-    """A causal LM's output for one decode token of batch 1 whose output head is a plain float32 ``nn.Linear``:
-    the decoder stack as it is, the head on the ``decode_linear`` op; or None (the LM's own forward runs)."""
+    """A causal LM's output for one decode token of batch 1: the decoder stack's fused step called directly (no
+    module call, no second output object) where it runs, else the stack's module call; a plain float32
+    ``nn.Linear`` head on the ``decode_linear`` op, any other head (a ``LUTHead``, a hooked head) by its module
+    call, as the LM's own forward does; or None (the LM's own forward runs)."""
     kwargs = _ids_from_args(args, kwargs)
     if kwargs is None or lm.training or torch.is_grad_enabled() or not _LM_KWARGS.issuperset(kwargs):
         return None
@@ -411,21 +450,27 @@ def _fast_lm_step(lm, args, kwargs):
         return None
     if not kwargs.get("return_dict", getattr(lm.config, "return_dict", True)):
         return None
-    head = lm.__dict__["_modules"].get("lm_head")
+    mods = lm.__dict__["_modules"]
+    head, stack = mods.get("lm_head"), mods.get("model")
     ids, emb = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-    if (type(head) is not nn.Linear or _hooked(head) or head.weight.dtype != torch.float32 or not head.weight.is_cpu
-            or (head.bias is not None and head.bias.dtype != torch.float32)):
+    if not isinstance(head, nn.Module) or not isinstance(stack, nn.Module):
         return None
     x = ids if ids is not None else emb
     if not isinstance(x, torch.Tensor) or x.shape[:2] != _ONE or (emb is not None and x.dim() != 3):
         return None
     inner = {k: v for k, v in kwargs.items() if k not in ("labels", "logits_to_keep")}
-    out = lm.model(**inner)
+    out = None
+    if isinstance(stack, _FastDecodeModelMixin) and not _hooked(stack):
+        out = _fast_model_step(stack, (), inner)
+    if out is None:
+        out = stack(**inner)
     h = out.last_hidden_state  # one position: logits_to_keep 0 and 1 keep it alike
-    if h.dtype != torch.float32 or h.shape[:2] != _ONE:
-        logits = head(h)
-    else:
+    if (type(head) is nn.Linear and not _hooked(head) and h.dtype == torch.float32 and h.shape[:2] == _ONE
+            and head.weight.dtype == torch.float32 and head.weight.is_cpu
+            and (head.bias is None or head.bias.dtype == torch.float32)):
         logits = _linear_op()(h, head.weight, head.bias)
+    else:
+        logits = head(h)
     return CausalLMOutputWithPast(loss=None, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
                                   attentions=out.attentions)
 
@@ -577,6 +622,7 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True) -> list[str]:
         else:
             fused = enabled and _stack_supported(m)
         m.__class__ = _fused_class(base) if fused else base
+        m.__dict__.pop("_hfe_stack", None)
     if enabled and not names:
         arch = type(model).__name__
         if arch not in _WARNED:
