@@ -104,6 +104,13 @@ void gemv_f32(const float* w, int64_t K, int64_t N, const float* x, float* y);
 
 // Output rows [n0, n1) of every projection of a project() call, once they are final (bias added).
 using TileRowsFn = std::function<void(int64_t n0, int64_t n1)>;
+// Independent work that rides along in a project() call's parallel region: units [0, n) after the tiles (the
+// cache append's copies of the past, which need nothing of this layer's token), so that they are split over the
+// threads instead of running on the main thread between regions.
+struct SideWork {
+  int64_t n = 0;
+  std::function<void(int64_t unit)> run;
+};
 
 // y[0..N) = W x (+ bias) for projections that all read x; LUT ones with equal table geometry share tables, and
 // the tiles of all LUT projections run in one parallel region (one fork/join per call, not one per projection:
@@ -111,7 +118,7 @@ using TileRowsFn = std::function<void(int64_t n0, int64_t n1)>;
 // every projection is a LUT one with the same N (gate/up), the region runs tile t of all of them on one thread
 // and calls rows on that tile's rows right away (the SiLU product: split over the threads, on rows in L1).
 void project(const std::vector<Proj*>& ps, const float* x, const std::vector<float*>& ys,
-             const TileRowsFn& rows = nullptr) {
+             const TileRowsFn& rows = nullptr, const SideWork& side = SideWork()) {
   // per-thread scratch, reused: the buffers keep their capacity between calls (the lambda below runs on other
   // threads too, so it reads them through this thread's pointer, never by the thread_local's name)
   thread_local std::vector<RowTables> scratch;
@@ -143,7 +150,7 @@ void project(const std::vector<Proj*>& ps, const float* x, const std::vector<flo
       for (int64_t n = n0; n < n1; ++n) ys[i][n] += ps[i]->bias[n];
   };
   const int64_t N = ps[0]->N;
-  bool paired = rows != nullptr;
+  bool paired = rows != nullptr && side.n == 0;
   for (const Proj* p : ps) paired = paired && p->is_lut && p->N == N;
   if (paired) {
     at::parallel_for(0, ps[0]->geo.NT, 1, [&](int64_t b, int64_t e) {
@@ -158,13 +165,15 @@ void project(const std::vector<Proj*>& ps, const float* x, const std::vector<flo
     });
     return;
   }
-  at::parallel_for(0, first.back(), 1, [&](int64_t b, int64_t e) {
+  const int64_t tiles = first.back();
+  at::parallel_for(0, tiles + side.n, 1, [&](int64_t b, int64_t e) {
     for (size_t i = 0; i < ps.size(); ++i) {
       const int64_t lo = std::max(b, first[i]), hi = std::min(e, first[i + 1]);
       if (lo < hi)
         lut_row_tile_range(ps[i]->stream, ps[i]->geo, ps[i]->eng, tables[owner[i]], ys[i], lo - first[i],
                            hi - first[i]);
     }
+    for (int64_t u = std::max(b, tiles); u < e; ++u) side.run(u - tiles);
   });
   for (size_t i = 0; i < ps.size(); ++i) add_bias(i, 0, ps[i]->N);
   if (rows != nullptr) rows(0, N);
@@ -397,7 +406,7 @@ at::Tensor as_cpu_float(const char* op, const char* name, const at::Tensor& t) {
 // decode_attn_in on parsed projections ps[0..3) (q, k, v), into q, k, v (allocated here where undefined).
 void attn_in(const char* op, const at::Tensor& x, const at::Tensor& norm_weight, double eps, Proj* ps,
              const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-             at::Tensor& q, at::Tensor& k, at::Tensor& v) {
+             at::Tensor& q, at::Tensor& k, at::Tensor& v, const SideWork& side = SideWork()) {
   const at::Tensor xc = as_cpu_float(op, "x", x), wn = as_cpu_float(op, "norm_weight", norm_weight);
   const int64_t H = xc.size(-1);
   TORCH_CHECK(xc.numel() == H, op, ": x must hold one row (batch 1, one query), got shape ", x.sizes());
@@ -418,7 +427,8 @@ void attn_in(const char* op, const at::Tensor& x, const at::Tensor& norm_weight,
   if (!q.defined()) q = at::empty({1, num_heads, 1, head_dim}, xc.options());
   if (!k.defined()) k = at::empty({1, num_kv_heads, 1, head_dim}, xc.options());
   if (!v.defined()) v = at::empty({1, num_kv_heads, 1, head_dim}, xc.options());
-  project({&ps[0], &ps[1], &ps[2]}, h.data(), {q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>()});
+  project({&ps[0], &ps[1], &ps[2]}, h.data(), {q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>()},
+          nullptr, side);
   rotary(q.data_ptr<float>(), num_heads, head_dim, cc.data_ptr<float>(), sc.data_ptr<float>());
   rotary(k.data_ptr<float>(), num_kv_heads, head_dim, cc.data_ptr<float>(), sc.data_ptr<float>());
 }
@@ -528,22 +538,32 @@ at::Tensor decode_attn_out_mlp(const at::Tensor& q, const at::Tensor& k_all, con
 namespace {
 
 // torch.cat({past, kv}, -2) for a contiguous float32 past (1, heads, S, d) and kv (1, heads, 1, d) by plain copies
-// (the same values and a contiguous result, as cat gives, without its dispatch per call); else at::cat itself.
-at::Tensor append_position(const at::Tensor& past, const at::Tensor& kv) {
-  if (past.dim() != 4 || kv.dim() != 4 || past.scalar_type() != at::kFloat || kv.scalar_type() != at::kFloat ||
-      !past.is_contiguous() || !kv.is_contiguous() || past.size(0) != 1 || kv.size(0) != 1 ||
-      past.size(1) != kv.size(1) || kv.size(2) != 1 || past.size(3) != kv.size(3) || !past.device().is_cpu())
-    return at::cat({past, kv}, -2);
-  const int64_t heads = past.size(1), S = past.size(2), d = past.size(3);
-  at::Tensor out = at::empty({1, heads, S + 1, d}, past.options());
-  const float *pp = past.data_ptr<float>(), *pk = kv.data_ptr<float>();
-  float* po = out.data_ptr<float>();
-  for (int64_t hh = 0; hh < heads; ++hh) {
-    std::memcpy(po + hh * (S + 1) * d, pp + hh * S * d, sizeof(float) * S * d);
-    std::memcpy(po + (hh * (S + 1) + S) * d, pk + hh * d, sizeof(float) * d);
+// (the same values and a contiguous result, as cat gives, without its dispatch per call), in two halves: the
+// copies of the past (per head, units of a SideWork: they need nothing of this token) and then the new rows.
+struct Append {
+  at::Tensor past, out;  // out undefined: at::cat after the layer's attn_in
+  int64_t heads = 0, S = 0, d = 0;
+
+  explicit Append(const at::Tensor& p) : past(p) {
+    if (p.dim() != 4 || p.scalar_type() != at::kFloat || !p.is_contiguous() || p.size(0) != 1 || !p.device().is_cpu())
+      return;
+    heads = p.size(1), S = p.size(2), d = p.size(3);
+    out = at::empty({1, heads, S + 1, d}, p.options());
   }
-  return out;
-}
+  void copy_past(int64_t hh) const {
+    std::memcpy(out.data_ptr<float>() + hh * (S + 1) * d, past.data_ptr<float>() + hh * S * d, sizeof(float) * S * d);
+  }
+  // the result, given this token's kv (1, heads, 1, d)
+  at::Tensor finish(const at::Tensor& kv) const {
+    if (!out.defined() || kv.dim() != 4 || kv.scalar_type() != at::kFloat || !kv.is_contiguous() ||
+        kv.size(0) != 1 || kv.size(1) != heads || kv.size(2) != 1 || kv.size(3) != d)
+      return at::cat({past, kv}, -2);
+    const float* pk = kv.data_ptr<float>();
+    float* po = out.data_ptr<float>();
+    for (int64_t hh = 0; hh < heads; ++hh) std::memcpy(po + (hh * (S + 1) + S) * d, pk + hh * d, sizeof(float) * d);
+    return out;
+  }
+};
 
 }  // namespace
 
@@ -569,9 +589,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
   // never overwrites its residual input), not in fresh tensors per layer
   at::Tensor q, k, v, h = x, buf[2];
   for (size_t l = 0; l < L; ++l) {
-    attn_in(op, h, norm_weights[2 * l], eps[2 * l], &ps[7 * l], cos, sin, num_heads, num_kv_heads, head_dim, q, k, v);
-    nk[l] = append_position(keys[l], k);
-    nv[l] = append_position(values[l], v);
+    const Append ak(keys[l]), av(values[l]);
+    SideWork side;  // the past's copies ride along with the q/k/v tiles
+    if (ak.out.defined() && av.out.defined()) {
+      side.n = ak.heads + av.heads;
+      side.run = [&](int64_t u) { u < ak.heads ? ak.copy_past(u) : av.copy_past(u - ak.heads); };
+    }
+    attn_in(op, h, norm_weights[2 * l], eps[2 * l], &ps[7 * l], cos, sin, num_heads, num_kv_heads, head_dim, q, k, v,
+            side);
+    if (side.n == 0) {  // a past that is not a contiguous float32 (1, heads, S, d) tensor: at::cat
+      nk[l] = at::cat({keys[l], k}, -2);
+      nv[l] = at::cat({values[l], v}, -2);
+    } else {
+      nk[l] = ak.finish(k);
+      nv[l] = av.finish(v);
+    }
     at::Tensor& out = buf[l % 2];
     out = attn_out_mlp(op, q, nk[l], nv[l], mask, scaling, h, norm_weights[2 * l + 1], eps[2 * l + 1],
                        &ps[7 * l + 3], out);
