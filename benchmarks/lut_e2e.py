@@ -252,7 +252,7 @@ def engine_of(model, prompt: torch.Tensor) -> str:
     from hf_efficient.quantization.lut import decode
 
     fused = {"layer": 0, "head": 0}
-    run_layer, run_layers, lm_step = decode._run_layer, decode._run_layers, decode._fast_lm_step
+    run_layer, run_layers, linear_op = decode._run_layer, decode._run_layers, decode._linear_op
 
     def counted_layer(*a, **k):
         fused["layer"] += 1
@@ -262,18 +262,22 @@ def engine_of(model, prompt: torch.Tensor) -> str:
         fused["layer"] += stack.n
         return run_layers(stack, *a, **k)
 
-    def counted_lm(*a, **k):
-        out = lm_step(*a, **k)
-        fused["head"] += out is not None
-        return out
+    def counted_linear_op():  # the float head's GEMV (the LM step runs other heads, e.g. a LUTHead, by their call)
+        op = linear_op()
 
-    decode._run_layer, decode._run_layers, decode._fast_lm_step = counted_layer, counted_layers, counted_lm
+        def call(*a, **k):
+            fused["head"] += 1
+            return op(*a, **k)
+
+        return call
+
+    decode._run_layer, decode._run_layers, decode._linear_op = counted_layer, counted_layers, counted_linear_op
     try:
         with KernelCensus() as census, torch.no_grad():
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False,
                            pad_token_id=model.config.eos_token_id)
     finally:
-        decode._run_layer, decode._run_layers, decode._fast_lm_step = run_layer, run_layers, lm_step
+        decode._run_layer, decode._run_layers, decode._linear_op = run_layer, run_layers, linear_op
     isa = K.isa() if K.available() else "no C++ extension"
     parts = []
     if fused["layer"]:
