@@ -181,29 +181,37 @@ GENERATION_PROMPTS = {
 
 
 GENERATED_TOKENS = 320  # per prompt
+# The held-out text: the "eval" prompts with their own seed, and longer continuations so that its six prompts give
+# a few thousand tokens (the quality table scores 2048).
+HELDOUT_GENERATED = dict(split="eval", new_tokens=512, seed=1)
+SAMPLING = dict(temperature=0.8, top_p=0.95)
 
 
 def generated_text(model, tokenizer, split: str = "calib", new_tokens: int | None = None, seed: int = 0,
                    progress: bool = True) -> str:
     """Text ``model`` writes itself from the prompts of ``split`` ("calib" or "eval"), sampled at temperature 0.8.
 
-    Generating costs about as much as a calibration pass, so the result is cached under
-    ``<cache_dir>/generated``, keyed by the model's weights (a checksum), the split, length and seed.
+    All prompts run as one left-padded batch (``new_tokens`` decode steps, each a small GEMM over the batch), sampled
+    from a seeded RNG of its own, so the text is reproducible and the caller's RNG untouched. Generating still costs
+    minutes on a small CPU, so the result is cached under ``<cache_dir>/generated``, keyed by the model's weights (a
+    checksum) and a hash of the whole recipe (prompts, length, seed, sampling, prompt template): a changed recipe
+    never silently reuses old text.
     """
     if split not in GENERATION_PROMPTS:
         raise ValueError(f"split must be one of {sorted(GENERATION_PROMPTS)}, got {split!r}")
     from .models import cache_dir
 
     new_tokens = new_tokens or GENERATED_TOKENS
-    key = _model_key(model, tokenizer) + f"-{split}-{new_tokens}-{seed}"
-    path = cache_dir() / "generated" / f"{key}.json"
+    prompts = _prompt_texts(tokenizer, GENERATION_PROMPTS[split])
+    recipe = dict(prompts=prompts, new_tokens=new_tokens, min_new_tokens=new_tokens // 2, seed=seed, **SAMPLING)
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / "generated" / f"{_model_key(model, tokenizer)}-{split}-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())["text"]
-    texts = _generate(model, tokenizer, GENERATION_PROMPTS[split], new_tokens, seed, progress)
-    text = "\n\n".join(texts)
+    text = "\n\n".join(_generate(model, tokenizer, recipe))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"prompts": list(GENERATION_PROMPTS[split]), "text": text}))
+    tmp.write_text(json.dumps({"recipe": recipe, "text": text}))
     os.replace(tmp, path)
     return text
 
@@ -216,26 +224,32 @@ def _model_key(model, tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+def _prompt_texts(tokenizer, prompts) -> list[str]:
+    """The prompts as the model sees them: in its chat template when it has one (an instruct model)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(prompts)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in prompts]
+
+
 @torch.no_grad()
-def _generate(model, tokenizer, prompts, new_tokens: int, seed: int, progress: bool) -> list[str]:
+def _generate(model, tokenizer, recipe: dict) -> list[str]:
     """One batched ``generate`` call over all prompts (left padding), so the cost is ``new_tokens`` steps."""
     device = next(model.parameters()).device
-    if getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=False) for p in prompts]
-    else:
-        texts = list(prompts)
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = tokenizer(recipe["prompts"], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad
-    torch.manual_seed(seed)
-    gen = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens // 2, do_sample=True,
-                         temperature=0.8, top_p=0.95, pad_token_id=tokenizer.eos_token_id)
+    # generate() samples from the global RNG: seed a forked copy so the caller's random state is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(recipe["seed"])
+        gen = model.generate(**enc, max_new_tokens=recipe["new_tokens"], min_new_tokens=recipe["min_new_tokens"],
+                             do_sample=True, temperature=recipe["temperature"], top_p=recipe["top_p"],
+                             pad_token_id=tokenizer.eos_token_id)
     return [tokenizer.decode(g[enc.input_ids.shape[1]:], skip_special_tokens=True).strip() for g in gen]
 
 
@@ -305,7 +319,7 @@ def heldout_ids(tokenizer, name: str, max_tokens: int, model=None) -> torch.Tens
     elif name == "generated":
         if model is None:
             raise ValueError("held-out 'generated' text needs the float model that writes it")
-        text = generated_text(model, tokenizer, "eval")
+        text = generated_text(model, tokenizer, **HELDOUT_GENERATED)
     else:
         raise ValueError(f"held-out text must be 'plays', 'news' or 'generated', got {name!r}")
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0][:max_tokens]

@@ -62,3 +62,53 @@ def test_token_ids_are_cached_and_need_no_corpus_loader_on_a_hit(embedded_tokeni
 def test_token_ids_bad_split(embedded_tokenizer):
     with pytest.raises(ValueError, match="split must be one of"):
         data.token_ids(embedded_tokenizer, "validation", 10)
+
+
+def _tiny_generator(tiny_llama_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_EFFICIENT_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "GENERATION_PROMPTS", {"calib": ("Hello", "Write a poem."),
+                                                     "eval": ("Hi", "Describe rain.")})
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def test_generated_text_is_reproducible_and_leaves_the_global_rng_alone(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                        one_thread):
+    model, tok = _tiny_generator(tiny_llama_dir, tmp_path, monkeypatch)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    t = data.generated_text(model, tok, "calib", new_tokens=16)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's random stream went on as if nothing ran
+    for f in (tmp_path / "generated").glob("*.json"):
+        f.unlink()
+    torch.manual_seed(7)  # another global state: the text depends on the recipe's seed only
+    assert data.generated_text(model, tok, "calib", new_tokens=16) == t
+
+
+def test_generated_text_cache_is_keyed_by_the_recipe(tiny_llama_dir, tmp_path, monkeypatch, one_thread):
+    model, tok = _tiny_generator(tiny_llama_dir, tmp_path, monkeypatch)
+    files = lambda: sorted((tmp_path / "generated").glob("*.json"))  # noqa: E731
+    t = data.generated_text(model, tok, "calib", new_tokens=16)
+    assert data.generated_text(model, tok, "calib", new_tokens=16) == t and len(files()) == 1  # a cache hit
+    data.generated_text(model, tok, "calib", new_tokens=16, seed=1)
+    data.generated_text(model, tok, "calib", new_tokens=17)
+    monkeypatch.setattr(data, "SAMPLING", dict(data.SAMPLING, temperature=0.5))
+    data.generated_text(model, tok, "calib", new_tokens=16)
+    monkeypatch.setattr(data, "GENERATION_PROMPTS", dict(data.GENERATION_PROMPTS, calib=("Hello", "Write a song.")))
+    data.generated_text(model, tok, "calib", new_tokens=16)
+    assert len(files()) == 5  # seed, length, sampling and prompts each made a new text, none reused the old one
+
+
+def test_heldout_generated_text_is_not_calibration_text(tiny_llama_dir, tmp_path, monkeypatch, one_thread):
+    """The held-out text has its own prompts and seed: no 8-token run of it occurs in the calibration text."""
+    assert not set(data.GENERATION_PROMPTS["calib"]) & set(data.GENERATION_PROMPTS["eval"])
+    assert data.HELDOUT_GENERATED["split"] == "eval" and data.HELDOUT_GENERATED["seed"] != 0  # calib uses seed 0
+    model, tok = _tiny_generator(tiny_llama_dir, tmp_path, monkeypatch)
+    monkeypatch.setattr(data, "GENERATED_TOKENS", 32)
+    monkeypatch.setattr(data, "HELDOUT_GENERATED", dict(data.HELDOUT_GENERATED, new_tokens=32))
+    held = data.heldout_ids(tok, "generated", 10_000, model)
+    calib = tok(data.generated_text(model, tok, "calib"), add_special_tokens=False).input_ids
+    grams = {tuple(calib[i:i + 8]) for i in range(len(calib) - 7)}
+    assert held.numel() >= 2 * 16 and not any(tuple(held[i:i + 8].tolist()) in grams for i in range(held.numel() - 7))
