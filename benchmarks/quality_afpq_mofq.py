@@ -9,9 +9,10 @@ Run: ``python -m benchmarks.quality_afpq_mofq [--max-tokens 4096] [--groups 128,
 Generalisation table: ``--heldout plays,news,generated --calib-source mixed --name quality_heldout`` scores
 every row on the held-out plays, a news text (another domain) and text the float model wrote from prompts
 it never saw in calibration (``hf_efficient.data.heldout_ids``); one ``ppl_<set>`` column each.
-Split the rows over processes (``--threads 1`` each: GPTQ's per-column loop gains nothing from more) with
-``--shard k/n --out DIR_k`` and join them with ``--merge DIR_0 ... DIR_n-1 --out DIR``; each shard scores the
-same fp32 baseline. ``--device cuda`` works but is no faster: that loop is launch-bound on a GPU.
+Split the rows over processes (``--threads 1`` each) with ``--shard k/n --out DIR_k``, or over invocations one
+after another with ``--only REGEX --out DIR_k``, and join them with ``--merge DIR_0 ... DIR_n-1 --out DIR`` (same
+``--name``; ``--extend`` applies to the joined rows); each part scores the same fp32 baseline, and the join refuses
+parts whose fp32 rows or settings (other than the command) differ. ``--device cuda`` works but is no faster: that loop is launch-bound on a GPU.
 ``--extend quality_afpq_mofq`` also writes this run's rows into that result file, tagged with ``table`` = this
 run's ``--name`` and named ``<row> [<name>]`` (the rows of an earlier run with that tag are replaced), so a
 table made with other settings sits next to the main one without being mistaken for it.
@@ -24,6 +25,7 @@ import argparse
 import copy
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,12 +92,15 @@ def plan_rows(groups: list[int], bits: list[int]) -> list[tuple[str, dict | None
         [r for r in single if r[0].endswith("GPTQ")] + [r for r in asym if r[0].endswith("GPTQ")]
 
 
-def merge(dirs: list[str], out: str | None) -> list[dict]:
-    """Join shard results: one fp32 row (they must agree), the other rows in plan order."""
-    payloads = [json.loads((Path(d) / "quality_afpq_mofq.json").read_text()) for d in dirs]
+def merge(dirs: list[str], out: str | None, name: str = "quality_afpq_mofq") -> tuple[list[dict], dict]:
+    """Join the parts' results: one fp32 row (they must agree), the other rows in plan order."""
+    payloads = [json.loads((Path(d) / f"{name}.json").read_text()) for d in dirs]
     fp32 = [r for p in payloads for r in p["rows"] if r["name"] == "fp32"]
     if not fp32 or max(r["ppl"] for r in fp32) - min(r["ppl"] for r in fp32) > 1e-3 * fp32[0]["ppl"]:
         raise SystemExit(f"shards disagree on (or lack) the fp32 baseline: {[r['ppl'] for r in fp32]}")
+    same = [{k: v for k, v in p["settings"].items() if k != "command"} for p in payloads]
+    if any(s != same[0] for s in same):
+        raise SystemExit(f"the parts were run with different settings or code: {same}")
     settings = dict(payloads[0]["settings"])
     groups = sorted({int(m[1]) for p in payloads for r in p["rows"] if (m := re.search(r" g(\d+) ", r["name"]))},
                     reverse=True) or [128]
@@ -108,8 +113,19 @@ def merge(dirs: list[str], out: str | None) -> list[dict]:
     rows = [fp32[0]] + sorted(unique.values(), key=lambda r: order.get(r["name"], len(order)))
     settings["command"] = " ; ".join(p["settings"]["command"] for p in payloads) + \
         " ; python -m benchmarks.quality_afpq_mofq --merge " + " ".join(dirs)
-    write_results("quality_afpq_mofq", rows, settings, out, columns=COLUMNS)
-    return rows
+    write_results(name, rows, settings, out, columns=result_columns(settings["eval_split"].split(",")))
+    return rows, settings
+
+
+def result_columns(heldout: list[str]) -> list[str]:
+    return COLUMNS if heldout == ["plays"] else ["name"] + [f"ppl_{h}" for h in heldout] + ["size_mb", "quant_s"]
+
+
+def code_version() -> str:
+    """The commit the rows were made with, "-dirty" when the code they run differs from it."""
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    dirty = git("status", "--porcelain", "--", "hf_efficient", "benchmarks/quality_afpq_mofq.py")
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
 
 
 def extend(target: str, table: str, rows: list[dict], settings: dict, out: str | None) -> None:
@@ -146,7 +162,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.merge:
-        merge(args.merge, args.out)
+        rows, settings = merge(args.merge, args.out, args.name)
+        if args.extend:
+            extend(args.extend, args.name, rows, settings, args.out)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,14 +179,15 @@ def main(argv=None):
     ids = evals[heldout[0]]
     windows = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0, source=args.calib_source,
                                   model=base)
-    columns = COLUMNS if heldout == ["plays"] else ["name"] + [f"ppl_{h}" for h in heldout] + ["size_mb", "quant_s"]
+    columns = result_columns(heldout)
     plan = plan_rows([int(g) for g in args.groups.split(",")], [int(b) for b in args.bits.split(",")])
     if args.only:
         plan = [(name, s) for name, s in plan if name == "fp32" or re.search(args.only, name)]
     plan = plan[:1] + plan[1:][k::n]
 
     settings = {"model": "SmolLM2-135M-Instruct (embedded, dequantized Q4_1)", "device": args.device,
-                "eval_tokens": int(ids.numel()),
+                "eval_tokens": int(ids.numel()) if len(evals) == 1 else {h: int(e.numel()) for h, e in evals.items()},
+                "code": code_version(),
                 "context": args.context, "stride": args.context // 2, "calib_windows": args.calib_samples,
                 "calib_seqlen": args.calib_seqlen, "calib_split": args.calib_source, "damp": args.damp,
                 "eval_split": ",".join(heldout),
