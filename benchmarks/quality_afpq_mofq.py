@@ -122,10 +122,11 @@ def result_columns(heldout: list[str]) -> list[str]:
 
 
 def code_version() -> str:
-    """The commit the rows were made with, "-dirty" when the code they run differs from it."""
+    """The last commit of the code the rows run (the library and this script; commits elsewhere do not change it),
+    "-dirty" when the working tree differs from it."""
+    code = ["--", "hf_efficient", "benchmarks/quality_afpq_mofq.py"]
     git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    dirty = git("status", "--porcelain", "--", "hf_efficient", "benchmarks/quality_afpq_mofq.py")
-    return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
+    return git("log", "-1", "--format=%h", *code) + ("-dirty" if git("status", "--porcelain", *code) else "")
 
 
 def extend(target: str, table: str, rows: list[dict], settings: dict, out: str | None) -> None:
