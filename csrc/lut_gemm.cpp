@@ -99,18 +99,43 @@ void lut_check_weights(const Geometry& geo, const at::Tensor& qweight) { check_w
 
 Engine lut_engine(const Geometry& geo, bool force_scalar) { return select_engine(geo, isa_cap(force_scalar)); }
 
-void lut_row_tables(const float* x, const Geometry& geo, const float* grid, const Engine& eng, RowTables* t) {
-  const std::vector<float> coeffs = table_coeffs(geo, grid);
+int64_t lut_table_parts(const Geometry& geo) { return geo.channels == 1 ? geo.ng : 1; }
+
+void lut_row_tables_size(const Geometry& geo, RowTables* t) {
+  const auto grow = [](auto& v, int64_t n) {
+    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+  };
+  grow(t->tab, geo.table_stride());
+  grow(t->tscale, geo.ng);
+  grow(t->gsum, geo.ng);
+}
+
+void lut_row_tables_part(const float* x, const Geometry& geo, const float* coeffs, const Engine& eng, RowTables* t,
+                         int64_t p0, int64_t p1) {
+  if (p0 >= p1) return;
+  // Groups [g0, g1) as a geometry of their own: the builders index activations, tables and scales by group and
+  // slot from 0, and read nothing else of the geometry (with one channel; two channels are one part).
+  const int64_t g0 = geo.channels == 1 ? p0 : 0, g1 = geo.channels == 1 ? p1 : geo.ng;
+  Geometry sub = geo;
+  const int64_t k0 = g0 * geo.G, k1 = std::min(geo.Kp, g1 * geo.G);
+  sub.K = sub.Kp = k1 - k0;
+  sub.ng = g1 - g0;
+  sub.slots = sub.Kp / sub.slot;
   // per-thread scratch, reused across calls (decode runs hundreds of these per token)
   thread_local std::vector<float> xp, ft;
-  xp.resize(static_cast<size_t>(geo.Kp));
+  xp.resize(static_cast<size_t>(sub.Kp));
   ft.resize(static_cast<size_t>(geo.channels * (geo.G / geo.slot) * 16));
-  std::memcpy(xp.data(), x, sizeof(float) * geo.K);
-  std::fill(xp.begin() + geo.K, xp.end(), 0.0f);
-  t->tab.resize(static_cast<size_t>(geo.table_stride()));
-  t->tscale.resize(static_cast<size_t>(geo.ng));
-  t->gsum.resize(static_cast<size_t>(geo.ng));
-  eng.build(xp.data(), geo, coeffs.data(), ft.data(), t->tab.data(), t->tscale.data(), t->gsum.data());
+  const int64_t kx = std::max<int64_t>(0, std::min(geo.K, k1) - k0);  // real activations; the rest is padding
+  std::memcpy(xp.data(), x + k0, sizeof(float) * kx);
+  std::fill(xp.begin() + kx, xp.end(), 0.0f);
+  eng.build(xp.data(), geo.channels == 1 ? sub : geo, coeffs, ft.data(), t->tab.data() + k0 / geo.slot * 16,
+            t->tscale.data() + g0, t->gsum.data() + g0);
+}
+
+void lut_row_tables(const float* x, const Geometry& geo, const float* grid, const Engine& eng, RowTables* t) {
+  const std::vector<float> coeffs = table_coeffs(geo, grid);
+  lut_row_tables_size(geo, t);
+  lut_row_tables_part(x, geo, coeffs.data(), eng, t, 0, lut_table_parts(geo));
 }
 
 void lut_row_tile_range(const uint8_t* w, const Geometry& geo, const Engine& eng, const RowTables& t, float* y,
@@ -132,9 +157,21 @@ void lut_row_tiles(const uint8_t* w, const Geometry& geo, const Engine& eng, con
 
 void lut_gemv_row(const float* x, const uint8_t* w, const float* grid, const Geometry& geo, const Engine& eng,
                   float* y) {
-  RowTables t;
-  lut_row_tables(x, geo, grid, eng, &t);
-  lut_row_tiles(w, geo, eng, t, y);
+  // The tables are built by all threads (a part each) and kept between calls (the calling thread's; the team
+  // reads them through this pointer), then the tiles run in the same parallel region: with many threads the
+  // tile loop is short and a serial build, or its allocation, would be a large share of it.
+  thread_local RowTables tables;
+  RowTables* t = &tables;
+  const std::vector<float> coeffs = table_coeffs(geo, grid);
+  lut_row_tables_size(geo, t);
+  const int64_t parts = lut_table_parts(geo);
+  run_team([&](int tid, int nt) {
+    const auto pr = team_range(parts, tid, nt);
+    lut_row_tables_part(x, geo, coeffs.data(), eng, t, pr.first, pr.second);
+    team_barrier();
+    const auto tr = team_range(geo.NT, tid, nt);
+    lut_row_tile_range(w, geo, eng, *t, y, tr.first, tr.second);
+  });
 }
 
 struct Tables {

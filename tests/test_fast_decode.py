@@ -820,3 +820,58 @@ def test_whole_model_pickles(model_dirs, fused_calls, model_steps):
         for name, base, cls in saved:
             decode._CLASSES[base] = cls
             setattr(decode, name, cls)
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_decode_layers_team_equals_loop(mask, monkeypatch):
+    """decode_layers runs its layers as phases of one parallel region (split table builds, rotary, cache rows and
+    attention); it gives the per-layer loop's hidden state and caches bit for bit (HF_EFFICIENT_DECODE_PATH=loop
+    runs the loop, which test_ops_opcheck ties to the per-layer ops; =team the region or an error) at 1, 2 and 3
+    threads, over three layers of mixed
+    projections (bit-serial INT4/INT3/INT2, code-indexed NF4/FP4, float, q/k/v biases, a short last group)."""
+    ops = torch.ops.hf_efficient
+    H, heads, kvh, d, inter, S = 80, 4, 2, 16, 96, 5
+    gen = torch.Generator().manual_seed(0)
+    layers = [[("int4_asym", 32)] * 7,
+              [("nf4_asym", 32), None, ("int2_asym", 64), ("fp4_sym", 32), ("int3_asym", 32), None, ("int4_sym", 64)],
+              [None] * 7]
+    ws, grids, biases, meta, norms = [], [], [], [], []
+    for li, spec in enumerate(layers):
+        for j, (s, (n, k)) in enumerate(zip(spec, [(heads * d, H), (kvh * d, H), (kvh * d, H), (H, heads * d),
+                                                   (inter, H), (inter, H), (H, inter)])):
+            if s is None:
+                ws.append(torch.randn(n, k, generator=gen) / k ** 0.5), grids.append(None), meta.extend([0, 0, k, n])
+            else:
+                lw = _qlayer(n, k, s[0], s[1], seed=10 * li + j)
+                ws.append(lw.qweight), grids.append(lw.grid), meta.extend([lw.bits, lw.group_size, k, n])
+            biases.append(torch.randn(n, generator=gen) if j < 3 and li == 1 else None)
+        norms += [torch.rand(H, generator=gen) + 0.5, torch.rand(H, generator=gen) + 0.5]
+    keys = [torch.randn(1, kvh, S, d, generator=gen) for _ in layers]
+    values = [torch.randn(1, kvh, S, d, generator=gen) for _ in layers]
+    m = None
+    if mask == "bool":
+        m = torch.tensor([True, False, True, True, True, True])
+    elif mask == "float":
+        m = torch.randn(S + 1, generator=gen)
+    ang = torch.rand(d // 2, generator=gen).repeat(2)
+    args = (torch.randn(1, 1, H, generator=gen), norms, [1e-5, 1e-6] * 3, ws, grids, biases, meta, ang.cos(), ang.sin(),
+            m, 0.25, heads, kvh, d, keys, values)
+    old = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("HF_EFFICIENT_DECODE_PATH", "loop")
+        h0, k0, v0 = ops.decode_layers(*args)
+        monkeypatch.setenv("HF_EFFICIENT_DECODE_PATH", "team")
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            h, k, v = ops.decode_layers(*args)
+            assert torch.equal(h, h0), threads
+            assert all(torch.equal(a, b) for a, b in zip(k + v, k0 + v0)), threads
+        # strided pasts (the same values) need the loop's at::cat: "team" refuses them, the default runs the loop
+        strided = [p.transpose(2, 3).contiguous().transpose(2, 3) for p in keys]
+        with pytest.raises(RuntimeError, match="per-layer loop"):
+            ops.decode_layers(*args[:14], strided, values)
+        monkeypatch.delenv("HF_EFFICIENT_DECODE_PATH")
+        h, k, v = ops.decode_layers(*args[:14], strided, values)
+        assert torch.equal(h, h0) and all(torch.equal(a, b) for a, b in zip(k + v, k0 + v0))
+    finally:
+        torch.set_num_threads(old)

@@ -296,3 +296,25 @@ def test_int16_headroom_long_groups(bits, engine, monkeypatch):
     for isa in ISAS[1:]:
         monkeypatch.setenv("HF_EFFICIENT_LUT_ISA", isa)
         assert torch.equal(w.matmul(x), ys), isa
+
+
+@pytest.mark.parametrize("bits,engine", ENGINES)
+def test_one_row_split_build_equals_whole_rows(bits, engine, monkeypatch):
+    """A one-row lut_gemm builds its tables in parts (weight groups) on all threads, then runs the tiles in the
+    same parallel region: at 1, 2 and 3 threads it equals row 0 of a two-row call (whole-row builds, one per row)
+    bit for bit; K 520 with group 64 leaves a short last group."""
+    n, k, group = 70, 520, 64
+    codes, grid, coef, zcoef = _spec(bits, engine, n, k, group)
+    w = K.prepare_spec(codes, bits, group, grid, coef, zcoef)
+    x2 = _x(2, k, outliers=True)
+    old = torch.get_num_threads()
+    try:
+        for isa in ISAS:
+            _on(monkeypatch, isa)
+            torch.set_num_threads(1)
+            want = w.matmul(x2)[:1]
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                assert torch.equal(w.matmul(x2[:1]), want), (isa, threads)
+    finally:
+        torch.set_num_threads(old)
