@@ -262,9 +262,10 @@ def unavailable_reason() -> str | None:
     return _ext_error
 
 
-# CTAs of the kernel resident per SM by M tiles per CTA (``mtiles_for`` in cuda/quant_mma_args.h): its
-# __launch_bounds__ (registers) and shared memory allow 4 for decode (one M tile), 2 for two, 1 for eight.
-RESIDENT_CTAS = {1: 4, 2: 2, 8: 1}
+# CTAs of the kernel resident per SM by M tiles per CTA (``mtiles_for`` in cuda/quant_mma_args.h) and bits: its
+# __launch_bounds__ (registers) allow 4 for decode (one M tile), 2 for two, 1 for eight; shared memory (pair
+# table 128 * 4**bits bytes + weight ring + x stage, launch_typed in cuda/quant_mma.cuh) cuts 4-bit decode to 3.
+RESIDENT_CTAS = {1: {2: 4, 3: 4, 4: 3}, 2: {2: 2, 3: 2, 4: 2}, 8: {2: 1, 3: 1, 4: 1}}
 # A CTA's fixed cost (pair-table fill, x staging, the split-K reduction) in 128-K blocks of weight work.
 CTA_OVERHEAD_BLOCKS = 6
 
@@ -273,14 +274,14 @@ def mtiles_for(m: int) -> int:
     return 1 if m <= 8 else 2 if m <= 16 else 8
 
 
-def choose_splits(m: int, n: int, k: int, sms: int) -> int:
+def choose_splits(m: int, n: int, k: int, sms: int, bits: int = 4) -> int:
     """Split-K factor minimising (waves of CTAs) x (blocks per CTA + its fixed cost), each split at least two
     128-K blocks: a grid just over a whole number of waves costs a whole extra wave, so more splits are not always
     better."""
     kb = -(-k // BLOCK_K)
     mt = mtiles_for(m)
     ctas = -(-(-(-n // 16)) // WARPS) * -(-m // (8 * mt))
-    slots = sms * RESIDENT_CTAS[mt]
+    slots = sms * RESIDENT_CTAS[mt][bits]
 
     def cost(s: int) -> int:
         return -(-ctas * s // slots) * (-(-kb // s) + CTA_OVERHEAD_BLOCKS)
@@ -319,7 +320,7 @@ def _quant_mma_cuda(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor
         x = x.clone()
     m = x.shape[0]
     if not splits:
-        splits = choose_splits(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+        splits = choose_splits(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count, bits)
     kb = qweight.shape[1]
     need = -(-qweight.shape[0] // WARPS) * -(-m // (8 * mtiles_for(m)))
     table = tables[0 if x.dtype == torch.float16 else 1]

@@ -2,9 +2,10 @@
 for the prompt path of mma layers (dequantize once per call, then cuBLAS). Oracle:
 :func:`hf_efficient.kernels.quant_mma.dequantize_reference`.
 
-A program takes ``BLOCK_T`` 16-row tiles of one 128-K block: it reads their chunks (contiguous words), pulls
-code field ``f = 2 p + e`` of each chunk (pair ``p = 2 s + h``), reorders the fields in registers to the K order
-``16 s + 8 h + 2 q + e`` of the layout, and writes whole rows of the block.
+A program takes ``BLOCK_T`` 16-row tiles of one 128-K block: it reads their chunks (contiguous words, each word
+once), unpacks code field ``f = 2 p + e`` of each chunk (pair ``p = 2 s + h``) by shifts, reorders the fields in
+registers to the K order ``16 s + 8 h + 2 q + e`` of the layout, loads each (row, group) parameter once and
+writes whole rows of the block.
 """
 from __future__ import annotations
 
@@ -20,35 +21,49 @@ from .quant_gemm import apply_params
 def _dequant_kernel(qw_ptr, p_ptr, v_ptr, out_ptr, N, K, KB, NG, GROUP: tl.constexpr, BITS: tl.constexpr,
                     MODE: tl.constexpr, BLOCK_T: tl.constexpr):
     CW: tl.constexpr = 3 if BITS == 3 else BITS            # words per chunk
-    FW: tl.constexpr = 2 if BITS == 3 else BITS            # bits per field in words 0..1 (3 bits: low two)
+    LW: tl.constexpr = 2 if BITS == 3 else CW              # words of code fields (3 bits: the low-two-bit plane)
+    FW: tl.constexpr = 2 if BITS == 3 else BITS            # bits per field in those words
     PER: tl.constexpr = 32 // FW                            # fields per word
+    # groups that tile a 128-K block (g16..g128 dividing it, or whole blocks): one parameter load per (row, group);
+    # other widths (e.g. g96) straddle blocks: a parameter per (row, column), as the reference does
+    TILED: tl.constexpr = (128 % GROUP == 0) or (GROUP % 128 == 0)
+    NGB: tl.constexpr = 128 // GROUP if GROUP < 128 and TILED else 1
     kb = tl.program_id(1)
     tile = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     r = tl.arange(0, 16)
     q = tl.arange(0, 4)
-    f = tl.arange(0, 32)
     chunk = ((tile[:, None, None] * KB + kb) * 16 + r[None, :, None]) * 4 + q[None, None, :]   # [BT, 16, 4]
     live = (tile < (N + 15) // 16)[:, None, None, None]
     base = qw_ptr + chunk[:, :, :, None] * CW
-    words = tl.load(base + f[None, None, None, :] // PER, mask=live, other=0)                  # [BT, 16, 4, 32]
-    c = (words >> (FW * (f % PER))[None, None, None, :]) & ((1 << FW) - 1)
+    # each word once, in memory order; its fields by broadcast shifts (a per-field gather of the words re-read
+    # every word PER times)
+    words = tl.load(base + tl.arange(0, LW)[None, None, None, :], mask=live, other=0)           # [BT, 16, 4, LW]
+    shift = FW * tl.arange(0, PER)
+    c = (words[:, :, :, :, None] >> shift[None, None, None, None, :]) & ((1 << FW) - 1)        # field w*PER + i
+    c = tl.reshape(c, [BLOCK_T, 16, 4, 32])
     if BITS == 3:
-        top = tl.load(base + 2, mask=live, other=0)
-        c = c | (((top >> f[None, None, None, :]) & 1) << 2)
+        top = tl.load(base + 2, mask=live, other=0)                                             # [BT, 16, 4, 1]
+        c = c | (((top >> tl.arange(0, 32)[None, None, None, :]) & 1) << 2)
     # f = 4 s + 2 h + e  ->  K column 16 s + 8 h + 2 q + e
     c = tl.reshape(c, [BLOCK_T * 16, 4, 8, 2, 2])                                              # row q s h e
     c = tl.permute(c, [0, 2, 3, 1, 4])                                                         # row s h q e
-    c = tl.reshape(c, [BLOCK_T * 16, 128])
+    c = tl.reshape(c, [BLOCK_T * 16, NGB, 128 // NGB])
     n = tl.program_id(0) * BLOCK_T * 16 + tl.arange(0, BLOCK_T * 16)
     k = kb * 128 + tl.arange(0, 128)
-    g = k // GROUP
-    pp = p_ptr + (((n[:, None] // 16) * NG + g[None, :]) * 16 + n[:, None] % 16) * 2
-    mask = (n < N)[:, None] & (k < K)[None, :]
-    a = tl.load(pp, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(pp + 1, mask=mask, other=0.0).to(tl.float32)
+    nmask = (n < N)[:, None]
     v = tl.load(v_ptr + c)
-    w = apply_params(v, a, b, MODE)
-    tl.store(out_ptr + n[:, None] * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    if TILED:  # the group parameters once per (row, group), broadcast over the group's columns
+        g = (kb * 128) // GROUP + tl.arange(0, NGB)
+        pp = p_ptr + (((n[:, None] // 16) * NG + g[None, :]) * 16 + n[:, None] % 16) * 2
+        a = tl.load(pp, mask=nmask, other=0.0).to(tl.float32)
+        b = tl.load(pp + 1, mask=nmask, other=0.0).to(tl.float32)
+        w = tl.reshape(apply_params(v, a[:, :, None], b[:, :, None], MODE), [BLOCK_T * 16, 128])
+    else:
+        pp = p_ptr + (((n[:, None] // 16) * NG + (k // GROUP)[None, :]) * 16 + n[:, None] % 16) * 2
+        a = tl.load(pp, mask=nmask, other=0.0).to(tl.float32)
+        b = tl.load(pp + 1, mask=nmask, other=0.0).to(tl.float32)
+        w = apply_params(tl.reshape(v, [BLOCK_T * 16, 128]), a, b, MODE)
+    tl.store(out_ptr + n[:, None] * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=nmask & (k < K)[None, :])
 
 
 def dequantize_triton(w, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

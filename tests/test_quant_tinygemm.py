@@ -242,7 +242,8 @@ def test_gpu_from_pretrained_int4_generate_compiled(tmp_path):
 
 
 def test_measured_dispatch_table(monkeypatch):
-    """"auto" gives a layer the mma layout only where MEASURED_MMA lists this GPU and the grid's kind."""
+    """"auto" gives a layer the mma layout only where MEASURED_MMA lists this GPU and the grid's kind, and INT4 at
+    bf16 tinygemm's layout first where it applies."""
     from hf_efficient.quantization import QuantLinear, gpu
     from hf_efficient.kernels import quant_mma
 
@@ -255,12 +256,16 @@ def test_measured_dispatch_table(monkeypatch):
     monkeypatch.setattr(quant_mma, "extension", lambda: object())
     gpu._measured.cache_clear()
     try:
-        assert gpu._mma_kind(layers["nf4_asym"])
-        assert not gpu._mma_kind(layers["int4_asym"]) and not gpu._mma_kind(layers["fp4_asym"])
+        assert all(gpu._mma_kind(m) for m in layers.values())  # every grid kind is measured on an H200
+        tiny = QuantLinear.from_linear(torch.nn.Linear(256, 16), "int4_asym", 128)
+        assert gpu._wanted_layout(tiny, torch.bfloat16) == "cuda-tinygemm"  # INT4 decode: tinygemm first
+        assert gpu._wanted_layout(tiny, torch.float16) == "cuda-mma"
+        assert gpu._wanted_layout(layers["nf4_asym"], torch.bfloat16) == "cuda-mma"
         with gpu.force_kernel("gemv"):
             assert not gpu._mma_kind(layers["nf4_asym"])
+            assert gpu._wanted_layout(tiny, torch.bfloat16) == "cuda-triton"
         with gpu.force_kernel("mma"):
-            assert gpu._mma_kind(layers["int4_asym"])
+            assert gpu._wanted_layout(tiny, torch.bfloat16) == "cuda-mma"
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Other GPU")
         gpu._measured.cache_clear()
         assert not gpu._mma_kind(layers["nf4_asym"])  # unmeasured GPU: the Triton layout

@@ -42,7 +42,7 @@ from .linear import QuantLinear, ResidentLayout, register_fast_path, storage_ten
 logger = logging.getLogger(__name__)
 
 KERNELS = ("auto", "gemv", "gemm", "lut", "mma", "tinygemm")
-MMA_MAX_M = 256  # above: dequantize + cuBLAS (prefill), where a full-size GEMM beats re-reading fragments
+MMA_MAX_M = 24  # above: dequantize + cuBLAS (measured crossover on an H200, docs/gpu_kernels.md)
 GEMV_MAX_M = 8  # = kernels.quant_gemm.GEMV_MAX_M (not imported here: importing the kernels needs triton)
 _forced: list[str] = []
 
@@ -119,10 +119,11 @@ def supports(layer: QuantLinear) -> str | None:
 
 
 # The layout "auto" gives a format by how its grid decodes (DECODE_TABLE: NF and other value tables; DECODE_INT;
-# DECODE_E2M1), per GPU, where one same-run measurement of both kernels at M = 1, 16 and 64 says the mma kernel
-# wins (benchmarks/results/quant_gemv_tinygemm.md; docs/gpu_kernels.md). Anything not listed keeps the Triton
-# layout (or tinygemm's, for INT4 at bf16).
-MEASURED_MMA = {"NVIDIA H200": {"table"}}
+# DECODE_E2M1), per GPU, where one same-run measurement of both kernels says the mma kernel wins at M <= MMA_MAX_M
+# (benchmarks/results/quant_gemv.md: mma vs Triton rows of the same run; docs/gpu_kernels.md). Anything not
+# listed keeps the Triton layout. INT4 at bf16 takes tinygemm's layout first where it applies (_wanted_layout):
+# at M = 1, the decode case, tinygemm is faster than our INT4 on mma.
+MEASURED_MMA = {"NVIDIA H200": {"table", "int", "e2m1"}}
 
 
 def _mma_measured_faster(layer: QuantLinear) -> bool:
@@ -185,15 +186,13 @@ def _tiny_reason(layer: QuantLinear, a: torch.Tensor, b: torch.Tensor | None) ->
 
 def _wanted_layout(layer: QuantLinear, dtype: torch.dtype | None, a=None, b=None) -> str:
     """The layout ``layer`` should hold for activations of ``dtype`` under the forced kernel (if any)."""
-    if _mma_kind(layer):
-        return "cuda-mma"
-    if (_forced[-1] if _forced else "auto") not in ("auto", "tinygemm") or dtype != torch.bfloat16:
-        return "cuda-triton"
-    if layer.fmt.bits != 4:
-        return "cuda-triton"
-    if a is None:
-        a, b = layer.fmt.scale_scheme.kernel_ab(layer.storage())
-    return "cuda-tinygemm" if _tiny_reason(layer, a, b) is None else "cuda-triton"
+    forced = _forced[-1] if _forced else "auto"
+    if forced in ("auto", "tinygemm") and dtype == torch.bfloat16 and layer.fmt.bits == 4:
+        if a is None:
+            a, b = layer.fmt.scale_scheme.kernel_ab(layer.storage())
+        if _tiny_reason(layer, a, b) is None:
+            return "cuda-tinygemm"
+    return "cuda-mma" if _mma_kind(layer) else "cuda-triton"
 
 
 def repack_layer(layer: QuantLinear, dtype: torch.dtype | None = None) -> None:

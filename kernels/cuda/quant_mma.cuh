@@ -10,7 +10,7 @@
 // the fragment products accumulate unscaled (fp32), and at the group's end
 //   sym:        acc += a * S(v)
 //   zero point: acc += a * (S(v) - z * S(1))   (S(1): one more MMA with an all-ones A fragment)
-//   two scales: acc += a * S(max(v,0)) + b * S(min(v,0))
+//   two scales: acc += a * S(v) + (b - a) * S(min(v,0))   (= a S(v+) + b S(v-), one max/min per register)
 // Split-K: every split writes an fp32 partial tile to a workspace; the last split to arrive at a tile (atomic
 // counter per tile, reset by that split) sums the partials and writes y. One launch per call.
 #include <cuda.h>
@@ -27,6 +27,7 @@
 namespace hfe_mma {
 
 constexpr int BLOCK_K = 128;       // K per chunk (8 MMA slices of 16)
+constexpr int RING = 4;            // 128-K blocks of weights per warp in shared memory (RING - 1 in flight)
 constexpr int MODE_SYM = 0, MODE_ZERO = 1, MODE_TWO = 2;
 
 template <typename T> struct Pair;
@@ -63,11 +64,23 @@ __device__ __forceinline__ uint32_t hmin0(uint32_t v) {
   return *reinterpret_cast<uint32_t*>(&r);
 }
 
-// A thread's chunk: the codes of 16 pairs (pair p = slice p/2, half p%2) of one row.
+// Asynchronous 16-byte global -> shared copies (cp.async, L2 only): weights and x wait in shared memory, not in
+// registers, so a warp keeps several blocks in flight and a stage of x is one burst of loads, not a chain of
+// dependent load-store pairs. src_bytes = 0 writes zeros (padding) without reading.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes = 16) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+// "memory": the shared-memory reads of a landed block must not be hoisted above the wait.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// A thread's chunk: the codes of 16 pairs (pair p = slice p/2, half p%2) of one row, read from the warp's ring.
 template <int BITS> struct Chunk;
 template <> struct Chunk<4> {  // pair p = byte p
   uint4 w;
-  __device__ __forceinline__ void load(const uint32_t* p) { w = __ldg(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ void load(const uint32_t* p) { w = *reinterpret_cast<const uint4*>(p); }
   __device__ __forceinline__ uint32_t idx(int p) const {  // p is a constant after unrolling
     const uint32_t word = p < 4 ? w.x : p < 8 ? w.y : p < 12 ? w.z : w.w;
     return __byte_perm(word, 0, 0x4440 | (p & 3));
@@ -75,7 +88,7 @@ template <> struct Chunk<4> {  // pair p = byte p
 };
 template <> struct Chunk<2> {  // pair p = nibble p
   uint2 w;
-  __device__ __forceinline__ void load(const uint32_t* p) { w = __ldg(reinterpret_cast<const uint2*>(p)); }
+  __device__ __forceinline__ void load(const uint32_t* p) { w = *reinterpret_cast<const uint2*>(p); }
   __device__ __forceinline__ uint32_t idx(int p) const {
     const uint32_t word = p < 8 ? w.x : w.y;
     return (word >> (4 * (p & 7))) & 0xF;
@@ -84,10 +97,10 @@ template <> struct Chunk<2> {  // pair p = nibble p
 template <> struct Chunk<3> {  // pair p = nibble p of the low-two-bit plane | two bits p of the top-bit plane << 4
   uint2 lo;
   uint32_t hi;
-  __device__ __forceinline__ void load(const uint32_t* p) {  // 12-byte chunks: 4-byte alignment only
-    lo.x = __ldg(p);
-    lo.y = __ldg(p + 1);
-    hi = __ldg(p + 2);
+  __device__ __forceinline__ void load(const uint32_t* p) {
+    lo.x = p[0];
+    lo.y = p[1];
+    hi = p[2];
   }
   __device__ __forceinline__ uint32_t idx(int p) const {
     const uint32_t word = p < 8 ? lo.x : lo.y;
@@ -121,8 +134,17 @@ struct PairTable {
   uint32_t base;  // this lane's copy, as a shared-window address
   __device__ __forceinline__ PairTable(const uint32_t* smem, int lane)
       : base(static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + 4 * lane) {}
+  // Warp w copies entries w*32.. : one coalesced load per 32 entries, then each entry is shuffled to all lanes
+  // and stored as one conflict-free row. (An element-wise loop waited on a dependent load per stored word: about
+  // 32 load latencies per CTA before any weight was read.)
   __device__ static void fill(uint32_t* smem, const uint32_t* __restrict__ table, int te) {
-    for (int i = threadIdx.x; i < te * 32; i += blockDim.x) smem[i] = table[i >> 5];
+    const int lane = threadIdx.x & 31;
+    for (int e0 = (threadIdx.x >> 5) * 32; e0 < te; e0 += (blockDim.x >> 5) * 32) {
+      const uint32_t v = e0 + lane < te ? table[e0 + lane] : 0u;
+      const int n = min(32, te - e0);
+#pragma unroll 8
+      for (int j = 0; j < n; ++j) smem[(e0 + j) * 32 + lane] = __shfl_sync(0xffffffffu, v, j);
+    }
   }
   __device__ __forceinline__ uint32_t operator()(uint32_t idx) const {
     uint32_t v;
@@ -133,8 +155,13 @@ struct PairTable {
 
 // x (M, K) row stride ldx; qw: (Ntiles, KB, 16, 4, CW) int32 words; params: (Ntiles, NG, 16, 2) of PT;
 // table: 4**BITS uint32 pair entries; y (M, N); ws: (S, M, Npad) fp32; counters: one int per (CTA row, M tile).
-// Shared memory: the pair table, then x staged as srows + 1 rows (srows = the rows of x this CTA has, at most
-// MT * 8; the extra row is zeros and stands in for the B-fragment rows past M, so decode does not stage 8 rows).
+// Shared memory: the pair table; each warp's weight ring (RING slots of one block's 64 chunks: rows 0-7 by lane,
+// then rows 8-15); x staged as srows + 1 rows (srows = the rows of x this CTA has, at most MT * 8; the extra row
+// is zeros and stands in for the B-fragment rows past M, so decode does not stage 8 rows).
+// The ring: block kb + RING - 1 is requested before block kb is decoded, so a warp keeps RING - 1 blocks of
+// loads in flight (the profile of direct loads, one block ahead, showed DRAM at 12 % and warps waiting on it).
+// A block's 64 chunks are contiguous in the layout and copied as 16-byte units spread over the lanes; each lane
+// waits for its own copies and __syncwarp makes every lane's copies visible to the warp.
 template <typename T, typename PT, int BITS, int MODE, int MT>
 __global__ void __launch_bounds__(WARPS * 32, MT == 1 ? 4 : MT == 2 ? 2 : 1)
 quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t* __restrict__ qw,
@@ -144,8 +171,10 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   constexpr int TE = 1 << (2 * BITS);  // pair-table entries
   constexpr int CW = chunk_words<BITS>();
   constexpr int ROWS = MT * 8;         // rows of x per CTA
+  constexpr int SLOT = 64 * CW;        // words per ring slot
   extern __shared__ __align__(16) uint32_t smem[];
-  T* xs = reinterpret_cast<T*>(smem + TE * 32);             // [srows + 1][stage_k + 8]
+  uint32_t* ring = smem + TE * 32;                          // [WARPS][RING][SLOT]
+  T* xs = reinterpret_cast<T*>(ring + WARPS * RING * SLOT);  // [srows + 1][stage_k + 8]
   __shared__ int last_flag;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
@@ -154,6 +183,34 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   const int m0 = blockIdx.z * ROWS, srows = min(ROWS, M - m0);
   const int kb0 = split * blocks_per_split, kb1 = min(KB, kb0 + blocks_per_split);
   const int stage_k = stage_blocks * BLOCK_K, xstride = stage_k + 8;  // +8: rows land on different banks
+  const bool vec_x = K % 8 == 0 && ldx % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+
+  const bool live = tile < Ntiles;
+  const uint32_t* wtile = qw + (size_t)tile * KB * SLOT;  // block kb of this tile: SLOT words at kb * SLOT
+  uint32_t* myring = ring + warp * RING * SLOT;
+  const uint32_t myring_s = static_cast<uint32_t>(__cvta_generic_to_shared(myring));
+  // Request block kb (if this split has it) into its slot; always one commit group per call, so that
+  // wait_group<RING - 1> after requesting block kb + RING - 1 means "block kb has landed" (a stage of x,
+  // below, is a group too, waited for in full).
+  auto request = [&](int kb) {
+    if (live && kb < kb1) {
+      const uint32_t dst = myring_s + ((kb - kb0) & (RING - 1)) * SLOT * 4;
+      const uint32_t* src = wtile + (size_t)kb * SLOT;
+#pragma unroll
+      for (int u = lane; u < SLOT / 4; u += 32) cp_async16(dst + 16 * u, src + 4 * u);
+    }
+    cp_async_commit();
+  };
+  auto take = [&](int kb, Chunk<BITS>& w0, Chunk<BITS>& w8) {
+    __syncwarp();  // every lane has read block kb - 1, whose slot the next request overwrites
+    request(kb + RING - 1);
+    cp_async_wait<RING - 1>();
+    __syncwarp();  // block kb has landed for every lane's copies
+    const uint32_t* src = myring + ((kb - kb0) & (RING - 1)) * SLOT + lane * CW;  // chunk (row g, quad q) = lane
+    w0.load(src);
+    w8.load(src + 32 * CW);
+  };
+  for (int j = 0; j < RING - 1; ++j) request(kb0 + j);  // the weight stream starts before the table fill
 
   PairTable::fill(smem, table, TE);
   const PairTable lookup(smem, lane);
@@ -164,8 +221,6 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[t][i] = cg[t][i] = c2[t][i] = 0.f;
 
-  const bool live = tile < Ntiles;
-  const uint32_t* wrow = qw + ((size_t)tile * KB * 64 + g * 4 + q) * CW;  // chunk (tile, kb=0, g, q)
   const PT* prow = params + (size_t)tile * NG * 32 + g * 2;
   uint32_t ones = 0;
   if constexpr (MODE == MODE_ZERO) {
@@ -183,16 +238,13 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     const uint32_t a2 = lookup(w0.idx(2 * s + 1)), a3 = lookup(w8.idx(2 * s + 1));
 #pragma unroll
     for (int t = 0; t < MT; ++t) {
+      if (t * 8 >= srows) break;  // tiles past the CTA's rows (M = 17..63 on the 8-tile kernel) add nothing
       const T* xr = xb + xrow[t] + 16 * s;
       const uint32_t b0 = *reinterpret_cast<const uint32_t*>(xr);
       const uint32_t b1 = *reinterpret_cast<const uint32_t*>(xr + 8);
-      if constexpr (MODE == MODE_TWO) {
-        mma16816<T>(cg[t], hmax0<T>(a0), hmax0<T>(a1), hmax0<T>(a2), hmax0<T>(a3), b0, b1);
-        mma16816<T>(c2[t], hmin0<T>(a0), hmin0<T>(a1), hmin0<T>(a2), hmin0<T>(a3), b0, b1);
-      } else {
-        mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
-        if constexpr (MODE == MODE_ZERO) mma16816<T>(c2[t], ones, ones, ones, ones, b0, b1);
-      }
+      mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
+      if constexpr (MODE == MODE_TWO) mma16816<T>(c2[t], hmin0<T>(a0), hmin0<T>(a1), hmin0<T>(a2), hmin0<T>(a3), b0, b1);
+      if constexpr (MODE == MODE_ZERO) mma16816<T>(c2[t], ones, ones, ones, ones, b0, b1);
     }
   };
   // A group (or this split's share of it) ends: scale its sums into acc.
@@ -205,7 +257,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
         const float a = i < 2 ? ag : ag8, b = i < 2 ? bg : bg8;
         if constexpr (MODE == MODE_SYM) acc[t][i] += a * cg[t][i];
         else if constexpr (MODE == MODE_ZERO) acc[t][i] += a * (cg[t][i] - b * c2[t][i]);
-        else acc[t][i] += a * cg[t][i] + b * c2[t][i];
+        else acc[t][i] += a * cg[t][i] + (b - a) * c2[t][i];  // a v+ + b v- = a v + (b - a) v-
         cg[t][i] = c2[t][i] = 0.f;
       }
     }
@@ -219,39 +271,46 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   for (int ks = kb0; ks < kb1; ks += stage_blocks) {
     const int kend = min(kb1, ks + stage_blocks);
     __syncthreads();  // the previous stage's x is consumed
-    // Stage x[m0 : m0+srows, ks*128 : kend*128] (zero outside K) as 32-bit pairs, plus the zero row.
-    const int pairs = (kend - ks) * BLOCK_K / 2;
-    for (int i = threadIdx.x; i < (srows + 1) * pairs; i += blockDim.x) {
-      const int r = i / pairs, c = 2 * (i - r * pairs), m = m0 + r, k = ks * BLOCK_K + c;
-      uint32_t v = 0;
-      if (r < srows) {
-        if (k + 1 < K && (ldx & 1) == 0) {
-          v = *reinterpret_cast<const uint32_t*>(x + (size_t)m * ldx + k);
-        } else if (k < K) {  // odd row stride (or the last column): two scalar loads
-          T two[2] = {x[(size_t)m * ldx + k], k + 1 < K ? x[(size_t)m * ldx + k + 1] : from_f<T>(0.0f)};
-          v = *reinterpret_cast<uint32_t*>(two);
-        }
+    // Stage x[m0 : m0+srows, ks*128 : kend*128] (zero outside K), plus the zero row: as 16-byte copies where rows
+    // are 16-byte aligned (the common case), else as 32-bit pairs through registers.
+    if (vec_x) {
+      const int units = (kend - ks) * BLOCK_K / 8;
+      const uint32_t xs_s = static_cast<uint32_t>(__cvta_generic_to_shared(xs));
+      for (int i = threadIdx.x; i < (srows + 1) * units; i += blockDim.x) {
+        const int r = i / units, c = 8 * (i - r * units), k = ks * BLOCK_K + c;
+        const bool in = r < srows && k < K;  // K % 8 == 0: a unit is all in or all out
+        cp_async16(xs_s + 2 * (r * xstride + c), in ? x + (size_t)(m0 + r) * ldx + k : x, in ? 16 : 0);
       }
-      *reinterpret_cast<uint32_t*>(xs + r * xstride + c) = v;
+      cp_async_commit();
+      cp_async_wait<0>();
+    } else {
+      const int pairs = (kend - ks) * BLOCK_K / 2;
+      for (int i = threadIdx.x; i < (srows + 1) * pairs; i += blockDim.x) {
+        const int r = i / pairs, c = 2 * (i - r * pairs), m = m0 + r, k = ks * BLOCK_K + c;
+        uint32_t v = 0;
+        if (r < srows) {
+          if (k + 1 < K && (ldx & 1) == 0) {
+            v = *reinterpret_cast<const uint32_t*>(x + (size_t)m * ldx + k);
+          } else if (k < K) {  // odd row stride (or the last column): two scalar loads
+            T two[2] = {x[(size_t)m * ldx + k], k + 1 < K ? x[(size_t)m * ldx + k + 1] : from_f<T>(0.0f)};
+            v = *reinterpret_cast<uint32_t*>(two);
+          }
+        }
+        *reinterpret_cast<uint32_t*>(xs + r * xstride + c) = v;
+      }
     }
     __syncthreads();
     if (!live) continue;
 
-    Chunk<BITS> nxt0, nxt8;
-    nxt0.load(wrow + (size_t)ks * 64 * CW);
-    nxt8.load(wrow + ((size_t)ks * 64 + 32) * CW);
     if (aligned) {
       GroupParams<PT> np;  // the next block's group parameters
       np.load(prow, gi);
       for (int kb = ks; kb < kend; ++kb) {
-        const Chunk<BITS> w0 = nxt0, w8 = nxt8;
+        Chunk<BITS> w0, w8;
+        take(kb, w0, w8);
         const GroupParams<PT> p = np;
         const bool ends = (kb + 1) * BLOCK_K == next_end;
-        if (kb + 1 < kend) {  // prefetch the next block's weights and scales while this one decodes
-          nxt0.load(wrow + (size_t)(kb + 1) * 64 * CW);
-          nxt8.load(wrow + ((size_t)(kb + 1) * 64 + 32) * CW);
-          np.load(prow, gi + ends);
-        }
+        if (kb + 1 < kend) np.load(prow, gi + ends);  // prefetch: the next block's scales
         const T* xb = xs + (kb - ks) * BLOCK_K;
 #pragma unroll
         for (int s = 0; s < 8; ++s) mma_slice(w0, w8, xb, s);
@@ -266,11 +325,8 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     // Groups narrower than a block (or not aligned to blocks): check after every slice; the parameters are
     // loaded when a group ends (not prefetched: that would hold two more parameter sets in registers).
     for (int kb = ks; kb < kend; ++kb) {
-      const Chunk<BITS> w0 = nxt0, w8 = nxt8;
-      if (kb + 1 < kend) {
-        nxt0.load(wrow + (size_t)(kb + 1) * 64 * CW);
-        nxt8.load(wrow + ((size_t)(kb + 1) * 64 + 32) * CW);
-      }
+      Chunk<BITS> w0, w8;
+      take(kb, w0, w8);
       const T* xb = xs + (kb - ks) * BLOCK_K;
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
@@ -340,12 +396,13 @@ template <typename T, typename PT, int BITS, int MODE, int MT>
 void launch_typed(const Args& a) {
   constexpr int TE = 1 << (2 * BITS);
   const int row_ctas = (a.Ntiles + WARPS - 1) / WARPS;
-  // x stage: the CTA's rows of x plus the zero row, up to 16 KB (decode: 4 CTAs per SM) or 36 KB, never more
-  // K than one split covers.
+  // x stage: the CTA's rows of x plus the zero row, up to 8 KB (decode: with the 4-bit table and ring, 72 KB per
+  // CTA, 3 CTAs per SM) or 36 KB, never more K than one split covers.
   const int rows = std::min(MT * 8, a.M) + 1;
-  const int budget = (MT == 1 ? 16384 : 36864) / (rows * BLOCK_K * (int)sizeof(T));
+  const int budget = (MT == 1 ? 8192 : 36864) / (rows * BLOCK_K * (int)sizeof(T));
   const int stage_blocks = std::max(1, std::min(budget, a.blocks_per_split));
-  const size_t smem = TE * 128 + (size_t)rows * (stage_blocks * BLOCK_K + 8) * sizeof(T);
+  const size_t smem = TE * 128 + (size_t)WARPS * RING * 64 * chunk_words<BITS>() * 4 +
+                      (size_t)rows * (stage_blocks * BLOCK_K + 8) * sizeof(T);
   auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   dim3 grid(row_ctas, a.splits, (a.M + MT * 8 - 1) / (MT * 8));
