@@ -208,7 +208,7 @@ def generated_text(model, tokenizer, split: str = "calib", new_tokens: int | Non
     path = cache_dir() / "generated" / f"{_model_key(model, tokenizer)}-{split}-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())["text"]
-    text = "\n\n".join(_generate(model, tokenizer, recipe))
+    text = "\n\n".join(_generate(model, tokenizer, recipe, f"generating {split} text" if progress else None))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"recipe": recipe, "text": text}))
@@ -232,9 +232,30 @@ def _prompt_texts(tokenizer, prompts) -> list[str]:
             for p in prompts]
 
 
+def _step_bar(total: int, desc: str):
+    """A tqdm bar over the decode steps of one batched ``generate`` (a streamer: its first ``put`` is the prompt)."""
+    from tqdm.auto import tqdm
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepBar(BaseStreamer):
+        def __init__(self):
+            self.bar, self.prompt_seen = tqdm(total=total, desc=desc, unit="step"), False
+
+        def put(self, value):
+            if self.prompt_seen:
+                self.bar.update(1)
+            self.prompt_seen = True
+
+        def end(self):
+            self.bar.close()
+
+    return StepBar()
+
+
 @torch.no_grad()
-def _generate(model, tokenizer, recipe: dict) -> list[str]:
-    """One batched ``generate`` call over all prompts (left padding), so the cost is ``new_tokens`` steps."""
+def _generate(model, tokenizer, recipe: dict, progress: str | None = None) -> list[str]:
+    """One batched ``generate`` call over all prompts (left padding), so the cost is ``new_tokens`` steps;
+    ``progress``: the description of a progress bar over those steps (None: no bar)."""
     device = next(model.parameters()).device
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
@@ -249,7 +270,8 @@ def _generate(model, tokenizer, recipe: dict) -> list[str]:
         torch.manual_seed(recipe["seed"])
         gen = model.generate(**enc, max_new_tokens=recipe["new_tokens"], min_new_tokens=recipe["min_new_tokens"],
                              do_sample=True, temperature=recipe["temperature"], top_p=recipe["top_p"],
-                             pad_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.eos_token_id,
+                             streamer=_step_bar(recipe["new_tokens"], progress) if progress else None)
     return [tokenizer.decode(g[enc.input_ids.shape[1]:], skip_special_tokens=True).strip() for g in gen]
 
 

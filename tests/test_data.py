@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -85,6 +87,19 @@ def test_generated_text_is_reproducible_and_leaves_the_global_rng_alone(tiny_lla
         f.unlink()
     torch.manual_seed(7)  # another global state: the text depends on the recipe's seed only
     assert data.generated_text(model, tok, "calib", new_tokens=16) == t
+
+
+def test_generated_text_shows_its_decode_steps(tiny_llama_dir, tmp_path, monkeypatch, one_thread, capsys):
+    """progress=True draws a bar over the decode steps of the batched generate (and changes nothing in the text)."""
+    model, tok = _tiny_generator(tiny_llama_dir, tmp_path, monkeypatch)
+    quiet = data.generated_text(model, tok, "calib", new_tokens=12, progress=False)
+    assert "generating calib text" not in capsys.readouterr().err
+    for f in (tmp_path / "generated").glob("*.json"):
+        f.unlink()
+    assert data.generated_text(model, tok, "calib", new_tokens=12, progress=True) == quiet
+    err = capsys.readouterr().err
+    steps = [int(n) for n in re.findall(r"(\d+)/12", err)]
+    assert "generating calib text" in err and steps and max(steps) >= 6  # min_new_tokens = 6: sampling may stop there
 
 
 def test_generated_text_cache_is_keyed_by_the_recipe(tiny_llama_dir, tmp_path, monkeypatch, one_thread):
