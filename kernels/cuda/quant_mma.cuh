@@ -51,13 +51,6 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
 }
 
 template <typename T>
-__device__ __forceinline__ uint32_t hmax0(uint32_t v) {
-  using T2 = typename Pair<T>::T2;
-  T2 r = __hmax2(*reinterpret_cast<T2*>(&v), T2{});
-  return *reinterpret_cast<uint32_t*>(&r);
-}
-
-template <typename T>
 __device__ __forceinline__ uint32_t hmin0(uint32_t v) {
   using T2 = typename Pair<T>::T2;
   T2 r = __hmin2(*reinterpret_cast<T2*>(&v), T2{});
