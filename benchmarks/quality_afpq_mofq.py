@@ -1,6 +1,6 @@
 """Quality table for AFPQ / MoFQ: held-out perplexity of the embedded model under every weight format.
 
-Rows: fp32; RTN and GPTQ for INT-asym, FP-sym, NF-sym, AFPQ FP-asym, AFPQ NF-asym at 4 and 3 bits; MoFQ W4
+Rows: fp32; RTN and GPTQ for INT-asym, INT-sym, FP-sym, NF-sym, AFPQ FP-asym, AFPQ NF-asym at 4 and 3 bits; MoFQ W4
 vs pure INT4/FP4 and MoFQ W8A8 vs pure INT8/FP8 W8A8. Every quantized model starts from the same float
 weights; GPTQ rows share the same calibration windows (training plays); PPL is scored on the same
 held-out tokens. Results are rewritten after each row, so an interrupted run keeps what it measured.
@@ -47,7 +47,8 @@ NOTE = ("The embedded weights are dequantized from Q4_1 (w = d*q + m per block o
 
 
 def single_format_rows(bits: int, group: int) -> list[tuple[str, dict]]:
-    kinds = [("int", False, "INT{b}-asym"), ("fp", True, "FP{b}-sym"), ("nf", True, "NF{b}-sym"),
+    kinds = [("int", False, "INT{b}-asym"), ("int", True, "INT{b}-sym"), ("fp", True, "FP{b}-sym"),
+             ("nf", True, "NF{b}-sym"),
              ("fp", False, "AFPQ FP{b}-asym"), ("nf", False, "AFPQ NF{b}-asym")]
     out = []
     for algo in ("rtn", "gptq"):
