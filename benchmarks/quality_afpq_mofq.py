@@ -12,7 +12,8 @@ it never saw in calibration (``hf_efficient.data.heldout_ids``); one ``ppl_<set>
 Split the rows over processes (``--threads 1`` each) with ``--shard k/n --out DIR_k``, or over invocations one
 after another with ``--only REGEX --out DIR_k``, and join them with ``--merge DIR_0 ... DIR_n-1 --out DIR`` (same
 ``--name``; ``--extend`` applies to the joined rows); each part scores the same fp32 baseline, and the join refuses
-parts whose fp32 rows or settings (other than the command) differ. ``--device cuda`` works but is no faster: that loop is launch-bound on a GPU.
+parts whose fp32 rows or settings (other than the command) differ. ``--device cuda`` works but is no faster: that
+loop is launch-bound on a GPU.
 ``--extend quality_afpq_mofq`` also writes this run's rows into that result file, tagged with ``table`` = this
 run's ``--name`` and named ``<row> [<name>]`` (the rows of an earlier run with that tag are replaced), so a
 table made with other settings sits next to the main one without being mistaken for it.
@@ -123,9 +124,9 @@ def result_columns(heldout: list[str]) -> list[str]:
 
 
 def code_version() -> str:
-    """The last commit of the code the rows run (the library and this script; commits elsewhere do not change it),
-    "-dirty" when the working tree differs from it."""
-    code = ["--", "hf_efficient", "benchmarks/quality_afpq_mofq.py"]
+    """The last commit of the code the rows run (the library, its kernels/ (installed as hf_efficient.kernels) and
+    this script; commits elsewhere do not change it), "-dirty" when the working tree differs from it."""
+    code = ["--", "hf_efficient", "kernels", "benchmarks/quality_afpq_mofq.py"]
     git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
     return git("log", "-1", "--format=%h", *code) + ("-dirty" if git("status", "--porcelain", *code) else "")
 
