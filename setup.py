@@ -1,6 +1,6 @@
-"""Build glue: package layout (kernels/ installs as hf_efficient.kernels, hub_configs/ as the package data
-hf_efficient/hub_configs) and the csrc/ extension (HF_EFFICIENT_NO_EXTENSION=1 skips it: a pure-Python
-build, used by the packaging test to build a wheel in seconds)."""
+"""Build glue: package layout (hub_configs/ installs as the package data hf_efficient/hub_configs) and the csrc/
+extension (HF_EFFICIENT_NO_EXTENSION=1 skips it: a pure-Python build, used by the packaging test to build a wheel
+in seconds)."""
 import os
 from pathlib import Path
 
@@ -12,7 +12,6 @@ ROOT = Path(__file__).parent
 
 def _packages():
     pkgs = find_packages(include=["hf_efficient", "hf_efficient.*"])
-    pkgs += ["hf_efficient.kernels" + p[len("kernels"):] for p in find_packages(include=["kernels", "kernels.*"])]
     return pkgs + ["hf_efficient.hub_configs"]  # data only: the recipes load_quant_config() reads
 
 
@@ -28,8 +27,7 @@ def _extension():
 
 setup(
     packages=_packages(),
-    package_dir={"hf_efficient": "hf_efficient", "hf_efficient.kernels": "kernels",
-                 "hf_efficient.hub_configs": "hub_configs"},
+    package_dir={"hf_efficient": "hf_efficient", "hf_efficient.hub_configs": "hub_configs"},
     ext_modules=[] if os.environ.get("HF_EFFICIENT_NO_EXTENSION") == "1" else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
 )

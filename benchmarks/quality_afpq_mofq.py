@@ -124,9 +124,9 @@ def result_columns(heldout: list[str]) -> list[str]:
 
 
 def code_version() -> str:
-    """The last commit of the code the rows run (the library, its kernels/ (installed as hf_efficient.kernels) and
-    this script; commits elsewhere do not change it), "-dirty" when the working tree differs from it."""
-    code = ["--", "hf_efficient", "kernels", "benchmarks/quality_afpq_mofq.py"]
+    """The last commit of the code the rows run (the library, its kernels included, and this script; commits
+    elsewhere do not change it), "-dirty" when the working tree differs from it."""
+    code = ["--", "hf_efficient", "benchmarks/quality_afpq_mofq.py"]
     git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
     return git("log", "-1", "--format=%h", *code) + ("-dirty" if git("status", "--porcelain", *code) else "")
 

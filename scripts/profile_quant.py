@@ -6,7 +6,7 @@ Meant to run under Nsight Compute on the GPU machine, e.g. (from scripts/gpu.sh'
         --section WarpStateStats --section Occupancy python3 scripts/profile_quant.py --shape 8192x28672
 
 Every implementation is called twice (the first call compiles or warms up; both are profiled, so read the
-second). The configs are those of ``kernels/autotune.SPACES['gemv']`` valid for the call (or ``--configs``
+second). The configs are those of ``hf_efficient/kernels/autotune.SPACES['gemv']`` valid for the call (or ``--configs``
 indices), launched explicitly so no autotuning launches reach the profiler.
 """
 from __future__ import annotations

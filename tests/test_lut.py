@@ -1,5 +1,5 @@
 """C++ LUT kernels (csrc/lut_gemm.cpp, engines in csrc/lut/) against their plain-torch twin
-(kernels/lut_cpu_reference.py); every engine this CPU runs against the scalar one, bit for bit."""
+(hf_efficient/kernels/lut_cpu_reference.py); every engine this CPU runs against the scalar one, bit for bit."""
 from __future__ import annotations
 
 import pytest

@@ -6,6 +6,7 @@ import site
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,16 @@ def test_wheel_holds_the_recipes_and_loads_them_outside_the_checkout(wheel_venv)
     assert out["file"].startswith(str(venv)) and out["dir"].startswith(str(venv)), out  # not the checkout
     assert set(out["cfgs"]) == set(recipes) and len(recipes) >= 5
     assert out["cfgs"]["afpq-fp4-g128"]["fmt"] == "fp" and out["cfgs"]["afpq-fp4-g128"]["group_size"] == 128
+
+
+def test_wheel_carries_the_kernel_sources(wheel_venv):
+    """The mma kernel compiles from its CUDA sources on first use, so an installed wheel has to ship them."""
+    _, tmp = wheel_venv
+    (whl,) = (tmp / "dist").glob("hf_efficient-*.whl")
+    names = set(zipfile.ZipFile(whl).namelist())
+    cuda = {str(p.relative_to(ROOT)) for p in (ROOT / "hf_efficient" / "kernels" / "cuda").iterdir()}
+    assert cuda and cuda <= names, sorted(cuda - names)
+    assert "hf_efficient/kernels/quant_mma.py" in names and not any(n.startswith("kernels/") for n in names)
 
 
 def test_wheel_installs_the_console_script(wheel_venv):

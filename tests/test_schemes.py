@@ -48,7 +48,7 @@ def test_bad_rows_and_lookups():
 
 def test_kernel_modes_match_the_compiled_kernels():
     """The CUDA kernel and the Triton kernels compile one branch per mode: their constants are the registry's."""
-    src = (ROOT / "kernels" / "cuda" / "quant_mma.cuh").read_text()
+    src = (ROOT / "hf_efficient" / "kernels" / "cuda" / "quant_mma.cuh").read_text()
     cuda = dict(re.findall(r"(MODE_\w+) = (\d+)", re.search(r"constexpr int MODE_SYM[^;]*;", src).group(0)))
     assert {k: int(v) for k, v in cuda.items()} == {"MODE_SYM": SCHEMES["sym"].mode,
                                                      "MODE_ZERO": SCHEMES["zero_point"].mode,
@@ -92,8 +92,8 @@ def _code_constants(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("path", ["hf_efficient/quantization/linear.py", "hf_efficient/quantization/gpu.py",
                                   "hf_efficient/quantization/packing.py", "hf_efficient/checkpoint.py",
-                                  "kernels/quant_layout.py", "kernels/quant_reference.py", "kernels/quant_mma.py",
-                                  "kernels/lut_cpu.py"])
+                                  "hf_efficient/kernels/quant_layout.py", "hf_efficient/kernels/quant_reference.py",
+                                  "hf_efficient/kernels/quant_mma.py", "hf_efficient/kernels/lut_cpu.py"])
 def test_code_paths_name_no_scheme(path):
     """Layers, packing, checkpoints and kernel glue read the registry; they spell no scheme or parameter name."""
     names = set(SCHEMES) | {p for s in SCHEMES.values() for p in s.param_names}

@@ -20,7 +20,7 @@ COLUMNS = (
 )
 KERNELS = {
     "lut": "C++ T-MAC table-lookup kernels on the CPU (csrc/lut; no dequantization)",
-    "cuda": "Triton quantized GEMV/GEMM on the GPU (kernels/)",
+    "cuda": "Triton quantized GEMV/GEMM on the GPU (hf_efficient/kernels/)",
     "reference (dequantize + matmul)": "plain torch: dequantize the layer's weights, then a float matmul",
     "float (torch matmul)": "an ordinary float model",
 }

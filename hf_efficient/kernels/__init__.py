@@ -1,4 +1,4 @@
-"""Triton GPU kernels of hf-efficient, installed as ``hf_efficient.kernels``.
+"""Triton and CUDA GPU kernels of hf-efficient (``hf_efficient.kernels``).
 
 Rules of this package: import nothing from transformers/peft/accelerate; every kernel has a
 pure-torch twin beside it (``<kernel>_reference.py``, e.g. ``quant_reference.py``) that is both the

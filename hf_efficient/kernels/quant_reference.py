@@ -27,7 +27,7 @@ def quant_matmul_reference(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------
-# LUT formulation (the algorithm of kernels/quant_lut.py, in torch)
+# LUT formulation (the algorithm of hf_efficient/kernels/quant_lut.py, in torch)
 # ------------------------------------------------------------------------------------------------
 
 def _parity(t: torch.Tensor) -> torch.Tensor:
