@@ -875,3 +875,53 @@ def test_decode_layers_team_equals_loop(mask, monkeypatch):
         assert torch.equal(h, h0) and all(torch.equal(a, b) for a, b in zip(k + v, k0 + v0))
     finally:
         torch.set_num_threads(old)
+
+
+def _collapse_supported() -> bool:
+    import os
+    import platform
+
+    try:
+        thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
+    major, minor = (int(v) for v in platform.release().split(".")[:2])
+    return os.name == "posix" and "[never]" not in thp and (major, minor) >= (6, 1)
+
+
+def _anon_huge_kib(t: torch.Tensor) -> int:
+    """AnonHugePages of the mappings that hold t's bytes (/proc/self/smaps)."""
+    lo, hi, total, inside = t.data_ptr(), t.data_ptr() + t.nbytes, 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            a, b = (int(v, 16) for v in head.split("-"))
+            inside = a < hi and b > lo
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1])
+    return total
+
+
+def test_huge_pages_in_place():
+    t = torch.randn(3 << 20)  # 12 MiB: at least five whole 2 MiB pages inside
+    ref, ptr = t.clone(), t.data_ptr()
+    small = torch.randn(1000)
+    done = decode.huge_pages([t, t, small, t.double()[:10]])  # twice (tied), too small, not float32
+    assert torch.equal(t, ref) and t.data_ptr() == ptr
+    if not _collapse_supported():
+        pytest.skip("no MADV_COLLAPSE here (Linux < 6.1 or THP off)")
+    inside = (t.nbytes - (4 << 20)) // 1024  # KiB of the whole 2 MiB pages inside t (at least)
+    assert inside * 1024 <= done <= t.nbytes + (4 << 20)  # the pages around t, once each
+    assert _anon_huge_kib(t) >= inside
+
+
+def test_enable_collapses_the_streamed_float_weights(model_dirs, monkeypatch):
+    seen = []
+    monkeypatch.setattr(decode, "huge_pages", lambda ws: seen.extend(ws))
+    model = _load(model_dirs, "fp32")  # enable_fast_decode on this load
+    enable_fast_decode(model)
+    want = [p.weight for layer in model.model.layers for p in decode._modules(layer)] + [model.lm_head.weight]
+    assert {w.data_ptr() for w in seen} == {w.data_ptr() for w in want}
+    seen.clear()
+    enable_fast_decode(model, False)
+    assert seen == []

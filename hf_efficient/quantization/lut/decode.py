@@ -23,6 +23,7 @@ eager attention) is applied; its last dimension must be the cache length.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 from operator import is_
 
@@ -32,6 +33,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ...heap import _glibc
 from ...kernels import lut_cpu as kernel
 from .. import linear as _linear
 from ..linear import QuantLinear
@@ -91,6 +93,38 @@ def _proj(m: nn.Module):
         bias = None if m.bias is None else m.bias.detach().float()
         return w.qweight, w.grid, bias, [w.bits, w.group_size, w.in_features, w.out_features]
     return None
+
+
+# Linux madvise advice values (not exported by Python's os module for plain memory)
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+_HUGE = 2 << 20
+_HUGE_MIN_BYTES = 256 << 10  # smaller weights (test models) are left alone: a collapse costs milliseconds
+
+
+def huge_pages(weights) -> int:
+    """Back float32 CPU weights that every decode step streams with 2 MiB pages, in place (Linux >= 6.1:
+    ``madvise`` ``MADV_HUGEPAGE`` then ``MADV_COLLAPSE`` on each 2 MiB page of the aligned span around each
+    weight, so a small weight's neighbours in the same pages are collapsed too; the tensors, their storage and
+    values stay as they are, and where the memory or the kernel does not allow it nothing happens).
+
+    The LUT streams live in huge pages since they are packed (``hugepage_empty``); float weights from the loader
+    sit in 4 KiB pages, where a DRAM-bound GEMV pays a page walk every 4 KiB and the prefetcher stops at each
+    page (docs/lut.md, fused decode round 7). Returns the bytes collapsed (a page that crosses into another
+    mapping, file-backed memory or an older kernel stay as they are).
+    """
+    madvise = _glibc("madvise")
+    if madvise is None:
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    pages = set()  # once each, for tied and neighbouring weights
+    for w in weights:
+        if w.dtype != torch.float32 or w.device.type != "cpu" or w.nbytes < _HUGE_MIN_BYTES:
+            continue
+        lo = w.data_ptr() // _HUGE * _HUGE
+        hi = -(-(w.data_ptr() + w.nbytes) // _HUGE) * _HUGE
+        madvise(lo, hi - lo, _MADV_HUGEPAGE)
+        pages.update(range(lo, hi, _HUGE))
+    return sum(_HUGE for a in sorted(pages) if madvise(a, _HUGE, _MADV_COLLAPSE) == 0)
 
 
 def _modules(layer: nn.Module):
@@ -585,13 +619,15 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True) -> list[str]:
 
     Supported layers: ``LlamaDecoderLayer``, ``MistralDecoderLayer`` and ``Qwen2DecoderLayer`` with SiLU MLPs and
     full attention. Each is switched in place to a subclass whose forward falls back to the original for any
-    other input (see the module docstring), so results elsewhere are unchanged and parameters are untouched.
+    other input (see the module docstring), so results elsewhere are unchanged and parameters keep their tensors.
     Returns the names of the switched layers; ``[]`` (and one logged warning) when the model has none.
+    The float32 weights the step streams (projections, a float head) are moved to 2 MiB pages in place where
+    Linux allows it (:func:`huge_pages`; same tensors and values).
     ``enabled=False`` switches them back and returns their names.
     """
     if enabled and not kernel.available():
         raise RuntimeError("enable_fast_decode: the hf_efficient C++ extension is not built")
-    names, skipped, stacks = [], {}, []
+    names, skipped, stacks, streamed = [], {}, [], []
     for name, m in model.named_modules():
         base = _base_class(m)
         if base.__name__ in SUPPORTED_MODELS or base.__name__ in SUPPORTED_LMS:
@@ -613,6 +649,7 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True) -> list[str]:
         m.__class__ = _fused_class(base)
         m.__dict__.pop("_hfe_plan", None)
         names.append(name)
+        streamed += [p.weight for p in _modules(m) if type(p) is nn.Linear]
     stacks.sort(key=lambda m: _base_class(m).__name__ in SUPPORTED_LMS)  # an LM after its stack
     for m in stacks:  # the decoder stack's fused step where all its layers run the fused one, then its LM's
         base = _base_class(m)
@@ -623,6 +660,10 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True) -> list[str]:
             fused = enabled and _stack_supported(m)
         m.__class__ = _fused_class(base) if fused else base
         m.__dict__.pop("_hfe_stack", None)
+        head = getattr(m, "lm_head", None)
+        if fused and type(head) is nn.Linear:
+            streamed.append(head.weight)
+    huge_pages(streamed)
     if enabled and not names:
         arch = type(model).__name__
         if arch not in _WARNED:
