@@ -103,6 +103,18 @@ bool same_tables(const Proj& a, const Proj& b) {
          std::memcmp(a.grid.data_ptr<float>(), b.grid.data_ptr<float>(), sizeof(float) * a.grid.numel()) == 0;
 }
 
+// Which projection's tables each of ps[0..n) reads when they all read one activation row: a LUT projection reads
+// those of the first one with the same table geometry, and owner[i] == i builds them; float projections get -1.
+void table_owners(const Proj* const* ps, size_t n, int* owner) {
+  for (size_t i = 0; i < n; ++i) {
+    owner[i] = -1;
+    if (!ps[i]->is_lut) continue;
+    for (size_t j = 0; j < i && owner[i] < 0; ++j)
+      if (owner[j] == static_cast<int>(j) && same_tables(*ps[j], *ps[i])) owner[i] = static_cast<int>(j);
+    if (owner[i] < 0) owner[i] = static_cast<int>(i);
+  }
+}
+
 void gemv_f32(const float* w, int64_t K, int64_t N, const float* x, float* y);
 
 // Output rows [n0, n1) of every projection of a project() call, once they are final (bias added).
@@ -127,18 +139,14 @@ void project(const std::vector<Proj*>& ps, const float* x, const std::vector<flo
   thread_local std::vector<RowTables> scratch;
   if (scratch.size() < ps.size()) scratch.resize(ps.size());
   RowTables* tables = scratch.data();
-  std::vector<int> owner(ps.size(), -1);
+  std::vector<int> owner(ps.size());
+  table_owners(ps.data(), ps.size(), owner.data());
   std::vector<int64_t> first(ps.size() + 1, 0);  // global index of each LUT projection's first tile
   for (size_t i = 0; i < ps.size(); ++i) {
     const Proj& p = *ps[i];
     first[i + 1] = first[i];
     if (p.is_lut) {
-      for (size_t j = 0; j < i && owner[i] < 0; ++j)
-        if (owner[j] == static_cast<int>(j) && same_tables(*ps[j], p)) owner[i] = static_cast<int>(j);
-      if (owner[i] < 0) {
-        owner[i] = static_cast<int>(i);
-        lut_row_tables(x, p.geo, p.grid_ptr, p.eng, &tables[i]);
-      }
+      if (owner[i] == static_cast<int>(i)) lut_row_tables(x, p.geo, p.grid_ptr, p.eng, &tables[i]);
       first[i + 1] += p.geo.NT;
     } else if (p.weight.is_contiguous()) {
       gemv_f32(p.weight.data_ptr<float>(), p.K, p.N, x, ys[i]);
@@ -411,6 +419,32 @@ at::Tensor as_cpu_float(const char* op, const char* name, const at::Tensor& t) {
   return t.contiguous();
 }
 
+// The inputs every one-token attention step checks alike: x one float32 row of H features, the head geometry and
+// one position's cos/sin (returned contiguous, x as xc).
+struct RowInputs {
+  at::Tensor xc, cos, sin;
+  int64_t H = 0;
+};
+RowInputs check_row_inputs(const char* op, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  RowInputs r;
+  r.xc = as_cpu_float(op, "x", x);
+  r.H = r.xc.size(-1);
+  TORCH_CHECK(r.xc.numel() == r.H, op, ": x must hold one row (batch 1, one query), got shape ", x.sizes());
+  TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0 && num_heads > 0 && num_kv_heads > 0, op, ": bad head geometry");
+  r.cos = as_cpu_float(op, "cos", cos), r.sin = as_cpu_float(op, "sin", sin);
+  TORCH_CHECK(r.cos.numel() == head_dim && r.sin.numel() == head_dim, op, ": cos/sin must hold one position's ",
+              head_dim, " values, got ", cos.sizes(), " and ", sin.sizes());
+  return r;
+}
+
+// A norm weight of H values, contiguous.
+at::Tensor check_norm(const char* op, const at::Tensor& w, int64_t H) {
+  at::Tensor wc = as_cpu_float(op, "norm_weight", w);
+  TORCH_CHECK(wc.numel() == H, op, ": norm_weight has ", wc.numel(), " values, x has ", H, " features");
+  return wc;
+}
+
 // q/k/v projections (ps[0..3)) of a layer with hidden size H, q width qn and k/v width kvn.
 void check_attn_in_projs(const char* op, const Proj* ps, int64_t H, int64_t qn, int64_t kvn) {
   const int64_t want[3] = {qn, kvn, kvn};
@@ -438,16 +472,11 @@ void silu_mul(float* g, const float* u, int64_t n0, int64_t n1) {
 void attn_in(const char* op, const at::Tensor& x, const at::Tensor& norm_weight, double eps, Proj* ps,
              const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
              at::Tensor& q, at::Tensor& k, at::Tensor& v, const SideWork& side = SideWork()) {
-  const at::Tensor xc = as_cpu_float(op, "x", x), wn = as_cpu_float(op, "norm_weight", norm_weight);
-  const int64_t H = xc.size(-1);
-  TORCH_CHECK(xc.numel() == H, op, ": x must hold one row (batch 1, one query), got shape ", x.sizes());
-  TORCH_CHECK(wn.numel() == H, op, ": norm_weight has ", wn.numel(), " values, x has ", H, " features");
-  TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0 && num_heads > 0 && num_kv_heads > 0, op,
-              ": bad head geometry");
+  const RowInputs in = check_row_inputs(op, x, cos, sin, num_heads, num_kv_heads, head_dim);
+  const at::Tensor &xc = in.xc, &cc = in.cos, &sc = in.sin;
+  const int64_t H = in.H;
+  const at::Tensor wn = check_norm(op, norm_weight, H);
   check_attn_in_projs(op, ps, H, num_heads * head_dim, num_kv_heads * head_dim);
-  const at::Tensor cc = as_cpu_float(op, "cos", cos), sc = as_cpu_float(op, "sin", sin);
-  TORCH_CHECK(cc.numel() == head_dim && sc.numel() == head_dim, op, ": cos/sin must hold one position's ",
-              head_dim, " values, got ", cos.sizes(), " and ", sin.sizes());
 
   thread_local std::vector<float> h;  // per-thread scratch, reused (no heap traffic per layer)
   h.resize(static_cast<size_t>(H));
@@ -564,6 +593,8 @@ namespace {
 // copies of the past (per head, units of a SideWork: they need nothing of this token) and then the new rows.
 struct Append {
   at::Tensor past, out;  // out undefined: at::cat after the layer's attn_in
+  const float* src = nullptr;  // past's values
+  float* dst = nullptr;        // out's values
   int64_t heads = 0, S = 0, d = 0;
 
   explicit Append(const at::Tensor& p) : past(p) {
@@ -571,9 +602,12 @@ struct Append {
       return;
     heads = p.size(1), S = p.size(2), d = p.size(3);
     out = at::empty({1, heads, S + 1, d}, p.options());
+    src = p.data_ptr<float>(), dst = out.data_ptr<float>();
   }
-  void copy_past(int64_t hh) const {
-    std::memcpy(out.data_ptr<float>() + hh * (S + 1) * d, past.data_ptr<float>() + hh * S * d, sizeof(float) * S * d);
+  void copy_past(int64_t hh) const { std::memcpy(dst + hh * (S + 1) * d, src + hh * S * d, sizeof(float) * S * d); }
+  // head hh's new row: this token's d values
+  void put_row(int64_t hh, const float* row) const {
+    std::memcpy(dst + (hh * (S + 1) + S) * d, row, sizeof(float) * d);
   }
   // the result, given this token's kv (1, heads, 1, d)
   at::Tensor finish(const at::Tensor& kv) const {
@@ -581,8 +615,7 @@ struct Append {
         kv.size(0) != 1 || kv.size(1) != heads || kv.size(2) != 1 || kv.size(3) != d)
       return at::cat({past, kv}, -2);
     const float* pk = kv.data_ptr<float>();
-    float* po = out.data_ptr<float>();
-    for (int64_t hh = 0; hh < heads; ++hh) std::memcpy(po + (hh * (S + 1) + S) * d, pk + hh * d, sizeof(float) * d);
+    for (int64_t hh = 0; hh < heads; ++hh) put_row(hh, pk + hh * d);
     return out;
   }
 };
@@ -614,10 +647,9 @@ struct LayerTeam {
   const Proj* ps = nullptr;  // 7 per layer: q, k, v, o, gate, up, down
   const float *x = nullptr, *cos = nullptr, *sin = nullptr, *mf = nullptr;
   const bool* mb = nullptr;
-  std::vector<const float*> norms, kp, vp;  // 2 norm weights per layer; the pasts (1, kvh, S, d)
+  std::vector<const float*> norms;  // 2 norm weights per layer
   std::vector<double> eps;
-  std::vector<float*> ko, vo;  // the new caches (1, kvh, S + 1, d)
-  std::vector<int64_t> S;      // past length per layer
+  std::vector<Append> app;  // 2 per layer: keys, values (1, kvh, S, d) -> (1, kvh, S + 1, d)
   std::vector<int> owner;      // 7 per layer: the projection whose tables a LUT projection reads
   std::vector<std::vector<float>> coeffs;  // 7 per layer: table coefficients of the owners
   float* hb[2] = {nullptr, nullptr};       // layer l writes its output to hb[l % 2]
@@ -628,6 +660,8 @@ struct LayerTeam {
   RowTables tabs[7];  // tables built by projection j of the current layer
 
   // Builds the tables of the owners among projections [j0, j1) of layer l from x, the parts split over the team.
+  // (Each thread building whole tables into its own, with no barrier before the tiles, was slower at 2 threads
+  // in an in-process A/B: docs/lut.md, round 7.)
   void build(size_t l, int j0, int j1, const float* xin, int tid, int nt) {
     const Proj* p = ps + 7 * l;
     const int* own = owner.data() + 7 * l;
@@ -665,16 +699,14 @@ struct LayerTeam {
     const Proj* p = ps + 7 * l;
     const float* hin = l == 0 ? x : hb[(l - 1) % 2];
     float* hout = hb[l % 2];
-    const int64_t S0 = S[l], S1 = S0 + 1, rep = heads / kvh;
+    const Append &ak = app[2 * l], &av = app[2 * l + 1];
+    const int64_t S1 = ak.S + 1, rep = heads / kvh;
     rms_norm(hin, norms[2 * l], H, eps[2 * l], hn);
     build(l, 0, 3, hn, tid, nt);
     team_barrier();
     // q/k/v, and the copies of the past into the new caches (they need nothing of this token)
     float* const qkv[3] = {q.data(), k.data(), v.data()};
-    units(l, 0, 3, hn, qkv, 2 * kvh, [&](int64_t c) {
-      const int64_t hh = c % kvh;
-      std::memcpy((c < kvh ? ko : vo)[l] + hh * S1 * d, (c < kvh ? kp : vp)[l] + hh * S0 * d, sizeof(float) * S0 * d);
-    }, tid, nt);
+    units(l, 0, 3, hn, qkv, 2 * kvh, [&](int64_t c) { c < kvh ? ak.copy_past(c) : av.copy_past(c - kvh); }, tid, nt);
     team_barrier();
     // rotary of the query heads and of the key heads, which then go to the caches' last row with the values
     auto r = team_range(heads + kvh, tid, nt);
@@ -685,14 +717,14 @@ struct LayerTeam {
       }
       const int64_t hh = i - heads;
       rotary(k.data() + hh * d, 1, d, cos, sin);
-      std::memcpy(ko[l] + (hh * S1 + S0) * d, k.data() + hh * d, sizeof(float) * d);
-      std::memcpy(vo[l] + (hh * S1 + S0) * d, v.data() + hh * d, sizeof(float) * d);
+      ak.put_row(hh, k.data() + hh * d);
+      av.put_row(hh, v.data() + hh * d);
     }
     team_barrier();
     r = team_range(heads, tid, nt);
     const AttendFn attend = attend_fn();
     for (int64_t h = r.first; h < r.second; ++h)
-      attend(q.data() + h * d, ko[l] + (h / rep) * S1 * d, d, vo[l] + (h / rep) * S1 * d, d, S1, d, sc, mb, mf, s,
+      attend(q.data() + h * d, ak.dst + (h / rep) * S1 * d, d, av.dst + (h / rep) * S1 * d, d, S1, d, sc, mb, mf, s,
              a.data() + h * d);
     team_barrier();
     build(l, 3, 4, a.data(), tid, nt);
@@ -750,49 +782,44 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
     at::TensorList values) {
   const size_t L = keys.size();
   // every check of attn_in / attn_out_mlp before the region (nothing in it may throw)
-  const at::Tensor xc = as_cpu_float(op, "x", x);
-  const int64_t H = xc.size(-1), d = head_dim;
-  TORCH_CHECK(xc.numel() == H, op, ": x must hold one row (batch 1, one query), got shape ", x.sizes());
-  TORCH_CHECK(head_dim % 2 == 0 && num_heads > 0, op, ": bad head geometry");
-  const at::Tensor cc = as_cpu_float(op, "cos", cos), sn = as_cpu_float(op, "sin", sin);
-  TORCH_CHECK(cc.numel() == head_dim && sn.numel() == head_dim, op, ": cos/sin must hold one position's ",
-              head_dim, " values, got ", cos.sizes(), " and ", sin.sizes());
+  const RowInputs in = check_row_inputs(op, x, cos, sin, num_heads, num_kv_heads, head_dim);
+  const at::Tensor &xc = in.xc, &cc = in.cos, &sn = in.sin;
+  const int64_t H = in.H, d = head_dim;
   std::vector<at::Tensor> nw(2 * L), nk(L), nv(L);
   thread_local LayerTeam team;  // the calling thread's; the region reads it through tm
   LayerTeam* tm = &team;
   tm->norms.resize(2 * L);
-  tm->kp.resize(L), tm->vp.resize(L), tm->ko.resize(L), tm->vo.resize(L), tm->S.resize(L);
+  tm->app.clear();
   tm->owner.assign(7 * L, -1);
   tm->coeffs.resize(7 * L);
+  int64_t smax = 0;
   for (size_t l = 0; l < L; ++l) {
     const Proj* p = &ps[7 * l];
     check_attn_in_projs(op, p, H, num_heads * d, num_kv_heads * d);
     check_mlp_projs(op, p + 3, H, num_heads * d);
     for (int i = 0; i < 2; ++i) {
-      nw[2 * l + i] = as_cpu_float(op, "norm_weight", norm_weights[2 * l + i]);
-      TORCH_CHECK(nw[2 * l + i].numel() == H, op, ": norm_weight has ", nw[2 * l + i].numel(), " values, x has ", H,
-                  " features");
+      nw[2 * l + i] = check_norm(op, norm_weights[2 * l + i], H);
       tm->norms[2 * l + i] = nw[2 * l + i].data_ptr<float>();
     }
-    // table owners: q/k/v (and gate/up) with equal table geometry share one build, as in project()
+    // the projections that read one row (q/k/v, o, gate/up, down), each group's table owners as in project()
     const int groups[4][2] = {{0, 3}, {3, 4}, {4, 6}, {6, 7}};
-    for (const auto& gr : groups)
+    for (const auto& gr : groups) {
+      const Proj* g[3];
+      int own[3];
+      for (int j = gr[0]; j < gr[1]; ++j) g[j - gr[0]] = &p[j];
+      table_owners(g, gr[1] - gr[0], own);
       for (int j = gr[0]; j < gr[1]; ++j) {
-        if (!p[j].is_lut) continue;
-        int& own = tm->owner[7 * l + j];
-        for (int i = gr[0]; i < j && own < 0; ++i)
-          if (tm->owner[7 * l + i] == i && same_tables(p[i], p[j])) own = i;
-        if (own >= 0) continue;
-        own = j;
+        if (own[j - gr[0]] < 0) continue;
+        tm->owner[7 * l + j] = own[j - gr[0]] + gr[0];
+        if (tm->owner[7 * l + j] != j) continue;
         tm->coeffs[7 * l + j] = table_coeffs(p[j].geo, p[j].grid_ptr);
         lut_row_tables_size(p[j].geo, &tm->tabs[j]);
       }
-    const int64_t S = keys[l].size(2);
-    nk[l] = at::empty({1, num_kv_heads, S + 1, d}, keys[l].options());
-    nv[l] = at::empty({1, num_kv_heads, S + 1, d}, values[l].options());
-    tm->kp[l] = keys[l].data_ptr<float>(), tm->vp[l] = values[l].data_ptr<float>();
-    tm->ko[l] = nk[l].data_ptr<float>(), tm->vo[l] = nv[l].data_ptr<float>();
-    tm->S[l] = S;
+    }
+    tm->app.emplace_back(keys[l]);  // team_fits: contiguous float32 pasts, so out is defined
+    tm->app.emplace_back(values[l]);
+    nk[l] = tm->app[2 * l].out, nv[l] = tm->app[2 * l + 1].out;
+    smax = std::max(smax, tm->app[2 * l].S + 1);
   }
   at::Tensor mk = mask.has_value() ? mask->contiguous() : at::Tensor();
   tm->mb = mk.defined() && mk.scalar_type() == at::kBool ? mk.data_ptr<bool>() : nullptr;
@@ -809,12 +836,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
   at::Tensor hb[2] = {at::empty_like(xc), L > 1 ? at::empty_like(xc) : at::Tensor()};
   tm->hb[0] = hb[0].data_ptr<float>();
   tm->hb[1] = L > 1 ? hb[1].data_ptr<float>() : nullptr;
-  const int64_t smax = *std::max_element(tm->S.begin(), tm->S.end()) + 1;
   run_team([&](int tid, int nt) {
     thread_local std::vector<float> hn, res, s;  // this thread's own
     hn.resize(static_cast<size_t>(H)), res.resize(static_cast<size_t>(H)), s.resize(static_cast<size_t>(smax));
     for (size_t l = 0; l < L; ++l) tm->layer(l, tid, nt, hn.data(), res.data(), s.data());
   });
+  tm->app.clear();  // the team is kept per thread: hold no cache tensors past the call
   return {hb[(L - 1) % 2], nk, nv};
 }
 }  // namespace

@@ -822,14 +822,8 @@ def test_whole_model_pickles(model_dirs, fused_calls, model_steps):
             setattr(decode, name, cls)
 
 
-@pytest.mark.parametrize("mask", [None, "bool", "float"])
-def test_decode_layers_team_equals_loop(mask, monkeypatch):
-    """decode_layers runs its layers as phases of one parallel region (split table builds, rotary, cache rows and
-    attention); it gives the per-layer loop's hidden state and caches bit for bit (HF_EFFICIENT_DECODE_PATH=loop
-    runs the loop, which test_ops_opcheck ties to the per-layer ops; =team the region or an error) at 1, 2 and 3
-    threads, over three layers of mixed
-    projections (bit-serial INT4/INT3/INT2, code-indexed NF4/FP4, float, q/k/v biases, a short last group)."""
-    ops = torch.ops.hf_efficient
+def _decode_layers_args(mask=None):
+    """decode_layers arguments: three layers of mixed projections (test_decode_layers_team_equals_loop)."""
     H, heads, kvh, d, inter, S = 80, 4, 2, 16, 96, 5
     gen = torch.Generator().manual_seed(0)
     layers = [[("int4_asym", 32)] * 7,
@@ -854,8 +848,20 @@ def test_decode_layers_team_equals_loop(mask, monkeypatch):
     elif mask == "float":
         m = torch.randn(S + 1, generator=gen)
     ang = torch.rand(d // 2, generator=gen).repeat(2)
-    args = (torch.randn(1, 1, H, generator=gen), norms, [1e-5, 1e-6] * 3, ws, grids, biases, meta, ang.cos(), ang.sin(),
-            m, 0.25, heads, kvh, d, keys, values)
+    return (torch.randn(1, 1, H, generator=gen), norms, [1e-5, 1e-6] * 3, ws, grids, biases, meta, ang.cos(),
+            ang.sin(), m, 0.25, heads, kvh, d, keys, values)
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_decode_layers_team_equals_loop(mask, monkeypatch):
+    """decode_layers runs its layers as phases of one parallel region (split table builds, rotary, cache rows and
+    attention); it gives the per-layer loop's hidden state and caches bit for bit (HF_EFFICIENT_DECODE_PATH=loop
+    runs the loop, which test_ops_opcheck ties to the per-layer ops; =team the region or an error) at 1, 2 and 3
+    threads, over three layers of mixed
+    projections (bit-serial INT4/INT3/INT2, code-indexed NF4/FP4, float, q/k/v biases, a short last group)."""
+    ops = torch.ops.hf_efficient
+    args = _decode_layers_args(mask)
+    keys, values = args[14:]
     old = torch.get_num_threads()
     try:
         monkeypatch.setenv("HF_EFFICIENT_DECODE_PATH", "loop")
@@ -925,3 +931,25 @@ def test_enable_collapses_the_streamed_float_weights(model_dirs, monkeypatch):
     seen.clear()
     enable_fast_decode(model, False)
     assert seen == []
+
+
+@pytest.mark.parametrize("path", ["loop", "team"])
+def test_decode_layers_checks_and_releases(path, monkeypatch):
+    """Both paths of decode_layers check x, cos/sin and the norm weights alike (one helper), and neither keeps the
+    pasts it read once the call returns (the team's per-thread state is cleared)."""
+    import weakref
+
+    ops = torch.ops.hf_efficient
+    monkeypatch.setenv("HF_EFFICIENT_DECODE_PATH", path)
+    args = list(_decode_layers_args())
+    bad = {0: (torch.randn(2, 1, 80), "one row"), 7: (torch.ones(15), "cos/sin"),
+           1: ([torch.ones(79)] + args[1][1:], "norm_weight has 79 values")}
+    for i, (v, msg) in bad.items():
+        with pytest.raises(RuntimeError, match=msg):
+            ops.decode_layers(*args[:i], v, *args[i + 1:])
+    past = weakref.ref(args[14][0])
+    h, k, v = ops.decode_layers(*args)
+    assert torch.equal(k[0][:, :, :-1], args[14][0])
+    args[14] = None
+    del k
+    assert past() is None
