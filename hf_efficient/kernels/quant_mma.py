@@ -263,8 +263,9 @@ def unavailable_reason() -> str | None:
 
 
 # CTAs of the kernel resident per SM by M tiles per CTA (``mtiles_for`` in cuda/quant_mma_args.h) and bits: its
-# __launch_bounds__ (registers) allow 4 for decode (one M tile), 2 for two, 1 for eight; shared memory (pair
-# table 128 * 4**bits bytes + weight ring + x stage, launch_typed in cuda/quant_mma.cuh) cuts 4-bit decode to 3.
+# __launch_bounds__ (registers) allow 4 for decode (one M tile; 3 at 4 bits, where shared memory - pair table
+# 128 * 4**bits bytes + weight ring + x stage, launch_typed in cuda/quant_mma.cuh - allows no more, so the
+# registers go to the kernel instead), 2 for two M tiles, 1 for eight.
 RESIDENT_CTAS = {1: {2: 4, 3: 4, 4: 3}, 2: {2: 2, 3: 2, 4: 2}, 8: {2: 1, 3: 1, 4: 1}}
 # A CTA's fixed cost (pair-table fill, x staging, the split-K reduction) in 128-K blocks of weight work.
 CTA_OVERHEAD_BLOCKS = 6
@@ -274,14 +275,19 @@ def mtiles_for(m: int) -> int:
     return 1 if m <= 8 else 2 if m <= 16 else 8
 
 
+def grid_ctas(m: int, n: int) -> int:
+    """CTAs of one split: row CTAs of ``WARPS`` 16-row tiles x CTAs along M (launch_typed's grid x and z); also the
+    split-K counters a call needs."""
+    return -(-(-(-n // 16)) // WARPS) * -(-m // (8 * mtiles_for(m)))
+
+
 def choose_splits(m: int, n: int, k: int, sms: int, bits: int = 4) -> int:
     """Split-K factor minimising (waves of CTAs) x (blocks per CTA + its fixed cost), each split at least two
     128-K blocks: a grid just over a whole number of waves costs a whole extra wave, so more splits are not always
     better."""
     kb = -(-k // BLOCK_K)
-    mt = mtiles_for(m)
-    ctas = -(-(-(-n // 16)) // WARPS) * -(-m // (8 * mt))
-    slots = sms * RESIDENT_CTAS[mt][bits]
+    ctas = grid_ctas(m, n)
+    slots = sms * RESIDENT_CTAS[mtiles_for(m)][bits]
 
     def cost(s: int) -> int:
         return -(-ctas * s // slots) * (-(-kb // s) + CTA_OVERHEAD_BLOCKS)
@@ -322,7 +328,7 @@ def _quant_mma_cuda(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor
     if not splits:
         splits = choose_splits(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count, bits)
     kb = qweight.shape[1]
-    need = -(-qweight.shape[0] // WARPS) * -(-m // (8 * mtiles_for(m)))
+    need = grid_ctas(m, 16 * qweight.shape[0])
     table = tables[0 if x.dtype == torch.float16 else 1]
     return extension().quant_mma(x, qweight, params, table, _counter_buffer(x.device, need), n, k, bits,
                                  group_size, mode, min(splits, kb))

@@ -155,8 +155,14 @@ struct PairTable {
 // loads in flight (the profile of direct loads, one block ahead, showed DRAM at 12 % and warps waiting on it).
 // A block's 64 chunks are contiguous in the layout and copied as 16-byte units spread over the lanes; each lane
 // waits for its own copies and __syncwarp makes every lane's copies visible to the warp.
+// Words of shared memory the x stage takes: rows = min(MT * 8, M) + 1 (a CTA's rows of x, at most, and the zero
+// row) of stage_blocks * 128 + 8 values. The block sums of x (zero-point mode: float [stage_blocks][MT * 8]) follow.
+template <typename T> __host__ __device__ constexpr int x_stage_words(int rows, int stage_blocks) {
+  return (rows * (stage_blocks * BLOCK_K + 8) * (int)sizeof(T) + 15) / 16 * 4;  // 16-byte aligned sums
+}
+
 template <typename T, typename PT, int BITS, int MODE, int MT>
-__global__ void __launch_bounds__(WARPS * 32, MT == 1 ? 4 : MT == 2 ? 2 : 1)
+__global__ void __launch_bounds__(WARPS * 32, MT == 1 ? (BITS == 4 ? 3 : 4) : MT == 2 ? 2 : 1)
 quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t* __restrict__ qw,
                  const PT* __restrict__ params, const uint32_t* __restrict__ table, T* __restrict__ y, int N,
                  int Ntiles, int KB, int group, int NG, int blocks_per_split, int stage_blocks,
@@ -168,6 +174,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   extern __shared__ __align__(16) uint32_t smem[];
   uint32_t* ring = smem + TE * 32;                          // [WARPS][RING][SLOT]
   T* xs = reinterpret_cast<T*>(ring + WARPS * RING * SLOT);  // [srows + 1][stage_k + 8]
+  float* xsum = reinterpret_cast<float*>(ring + WARPS * RING * SLOT + x_stage_words<T>(min(ROWS, M) + 1, stage_blocks));
   __shared__ int last_flag;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
@@ -179,18 +186,20 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   const bool vec_x = K % 8 == 0 && ldx % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
 
   const bool live = tile < Ntiles;
-  const uint32_t* wtile = qw + (size_t)tile * KB * SLOT;  // block kb of this tile: SLOT words at kb * SLOT
   uint32_t* myring = ring + warp * RING * SLOT;
-  const uint32_t myring_s = static_cast<uint32_t>(__cvta_generic_to_shared(myring));
+  // This lane's first 16-byte unit of block kb0 in global memory and in the ring: a request is an offset from
+  // them (recomputing the 64-bit address per block cost about 30 instructions per block).
+  const uint32_t* wlane = qw + ((size_t)tile * KB + kb0) * SLOT + 4 * lane;
+  const uint32_t rlane = static_cast<uint32_t>(__cvta_generic_to_shared(myring)) + 16 * lane;
   // Request block kb (if this split has it) into its slot; always one commit group per call, so that
   // wait_group<RING - 1> after requesting block kb + RING - 1 means "block kb has landed" (a stage of x,
   // below, is a group too, waited for in full).
   auto request = [&](int kb) {
     if (live && kb < kb1) {
-      const uint32_t dst = myring_s + ((kb - kb0) & (RING - 1)) * SLOT * 4;
-      const uint32_t* src = wtile + (size_t)kb * SLOT;
+      const uint32_t dst = rlane + ((kb - kb0) & (RING - 1)) * SLOT * 4;
+      const uint32_t* src = wlane + (size_t)(kb - kb0) * SLOT;
 #pragma unroll
-      for (int u = lane; u < SLOT / 4; u += 32) cp_async16(dst + 16 * u, src + 4 * u);
+      for (int u = 0; u + lane < SLOT / 4; u += 32) cp_async16(dst + 16 * u, src + 4 * u);
     }
     cp_async_commit();
   };
@@ -226,18 +235,22 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
 
   // The MMAs of slice s (16 K) of a block: A rows g / g+8 (chunks w0 / w8) at K 2q..2q+1 (pair 2s) and
   // 2q+8..2q+9 (pair 2s+1); B from the staged x at xb (the block's first column).
-  auto mma_slice = [&](const Chunk<BITS>& w0, const Chunk<BITS>& w8, const T* xb, int s) {
+  // ones_mma: zero-point mode's S(1) by an MMA with all-ones A (where no x sums are staged, see below).
+  auto mma_slice = [&](auto ones_mma, const Chunk<BITS>& w0, const Chunk<BITS>& w8, const T* xb, int s) {
     const uint32_t a0 = lookup(w0.idx(2 * s)), a1 = lookup(w8.idx(2 * s));
     const uint32_t a2 = lookup(w0.idx(2 * s + 1)), a3 = lookup(w8.idx(2 * s + 1));
 #pragma unroll
     for (int t = 0; t < MT; ++t) {
-      if (t * 8 >= srows) break;  // tiles past the CTA's rows (M = 17..63 on the 8-tile kernel) add nothing
+      // Tiles past the CTA's rows (M = 17..63 on the 8-tile kernel) add nothing; tile 0 always has rows, and
+      // testing it anyway costs a branch and a warp re-convergence per slice.
+      if (t > 0 && t * 8 >= srows) break;
       const T* xr = xb + xrow[t] + 16 * s;
       const uint32_t b0 = *reinterpret_cast<const uint32_t*>(xr);
       const uint32_t b1 = *reinterpret_cast<const uint32_t*>(xr + 8);
       mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
       if constexpr (MODE == MODE_TWO) mma16816<T>(c2[t], hmin0<T>(a0), hmin0<T>(a1), hmin0<T>(a2), hmin0<T>(a3), b0, b1);
-      if constexpr (MODE == MODE_ZERO) mma16816<T>(c2[t], ones, ones, ones, ones, b0, b1);
+      if constexpr (MODE == MODE_ZERO && decltype(ones_mma)::value)
+        mma16816<T>(c2[t], ones, ones, ones, ones, b0, b1);
     }
   };
   // A group (or this split's share of it) ends: scale its sums into acc.
@@ -293,6 +306,27 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       }
     }
     __syncthreads();
+    if constexpr (MODE == MODE_ZERO) {
+      // S(1) is the sum of x over the group's K, the same for every weight row: with whole-block groups it is
+      // summed here once per CTA (one warp per (block, row) of this stage), not by an extra MMA per slice in
+      // every warp (which, with the 4 registers of ones it rebuilds, cost ~5 of the ~22 instructions a slice).
+      if (aligned) {
+        const int n_sums = (kend - ks) * ROWS;
+        for (int i = warp; i < n_sums; i += WARPS) {
+          const int bl = i / ROWS, r = i - bl * ROWS;
+          float v = 0.f;
+          if (r < srows) {
+            const T* xr = xs + r * xstride + bl * BLOCK_K + 4 * lane;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) v += to_f(xr[j]);
+          }
+#pragma unroll
+          for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+          if (lane == 0) xsum[i] = v;
+        }
+        __syncthreads();
+      }
+    }
     if (!live) continue;
 
     if (aligned) {
@@ -306,7 +340,14 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
         if (kb + 1 < kend) np.load(prow, gi + ends);  // prefetch: the next block's scales
         const T* xb = xs + (kb - ks) * BLOCK_K;
 #pragma unroll
-        for (int s = 0; s < 8; ++s) mma_slice(w0, w8, xb, s);
+        for (int s = 0; s < 8; ++s) mma_slice(std::false_type{}, w0, w8, xb, s);
+        if constexpr (MODE == MODE_ZERO) {
+#pragma unroll
+          for (int t = 0; t < MT; ++t) {
+            const float2 sm = *reinterpret_cast<const float2*>(xsum + (kb - ks) * ROWS + t * 8 + 2 * q);
+            c2[t][0] += sm.x; c2[t][1] += sm.y; c2[t][2] += sm.x; c2[t][3] += sm.y;
+          }
+        }
         if (ends || kb + 1 == kb1) flush(p);
         if (ends) {
           ++gi;
@@ -323,7 +364,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       const T* xb = xs + (kb - ks) * BLOCK_K;
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
-        mma_slice(w0, w8, xb, s);
+        mma_slice(std::true_type{}, w0, w8, xb, s);
         const int kpos = kb * BLOCK_K + 16 * (s + 1);
         if (kpos == next_end || (s == 7 && kb + 1 == kb1)) {
           GroupParams<PT> p;
@@ -394,8 +435,9 @@ void launch_typed(const Args& a) {
   const int rows = std::min(MT * 8, a.M) + 1;
   const int budget = (MT == 1 ? 8192 : 36864) / (rows * BLOCK_K * (int)sizeof(T));
   const int stage_blocks = std::max(1, std::min(budget, a.blocks_per_split));
+  const size_t sums = MODE == MODE_ZERO ? (size_t)stage_blocks * MT * 8 : 0;
   const size_t smem = TE * 128 + (size_t)WARPS * RING * 64 * chunk_words<BITS>() * 4 +
-                      (size_t)rows * (stage_blocks * BLOCK_K + 8) * sizeof(T);
+                      4 * ((size_t)x_stage_words<T>(rows, stage_blocks) + sums);
   auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   dim3 grid(row_ctas, a.splits, (a.M + MT * 8 - 1) / (MT * 8));
