@@ -95,17 +95,17 @@ def _proj(m: nn.Module):
     return None
 
 
-# Linux madvise advice values (not exported by Python's os module for plain memory)
-_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+_MADV_COLLAPSE = 25  # Linux madvise advice (not exported by Python's os module for plain memory)
 _HUGE = 2 << 20
 _HUGE_MIN_BYTES = 256 << 10  # smaller weights (test models) are left alone: a collapse costs milliseconds
 
 
 def huge_pages(weights) -> int:
     """Back float32 CPU weights that every decode step streams with 2 MiB pages, in place (Linux >= 6.1:
-    ``madvise`` ``MADV_HUGEPAGE`` then ``MADV_COLLAPSE`` on each 2 MiB page of the aligned span around each
-    weight, so a small weight's neighbours in the same pages are collapsed too; the tensors, their storage and
-    values stay as they are, and where the memory or the kernel does not allow it nothing happens).
+    ``madvise(MADV_COLLAPSE)`` on each 2 MiB page of the aligned span around each weight, so a small weight's
+    neighbours in the same pages are collapsed too; the tensors, their storage and values stay as they are, and
+    where the memory or the kernel does not allow it nothing happens). No ``MADV_HUGEPAGE``: that would flag the
+    whole mappings around the weights (other allocations too) for khugepaged and for huge pages at fault time.
 
     The LUT streams live in huge pages since they are packed (``hugepage_empty``); float weights from the loader
     sit in 4 KiB pages, where a DRAM-bound GEMV pays a page walk every 4 KiB and the prefetcher stops at each
@@ -122,7 +122,6 @@ def huge_pages(weights) -> int:
             continue
         lo = w.data_ptr() // _HUGE * _HUGE
         hi = -(-(w.data_ptr() + w.nbytes) // _HUGE) * _HUGE
-        madvise(lo, hi - lo, _MADV_HUGEPAGE)
         pages.update(range(lo, hi, _HUGE))
     return sum(_HUGE for a in sorted(pages) if madvise(a, _HUGE, _MADV_COLLAPSE) == 0)
 
