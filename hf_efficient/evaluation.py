@@ -167,7 +167,15 @@ def _decode(model, ids: torch.Tensor, steps: int, out=None) -> None:
     out = out if out is not None else model(ids, use_cache=True)
     for _ in range(steps):
         nxt = out.logits[:, -1:].argmax(-1)
-        out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = model(nxt, use_cache=True, **_cache_kwarg(out))
+
+
+def _cache_kwarg(out) -> dict:
+    """``out``'s cache as the next forward takes it: ``cache=`` where the outputs carry a ``cache`` field
+    (transformers >= 5.25, which deprecates ``past_key_values`` and drops it in 5.40), else ``past_key_values=``."""
+    if "cache" in getattr(out, "__dataclass_fields__", ()):
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
 
 
 class PeakMemory:

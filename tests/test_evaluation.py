@@ -84,3 +84,23 @@ def test_evaluate_end_to_end_and_json(tiny_llama_dir, tmp_path):
     payload = json.loads(out.read_text())
     assert payload["results"][0]["name"] == "tiny" and payload["settings"] == {"context": 32}
     assert {"device", "date", "torch", "transformers"} <= set(payload["environment"])
+
+
+def test_decode_steps_carry_the_cache_in_the_current_api(recwarn):
+    """A one-token step on the cache equals the full forward, and passes it under the name this transformers takes
+    (``cache`` since 5.25; ``past_key_values`` there warns and goes away in 5.40)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_efficient.evaluation import _cache_kwarg
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        out = model(ids[:, :5], use_cache=True)
+        step = model(ids[:, 5:], use_cache=True, **_cache_kwarg(out))
+        full = model(ids)
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-5)
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
