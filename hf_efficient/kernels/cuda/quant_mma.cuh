@@ -9,7 +9,8 @@
 // word e*32 + l), so the lookups of a warp never conflict on a bank. Scales stay out of the inner loop: per group
 // the fragment products accumulate unscaled (fp32), and at the group's end
 //   sym:        acc += a * S(v)
-//   zero point: acc += a * (S(v) - z * S(1))   (S(1): one more MMA with an all-ones A fragment)
+//   zero point: acc += a * (S(v) - z * S(1))   (S(1) = the sum of x over the group: summed from the staged x
+//               once per CTA where groups are whole blocks, else one more MMA with an all-ones A fragment)
 //   two scales: acc += a * S(v) + (b - a) * S(min(v,0))   (= a S(v+) + b S(v-), one max/min per register)
 // Split-K: every split writes an fp32 partial tile to a workspace; the last split to arrive at a tile (atomic
 // counter per tile, reset by that split) sums the partials and writes y. One launch per call.
