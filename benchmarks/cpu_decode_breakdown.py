@@ -29,6 +29,7 @@ import time
 import torch
 
 from benchmarks.common import print_rows, write_results
+from hf_efficient.evaluation import cache_kwarg
 
 GROUPS = {
     "lut_kernels": ("hf_efficient::lut_gemm",),
@@ -46,13 +47,12 @@ def _decode(model, ids, steps, prof=None):
     covers only those steps."""
     import contextlib
 
+    name = cache_kwarg()
     out = model(ids, use_cache=True)
-    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
     with prof if prof is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
         for _ in range(steps):
-            out = model(tok, past_key_values=cache, use_cache=True)
-            cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(out.logits[:, -1:].argmax(-1), use_cache=True, **{name: getattr(out, name)})
         return time.perf_counter() - t0
 
 

@@ -24,6 +24,7 @@ import time
 import torch
 
 from benchmarks.common import print_rows, write_results
+from hf_efficient.evaluation import cache_kwarg
 from hf_efficient.moe import add_pregates, enable_pregated_offload, find_moe_layers
 
 SHAPES = {
@@ -69,13 +70,6 @@ def pinned_h2d_gbs(device, nbytes=1 << 30, reps=5) -> float | None:
     return nbytes * reps / (time.perf_counter() - t0) / 1e9
 
 
-def cache_kwarg(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); the GPU image may have the older name."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def measure(model, prompt, decode_ids, device, warm_steps, offload=None) -> tuple[dict, torch.Tensor]:
     """Prefill ``prompt`` (timed), ``warm_steps`` untimed decode steps, then the rest of ``decode_ids`` timed."""
@@ -86,7 +80,7 @@ def measure(model, prompt, decode_ids, device, warm_steps, offload=None) -> tupl
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    kv = {cache_kwarg(model): DynamicCache(config=model.config), "use_cache": True}
+    kv = {cache_kwarg(): DynamicCache(config=model.config), "use_cache": True}
     sync(device)
     t0 = time.perf_counter()
     model(input_ids=prompt, **kv)

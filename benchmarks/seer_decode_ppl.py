@@ -24,6 +24,7 @@ import time
 import torch
 
 from benchmarks.common import print_rows, write_results
+from hf_efficient.evaluation import cache_kwarg
 
 _RECENT = {"sparsity": 0.0, "block": 64}
 
@@ -44,9 +45,10 @@ def sink_recent_decode(module, query, key, value, attention_mask, scaling=None, 
 def decode_nll(model, ids: torch.Tensor, cache, first_logits: torch.Tensor) -> tuple[float, int]:
     """Summed NLL of ``ids[1:]`` decoding one token at a time from ``cache`` (``first_logits`` scores ids[0])."""
     nll = torch.nn.functional.cross_entropy(first_logits.float(), ids[:1], reduction="sum").item()
+    name = cache_kwarg()
     with torch.no_grad():
         for t in range(ids.numel() - 1):
-            out = model(input_ids=ids[None, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[None, t:t + 1], use_cache=True, **{name: cache})
             nll += torch.nn.functional.cross_entropy(out.logits[0, -1:].float(), ids[t + 1:t + 2],
                                                      reduction="sum").item()
     return nll, ids.numel()
@@ -93,7 +95,7 @@ def main(argv=None):
         model.set_attn_implementation("sdpa")
         with torch.no_grad():
             out = model(input_ids=win[None, :prompt], use_cache=True)
-        prefill_cache, first = out.past_key_values, out.logits[0, -1:]
+        prefill_cache, first = getattr(out, cache_kwarg()), out.logits[0, -1:]
         for mode, sp in settings_list:
             if mode == "sink+recent":
                 _RECENT["sparsity"] = sp

@@ -165,17 +165,19 @@ def measure_speed(model, prompt_len: int = 128, new_tokens: int = 32, batch: int
 def _decode(model, ids: torch.Tensor, steps: int, out=None) -> None:
     """``steps`` greedy one-token forwards on the cache of ``out`` (a prefill of ``ids``; run here if None)."""
     out = out if out is not None else model(ids, use_cache=True)
+    name = cache_kwarg()
     for _ in range(steps):
         nxt = out.logits[:, -1:].argmax(-1)
-        out = model(nxt, use_cache=True, **_cache_kwarg(out))
+        out = model(nxt, use_cache=True, **{name: getattr(out, name)})
 
 
-def _cache_kwarg(out) -> dict:
-    """``out``'s cache as the next forward takes it: ``cache=`` where the outputs carry a ``cache`` field
-    (transformers >= 5.25, which deprecates ``past_key_values`` and drops it in 5.40), else ``past_key_values=``."""
-    if "cache" in getattr(out, "__dataclass_fields__", ()):
-        return {"cache": out.cache}
-    return {"past_key_values": out.past_key_values}
+def cache_kwarg() -> str:
+    """The name under which forwards take the KV cache and outputs carry it: ``cache`` since transformers 5.24
+    (``past_key_values`` there is deprecated, and removed in 5.40), ``past_key_values`` before (forward
+    parameter and output field were renamed together)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class PeakMemory:

@@ -88,10 +88,10 @@ def test_evaluate_end_to_end_and_json(tiny_llama_dir, tmp_path):
 
 def test_decode_steps_carry_the_cache_in_the_current_api(recwarn):
     """A one-token step on the cache equals the full forward, and passes it under the name this transformers takes
-    (``cache`` since 5.25; ``past_key_values`` there warns and goes away in 5.40)."""
+    (``cache`` since 5.24; ``past_key_values`` there warns and goes away in 5.40)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_efficient.evaluation import _cache_kwarg
+    from hf_efficient.evaluation import cache_kwarg
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2)
@@ -100,7 +100,8 @@ def test_decode_steps_carry_the_cache_in_the_current_api(recwarn):
     ids = torch.randint(0, 64, (1, 6))
     with torch.no_grad():
         out = model(ids[:, :5], use_cache=True)
-        step = model(ids[:, 5:], use_cache=True, **_cache_kwarg(out))
+        name = cache_kwarg()
+        step = model(ids[:, 5:], use_cache=True, **{name: getattr(out, name)})
         full = model(ids)
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-5)
     assert not [w for w in recwarn if "past_key_values" in str(w.message)]
