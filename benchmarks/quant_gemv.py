@@ -33,6 +33,7 @@ SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672
 BATCHES = [1, 4, 16, 64]
 OURS = ["int4_asym", "fp4_asym", "nf4_asym", "nf4_sym", "int3_asym", "nf3_asym", "int2_asym"]
 TRITON = ["int4_asym", "nf4_asym", "fp4_asym"]  # Triton: the default layout of every format but INT4 at bf16
+SUMMARY = {(4096, 11008), (8192, 28672), (28672, 8192)}  # quant_gemv_summary: these shapes at M = 1, 16, 64
 GROUP = 128
 L2_BYTES = 50 * 2 ** 20
 
@@ -203,6 +204,10 @@ def _write(rows, args, copy_bw, gl_reason):
             "timing", "config"]
     write_results(args.name or ("quant_gemv_quick" if args.quick else "quant_gemv"), rows, settings, args.out,
                   columns=cols)
+    if not (args.quick or args.shapes or args.name or args.batches or args.formats):  # a full default run
+        summary = [r for r in rows if (r["N"], r["K"]) in SUMMARY and r["M"] in (1, 16, 64)]
+        write_results("quant_gemv_summary", summary, {**settings, "note": "the rows of quant_gemv.json (same run) "
+                      "for the summary shapes at M = 1, 16, 64"}, args.out, columns=cols)
 
 
 def main(argv=None):
