@@ -37,6 +37,10 @@ namespace hf_efficient {
 namespace lut {
 namespace {
 
+// A float GEMV's rows [n0, n1) of y = W x on the calling thread (one per ISA, below).
+using RowsFn = void (*)(const float* w, int64_t K, int64_t n0, int64_t n1, const float* x, float* y);
+RowsFn float_rows(Isa cap);
+
 struct Proj {
   int64_t K = 0, N = 0;
   bool is_lut = false;
@@ -45,6 +49,7 @@ struct Proj {
   const uint8_t* stream = nullptr;  // LUT: weight's bytes, read once at parse (not per tile range)
   const float* grid_ptr = nullptr;  // LUT code-indexed: grid's values
   const float* fw = nullptr;        // float: the weight's values when it is contiguous
+  RowsFn rows = nullptr;            // float: the GEMV for the CPU's ISA (capped as the LUT engines are)
   const float* bias = nullptr;
   at::Tensor bias_t;
   Geometry geo;
@@ -57,6 +62,7 @@ std::vector<Proj> parse_projs(const char* op, at::TensorList weights, const c10:
               ": expected ", n, " projections (weights, grids, biases) and ", 4 * n, " meta ints, got ",
               weights.size(), ", ", grids.size(), ", ", biases.size(), " and ", meta.size());
   std::vector<Proj> ps(n);
+  const RowsFn rows = float_rows(lut_isa_cap());
   for (size_t i = 0; i < n; ++i) {
     Proj& p = ps[i];
     const int64_t bits = meta[4 * i], gs = meta[4 * i + 1];
@@ -70,6 +76,7 @@ std::vector<Proj> parse_projs(const char* op, at::TensorList weights, const c10:
                   op, ": projection ", i, " (float) needs a float32 (", p.N, ", ", p.K, ") weight, got ",
                   p.weight.scalar_type(), " ", p.weight.sizes());
       if (p.weight.is_contiguous()) p.fw = p.weight.data_ptr<float>();
+      p.rows = rows;
     } else {
       p.is_lut = true;
       const c10::optional<at::Tensor> g = grids.get(i);
@@ -115,7 +122,7 @@ void table_owners(const Proj* const* ps, size_t n, int* owner) {
   }
 }
 
-void gemv_f32(const float* w, int64_t K, int64_t N, const float* x, float* y);
+void gemv_f32(const Proj& p, const float* x, float* y);
 
 // Output rows [n0, n1) of every projection of a project() call, once they are final (bias added).
 using TileRowsFn = std::function<void(int64_t n0, int64_t n1)>;
@@ -149,7 +156,7 @@ void project(const std::vector<Proj*>& ps, const float* x, const std::vector<flo
       if (owner[i] == static_cast<int>(i)) lut_row_tables(x, p.geo, p.grid_ptr, p.eng, &tables[i]);
       first[i + 1] += p.geo.NT;
     } else if (p.weight.is_contiguous()) {
-      gemv_f32(p.weight.data_ptr<float>(), p.K, p.N, x, ys[i]);
+      gemv_f32(p, x, ys[i]);
     } else {
       at::Tensor xt = at::from_blob(const_cast<float*>(x), {p.K}, at::kFloat);
       at::Tensor yt = at::from_blob(ys[i], {p.N}, at::kFloat);
@@ -369,8 +376,6 @@ AttendFn attend_fn() {
 // Float projections: y = W x over a row-major (N, K) weight, rows split over the threads. torch's mv (MKL's
 // sgemv) reads decode-sized weights below the memory bandwidth on one core and gains nothing from a second
 // thread on the 2-core EPYC (measured, docs/lut.md).
-using RowsFn = void (*)(const float* w, int64_t K, int64_t n0, int64_t n1, const float* x, float* y);
-
 void gemv_rows_generic(const float* w, int64_t K, int64_t n0, int64_t n1, const float* x, float* y) {
   for (int64_t n = n0; n < n1; ++n) y[n] = dot(w + n * K, x, K);
 }
@@ -396,21 +401,47 @@ HFE_AVX2 void gemv_rows_avx2(const float* w, int64_t K, int64_t n0, int64_t n1, 
 }
 #endif
 
-RowsFn gemv_rows() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const RowsFn rows = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &gemv_rows_avx2
-                                                                                            : &gemv_rows_generic;
-#else
-  static const RowsFn rows = &gemv_rows_generic;
+#define HFE_AVX512F __attribute__((target("avx512f,avx2,fma")))
+// The same with 16-wide vectors: on a CPU with AVX-512, ggml's F32 GEMV (16-wide) read the same weights 1.2-1.3x
+// faster than the 8-wide loop above (2-core Xeon, same process, docs/lut.md). The tail is one masked step (masked
+// lanes load nothing and fault on nothing).
+HFE_AVX512F void gemv_rows_avx512(const float* w, int64_t K, int64_t n0, int64_t n1, const float* x, float* y) {
+  const int64_t K64 = K - K % 64, K16 = K - K % 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K % 16)) - 1u);
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* r = w + n * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K64; k += 64) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(x + k), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    for (int64_t k = K64; k < K16; k += 16)
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(x + k), a0);
+    if (tail != 0)
+      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, r + K16), _mm512_maskz_loadu_ps(tail, x + K16), a1);
+    y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  }
+}
 #endif
-  return rows;
+
+// The float GEMV for an ISA cap (lut_isa_cap: the CPU's best, or lower by HF_EFFICIENT_LUT_ISA/_SCALAR; kAvx512
+// and kAvx2 are only ever the cap on a CPU that has them).
+RowsFn float_rows(Isa cap) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (cap == Isa::kAvx512) return &gemv_rows_avx512;
+  if (cap == Isa::kAvx2) return &gemv_rows_avx2;
+#endif
+  return &gemv_rows_generic;
 }
 
-void gemv_f32(const float* w, int64_t K, int64_t N, const float* x, float* y) {
-  const RowsFn rows = gemv_rows();
+void gemv_f32(const Proj& p, const float* x, float* y) {
   // chunks of at least ~64 KiB of weights, so that small projections stay on one thread
-  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 14) / std::max<int64_t>(K, 1));
-  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) { rows(w, K, b, e, x, y); });
+  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 14) / std::max<int64_t>(p.K, 1));
+  const float* w = p.weight.data_ptr<float>();  // contiguous (project() checks)
+  at::parallel_for(0, p.N, grain, [&](int64_t b, int64_t e) { p.rows(w, p.K, b, e, x, y); });
 }
 
 at::Tensor as_cpu_float(const char* op, const char* name, const at::Tensor& t) {
@@ -631,7 +662,7 @@ void project_units(const Proj& p, const RowTables& t, const float* x, float* y, 
   if (p.is_lut)
     lut_row_tile_range(p.stream, p.geo, p.eng, t, y, u0, u1);
   else
-    gemv_rows()(p.fw, p.K, n0, n1, x, y);
+    p.rows(p.fw, p.K, n0, n1, x, y);
   if (p.bias != nullptr)
     for (int64_t n = n0; n < n1; ++n) y[n] += p.bias[n];
 }
@@ -916,6 +947,7 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   p.K = K;
   p.N = weight.size(0);
   p.weight = weight;
+  p.rows = float_rows(lut_isa_cap());
   if (bias.has_value()) {
     p.bias_t = bias->contiguous();
     TORCH_CHECK(p.bias_t.scalar_type() == at::kFloat && p.bias_t.numel() == p.N && p.bias_t.device().is_cpu(), op,

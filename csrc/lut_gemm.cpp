@@ -8,7 +8,8 @@
 // torch's float GEMM (BLAS) per block, so no float copy of the whole layer exists at any time.
 //
 // Engine choice: the best ISA of the CPU; HF_EFFICIENT_LUT_ISA=scalar|avx2|avx512|neon caps it,
-// HF_EFFICIENT_LUT_SCALAR=1 (or force_scalar) forces the scalar engine; HF_EFFICIENT_LUT_MAX_ROWS moves the
+// HF_EFFICIENT_LUT_SCALAR=1 (or force_scalar) forces the scalar engine (both also cap the float GEMV of the decode
+// ops); HF_EFFICIENT_LUT_MAX_ROWS moves the
 // table/GEMM crossover (both read per call, so tests and benchmarks can switch them).
 #include "lut_gemm.h"
 
@@ -98,6 +99,8 @@ Geometry lut_geometry(int64_t K, int64_t N, const c10::optional<at::Tensor>& gri
 void lut_check_weights(const Geometry& geo, const at::Tensor& qweight) { check_weights(geo, qweight); }
 
 Engine lut_engine(const Geometry& geo, bool force_scalar) { return select_engine(geo, isa_cap(force_scalar)); }
+
+Isa lut_isa_cap() { return isa_cap(false); }
 
 int64_t lut_table_parts(const Geometry& geo) { return geo.channels == 1 ? geo.ng : 1; }
 

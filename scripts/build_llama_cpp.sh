@@ -7,7 +7,10 @@
 # Everything lives outside the repository (default /tmp); nothing of llama.cpp is committed.
 #   scripts/build_llama_cpp.sh                 # then: python -m benchmarks.lut_e2e  (finds /tmp/llama-venv)
 # Environment knobs: LLAMA_CPP_PYTHON_VERSION (sdist version, default pinned below), LLAMA_BUILD_ROOT
-# (download/build folder), LLAMA_VENV (the venv), JOBS (parallel compile jobs), NICE (niceness of the compile).
+# (download/build folder), LLAMA_VENV (the venv), JOBS (parallel compile jobs), NICE (niceness of the compile),
+# LLAMA_NATIVE=no_amx: the native ISA without AMX (AVX2/FMA/F16C/BMI2/AVX-VNNI/AVX-512 F, BW, VL, VBMI, VNNI,
+# BF16 where the CPU has them). On the 2-core Sapphire Rapids VMs the native build's AMX backend repacks Q4_0
+# and then segfaults at the first eval, so llama.cpp cannot run there at all.
 set -euo pipefail
 
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
@@ -29,7 +32,15 @@ BUILD="$LLAMA/build"
 # GGML_NATIVE: -march=native, the comparison the targets ask for ("llama.cpp built natively for that machine").
 # Shared libraries only: ggml-base/ggml-cpu are what benchmarks/llama_cpp_gemv.py loads, libllama what the binding
 # loads. No common/tools/mtmd: the binding imports mtmd only for multimodal chat formats.
-cmake -S "$LLAMA" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON \
+ISA=(-DGGML_NATIVE=ON)
+if [ "${LLAMA_NATIVE:-}" = no_amx ]; then
+  has() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
+  ISA=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2="$(has avx2)" -DGGML_FMA="$(has fma)" -DGGML_F16C="$(has f16c)"
+       -DGGML_BMI2="$(has bmi2)" -DGGML_AVX_VNNI="$(has avx_vnni)" -DGGML_AVX512="$(has avx512bw)"
+       -DGGML_AVX512_VBMI="$(has avx512_vbmi)" -DGGML_AVX512_VNNI="$(has avx512_vnni)"
+       -DGGML_AVX512_BF16="$(has avx512_bf16)" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+fi
+cmake -S "$LLAMA" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON "${ISA[@]}" \
   -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
   -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_MTMD=OFF -DLLAMA_CURL=OFF
 nice -n "$NICE" cmake --build "$BUILD" -j"$JOBS" --target llama

@@ -182,14 +182,19 @@ def test_layer_step_equals_original_forward(model_dirs, case, static, fused_call
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_generate_tokens_identical(model_dirs, case, cache, fused_calls, model_steps, lm_steps, stacked_steps):
-    """(b) Greedy generate gives the same tokens with and without the fused step."""
+    """(b) Greedy generate gives the same tokens with and without the fused step, except where the plain run's two
+    best logits are a rounding apart: the quantized cases' tables may round one int8 entry the other way (see
+    test_layer_step_matches_forward), and on some CPUs (a 2-core AVX-512 Xeon) that flips a near-tie of this random
+    model's logits. After such a flip the two runs continue from different tokens, so the comparison stops there."""
     model = _load(model_dirs, case)
     assert type(model.model).__name__ == "FastDecodeLlamaModel"
     assert type(model).__name__ == "FastDecodeLlamaForCausalLM"
     ids = _ids(9)
-    kw = dict(max_new_tokens=12, do_sample=False, **({"cache_implementation": "static"} if cache == "static" else {}))
+    kw = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              **({"cache_implementation": "static"} if cache == "static" else {}))
     with torch.no_grad():
-        fused = model.generate(ids, **kw)
+        out = model.generate(ids, **kw)
+    fused = out.sequences
     steps = fused.shape[1] - 9 - 1  # decode steps (generation may stop early at an EOS token)
     assert steps >= 4 and len(fused_calls) == steps * model.config.num_hidden_layers  # every step of every layer
     assert len(model_steps) == steps  # through the decoder stack's fused step
@@ -199,10 +204,25 @@ def test_generate_tokens_identical(model_dirs, case, cache, fused_calls, model_s
     assert enable_fast_decode(model, False) == ["model.layers.0", "model.layers.1"]
     assert type(model.model).__name__ == "LlamaModel" and type(model).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
-        plain = model.generate(ids, **kw)
+        ref = model.generate(ids, **kw)
+    plain = ref.sequences
     assert len(fused_calls) == steps * model.config.num_hidden_layers
-    assert torch.equal(fused, plain), (fused, plain)
+    same = _same_greedy_tokens(fused[0, 9:], plain[0, 9:], ref.logits, 0.0 if case == "fp32" else 1e-2)
+    assert same >= 4, (same, fused, plain)  # several steps compared before any flip
     assert len(set(plain[0, 9:].tolist())) > 2  # the test model does not just repeat one token
+
+
+def _same_greedy_tokens(got, want, logits, tol: float) -> int:
+    """How many leading tokens of two greedy runs agree; all of them, or they part at a step where the plain run
+    (want, its per-step logits) scores got's token within tol * max |logit| of its best (a near-tie, not a bug)."""
+    for i, (a, b) in enumerate(zip(got.tolist(), want.tolist())):
+        if a != b:
+            lp = logits[i][0].float()
+            gap = float(lp.max() - lp[a])
+            assert gap <= tol * float(lp.abs().max()), (i, a, b, gap, float(lp.abs().max()))
+            return i
+    assert got.shape == want.shape, (got, want)
+    return got.numel()
 
 
 @pytest.mark.parametrize("case", ["fp32", "int4-g32"])
@@ -746,6 +766,32 @@ def test_float_projections_match_linear(K, threads):
     finally:
         torch.set_num_threads(old)
 
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_float_gemv_every_isa(isa, monkeypatch):
+    """The decode ops' float GEMV for each ISA this CPU runs (HF_EFFICIENT_LUT_ISA caps it as it caps the LUT
+    engines: plain loop, 8-wide AVX2, 16-wide AVX-512 with a masked tail) equals a float64 product within float32
+    summation rounding: K below, at and past each vector width and unroll, odd N, zeros and large values."""
+    from hf_efficient.kernels import lut_cpu
+
+    if isa not in lut_cpu.available_isas():
+        pytest.skip(f"this CPU has no {isa} (available: {lut_cpu.available_isas()})")
+    monkeypatch.setenv("HF_EFFICIENT_LUT_ISA", isa)
+    ops = torch.ops.hf_efficient
+    gen = torch.Generator().manual_seed(7)
+    for K in (1, 5, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 577):
+        for n, scale in ((1, 1.0), (7, 1.0), (40, 1e15)):
+            w = torch.randn(n, K, generator=gen) * scale
+            w[0, : K // 2] = 0.0  # a row that is zero in part (all of it at K = 1)
+            x = torch.randn(1, 1, K, generator=gen) * scale
+            b = torch.randn(n, generator=gen)
+            got = ops.decode_linear(x, w, b).view(-1).double()
+            want = (w.double() @ x.view(-1).double()) + b.double()
+            bound = 1e-6 * K * ((w.double().abs() @ x.view(-1).double().abs()) + b.double().abs()) + 1e-30
+            assert bool(((got - want).abs() <= bound).all()), (isa, K, n, scale)
+    zero = ops.decode_linear(torch.zeros(1, 1, 65), torch.zeros(3, 65), None)
+    assert torch.equal(zero, torch.zeros(1, 1, 3))
 
 def test_ops_opcheck():
     from torch._library.simple_registry import singleton
