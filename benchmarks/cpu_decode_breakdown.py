@@ -29,7 +29,7 @@ import time
 import torch
 
 from benchmarks.common import print_rows, write_results
-from hf_efficient.evaluation import cache_kwarg
+from hf_efficient.evaluation import decode_steps
 
 GROUPS = {
     "lut_kernels": ("hf_efficient::lut_gemm",),
@@ -47,12 +47,10 @@ def _decode(model, ids, steps, prof=None):
     covers only those steps."""
     import contextlib
 
-    name = cache_kwarg()
     out = model(ids, use_cache=True)
     with prof if prof is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
-        for _ in range(steps):
-            out = model(out.logits[:, -1:].argmax(-1), use_cache=True, **{name: getattr(out, name)})
+        decode_steps(model, ids, steps, out)
         return time.perf_counter() - t0
 
 

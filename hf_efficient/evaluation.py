@@ -148,13 +148,13 @@ def measure_speed(model, prompt_len: int = 128, new_tokens: int = 32, batch: int
     vocab = vocab_size or model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
-    _decode(model, ids[:, :8], 2)  # warm-up: lazy inits, allocator, kernel selection
+    decode_steps(model, ids[:, :8], 2)  # warm-up: lazy inits, allocator, kernel selection
     prefill, decode = [], []
     for _ in range(repeats):
         _sync(device); t0 = time.perf_counter()
         out = model(ids, use_cache=True)
         _sync(device); t1 = time.perf_counter()
-        _decode(model, ids, new_tokens, out)
+        decode_steps(model, ids, new_tokens, out)
         _sync(device); t2 = time.perf_counter()
         prefill.append(t1 - t0)
         decode.append(t2 - t1)
@@ -162,7 +162,7 @@ def measure_speed(model, prompt_len: int = 128, new_tokens: int = 32, batch: int
             "decode_tok_s": batch * new_tokens / statistics.median(decode)}
 
 
-def _decode(model, ids: torch.Tensor, steps: int, out=None) -> None:
+def decode_steps(model, ids: torch.Tensor, steps: int, out=None) -> None:
     """``steps`` greedy one-token forwards on the cache of ``out`` (a prefill of ``ids``; run here if None)."""
     out = out if out is not None else model(ids, use_cache=True)
     name = cache_kwarg()

@@ -6,7 +6,7 @@ from hf_efficient import heap
 
 
 def test_unknown_functions_are_none_and_calls_are_safe():
-    assert heap._glibc("no_such_function_in_any_libc") is None
+    assert heap.glibc_function("no_such_function_in_any_libc") is None
     heap.release_free_heap()
 
 

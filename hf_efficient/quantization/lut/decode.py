@@ -33,7 +33,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ...heap import _glibc
+from ...heap import glibc_function
 from ...kernels import lut_cpu as kernel
 from .. import linear as _linear
 from ..linear import QuantLinear
@@ -112,7 +112,7 @@ def huge_pages(weights) -> int:
     page (docs/lut.md, fused decode round 7). Returns the bytes collapsed (a page that crosses into another
     mapping, file-backed memory or an older kernel stay as they are).
     """
-    madvise = _glibc("madvise")
+    madvise = glibc_function("madvise")
     if madvise is None:
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
