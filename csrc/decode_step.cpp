@@ -405,7 +405,9 @@ HFE_AVX2 void gemv_rows_avx2(const float* w, int64_t K, int64_t n0, int64_t n1, 
 #define HFE_AVX512F __attribute__((target("avx512f,avx2,fma")))
 // The same with 16-wide vectors: on a CPU with AVX-512, ggml's F32 GEMV (16-wide) read the same weights 1.2-1.3x
 // faster than the 8-wide loop above (2-core Xeon, same process, docs/lut.md). The tail is one masked step (masked
-// lanes load nothing and fault on nothing).
+// lanes load nothing and fault on nothing). One software prefetch per 256 bytes, 1 KiB ahead (past the end of the
+// weight it is harmless: prefetches never fault): on that Xeon it lifts the loop from ~80 % to ~105 % of a plain
+// read loop's DRAM rate (a 256-byte distance does nothing; not measured on AVX-512 EPYCs).
 HFE_AVX512F void gemv_rows_avx512(const float* w, int64_t K, int64_t n0, int64_t n1, const float* x, float* y) {
   const int64_t K64 = K - K % 64, K16 = K - K % 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (K % 16)) - 1u);
@@ -413,6 +415,7 @@ HFE_AVX512F void gemv_rows_avx512(const float* w, int64_t K, int64_t n0, int64_t
     const float* r = w + n * K;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t k = 0; k < K64; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(r + k) + 1024, _MM_HINT_T0);
       a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), _mm512_loadu_ps(x + k), a0);
       a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(x + k + 16), a1);
       a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k + 32), _mm512_loadu_ps(x + k + 32), a2);
