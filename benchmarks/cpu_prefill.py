@@ -36,6 +36,7 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--name", default="cpu_prefill", help="result file name (one per machine kind, e.g. cpu_prefill_xeon)")
     args = ap.parse_args(argv)
 
     from benchmarks.cpu_threads import cpu_info
@@ -63,7 +64,7 @@ def main(argv=None):
                  "ratio_vs_fp32": best["fp32"] / best[k]}
             rows.append(r)
             print_rows([r])
-    write_results("cpu_prefill", rows, {**cpu_info(), "prompt": args.prompt, "rounds": args.rounds,
+    write_results(args.name, rows, {**cpu_info(), "prompt": args.prompt, "rounds": args.rounds,
                                         "note": "min over interleaved rounds of one full-prompt forward"},
                   args.out, columns=["name", "threads", "ours_tok_s", "fp32_tok_s", "ratio_vs_fp32", "ours_s", "fp32_s"])
 
