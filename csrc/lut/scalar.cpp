@@ -239,6 +239,13 @@ void tile_codes(const uint8_t* w, const Geometry& geo, int64_t t, uint8_t* codes
           w += 32;
         }
         slot += 2;
+      } else if (geo.slot == 1) {  // one code per nibble (4 bits): four bytes per row, no inner loops
+        for (int64_t r = 0; r < kSub; ++r, w += 32)
+          for (int i = 0; i < 16; ++i) {
+            uint8_t* c = codes + (16 * r + i) * Kp + slot;
+            c[0] = w[i] & 15, c[1] = w[i + 16] & 15, c[2] = w[i] >> 4, c[3] = w[i + 16] >> 4;
+          }
+        slot += 4;
       } else {
         const int mask = (1 << geo.bits) - 1;
         for (int64_t r = 0; r < kSub; ++r, w += 32)
@@ -271,10 +278,12 @@ void group_values(const uint8_t* coef_block, const float* grid, const Geometry& 
         const float zm = half_to_float(cf[kSub * geo.channels * 16 + r * 16 + q]);
         for (int64_t c = 0; c < nv; ++c) v[c] = c0 * (static_cast<float>(2 * c - (nv - 1)) + zm);
       } else {
+        // the other channels' coefficients converted once per row, not once per value (same products and sums)
+        float cv[kMaxChannels] = {c0};
+        for (int64_t ch = 1; ch < geo.channels; ++ch) cv[ch] = half_to_float(cf[(r * geo.channels + ch) * 16 + q]);
         for (int64_t c = 0; c < nv; ++c) {
           float s = c0 * grid[c];
-          for (int64_t ch = 1; ch < geo.channels; ++ch)
-            s += half_to_float(cf[(r * geo.channels + ch) * 16 + q]) * grid[ch * nv + c];
+          for (int64_t ch = 1; ch < geo.channels; ++ch) s += cv[ch] * grid[ch * nv + c];
           v[c] = s;
         }
       }
