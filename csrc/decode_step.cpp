@@ -403,11 +403,11 @@ HFE_AVX2 void gemv_rows_avx2(const float* w, int64_t K, int64_t n0, int64_t n1, 
 
 #if defined(__x86_64__) || defined(__i386__)
 #define HFE_AVX512F __attribute__((target("avx512f,avx2,fma")))
-// The same with 16-wide vectors: on a CPU with AVX-512, ggml's F32 GEMV (16-wide) read the same weights 1.2-1.3x
-// faster than the 8-wide loop above (2-core Xeon, same process, docs/lut.md). The tail is one masked step (masked
-// lanes load nothing and fault on nothing). One software prefetch per 256 bytes, 1 KiB ahead (past the end of the
-// weight it is harmless: prefetches never fault): on that Xeon it lifts the loop from ~80 % to ~105 % of a plain
-// read loop's DRAM rate (a 256-byte distance does nothing; not measured on AVX-512 EPYCs).
+// The same with 16-wide vectors, because on an AVX-512 CPU ggml's 16-wide F32 GEMV read the same weights faster
+// than the 8-wide loop above (docs/lut.md, round 8). The tail is one masked step (masked lanes load nothing and
+// fault on nothing). One software prefetch per 256 bytes, 1 KiB ahead, because without it the loop stayed well
+// below a plain read loop's DRAM rate on the Sapphire Rapids Xeon (a 256-byte distance did nothing; AVX-512 EPYCs
+// not measured). Past the end of the weight it is harmless: prefetches never fault.
 HFE_AVX512F void gemv_rows_avx512(const float* w, int64_t K, int64_t n0, int64_t n1, const float* x, float* y) {
   const int64_t K64 = K - K % 64, K16 = K - K % 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (K % 16)) - 1u);
