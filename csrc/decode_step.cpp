@@ -62,7 +62,8 @@ std::vector<Proj> parse_projs(const char* op, at::TensorList weights, const c10:
               ": expected ", n, " projections (weights, grids, biases) and ", 4 * n, " meta ints, got ",
               weights.size(), ", ", grids.size(), ", ", biases.size(), " and ", meta.size());
   std::vector<Proj> ps(n);
-  const RowsFn rows = float_rows(lut_isa_cap());
+  const Isa cap = lut_isa_cap();  // once per call: LUT engines and the float GEMV alike
+  const RowsFn rows = float_rows(cap);
   for (size_t i = 0; i < n; ++i) {
     Proj& p = ps[i];
     const int64_t bits = meta[4 * i], gs = meta[4 * i + 1];
@@ -83,7 +84,7 @@ std::vector<Proj> parse_projs(const char* op, at::TensorList weights, const c10:
       if (g.has_value()) p.grid = g->contiguous();
       p.geo = lut_geometry(p.K, p.N, g.has_value() ? c10::optional<at::Tensor>(p.grid) : c10::nullopt, bits, gs);
       lut_check_weights(p.geo, p.weight);
-      p.eng = lut_engine(p.geo);
+      p.eng = lut_engine(p.geo, cap);
       p.stream = p.weight.data_ptr<uint8_t>();
       p.grid_ptr = p.grid.defined() ? p.grid.data_ptr<float>() : nullptr;
     }

@@ -102,6 +102,8 @@ Engine lut_engine(const Geometry& geo, bool force_scalar) { return select_engine
 
 Isa lut_isa_cap() { return isa_cap(false); }
 
+Engine lut_engine(const Geometry& geo, Isa cap) { return select_engine(geo, cap); }
+
 int64_t lut_table_parts(const Geometry& geo) { return geo.channels == 1 ? geo.ng : 1; }
 
 void lut_row_tables_size(const Geometry& geo, RowTables* t) {

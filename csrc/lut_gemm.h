@@ -25,8 +25,10 @@ Geometry lut_geometry(int64_t K, int64_t N, const c10::optional<at::Tensor>& gri
 void lut_check_weights(const Geometry& geo, const at::Tensor& qweight);
 // The engine lut_gemm runs for geo (best ISA, capped by HF_EFFICIENT_LUT_ISA / HF_EFFICIENT_LUT_SCALAR).
 Engine lut_engine(const Geometry& geo, bool force_scalar = false);
-// The ISA cap lut_engine applies (also the cap of the decode ops' float GEMV, csrc/decode_step.cpp).
+// The ISA cap lut_engine applies (also the cap of the decode ops' float GEMV, csrc/decode_step.cpp), and the engine
+// for geo under a cap read once (the environment is read per call of lut_isa_cap, not per projection).
 Isa lut_isa_cap();
+Engine lut_engine(const Geometry& geo, Isa cap);
 
 // Scratch tables of one activation row: int8 tab [channels][slots][16], tscale and gsum [ng].
 struct RowTables {

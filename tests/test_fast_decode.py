@@ -184,7 +184,7 @@ def test_layer_step_equals_original_forward(model_dirs, case, static, fused_call
 def test_generate_tokens_identical(model_dirs, case, cache, fused_calls, model_steps, lm_steps, stacked_steps):
     """(b) Greedy generate gives the same tokens with and without the fused step, except where the plain run's two
     best logits are a rounding apart: the quantized cases' tables may round one int8 entry the other way (see
-    test_layer_step_matches_forward), and on some CPUs (a 2-core AVX-512 Xeon) that flips a near-tie of this random
+    test_layer_step_equals_original_forward), and on some CPUs (a 2-core AVX-512 Xeon) that flips a near-tie of this random
     model's logits. After such a flip the two runs continue from different tokens, so the comparison stops there."""
     model = _load(model_dirs, case)
     assert type(model.model).__name__ == "FastDecodeLlamaModel"
@@ -767,7 +767,6 @@ def test_float_projections_match_linear(K, threads):
         torch.set_num_threads(old)
 
 
-
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_float_gemv_every_isa(isa, monkeypatch):
     """The decode ops' float GEMV for each ISA this CPU runs (HF_EFFICIENT_LUT_ISA caps it as it caps the LUT
@@ -775,8 +774,9 @@ def test_float_gemv_every_isa(isa, monkeypatch):
     summation rounding: K below, at and past each vector width and unroll, odd N, zeros and large values."""
     from hf_efficient.kernels import lut_cpu
 
-    if isa not in lut_cpu.available_isas():
-        pytest.skip(f"this CPU has no {isa} (available: {lut_cpu.available_isas()})")
+    available = lut_cpu.available_isas()
+    if isa not in available:
+        pytest.skip(f"this CPU has no {isa} (available: {available})")
     monkeypatch.setenv("HF_EFFICIENT_LUT_ISA", isa)
     ops = torch.ops.hf_efficient
     gen = torch.Generator().manual_seed(7)
@@ -792,6 +792,7 @@ def test_float_gemv_every_isa(isa, monkeypatch):
             assert bool(((got - want).abs() <= bound).all()), (isa, K, n, scale)
     zero = ops.decode_linear(torch.zeros(1, 1, 65), torch.zeros(3, 65), None)
     assert torch.equal(zero, torch.zeros(1, 1, 3))
+
 
 def test_ops_opcheck():
     from torch._library.simple_registry import singleton
