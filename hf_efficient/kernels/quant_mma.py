@@ -267,8 +267,13 @@ def unavailable_reason() -> str | None:
 # 128 * 4**bits bytes + weight ring + x stage, launch_typed in cuda/quant_mma.cuh - allows no more, so the
 # registers go to the kernel instead), 2 for two M tiles, 1 for eight.
 RESIDENT_CTAS = {1: {2: 4, 3: 4, 4: 3}, 2: {2: 2, 3: 2, 4: 2}, 8: {2: 1, 3: 1, 4: 1}}
-# A CTA's fixed cost (pair-table fill, x staging, the split-K reduction) in 128-K blocks of weight work.
-CTA_OVERHEAD_BLOCKS = 6
+# The split-K model (choose_splits), fitted to a same-run sweep of every split on the H200
+# (benchmarks/results/quant_mma_splits.md; tests/test_quant_mma.py checks the model against it): a CTA's block
+# takes (j + 1) / 2 times as long with j CTAs resident on its SM as alone (co-resident CTAs hide each other's
+# latencies); a CTA also costs CTA_FIXED_BLOCKS blocks of weight work (pair-table fill, x staging) per wave, and
+# each split SPLIT_REDUCE_BLOCKS (its partial tile written, counted and summed).
+CTA_FIXED_BLOCKS = 2
+SPLIT_REDUCE_BLOCKS = 0.75
 
 
 def mtiles_for(m: int) -> int:
@@ -282,15 +287,21 @@ def grid_ctas(m: int, n: int) -> int:
 
 
 def choose_splits(m: int, n: int, k: int, sms: int, bits: int = 4) -> int:
-    """Split-K factor minimising (waves of CTAs) x (blocks per CTA + its fixed cost), each split at least two
-    128-K blocks: a grid just over a whole number of waves costs a whole extra wave, so more splits are not always
-    better."""
+    """Split-K factor minimising the modelled time (the constants above): waves of CTAs x (blocks per CTA x the
+    slowdown of the CTAs sharing an SM + a CTA's fixed cost), plus the reduction's cost per split. A grid just over
+    a whole number of waves costs a whole extra wave, and more CTAs per SM are not free, so more splits are not
+    always better."""
     kb = -(-k // BLOCK_K)
     ctas = grid_ctas(m, n)
-    slots = sms * RESIDENT_CTAS[mtiles_for(m)][bits]
+    resident = RESIDENT_CTAS[mtiles_for(m)][bits]
+    slots = sms * resident
 
-    def cost(s: int) -> int:
-        return -(-ctas * s // slots) * (-(-kb // s) + CTA_OVERHEAD_BLOCKS)
+    def cost(s: int) -> float:
+        per = -(-kb // s)
+        launched = -(-kb // per)  # the binding launches ceil(KB / blocks per split) splits
+        grid = ctas * launched
+        per_sm = min(resident, -(-min(grid, slots) // sms))
+        return -(-grid // slots) * (per * (per_sm + 1) / 2 + CTA_FIXED_BLOCKS) + SPLIT_REDUCE_BLOCKS * launched
     return min(range(1, max(1, kb // 2) + 1), key=lambda s: (cost(s), s))
 
 

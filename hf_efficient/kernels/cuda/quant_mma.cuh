@@ -70,11 +70,37 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Shared memory by 32-bit shared-window addresses. pin() hides a value's origin from the compiler: the window
+// address of the dynamic shared memory is otherwise recomputed (a special-register read and four more
+// instructions) wherever it is used, once per block and more, because the decode kernel is short of registers.
+__device__ __forceinline__ uint32_t pin(uint32_t v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+__device__ __forceinline__ uint32_t shared_addr(const void* p) {
+  return pin(static_cast<uint32_t>(__cvta_generic_to_shared(p)));
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t a) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t a) {
+  uint2 v;
+  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ uint4 lds128(uint32_t a) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+  return v;
+}
+
 // A thread's chunk: the codes of 16 pairs (pair p = slice p/2, half p%2) of one row, read from the warp's ring.
 template <int BITS> struct Chunk;
 template <> struct Chunk<4> {  // pair p = byte p
   uint4 w;
-  __device__ __forceinline__ void load(const uint32_t* p) { w = *reinterpret_cast<const uint4*>(p); }
+  __device__ __forceinline__ void load(uint32_t a) { w = lds128(a); }
   __device__ __forceinline__ uint32_t idx(int p) const {  // p is a constant after unrolling
     const uint32_t word = p < 4 ? w.x : p < 8 ? w.y : p < 12 ? w.z : w.w;
     return __byte_perm(word, 0, 0x4440 | (p & 3));
@@ -82,7 +108,7 @@ template <> struct Chunk<4> {  // pair p = byte p
 };
 template <> struct Chunk<2> {  // pair p = nibble p
   uint2 w;
-  __device__ __forceinline__ void load(const uint32_t* p) { w = *reinterpret_cast<const uint2*>(p); }
+  __device__ __forceinline__ void load(uint32_t a) { w = lds64(a); }
   __device__ __forceinline__ uint32_t idx(int p) const {
     const uint32_t word = p < 8 ? w.x : w.y;
     return (word >> (4 * (p & 7))) & 0xF;
@@ -91,10 +117,10 @@ template <> struct Chunk<2> {  // pair p = nibble p
 template <> struct Chunk<3> {  // pair p = nibble p of the low-two-bit plane | two bits p of the top-bit plane << 4
   uint2 lo;
   uint32_t hi;
-  __device__ __forceinline__ void load(const uint32_t* p) {
-    lo.x = p[0];
-    lo.y = p[1];
-    hi = p[2];
+  __device__ __forceinline__ void load(uint32_t a) {  // 12-byte chunks: not 8-byte aligned for odd lanes
+    lo.x = lds32(a);
+    lo.y = lds32(a + 4);
+    hi = lds32(a + 8);
   }
   __device__ __forceinline__ uint32_t idx(int p) const {
     const uint32_t word = p < 8 ? lo.x : lo.y;
@@ -104,12 +130,24 @@ template <> struct Chunk<3> {  // pair p = nibble p of the low-two-bit plane | t
 
 template <int BITS> __host__ __device__ constexpr int chunk_words() { return BITS == 4 ? 4 : BITS == 2 ? 2 : 3; }
 
-// One (row g, row g+8) pair of group parameters, raw: converted only where used, so a prefetch does not stall.
+// One (row g, row g+8) pair of group parameters, raw: converted only where used, so a load does not stall.
 template <typename PT> struct GroupParams {
   PT a, b, a8, b8;
   __device__ __forceinline__ void load(const PT* row, int gi) {  // row: params of (tile, group 0, row g)
     const PT* p = row + (size_t)gi * 32;
     a = p[0]; b = p[1]; a8 = p[16]; b8 = p[17];
+  }
+  // From a group's (16, 2) block staged in the ring (shared address): row g's (a, b) are adjacent, so one 32-bit
+  // (half) or 64-bit (float) shared load per row.
+  __device__ __forceinline__ void load_staged(uint32_t group_block, int g) {
+    if constexpr (sizeof(PT) == 2) {
+      const uint32_t r0 = lds32(group_block + 4 * g), r8 = lds32(group_block + 4 * (g + 8));
+      a = reinterpret_cast<const PT*>(&r0)[0]; b = reinterpret_cast<const PT*>(&r0)[1];
+      a8 = reinterpret_cast<const PT*>(&r8)[0]; b8 = reinterpret_cast<const PT*>(&r8)[1];
+    } else {
+      const uint2 r0 = lds64(group_block + 8 * g), r8 = lds64(group_block + 8 * (g + 8));
+      a = __uint_as_float(r0.x); b = __uint_as_float(r0.y); a8 = __uint_as_float(r8.x); b8 = __uint_as_float(r8.y);
+    }
   }
 };
 
@@ -127,7 +165,7 @@ template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v
 struct PairTable {
   uint32_t base;  // this lane's copy, as a shared-window address
   __device__ __forceinline__ PairTable(const uint32_t* smem, int lane)
-      : base(static_cast<uint32_t>(__cvta_generic_to_shared(smem)) + 4 * lane) {}
+      : base(shared_addr(smem) + 4 * lane) {}
   // Warp w copies entries w*32.. : one coalesced load per 32 entries, then each entry is shuffled to all lanes
   // and stored as one conflict-free row. (An element-wise loop waited on a dependent load per stored word: about
   // 32 load latencies per CTA before any weight was read.)
@@ -150,12 +188,20 @@ struct PairTable {
 // x (M, K) row stride ldx; qw: (Ntiles, KB, 16, 4, CW) int32 words; params: (Ntiles, NG, 16, 2) of PT;
 // table: 4**BITS uint32 pair entries; y (M, N); ws: (S, M, Npad) fp32; counters: one int per (CTA row, M tile).
 // Shared memory: the pair table; each warp's weight ring (RING slots of one block's 64 chunks: rows 0-7 by lane,
-// then rows 8-15); x staged as srows + 1 rows (srows = the rows of x this CTA has, at most MT * 8; the extra row
-// is zeros and stands in for the B-fragment rows past M, so decode does not stage 8 rows).
+// then rows 8-15; then, where groups are whole blocks, the (16, 2) parameters of the block's group); x staged as
+// srows + 1 rows (srows = the rows of x this CTA has, at most MT * 8; the extra row is zeros and stands in for the
+// B-fragment rows past M, so decode does not stage 8 rows).
 // The ring: block kb + RING - 1 is requested before block kb is decoded, so a warp keeps RING - 1 blocks of
 // loads in flight (the profile of direct loads, one block ahead, showed DRAM at 12 % and warps waiting on it).
 // A block's 64 chunks are contiguous in the layout and copied as 16-byte units spread over the lanes; each lane
-// waits for its own copies and __syncwarp makes every lane's copies visible to the warp.
+// waits for its own copies and __syncwarp makes every lane's copies visible to the warp. The group parameters
+// travel in the same slot: loaded directly, one block ahead, their latency was the largest stall of the two-scale
+// formats at M = 1 (long scoreboard, Nsight Compute).
+// Words of one ring slot: a block's chunks of one tile, then its group's (16, 2) parameters (used where groups are
+// whole blocks). A multiple of 4 words, so every slot starts 16-byte aligned.
+template <int BITS, typename PT> __host__ __device__ constexpr int ring_slot_words() {
+  return 64 * chunk_words<BITS>() + 32 * (int)sizeof(PT) / 4;
+}
 // Words of shared memory the x stage takes: rows = min(MT * 8, M) + 1 (a CTA's rows of x, at most, and the zero
 // row) of stage_blocks * 128 + 8 values. The block sums of x (zero-point mode: float [stage_blocks][MT * 8]) follow.
 template <typename T> __host__ __device__ constexpr int x_stage_words(int rows, int stage_blocks) {
@@ -171,7 +217,8 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   constexpr int TE = 1 << (2 * BITS);  // pair-table entries
   constexpr int CW = chunk_words<BITS>();
   constexpr int ROWS = MT * 8;         // rows of x per CTA
-  constexpr int SLOT = 64 * CW;        // words per ring slot
+  constexpr int GW = 64 * CW;          // words of one block of one tile in global memory
+  constexpr int SLOT = ring_slot_words<BITS, PT>();  // + its group's parameters
   extern __shared__ __align__(16) uint32_t smem[];
   uint32_t* ring = smem + TE * 32;                          // [WARPS][RING][SLOT]
   T* xs = reinterpret_cast<T*>(ring + WARPS * RING * SLOT);  // [srows + 1][stage_k + 8]
@@ -187,31 +234,49 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   const bool vec_x = K % 8 == 0 && ldx % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
 
   const bool live = tile < Ntiles;
+  // Groups of whole blocks (group % 128 == 0, the common case): every block lies in one group, so the group
+  // checks happen once per block instead of once per slice, and the group's parameters ride in the block's slot.
+  const bool aligned = group % BLOCK_K == 0;
   uint32_t* myring = ring + warp * RING * SLOT;
-  // This lane's first 16-byte unit of block kb0 in global memory and in the ring: a request is an offset from
-  // them (recomputing the 64-bit address per block cost about 30 instructions per block).
-  const uint32_t* wlane = qw + ((size_t)tile * KB + kb0) * SLOT + 4 * lane;
-  const uint32_t rlane = static_cast<uint32_t>(__cvta_generic_to_shared(myring)) + 16 * lane;
+  // Requests run in block order (kb0, kb0 + 1, ...), so their sources advance by a step per request instead of
+  // being recomputed from kb (64-bit address arithmetic, about 30 instructions per block); 32-bit offsets from
+  // the kernel's arguments, to spare registers (the decode kernel has 80).
+  uint32_t wreq = ((uint32_t)tile * KB + kb0) * GW + 4 * lane;  // words: this lane's first 16-byte unit
+  const uint32_t ring_s = shared_addr(myring), rlane = ring_s + 16 * lane;
+  // The parameters of the next request's group (lanes below PW16 copy one 16-byte unit each; bytes from params),
+  // and how many more requests read that group.
+  constexpr int PW16 = 32 * (int)sizeof(PT) / 16;
+  const int bpg = aligned ? group / BLOCK_K : 1;
+  uint32_t preq = ((uint32_t)tile * NG + (aligned ? kb0 / bpg : 0)) * 32 * sizeof(PT) + 16 * lane;
+  int pleft = bpg - (aligned ? kb0 % bpg : 0);
   // Request block kb (if this split has it) into its slot; always one commit group per call, so that
   // wait_group<RING - 1> after requesting block kb + RING - 1 means "block kb has landed" (a stage of x,
   // below, is a group too, waited for in full).
   auto request = [&](int kb) {
     if (live && kb < kb1) {
       const uint32_t dst = rlane + ((kb - kb0) & (RING - 1)) * SLOT * 4;
-      const uint32_t* src = wlane + (size_t)(kb - kb0) * SLOT;
 #pragma unroll
-      for (int u = 0; u + lane < SLOT / 4; u += 32) cp_async16(dst + 16 * u, src + 4 * u);
+      for (int u = 0; u + lane < GW / 4; u += 32) cp_async16(dst + 16 * u, qw + wreq + 4 * u);
+      if (aligned && lane < PW16) cp_async16(dst + GW * 4, reinterpret_cast<const char*>(params) + preq);
     }
     cp_async_commit();
+    wreq += GW;
+    if (--pleft == 0) {
+      preq += 32 * sizeof(PT);
+      pleft = bpg;
+    }
   };
-  auto take = [&](int kb, Chunk<BITS>& w0, Chunk<BITS>& w8) {
+  // Block kb's chunks (and, aligned, its group's parameters) from the ring.
+  auto take = [&](int kb, Chunk<BITS>& w0, Chunk<BITS>& w8, GroupParams<PT>* p) {
     __syncwarp();  // every lane has read block kb - 1, whose slot the next request overwrites
     request(kb + RING - 1);
     cp_async_wait<RING - 1>();
     __syncwarp();  // block kb has landed for every lane's copies
-    const uint32_t* src = myring + ((kb - kb0) & (RING - 1)) * SLOT + lane * CW;  // chunk (row g, quad q) = lane
+    const uint32_t slot = ring_s + ((kb - kb0) & (RING - 1)) * SLOT * 4;
+    const uint32_t src = slot + lane * CW * 4;  // chunk (row g, quad q) = lane
     w0.load(src);
-    w8.load(src + 32 * CW);
+    w8.load(src + 32 * CW * 4);
+    if (p) p->load_staged(slot + GW * 4, g);
   };
   for (int j = 0; j < RING - 1; ++j) request(kb0 + j);  // the weight stream starts before the table fill
 
@@ -230,14 +295,15 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     T one2[2] = {from_f<T>(1.0f), from_f<T>(1.0f)};
     ones = *reinterpret_cast<uint32_t*>(one2);
   }
-  int xrow[MT];  // this lane's B row per M tile, in xs (the zero row past the CTA's rows)
+  const uint32_t xs_s = shared_addr(xs);
+  uint32_t xrow[MT];  // this lane's B row per M tile, as a byte offset in xs (the zero row past the CTA's rows)
 #pragma unroll
-  for (int t = 0; t < MT; ++t) xrow[t] = min(t * 8 + g, srows) * xstride + 2 * q;
+  for (int t = 0; t < MT; ++t) xrow[t] = (min(t * 8 + g, srows) * xstride + 2 * q) * (int)sizeof(T);
 
   // The MMAs of slice s (16 K) of a block: A rows g / g+8 (chunks w0 / w8) at K 2q..2q+1 (pair 2s) and
-  // 2q+8..2q+9 (pair 2s+1); B from the staged x at xb (the block's first column).
+  // 2q+8..2q+9 (pair 2s+1); B from the staged x at xb (the shared address of the block's first column).
   // ones_mma: zero-point mode's S(1) by an MMA with all-ones A (where no x sums are staged, see below).
-  auto mma_slice = [&](auto ones_mma, const Chunk<BITS>& w0, const Chunk<BITS>& w8, const T* xb, int s) {
+  auto mma_slice = [&](auto ones_mma, const Chunk<BITS>& w0, const Chunk<BITS>& w8, uint32_t xb, int s) {
     const uint32_t a0 = lookup(w0.idx(2 * s)), a1 = lookup(w8.idx(2 * s));
     const uint32_t a2 = lookup(w0.idx(2 * s + 1)), a3 = lookup(w8.idx(2 * s + 1));
 #pragma unroll
@@ -245,9 +311,8 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       // Tiles past the CTA's rows (M = 17..63 on the 8-tile kernel) add nothing; tile 0 always has rows, and
       // testing it anyway costs a branch and a warp re-convergence per slice.
       if (t > 0 && t * 8 >= srows) break;
-      const T* xr = xb + xrow[t] + 16 * s;
-      const uint32_t b0 = *reinterpret_cast<const uint32_t*>(xr);
-      const uint32_t b1 = *reinterpret_cast<const uint32_t*>(xr + 8);
+      const uint32_t xr = xb + xrow[t] + 16 * s * (int)sizeof(T);
+      const uint32_t b0 = lds32(xr), b1 = lds32(xr + 8 * (int)sizeof(T));
       mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
       if constexpr (MODE == MODE_TWO) mma16816<T>(c2[t], hmin0<T>(a0), hmin0<T>(a1), hmin0<T>(a2), hmin0<T>(a3), b0, b1);
       if constexpr (MODE == MODE_ZERO && decltype(ones_mma)::value)
@@ -270,9 +335,6 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     }
   };
 
-  // Groups of whole blocks (group % 128 == 0, the common case): every block lies in one group, so the group
-  // checks and parameter loads happen once per block instead of once per slice.
-  const bool aligned = group % BLOCK_K == 0;
   int gi = kb0 * BLOCK_K / group;      // the group being accumulated
   int next_end = (gi + 1) * group;     // the K position where it ends
   for (int ks = kb0; ks < kb1; ks += stage_blocks) {
@@ -282,7 +344,6 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     // are 16-byte aligned (the common case), else as 32-bit pairs through registers.
     if (vec_x) {
       const int units = (kend - ks) * BLOCK_K / 8;
-      const uint32_t xs_s = static_cast<uint32_t>(__cvta_generic_to_shared(xs));
       for (int i = threadIdx.x; i < (srows + 1) * units; i += blockDim.x) {
         const int r = i / units, c = 8 * (i - r * units), k = ks * BLOCK_K + c;
         const bool in = r < srows && k < K;  // K % 8 == 0: a unit is all in or all out
@@ -331,15 +392,12 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     if (!live) continue;
 
     if (aligned) {
-      GroupParams<PT> np;  // the next block's group parameters
-      np.load(prow, gi);
       for (int kb = ks; kb < kend; ++kb) {
         Chunk<BITS> w0, w8;
-        take(kb, w0, w8);
-        const GroupParams<PT> p = np;
+        GroupParams<PT> p;
+        take(kb, w0, w8, &p);
         const bool ends = (kb + 1) * BLOCK_K == next_end;
-        if (kb + 1 < kend) np.load(prow, gi + ends);  // prefetch: the next block's scales
-        const T* xb = xs + (kb - ks) * BLOCK_K;
+        const uint32_t xb = xs_s + (kb - ks) * BLOCK_K * (int)sizeof(T);
 #pragma unroll
         for (int s = 0; s < 8; ++s) mma_slice(std::false_type{}, w0, w8, xb, s);
         if constexpr (MODE == MODE_ZERO) {
@@ -361,8 +419,8 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     // loaded when a group ends (not prefetched: that would hold two more parameter sets in registers).
     for (int kb = ks; kb < kend; ++kb) {
       Chunk<BITS> w0, w8;
-      take(kb, w0, w8);
-      const T* xb = xs + (kb - ks) * BLOCK_K;
+      take(kb, w0, w8, nullptr);
+      const uint32_t xb = xs_s + (kb - ks) * BLOCK_K * (int)sizeof(T);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         mma_slice(std::true_type{}, w0, w8, xb, s);
@@ -431,13 +489,18 @@ template <typename T, typename PT, int BITS, int MODE, int MT>
 void launch_typed(const Args& a) {
   constexpr int TE = 1 << (2 * BITS);
   const int row_ctas = (a.Ntiles + WARPS - 1) / WARPS;
-  // x stage: the CTA's rows of x plus the zero row, up to 8 KB (decode: with the 4-bit table and ring, 72 KB per
-  // CTA, 3 CTAs per SM) or 36 KB, never more K than one split covers.
+  // x stage: the CTA's rows of x plus the zero row, never more K than one split covers, up to
+  //   8 KB at one M tile (decode: with the 4-bit table and ring, 76 KB per CTA, 3 CTAs per SM; 4 KB where float
+  //      parameters make the ring 2 KB larger),
+  //   36 KB at two (2 CTAs per SM),
+  //   128 KB at eight (1 CTA per SM, by registers: 36 KB held 2 blocks of 64 rows, and every stage drains the
+  //      weight ring, since it waits for all of this thread's copies).
   const int rows = std::min(MT * 8, a.M) + 1;
-  const int budget = (MT == 1 ? 8192 : 36864) / (rows * BLOCK_K * (int)sizeof(T));
+  const int budget = (MT == 1 ? (sizeof(PT) == 4 ? 4096 : 8192) : MT == 2 ? 36864 : 131072) /
+                     (rows * BLOCK_K * (int)sizeof(T));
   const int stage_blocks = std::max(1, std::min(budget, a.blocks_per_split));
   const size_t sums = MODE == MODE_ZERO ? (size_t)stage_blocks * MT * 8 : 0;
-  const size_t smem = TE * 128 + (size_t)WARPS * RING * 64 * chunk_words<BITS>() * 4 +
+  const size_t smem = TE * 128 + (size_t)WARPS * RING * ring_slot_words<BITS, PT>() * 4 +
                       4 * ((size_t)x_stage_words<T>(rows, stage_blocks) + sums);
   auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);

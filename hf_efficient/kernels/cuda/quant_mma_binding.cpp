@@ -35,6 +35,8 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qw, torch::Tensor params,
   TORCH_CHECK(Ntiles * 16 >= N && KB * 128 >= K && params.size(0) == Ntiles, "quant_mma: weight shape ",
               qw.sizes(), " does not cover N=", N, ", K=", K);
   TORCH_CHECK(splits >= 1, "quant_mma: splits must be >= 1");
+  // The kernel copies each group's parameters into shared memory as 16-byte units.
+  if (reinterpret_cast<uintptr_t>(params.data_ptr()) % 16) params = params.clone();
   c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
