@@ -623,35 +623,56 @@ at::Tensor decode_attn_out_mlp(const at::Tensor& q, const at::Tensor& k_all, con
 
 namespace {
 
-// torch.cat({past, kv}, -2) for a contiguous float32 past (1, heads, S, d) and kv (1, heads, 1, d) by plain copies
-// (the same values and a contiguous result, as cat gives, without its dispatch per call), in two halves: the
-// copies of the past (per head, units of a SideWork: they need nothing of this token) and then the new rows.
+// One cache layer's append of this token's row, in one of two modes:
+// * copy: torch.cat({past, kv}, -2) for a contiguous float32 past (1, heads, S, d) and kv (1, heads, 1, d) by plain
+//   copies (the same values and a contiguous result, as cat gives, without its dispatch per call), in two halves:
+//   the copies of the past (per head, units of a SideWork: they need nothing of this token) and then the new rows.
+// * in place: the past is rows [0, S) of a buffer (1, heads, capacity > S, d) that the caller keeps; the new row
+//   goes to row S and the result is the view of rows [0, S] (made by finish() only: the one-region path returns
+//   no caches, and the caller makes its own views). No copy of the past, which in copy mode grows with the cache
+//   (60 copies a token on the embedded model: 2 ms at 500 positions).
 struct Append {
-  at::Tensor past, out;  // out undefined: at::cat after the layer's attn_in
+  at::Tensor past, out;  // copy mode: out undefined -> at::cat after the layer's attn_in
   const float* src = nullptr;  // past's values
-  float* dst = nullptr;        // out's values
-  int64_t heads = 0, S = 0, d = 0;
+  float* dst = nullptr;        // out's values (in place: the buffer's)
+  int64_t heads = 0, S = 0, d = 0, hs = 0;  // hs: floats from one head's rows to the next in dst
+  bool in_place = false;
+  bool ok = false;  // the append needs no at::cat: a contiguous float32 past or a buffer with a free row
 
   explicit Append(const at::Tensor& p) : past(p) {
     if (p.dim() != 4 || p.scalar_type() != at::kFloat || !p.is_contiguous() || p.size(0) != 1 || !p.device().is_cpu())
       return;
-    heads = p.size(1), S = p.size(2), d = p.size(3);
+    heads = p.size(1), S = p.size(2), d = p.size(3), hs = (S + 1) * d;
     out = at::empty({1, heads, S + 1, d}, p.options());
     src = p.data_ptr<float>(), dst = out.data_ptr<float>();
+    ok = true;
   }
-  void copy_past(int64_t hh) const { std::memcpy(dst + hh * (S + 1) * d, src + hh * S * d, sizeof(float) * S * d); }
+  Append(const at::Tensor& buffer, int64_t past_len) : past(buffer), in_place(true) {
+    const at::Tensor& b = buffer;
+    if (b.dim() != 4 || b.scalar_type() != at::kFloat || !b.is_contiguous() || b.size(0) != 1 || !b.device().is_cpu() ||
+        past_len < 0 || b.size(2) <= past_len)
+      return;
+    heads = b.size(1), S = past_len, d = b.size(3), hs = b.size(2) * d;
+    dst = b.data_ptr<float>();
+    ok = true;
+  }
+  void copy_past(int64_t hh) const {
+    if (!in_place) std::memcpy(dst + hh * hs, src + hh * S * d, sizeof(float) * S * d);
+  }
   // head hh's new row: this token's d values
-  void put_row(int64_t hh, const float* row) const {
-    std::memcpy(dst + (hh * (S + 1) + S) * d, row, sizeof(float) * d);
-  }
+  void put_row(int64_t hh, const float* row) const { std::memcpy(dst + hh * hs + S * d, row, sizeof(float) * d); }
   // the result, given this token's kv (1, heads, 1, d)
   at::Tensor finish(const at::Tensor& kv) const {
-    if (!out.defined() || kv.dim() != 4 || kv.scalar_type() != at::kFloat || !kv.is_contiguous() ||
-        kv.size(0) != 1 || kv.size(1) != heads || kv.size(2) != 1 || kv.size(3) != d)
+    const bool fits = ok && kv.dim() == 4 && kv.scalar_type() == at::kFloat && kv.is_contiguous() &&
+                      kv.size(0) == 1 && kv.size(1) == heads && kv.size(2) == 1 && kv.size(3) == d;
+    if (!fits) {
+      TORCH_CHECK(!in_place, "decode_layers_inplace: this token's keys/values ", kv.sizes(), " do not fit a buffer of ",
+                  heads, " heads of ", d);
       return at::cat({past, kv}, -2);
+    }
     const float* pk = kv.data_ptr<float>();
     for (int64_t hh = 0; hh < heads; ++hh) put_row(hh, pk + hh * d);
-    return out;
+    return in_place ? past.narrow(2, 0, S + 1) : out;
   }
 };
 
@@ -684,7 +705,7 @@ struct LayerTeam {
   const bool* mb = nullptr;
   std::vector<const float*> norms;  // 2 norm weights per layer
   std::vector<double> eps;
-  std::vector<Append> app;  // 2 per layer: keys, values (1, kvh, S, d) -> (1, kvh, S + 1, d)
+  std::vector<Append> app;  // 2 per layer: keys, values (1, kvh, S, d) -> (1, kvh, S + 1, d), by copy or in place
   std::vector<int> owner;      // 7 per layer: the projection whose tables a LUT projection reads
   std::vector<std::vector<float>> coeffs;  // 7 per layer: table coefficients of the owners
   float* hb[2] = {nullptr, nullptr};       // layer l writes its output to hb[l % 2]
@@ -736,12 +757,13 @@ struct LayerTeam {
     float* hout = hb[l % 2];
     const Append &ak = app[2 * l], &av = app[2 * l + 1];
     const int64_t S1 = ak.S + 1, rep = heads / kvh;
+    const int64_t side = ak.in_place ? 0 : 2 * kvh;  // copies of the past
     rms_norm(hin, norms[2 * l], H, eps[2 * l], hn);
     build(l, 0, 3, hn, tid, nt);
     team_barrier();
     // q/k/v, and the copies of the past into the new caches (they need nothing of this token)
     float* const qkv[3] = {q.data(), k.data(), v.data()};
-    units(l, 0, 3, hn, qkv, 2 * kvh, [&](int64_t c) { c < kvh ? ak.copy_past(c) : av.copy_past(c - kvh); }, tid, nt);
+    units(l, 0, 3, hn, qkv, side, [&](int64_t c) { c < kvh ? ak.copy_past(c) : av.copy_past(c - kvh); }, tid, nt);
     team_barrier();
     // rotary of the query heads and of the key heads, which then go to the caches' last row with the values
     auto r = team_range(heads + kvh, tid, nt);
@@ -759,7 +781,7 @@ struct LayerTeam {
     r = team_range(heads, tid, nt);
     const AttendFn attend = attend_fn();
     for (int64_t h = r.first; h < r.second; ++h)
-      attend(q.data() + h * d, ak.dst + (h / rep) * S1 * d, d, av.dst + (h / rep) * S1 * d, d, S1, d, sc, mb, mf, s,
+      attend(q.data() + h * d, ak.dst + (h / rep) * ak.hs, d, av.dst + (h / rep) * av.hs, d, S1, d, sc, mb, mf, s,
              a.data() + h * d);
     team_barrier();
     build(l, 3, 4, a.data(), tid, nt);
@@ -789,21 +811,20 @@ struct LayerTeam {
   }
 };
 
-// Whether decode_layers can run as a LayerTeam: pasts that the copies append to (contiguous float32
-// (1, kv_heads, S, d), keys and values alike), contiguous float weights, a mask of each layer's length + 1;
+// Whether decode_layers can run as a LayerTeam: appends that need no at::cat (contiguous float32 (1, kv_heads, S, d)
+// pasts or in-place buffers, keys and values alike), contiguous float weights, a mask of each layer's length + 1;
 // anything else takes the per-layer loop.
 bool team_fits(const std::vector<Proj>& ps, const c10::optional<at::Tensor>& mask, int64_t num_heads,
-               int64_t num_kv_heads, int64_t head_dim, at::TensorList keys, at::TensorList values) {
+               int64_t num_kv_heads, int64_t head_dim, const std::vector<Append>& app) {
   if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || head_dim <= 0) return false;
   for (const Proj& p : ps)
     if (!p.is_lut && p.fw == nullptr) return false;
-  for (size_t l = 0; l < keys.size(); ++l) {
-    const at::Tensor &k = keys[l], &v = values[l];
-    if (k.dim() != 4 || k.scalar_type() != at::kFloat || !k.is_contiguous() || !k.device().is_cpu() ||
-        k.size(0) != 1 || k.size(1) != num_kv_heads || k.size(3) != head_dim || v.sizes() != k.sizes() ||
-        v.scalar_type() != at::kFloat || !v.is_contiguous() || !v.device().is_cpu())
+  for (size_t l = 0; l < app.size(); l += 2) {
+    const Append &k = app[l], &v = app[l + 1];
+    if (!k.ok || !v.ok || k.heads != num_kv_heads || k.d != head_dim || v.heads != k.heads ||
+        v.d != k.d || v.S != k.S)
       return false;
-    if (mask.has_value() && (!mask->device().is_cpu() || mask->numel() != k.size(2) + 1 ||
+    if (mask.has_value() && (!mask->device().is_cpu() || mask->numel() != k.S + 1 ||
                              (mask->scalar_type() != at::kBool && mask->scalar_type() != at::kFloat)))
       return false;
   }
@@ -813,9 +834,8 @@ bool team_fits(const std::vector<Proj>& ps, const c10::optional<at::Tensor>& mas
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_layers_team(
     const char* op, const at::Tensor& x, at::TensorList norm_weights, at::ArrayRef<double> eps,
     const std::vector<Proj>& ps, const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& mask,
-    double scaling, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, at::TensorList keys,
-    at::TensorList values) {
-  const size_t L = keys.size();
+    double scaling, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, std::vector<Append>& app) {
+  const size_t L = app.size() / 2;
   // every check of attn_in / attn_out_mlp before the region (nothing in it may throw)
   const RowInputs in = check_row_inputs(op, x, cos, sin, num_heads, num_kv_heads, head_dim);
   const at::Tensor &xc = in.xc, &cc = in.cos, &sn = in.sin;
@@ -824,7 +844,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
   thread_local LayerTeam team;  // the calling thread's; the region reads it through tm
   LayerTeam* tm = &team;
   tm->norms.resize(2 * L);
-  tm->app.clear();
+  tm->app = std::move(app);
   tm->owner.assign(7 * L, -1);
   tm->coeffs.resize(7 * L);
   int64_t smax = 0;
@@ -851,9 +871,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
         lut_row_tables_size(p[j].geo, &tm->tabs[j]);
       }
     }
-    tm->app.emplace_back(keys[l]);  // team_fits: contiguous float32 pasts, so out is defined
-    tm->app.emplace_back(values[l]);
-    nk[l] = tm->app[2 * l].out, nv[l] = tm->app[2 * l + 1].out;
+    nk[l] = tm->app[2 * l].out, nv[l] = tm->app[2 * l + 1].out;  // copy mode: defined (team_fits); in place: none
     smax = std::max(smax, tm->app[2 * l].S + 1);
   }
   at::Tensor mk = mask.has_value() ? mask->contiguous() : at::Tensor();
@@ -879,6 +897,55 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
   tm->app.clear();  // the team is kept per thread: hold no cache tensors past the call
   return {hb[(L - 1) % 2], nk, nv};
 }
+
+// decode_layers / decode_layers_inplace after the appends are set up (2 per layer: keys, values).
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_layers_appending(
+    const char* op, const at::Tensor& x, at::TensorList norm_weights, at::ArrayRef<double> eps,
+    at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& grids,
+    const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef meta, const at::Tensor& cos,
+    const at::Tensor& sin, const c10::optional<at::Tensor>& mask, double scaling, int64_t num_heads,
+    int64_t num_kv_heads, int64_t head_dim, std::vector<Append>& app) {
+  const size_t L = app.size() / 2;
+  std::vector<Proj> ps = parse_projs(op, weights, grids, biases, meta, 7 * L);
+  // HF_EFFICIENT_DECODE_PATH (read per call): "loop" runs the per-layer loop (the reference the tests compare
+  // with), "team" the one-region path or an error where it cannot run (so that tests know it ran); else either.
+  const char* path = std::getenv("HF_EFFICIENT_DECODE_PATH");
+  const bool loop = path != nullptr && std::strcmp(path, "loop") == 0;
+  const bool team = !loop && team_fits(ps, mask, num_heads, num_kv_heads, head_dim, app);
+  TORCH_CHECK(team || path == nullptr || std::strcmp(path, "team") != 0, op,
+              ": HF_EFFICIENT_DECODE_PATH=team, but these arguments need the per-layer loop");
+  if (team)
+    return decode_layers_team(op, x, norm_weights, eps, ps, cos, sin, mask, scaling, num_heads, num_kv_heads,
+                              head_dim, app);
+  std::vector<at::Tensor> nk(L), nv(L);
+  // q/k/v and the hidden state between layers live in buffers of this call (two for h, so that a layer's output
+  // never overwrites its residual input), not in fresh tensors per layer
+  at::Tensor q, k, v, h = x, buf[2];
+  for (size_t l = 0; l < L; ++l) {
+    const Append &ak = app[2 * l], &av = app[2 * l + 1];
+    const bool copies = ak.ok && av.ok;  // in place: always (decode_layers_inplace checks)
+    SideWork side;  // the past's copies ride along with the q/k/v tiles
+    if (copies && !ak.in_place) {
+      side.n = ak.heads + av.heads;
+      side.run = [&](int64_t u) { u < ak.heads ? ak.copy_past(u) : av.copy_past(u - ak.heads); };
+    }
+    attn_in(op, h, norm_weights[2 * l], eps[2 * l], &ps[7 * l], cos, sin, num_heads, num_kv_heads, head_dim, q, k, v,
+            side);
+    if (!copies) {  // a past that is not a contiguous float32 (1, heads, S, d) tensor: at::cat
+      nk[l] = at::cat({ak.past, k}, -2);
+      nv[l] = at::cat({av.past, v}, -2);
+    } else {
+      nk[l] = ak.finish(k);
+      nv[l] = av.finish(v);
+    }
+    at::Tensor& out = buf[l % 2];
+    out = attn_out_mlp(op, q, nk[l], nv[l], mask, scaling, h, norm_weights[2 * l + 1], eps[2 * l + 1],
+                       &ps[7 * l + 3], out);
+    h = out;
+  }
+  return {h, nk, nv};
+}
+
 }  // namespace
 
 // All L decoder layers of one decode token in one call, for a cache whose update is torch.cat((keys, k), -2) per
@@ -897,43 +964,45 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
   TORCH_CHECK(L > 0 && values.size() == L && norm_weights.size() == 2 * L && eps.size() == 2 * L, op,
               ": expected per layer one keys and values tensor, two norm weights and two eps, got ", keys.size(),
               ", ", values.size(), ", ", norm_weights.size(), " and ", eps.size());
-  std::vector<Proj> ps = parse_projs(op, weights, grids, biases, meta, 7 * L);
-  // HF_EFFICIENT_DECODE_PATH (read per call): "loop" runs the per-layer loop (the reference the tests compare
-  // with), "team" the one-region path or an error where it cannot run (so that tests know it ran); else either.
-  const char* path = std::getenv("HF_EFFICIENT_DECODE_PATH");
-  const bool loop = path != nullptr && std::strcmp(path, "loop") == 0;
-  const bool team = !loop && team_fits(ps, mask, num_heads, num_kv_heads, head_dim, keys, values);
-  TORCH_CHECK(team || path == nullptr || std::strcmp(path, "team") != 0, op,
-              ": HF_EFFICIENT_DECODE_PATH=team, but these arguments need the per-layer loop");
-  if (team)
-    return decode_layers_team(op, x, norm_weights, eps, ps, cos, sin, mask, scaling, num_heads, num_kv_heads,
-                              head_dim, keys, values);
-  std::vector<at::Tensor> nk(L), nv(L);
-  // q/k/v and the hidden state between layers live in buffers of this call (two for h, so that a layer's output
-  // never overwrites its residual input), not in fresh tensors per layer
-  at::Tensor q, k, v, h = x, buf[2];
+  std::vector<Append> app;
+  app.reserve(2 * L);
   for (size_t l = 0; l < L; ++l) {
-    const Append ak(keys[l]), av(values[l]);
-    SideWork side;  // the past's copies ride along with the q/k/v tiles
-    if (ak.out.defined() && av.out.defined()) {
-      side.n = ak.heads + av.heads;
-      side.run = [&](int64_t u) { u < ak.heads ? ak.copy_past(u) : av.copy_past(u - ak.heads); };
-    }
-    attn_in(op, h, norm_weights[2 * l], eps[2 * l], &ps[7 * l], cos, sin, num_heads, num_kv_heads, head_dim, q, k, v,
-            side);
-    if (side.n == 0) {  // a past that is not a contiguous float32 (1, heads, S, d) tensor: at::cat
-      nk[l] = at::cat({keys[l], k}, -2);
-      nv[l] = at::cat({values[l], v}, -2);
-    } else {
-      nk[l] = ak.finish(k);
-      nv[l] = av.finish(v);
-    }
-    at::Tensor& out = buf[l % 2];
-    out = attn_out_mlp(op, q, nk[l], nv[l], mask, scaling, h, norm_weights[2 * l + 1], eps[2 * l + 1],
-                       &ps[7 * l + 3], out);
-    h = out;
+    app.emplace_back(keys[l]);
+    app.emplace_back(values[l]);
   }
-  return {h, nk, nv};
+  return decode_layers_appending(op, x, norm_weights, eps, weights, grids, biases, meta, cos, sin, mask, scaling,
+                                 num_heads, num_kv_heads, head_dim, app);
+}
+
+// decode_layers with the caches appended in place: layer l's past is rows [0, past) of key_buffers[l] and
+// value_buffers[l] (contiguous float32 (1, num_kv_heads, capacity, head_dim), capacity > past, kept by the caller),
+// this token's row goes to row past, and attention reads rows [0, past]. Returns the last layer's output; the new
+// caches are the buffers' first past + 1 rows (the caller's views). Same values as decode_layers, bit for bit.
+at::Tensor decode_layers_inplace(
+    const at::Tensor& x, at::TensorList norm_weights, at::ArrayRef<double> eps, at::TensorList weights,
+    const c10::List<c10::optional<at::Tensor>>& grids, const c10::List<c10::optional<at::Tensor>>& biases,
+    at::IntArrayRef meta, const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& mask,
+    double scaling, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, at::TensorList key_buffers,
+    at::TensorList value_buffers, int64_t past) {
+  const char* op = "decode_layers_inplace";
+  const size_t L = key_buffers.size();
+  TORCH_CHECK(L > 0 && value_buffers.size() == L && norm_weights.size() == 2 * L && eps.size() == 2 * L, op,
+              ": expected per layer one key and value buffer, two norm weights and two eps, got ", key_buffers.size(),
+              ", ", value_buffers.size(), ", ", norm_weights.size(), " and ", eps.size());
+  std::vector<Append> app;
+  app.reserve(2 * L);
+  for (size_t l = 0; l < L; ++l) {
+    for (const at::Tensor* b : {&key_buffers[l], &value_buffers[l]}) {
+      app.emplace_back(*b, past);
+      const Append& a = app.back();
+      TORCH_CHECK(a.ok && a.heads == num_kv_heads && a.d == head_dim, op, ": layer ", l,
+                  "'s buffers must be contiguous float32 CPU (1, ", num_kv_heads, ", capacity > ", past, ", ",
+                  head_dim, ") tensors, got ", b->scalar_type(), " ", b->sizes());
+    }
+    TORCH_CHECK(!key_buffers[l].is_same(value_buffers[l]), op, ": layer ", l, "'s key and value buffers are one tensor");
+  }
+  return std::get<0>(decode_layers_appending(op, x, norm_weights, eps, weights, grids, biases, meta, cos, sin, mask,
+                                             scaling, num_heads, num_kv_heads, head_dim, app));
 }
 
 // y = x W^T (+ bias) for one float32 row x (..., K) and a float32 (N, K) weight: a decode step's output head,
@@ -976,6 +1045,9 @@ TORCH_LIBRARY_FRAGMENT(hf_efficient, m) {
   m.def("decode_layers(Tensor x, Tensor[] norm_weights, float[] eps, Tensor[] weights, Tensor?[] grids, "
         "Tensor?[] biases, int[] meta, Tensor cos, Tensor sin, Tensor? mask, float scaling, int num_heads, "
         "int num_kv_heads, int head_dim, Tensor[] keys, Tensor[] values) -> (Tensor, Tensor[], Tensor[])");
+  m.def("decode_layers_inplace(Tensor x, Tensor[] norm_weights, float[] eps, Tensor[] weights, Tensor?[] grids, "
+        "Tensor?[] biases, int[] meta, Tensor cos, Tensor sin, Tensor? mask, float scaling, int num_heads, "
+        "int num_kv_heads, int head_dim, Tensor(a!)[] key_buffers, Tensor(b!)[] value_buffers, int past) -> Tensor");
   m.def("decode_attn_out_mlp(Tensor q, Tensor k, Tensor v, Tensor? mask, float scaling, Tensor residual, "
         "Tensor norm_weight, float eps, Tensor[] weights, Tensor?[] grids, Tensor?[] biases, int[] meta) -> Tensor");
 }
@@ -985,4 +1057,5 @@ TORCH_LIBRARY_IMPL(hf_efficient, CPU, m) {
   m.impl("decode_attn_out_mlp", &hf_efficient::lut::decode_attn_out_mlp);
   m.impl("decode_linear", &hf_efficient::lut::decode_linear);
   m.impl("decode_layers", &hf_efficient::lut::decode_layers);
+  m.impl("decode_layers_inplace", &hf_efficient::lut::decode_layers_inplace);
 }

@@ -23,8 +23,8 @@ C++ ops (schemas and CPU kernels in ``csrc/``; fakes here where they return tens
 * ``lut_gemm``, ``lut_tables``, ``lut_dequant``, ``lut_codes``, ``lut_isa``, ``lut_max_rows``
   (``csrc/lut_gemm.cpp``; glue :mod:`hf_efficient.kernels.lut_cpu`, reference
   :mod:`hf_efficient.kernels.lut_cpu_reference`).
-* ``decode_attn_in``, ``decode_attn_out_mlp``, ``decode_linear``, ``decode_layers`` (``csrc/decode_step.cpp``; the
-  fused decode step of :mod:`hf_efficient.quantization.lut.decode`).
+* ``decode_attn_in``, ``decode_attn_out_mlp``, ``decode_linear``, ``decode_layers``, ``decode_layers_inplace``
+  (``csrc/decode_step.cpp``; the fused decode step of :mod:`hf_efficient.quantization.lut.decode`).
 * ``read_probe``, ``hugepage_empty`` (``csrc/memory.cpp``; no fake: they run eagerly, outside compiled graphs).
 
 Call sites use ``torch.ops.hf_efficient.<name>``.
@@ -211,6 +211,11 @@ if HAS_CPP_OPS:
             return t.new_empty(t.shape[0], t.shape[1], t.shape[2] + 1, t.shape[3])
 
         return torch.empty_like(x), [grown(k) for k in keys], [grown(v) for v in values]
+
+    @torch.library.register_fake("hf_efficient::decode_layers_inplace")
+    def _decode_layers_inplace_fake(x, norm_weights, eps, weights, grids, biases, meta, cos, sin, mask, scaling,
+                                    num_heads, num_kv_heads, head_dim, key_buffers, value_buffers, past):
+        return torch.empty_like(x)
 
     @torch.library.register_fake("hf_efficient::decode_linear")
     def _decode_linear_fake(x, weight, bias):

@@ -372,9 +372,14 @@ def test_model_step_equals_stack_forward(model_dirs, case, kind, inputs, fused_c
             want = base.forward(stack, cache=c2, **kw)
             assert len(model_steps) == n + 1 and len(stacked_steps) == st + (kind == "dynamic" and past > 0)
         assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+        stacked = kind == "dynamic" and past > 0
         for a, b in zip(cache.layers, c2.layers):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-            assert a.keys.is_contiguous() == b.keys.is_contiguous() and a.keys.stride() == b.keys.stride()
+            # the stacked step appends in place: its caches are views of buffers with spare rows (not contiguous
+            # where there are several kv heads); elsewhere the cache's own update's tensors
+            assert a.keys.is_contiguous() == b.keys.is_contiguous() or stacked
+            if stacked:
+                assert a.keys.untyped_storage().nbytes() > a.keys.numel() * 4
 
 
 def test_stacked_step_conditions(model_dirs, fused_calls, stacked_steps):
@@ -1000,3 +1005,96 @@ def test_decode_layers_checks_and_releases(path, monkeypatch):
     args[14] = None
     del k
     assert past() is None
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_decode_layers_inplace_equals_decode_layers(mask, monkeypatch):
+    """decode_layers_inplace appends this token's row into the caller's buffers (row ``past``) and attends over
+    rows [0, past]: the hidden state and the buffers' first past + 1 rows equal decode_layers' output and new caches
+    bit for bit, on the one-region path at 1, 2 and 3 threads and on the per-layer loop; rows past the new one
+    stay untouched; bad buffers are refused with the layer named."""
+    ops = torch.ops.hf_efficient
+    args = _decode_layers_args(mask)
+    keys, values = args[14:]
+    S = keys[0].shape[2]
+    h0, k0, v0 = ops.decode_layers(*args)
+
+    def buffers(spare):
+        out = []
+        for t in (*keys, *values):
+            b = torch.full((1, t.shape[1], S + 1 + spare, t.shape[3]), float("nan"))
+            b[:, :, :S] = t
+            out.append(b)
+        return out[:len(keys)], out[len(keys):]
+
+    old = torch.get_num_threads()
+    try:
+        for path, threads in (("loop", 1), ("team", 1), ("team", 2), ("team", 3)):
+            monkeypatch.setenv("HF_EFFICIENT_DECODE_PATH", path)
+            torch.set_num_threads(threads)
+            kb, vb = buffers(spare=2)
+            h = ops.decode_layers_inplace(*args[:14], kb, vb, S)
+            assert torch.equal(h, h0), (path, threads)
+            for b, want in zip(kb + vb, k0 + v0):
+                assert torch.equal(b[:, :, :S + 1], want) and b[:, :, S + 1:].isnan().all(), (path, threads)
+    finally:
+        torch.set_num_threads(old)
+    monkeypatch.delenv("HF_EFFICIENT_DECODE_PATH")
+    kb, vb = buffers(spare=0)  # exactly one free row
+    torch.library.opcheck(ops.decode_layers_inplace.default, (*args[:14], kb, vb, S))
+    kb, vb = buffers(spare=0)
+    assert torch.equal(ops.decode_layers_inplace(*args[:14], kb, vb, S), h0)
+    full = [b[:, :, :S] .contiguous() for b in kb]
+    with pytest.raises(RuntimeError, match="layer 0's buffers must be contiguous float32"):
+        ops.decode_layers_inplace(*args[:14], full, vb, S)  # no free row
+    with pytest.raises(RuntimeError, match="layer 1's buffers"):
+        ops.decode_layers_inplace(*args[:14], [kb[0], kb[1].double(), kb[2]], vb, S)
+    with pytest.raises(RuntimeError, match="one tensor"):
+        ops.decode_layers_inplace(*args[:14], kb, [vb[0], kb[1], vb[2]], S)
+    with pytest.raises(RuntimeError, match="per layer"):
+        ops.decode_layers_inplace(*args[:14], kb, vb[:2], S)
+
+
+def test_generate_appends_the_cache_in_place(model_dirs, stacked_steps, monkeypatch):
+    """generate on a DynamicCache: the stacked step appends each token into buffers with spare rows, so the cache
+    layers hold views whose storage stays put until the buffers fill, then moves to larger ones (the past copied
+    once); tokens and caches equal those of the copying path bit for bit, also when generation continues after the
+    cache was cropped (the layers no longer hold the views handed out, so the buffers are made anew)."""
+    from transformers import DynamicCache
+
+    model = _load(model_dirs, "int4-g32")
+    monkeypatch.setattr(decode, "KV_SPARE_MIN", 3)  # small buffers: several refills in a short generation
+    ids = _ids(6)
+
+    def run():
+        cache = DynamicCache(config=model.config)
+        storages = []
+        with torch.no_grad():
+            out = model(ids, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            toks = [tok]
+            for step in range(12):
+                if step == 8:
+                    cache.crop(-2)
+                out = model(tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+                toks.append(tok)
+                k = cache.layers[0].keys
+                storages.append((k.untyped_storage().data_ptr(), k.untyped_storage().nbytes() > 4 * k.numel()))
+        return torch.cat(toks, 1), cache, storages
+
+    n = len(stacked_steps)
+    got, cache, storages = run()
+    assert len(stacked_steps) == n + 12
+    with monkeypatch.context() as mp:
+        mp.setattr(decode, "_kv_buffers", lambda *a: None)
+        want, c2, copied = run()
+    assert torch.equal(got, want)
+    for a, b in zip(cache.layers, c2.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert not any(spare for _, spare in copied)  # the copying path: compact tensors (cat's)
+    # 6 prompt positions: buffers of 6 + 1 + 3 rows take the steps at lengths 6..9, then 10 + 1 + 3 rows ...
+    ptrs = [ptr for ptr, _ in storages]
+    moves = sum(a != b for a, b in zip(ptrs, ptrs[1:]))
+    assert ptrs[0] == ptrs[3] != ptrs[4] and 2 <= moves <= 4, ptrs
+    assert ptrs[8] != ptrs[7]  # the crop: new buffers

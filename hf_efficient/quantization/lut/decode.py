@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import weakref
 from operator import is_
 
 import torch
@@ -453,15 +454,74 @@ def _stack_plan(model, layers, cache) -> _Stack | None:
 
 
 def _run_layers(stack: _Stack, h, mask, cos, sin, cache):
-    """Every layer's fused step in one ``decode_layers`` call; each cache layer gets what ``DynamicLayer.update``
-    would have stored (``torch.cat((keys, k), -2)``, computed in the op)."""
+    """Every layer's fused step in one call; each cache layer gets what ``DynamicLayer.update`` would have stored
+    (``torch.cat((keys, k), -2)``): appended in place into the cache's buffers (``decode_layers_inplace``) where it
+    has them or can have them, else computed by ``decode_layers``."""
     cl = cache.layers
     n = stack.n
-    h, keys, values = _layers_op()(h, *stack.args, cos, sin, mask, stack.scaling, stack.heads, stack.kv_heads,
-                                   stack.head_dim, [c.keys for c in cl[:n]], [c.values for c in cl[:n]])
-    for c, k, v in zip(cl, keys, values):
+    keys, values = [c.keys for c in cl[:n]], [c.values for c in cl[:n]]
+    kv = _kv_buffers(cache, keys, values)
+    if kv is None:
+        h, keys, values = _layers_op()(h, *stack.args, cos, sin, mask, stack.scaling, stack.heads, stack.kv_heads,
+                                       stack.head_dim, keys, values)
+        for c, k, v in zip(cl, keys, values):
+            c.keys, c.values = k, v
+        return h
+    past = keys[0].shape[-2]
+    h = kernel.ops().decode_layers_inplace.default(h, *stack.args, cos, sin, mask, stack.scaling, stack.heads,
+                                                   stack.kv_heads, stack.head_dim, kv.kb, kv.vb, past)
+    # the views of rows [0, past]: as_strided, which costs half of narrow's dispatch (60 views a token here)
+    b0 = kv.kb[0]
+    size, stride = (1, b0.shape[1], past + 1, b0.shape[3]), b0.stride()
+    kv.k = [b.as_strided(size, stride) for b in kv.kb]
+    kv.v = [b.as_strided(size, stride) for b in kv.vb]
+    for c, k, v in zip(cl, kv.k, kv.v):
         c.keys, c.values = k, v
     return h
+
+
+class _KV:
+    """A cache's keys and values in buffers with spare rows, which ``decode_layers_inplace`` appends to: each cache
+    layer holds views of its buffers' first rows (``k``, ``v``: the views handed out last). A token then costs no
+    copy of the past; ``DynamicLayer.update``'s cat copies every layer's whole cache per token (2 ms a token at 500
+    positions on the embedded model, docs/lut.md)."""
+
+    __slots__ = ("kb", "vb", "k", "v", "__weakref__")
+
+
+# Per cache object, so that a cache nobody holds frees its buffers; kept off the cache itself, so that copies and
+# pickles of a cache carry only its layers' tensors.
+_KV_OF: "weakref.WeakKeyDictionary[Cache, _KV]" = weakref.WeakKeyDictionary()
+# Rows a cache's buffers get beyond the current length when they are (re)made: a quarter more, at least 32, so the
+# copy into new buffers happens once per quarter of the length (amortized: 4 rows a token) and costs little memory.
+KV_SPARE_MIN, KV_SPARE_FRACTION = 32, 4
+
+
+def _kv_buffers(cache, keys, values) -> _KV | None:
+    """The cache's buffers for this step's in-place append, made (with the past copied in) where the cache layers
+    do not hold the views handed out last step (first step, another code path updated or replaced them, a crop),
+    or they are full; None where the pasts are not alike float32 CPU (1, kv_heads, past, head_dim) tensors."""
+    kv = _KV_OF.get(cache)
+    past = keys[0].shape[-2]
+    if (kv is not None and len(kv.k) == len(keys) and all(map(is_, keys, kv.k)) and all(map(is_, values, kv.v))
+            and past < kv.kb[0].shape[2]):
+        return kv
+    k0 = keys[0]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or t.shape != k0.shape or t.shape[0] != 1
+           for t in (*keys, *values)):
+        _KV_OF.pop(cache, None)
+        return None
+    cap = past + 1 + max(KV_SPARE_MIN, past // KV_SPARE_FRACTION)
+    kv = _KV()
+    kv.kb, kv.vb = [], []
+    for bufs, src in ((kv.kb, keys), (kv.vb, values)):
+        for t in src:
+            b = t.new_empty(1, t.shape[1], cap, t.shape[3])
+            b[:, :, :past].copy_(t)
+            bufs.append(b)
+    kv.k, kv.v = list(keys), list(values)
+    _KV_OF[cache] = kv
+    return kv
 
 
 def _layers_op():
