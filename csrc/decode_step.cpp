@@ -898,6 +898,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
   return {hb[(L - 1) % 2], nk, nv};
 }
 
+// decode_layers' and decode_layers_inplace's per-layer lists agree: L caches (keys / key buffers), L of values,
+// 2 L norm weights and 2 L eps.
+void check_layer_lists(const char* op, const char* caches, size_t L, size_t values, size_t norms, size_t eps) {
+  TORCH_CHECK(L > 0 && values == L && norms == 2 * L && eps == 2 * L, op, ": expected per layer one ", caches,
+              ", two norm weights and two eps, got ", L, ", ", values, ", ", norms, " and ", eps);
+}
+
 // decode_layers / decode_layers_inplace after the appends are set up (2 per layer: keys, values).
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_layers_appending(
     const char* op, const at::Tensor& x, at::TensorList norm_weights, at::ArrayRef<double> eps,
@@ -961,9 +968,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
     at::TensorList values) {
   const char* op = "decode_layers";
   const size_t L = keys.size();
-  TORCH_CHECK(L > 0 && values.size() == L && norm_weights.size() == 2 * L && eps.size() == 2 * L, op,
-              ": expected per layer one keys and values tensor, two norm weights and two eps, got ", keys.size(),
-              ", ", values.size(), ", ", norm_weights.size(), " and ", eps.size());
+  check_layer_lists(op, "keys and values tensor", L, values.size(), norm_weights.size(), eps.size());
   std::vector<Append> app;
   app.reserve(2 * L);
   for (size_t l = 0; l < L; ++l) {
@@ -986,9 +991,7 @@ at::Tensor decode_layers_inplace(
     at::TensorList value_buffers, int64_t past) {
   const char* op = "decode_layers_inplace";
   const size_t L = key_buffers.size();
-  TORCH_CHECK(L > 0 && value_buffers.size() == L && norm_weights.size() == 2 * L && eps.size() == 2 * L, op,
-              ": expected per layer one key and value buffer, two norm weights and two eps, got ", key_buffers.size(),
-              ", ", value_buffers.size(), ", ", norm_weights.size(), " and ", eps.size());
+  check_layer_lists(op, "key and value buffer", L, value_buffers.size(), norm_weights.size(), eps.size());
   std::vector<Append> app;
   app.reserve(2 * L);
   for (size_t l = 0; l < L; ++l) {
