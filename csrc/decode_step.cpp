@@ -629,8 +629,8 @@ namespace {
 //   the copies of the past (per head, units of a SideWork: they need nothing of this token) and then the new rows.
 // * in place: the past is rows [0, S) of a buffer (1, heads, capacity > S, d) that the caller keeps; the new row
 //   goes to row S and the result is the view of rows [0, S] (made by finish() only: the one-region path returns
-//   no caches, and the caller makes its own views). No copy of the past, which in copy mode grows with the cache
-//   (60 copies a token on the embedded model: 2 ms at 500 positions).
+//   no caches, and the caller makes its own views). No copy of the past, which in copy mode costs two copies per
+//   layer and token, growing with the cache (docs/lut.md, round 9).
 struct Append {
   at::Tensor past, out;  // copy mode: out undefined -> at::cat after the layer's attn_in
   const float* src = nullptr;  // past's values

@@ -470,7 +470,7 @@ def _run_layers(stack: _Stack, h, mask, cos, sin, cache):
     past = keys[0].shape[-2]
     h = kernel.ops().decode_layers_inplace.default(h, *stack.args, cos, sin, mask, stack.scaling, stack.heads,
                                                    stack.kv_heads, stack.head_dim, kv.kb, kv.vb, past)
-    # the views of rows [0, past]: as_strided, which costs half of narrow's dispatch (60 views a token here)
+    # the views of rows [0, past], two per layer and token: as_strided dispatches faster than narrow
     b0 = kv.kb[0]
     size, stride = (1, b0.shape[1], past + 1, b0.shape[3]), b0.stride()
     kv.k = [b.as_strided(size, stride) for b in kv.kb]
@@ -483,10 +483,10 @@ def _run_layers(stack: _Stack, h, mask, cos, sin, cache):
 class _KV:
     """A cache's keys and values in buffers with spare rows, which ``decode_layers_inplace`` appends to: each cache
     layer holds views of its buffers' first rows (``k``, ``v``: the views handed out last). A token then costs no
-    copy of the past; ``DynamicLayer.update``'s cat copies every layer's whole cache per token (2 ms a token at 500
-    positions on the embedded model, docs/lut.md)."""
+    copy of the past; ``DynamicLayer.update``'s cat copies every layer's whole cache per token (its cost grows with
+    the length: docs/lut.md, round 9)."""
 
-    __slots__ = ("kb", "vb", "k", "v", "__weakref__")
+    __slots__ = ("kb", "vb", "k", "v")
 
 
 # Per cache object, so that a cache nobody holds frees its buffers; kept off the cache itself, so that copies and
