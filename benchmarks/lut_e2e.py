@@ -32,7 +32,7 @@ GGUF has the same vocabulary) in one window, every token after the first scored 
 Rows ending in "fused" run the decoder layers on the fused C++ decode step
 (:func:`hf_efficient.quantization.lut.enable_fast_decode`); fp32 and the INT4 rows also run without it.
 
-Run: ``python -m benchmarks.lut_e2e [--threads 1 2] [--rounds 3] [--out DIR] [--name KIND]``.
+Run: ``python -m benchmarks.lut_e2e [--threads 1 2] [--rounds 3] [--new-tokens 32] [--out DIR] [--name KIND]``.
 """
 from __future__ import annotations
 
@@ -292,7 +292,8 @@ def load_avg() -> float:
     return os.getloadavg()[0]
 
 
-def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, cache: str, save):
+def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, cache: str, save,
+        new_tokens: int = NEW_TOKENS):
     """Measure everything (module docstring); ``save(rows, progress)`` is called after every round."""
     from benchmarks.cpu_threads import cpu_info
     from hf_efficient.data import heldout_ids
@@ -308,7 +309,7 @@ def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, ca
     llama_info: dict[str, dict] = {}
     if llama:
         for t in LLAMA_TYPES:
-            r = llama.request(op="load", type=t, src=gguf_path(), cache=cache, n_ctx=PROMPT_LEN + NEW_TOKENS + 8)
+            r = llama.request(op="load", type=t, src=gguf_path(), cache=cache, n_ctx=PROMPT_LEN + new_tokens + 8)
             if "error" not in r:
                 r["weight_types"] = weight_types(r["path"])
             llama_info[t] = r
@@ -366,13 +367,13 @@ def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, ca
                     best[name] = {**v, "load_avg_1min": load_avg(), "round": rnd}
             with torch.no_grad():
                 for name, m in models.items():
-                    gen = generate_decode_tok_s(m, prompt, NEW_TOKENS, repeats)
-                    loop = measure_speed(m, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, repeats=repeats)
+                    gen = generate_decode_tok_s(m, prompt, new_tokens, repeats)
+                    loop = measure_speed(m, prompt_len=PROMPT_LEN, new_tokens=new_tokens, repeats=repeats)
                     keep(f"ours {name}", decode_tok_s=gen, forward_loop_tok_s=loop["decode_tok_s"])
             for t, li in llama_info.items():
                 if "error" not in li:
                     r = llama.request(op="decode", type=t, threads=threads, prompt_len=PROMPT_LEN,
-                                      new_tokens=NEW_TOKENS, repeats=repeats)
+                                      new_tokens=new_tokens, repeats=repeats)
                     if "tok_s" in r:
                         keep(f"llama.cpp {t}", decode_tok_s=r["tok_s"])
             print(f"threads={threads} round {rnd}: " + ", ".join(f"{k} {v['decode_tok_s']:.1f}"
@@ -395,9 +396,12 @@ def main(argv=None):
     ap.add_argument("--cache", default="/tmp/lut_e2e_gguf", help="folder for the requantized GGUF files")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--name", default=None, help="machine kind: results go to lut_cpu_e2e_<name>.{json,md}")
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
+                    help=f"decoded tokens per timed run (default {NEW_TOKENS}; longer runs show the cost per cached "
+                         "position)")
     args = ap.parse_args(argv)
-    if args.rounds < 1 or args.repeats < 1 or args.ppl_tokens < 2:
-        raise SystemExit("--rounds and --repeats must be >= 1 and --ppl-tokens >= 2")
+    if args.rounds < 1 or args.repeats < 1 or args.ppl_tokens < 2 or args.new_tokens < 2:
+        raise SystemExit("--rounds and --repeats must be >= 1, --ppl-tokens and --new-tokens >= 2")
     py = find_llama_python(args.llama_python)
     llama = LlamaServer(py) if py else None
     if llama is None:
@@ -406,7 +410,7 @@ def main(argv=None):
     def save(rows, progress):
         write_results("lut_cpu_e2e" + (f"_{args.name}" if args.name else ""), rows,
                       {"model": "embedded SmolLM2-135M (GGUF Q4_1; ours dequantizes and requantizes on load)",
-                       "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "repeats": args.repeats,
+                       "prompt_len": PROMPT_LEN, "new_tokens": args.new_tokens, "repeats": args.repeats,
                        "rounds": args.rounds, "progress": progress, "threads": args.threads,
                        "ppl": f"{args.ppl_tokens} held-out tokens (plays), one window",
                        "llama_cpp_python": llama.version if llama else "not found",
@@ -423,7 +427,8 @@ def main(argv=None):
                                          "llama_weight_types", "engine", "load_avg_1min", "note"])
 
     try:
-        rows, _ = run(args.threads, args.rounds, args.repeats, args.ppl_tokens, llama, args.cache, save)
+        rows, _ = run(args.threads, args.rounds, args.repeats, args.ppl_tokens, llama, args.cache, save,
+                      args.new_tokens)
     finally:
         if llama:
             llama.close()
