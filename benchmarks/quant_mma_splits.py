@@ -15,6 +15,7 @@ import dataclasses
 import torch
 
 from benchmarks.common import print_rows, write_results
+from hf_efficient import formats
 from benchmarks.quant_gemv import copies_for, kernel_weight, time_rotating
 
 CASES = [(n, k, m, f) for (n, k) in [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)] for m in (1, 16)
@@ -55,7 +56,7 @@ def main(argv=None):
     for n, k, m, fmt in cases:
         t = split_times(n, k, m, fmt)
         best = min(t, key=t.get)
-        bits = int(fmt[fmt.index("_") - 1])
+        bits = formats.get_format(fmt).bits
         pick = choose_splits(m, n, k, sms, bits)
         rows.append({"N": n, "K": k, "M": m, "format": fmt, "bits": bits,
                      "us_by_split": {str(s): round(v * 1e6, 2) for s, v in t.items()},
