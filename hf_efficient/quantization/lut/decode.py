@@ -464,18 +464,16 @@ def _run_layers(stack: _Stack, h, mask, cos, sin, cache):
     if kv is None:
         h, keys, values = _layers_op()(h, *stack.args, cos, sin, mask, stack.scaling, stack.heads, stack.kv_heads,
                                        stack.head_dim, keys, values)
-        for c, k, v in zip(cl, keys, values):
-            c.keys, c.values = k, v
-        return h
-    past = keys[0].shape[-2]
-    h = kernel.ops().decode_layers_inplace.default(h, *stack.args, cos, sin, mask, stack.scaling, stack.heads,
-                                                   stack.kv_heads, stack.head_dim, kv.kb, kv.vb, past)
-    # the views of rows [0, past], two per layer and token: as_strided dispatches faster than narrow
-    b0 = kv.kb[0]
-    size, stride = (1, b0.shape[1], past + 1, b0.shape[3]), b0.stride()
-    kv.k = [b.as_strided(size, stride) for b in kv.kb]
-    kv.v = [b.as_strided(size, stride) for b in kv.vb]
-    for c, k, v in zip(cl, kv.k, kv.v):
+    else:
+        past = keys[0].shape[-2]
+        h = kernel.ops().decode_layers_inplace.default(h, *stack.args, cos, sin, mask, stack.scaling, stack.heads,
+                                                       stack.kv_heads, stack.head_dim, kv.kb, kv.vb, past)
+        # the views of rows [0, past], two per layer and token: as_strided dispatches faster than narrow
+        b0 = kv.kb[0]
+        size, stride = (1, b0.shape[1], past + 1, b0.shape[3]), b0.stride()
+        keys = kv.k = [b.as_strided(size, stride) for b in kv.kb]
+        values = kv.v = [b.as_strided(size, stride) for b in kv.vb]
+    for c, k, v in zip(cl, keys, values):
         c.keys, c.values = k, v
     return h
 
