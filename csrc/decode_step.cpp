@@ -31,6 +31,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace hf_efficient {
@@ -221,14 +222,16 @@ void rotary(float* q, int64_t heads, int64_t d, const float* cos, const float* s
 
 #define HFE_INLINE inline __attribute__((always_inline))
 
-HFE_INLINE float dot(const float* a, const float* b, int64_t n) {
+// b: float, or at::Half (a float16 KV cache), read as float
+template <class E>
+HFE_INLINE float dot(const float* a, const E* b, int64_t n) {
   float acc[16] = {0};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * static_cast<float>(b[i + j]);
   for (int j = 0; j < 8; ++j) acc[j] += acc[j + 8];
   float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
 
@@ -252,8 +255,10 @@ HFE_INLINE float exp_nonpos(float x) {
   return y * scale;
 }
 
-// One head's one-query attention: out[0..d) = softmax(q.k_t * sc + mask_t) @ v; s: scratch of S floats.
-HFE_INLINE void attend_head_body(const float* qh, const float* kh, int64_t kst, const float* vh, int64_t vst,
+// One head's one-query attention: out[0..d) = softmax(q.k_t * sc + mask_t) @ v; s: scratch of S floats. The
+// keys and values are float or at::Half (a float16 cache; the arithmetic is float32 either way).
+template <class E>
+HFE_INLINE void attend_head_body(const float* qh, const E* kh, int64_t kst, const E* vh, int64_t vst,
                                  int64_t S, int64_t d, float sc, const bool* mb, const float* mf, float* s,
                                  float* out) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -275,17 +280,34 @@ HFE_INLINE void attend_head_body(const float* qh, const float* kh, int64_t kst, 
   for (int64_t i = 0; i < d; ++i) out[i] = 0.0f;
   for (int64_t t = 0; t < S; ++t) {
     const float p = s[t] * inv;
-    const float* vt = vh + t * vst;
-    for (int64_t i = 0; i < d; ++i) out[i] += p * vt[i];
+    const E* vt = vh + t * vst;
+    for (int64_t i = 0; i < d; ++i) out[i] += p * static_cast<float>(vt[i]);
   }
 }
 
-using AttendFn = void (*)(const float*, const float*, int64_t, const float*, int64_t, int64_t, int64_t, float,
-                          const bool*, const float*, float*, float*);
+// The attention of nh query heads that read the same kv head (GQA), each as attend_head_body: q and out hold the nh
+// heads' rows d apart, s is scratch of nh * S floats. One call reads each key and value row once for all nh heads
+// (per head, a long cache's rows would come from DRAM once and from L2 nh - 1 more times).
+template <class E>
+using AttendFn = void (*)(const float* q, int nh, const E* kh, int64_t kst, const E* vh, int64_t vst, int64_t S,
+                          int64_t d, float sc, const bool* mb, const float* mf, float* s, float* out);
+constexpr int kMaxGroup = 4;  // heads per call: the AVX2 value pass keeps 2 accumulators per head in registers
 
-void attend_head_generic(const float* qh, const float* kh, int64_t kst, const float* vh, int64_t vst, int64_t S,
-                         int64_t d, float sc, const bool* mb, const float* mf, float* s, float* out) {
-  attend_head_body(qh, kh, kst, vh, vst, S, d, sc, mb, mf, s, out);
+template <class E>
+void attend_generic(const float* q, int nh, const E* kh, int64_t kst, const E* vh, int64_t vst, int64_t S, int64_t d,
+                    float sc, const bool* mb, const float* mf, float* s, float* out) {
+  for (int j = 0; j < nh; ++j) attend_head_body(q + j * d, kh, kst, vh, vst, S, d, sc, mb, mf, s + j * S, out + j * d);
+}
+
+// Heads [h0, h1) of one query, rep query heads per kv head: runs of heads that share a kv head, at most kMaxGroup
+// a call, go to group(first head, count).
+template <class F>
+void for_head_groups(int64_t h0, int64_t h1, int64_t rep, F&& group) {
+  for (int64_t h = h0; h < h1;) {
+    const int64_t e = std::min({h1, (h / rep + 1) * rep, h + kMaxGroup});
+    group(h, static_cast<int>(e - h));
+    h = e;
+  }
 }
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -296,6 +318,40 @@ HFE_AVX2 inline float hsum8(__m256 v) {
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
   x = _mm_add_ss(x, _mm_movehdup_ps(x));
   return _mm_cvtss_f32(x);
+}
+
+// The attention's loads of float16 keys and values convert with F16C (every AVX2 CPU has it; attend_fn checks).
+#define HFE_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
+HFE_AVX2_F16C inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+HFE_AVX2_F16C inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+HFE_AVX2 inline __m256 lo_plus_hi(__m256 a, __m256 b) {  // [a's 4 lane sums lo + hi | b's]
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// The hsum8 of each of s[0..8), in order, in one vector: hsum8 adds lo + hi, then (x0 + x2) + (x1 + x3).
+HFE_AVX2 inline __m256 hsum8x8(const __m256* s) {
+  __m256 p[4];
+  for (int r = 0; r < 4; ++r)  // [x0, x2, x1, x3] of rows 2r and 2r + 1 (the 0xD8 shuffle)
+    p[r] = _mm256_permute_ps(lo_plus_hi(s[2 * r], s[2 * r + 1]), 0xD8);
+  // lanes [s0, s2, s4, s6 | s1, s3, s5, s7]
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
+  return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// q . k over d (a multiple of 8): 16-float steps into two accumulators, an 8-float tail into the first.
+template <class E>
+HFE_AVX2_F16C HFE_INLINE __m256 q_dot_row(const float* q, const E* k, int64_t d) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(k + i + 8), a1);
+  }
+  if (i < d) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
+  return _mm256_add_ps(a0, a1);
 }
 
 // exp_nonpos on 8 lanes (same polynomial, fused multiply-adds).
@@ -315,63 +371,116 @@ HFE_AVX2 inline __m256 exp_nonpos8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// attend_head_body with AVX2 + FMA for head_dim a multiple of 8 (others take the generic body).
-HFE_AVX2 void attend_head_avx2(const float* qh, const float* kh, int64_t kst, const float* vh, int64_t vst, int64_t S,
-                               int64_t d, float sc, const bool* mb, const float* mf, float* s, float* out) {
-  if (d % 8 != 0) {
-    attend_head_body(qh, kh, kst, vh, vst, S, d, sc, mb, mf, s, out);
-    return;
-  }
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  float mx = kNegInf;
+// out[j][i0, i0 + 8 W) = sum_t p_j[t] v_t[i0, i0 + 8 W) for the NH heads, accumulated in registers in t order.
+template <int NH, int W, class E>
+HFE_AVX2_F16C HFE_INLINE void value_pass(const float* p, int64_t S, const E* vh, int64_t vst, int64_t i0, int64_t d,
+                                         float* out) {
+  __m256 a[NH][W];
+  for (int j = 0; j < NH; ++j)
+    for (int c = 0; c < W; ++c) a[j][c] = _mm256_setzero_ps();
   for (int64_t t = 0; t < S; ++t) {
-    const float* kt = kh + t * kst;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= d; i += 16) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(kt + i), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i + 8), _mm256_loadu_ps(kt + i + 8), a1);
+    const E* vt = vh + t * vst + i0;
+    __m256 v[W];
+    for (int c = 0; c < W; ++c) v[c] = load8(vt + 8 * c);
+    for (int j = 0; j < NH; ++j) {
+      const __m256 pj = _mm256_broadcast_ss(p + j * S + t);
+      for (int c = 0; c < W; ++c) a[j][c] = _mm256_fmadd_ps(pj, v[c], a[j][c]);
     }
-    if (i < d) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(kt + i), a0);
-    float v = hsum8(_mm256_add_ps(a0, a1)) * sc;
-    if (mb != nullptr && !mb[t]) v = kNegInf;
-    if (mf != nullptr) v += mf[t];
-    s[t] = v;
-    mx = std::max(mx, v);
   }
-  const __m256 vmx = _mm256_set1_ps(mx), vninf = _mm256_set1_ps(kNegInf);
-  __m256 vsum = _mm256_setzero_ps();
+  for (int j = 0; j < NH; ++j)
+    for (int c = 0; c < W; ++c) _mm256_storeu_ps(out + j * d + i0 + 8 * c, a[j][c]);
+}
+
+// attend_generic with AVX2 + FMA for head_dim a multiple of 8. Each score is summed as q_dot_row and hsum8 sum it
+// (one key's attention before grouping did so: the same floats), 8 keys at a time; they can differ from the generic
+// body's in the last bits.
+template <int NH, class E>
+HFE_AVX2_F16C void attend_group_avx2(const float* q, const E* kh, int64_t kst, const E* vh, int64_t vst, int64_t S,
+                                     int64_t d, float sc, const bool* mb, const float* mf, float* s, float* out) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const __m256 vninf = _mm256_set1_ps(kNegInf), vsc = _mm256_set1_ps(sc);
+  __m256 vmx[NH];
+  for (int j = 0; j < NH; ++j) vmx[j] = vninf;
   int64_t t = 0;
   for (; t + 8 <= S; t += 8) {
-    const __m256 x = _mm256_loadu_ps(s + t);
-    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, vninf, _CMP_EQ_OQ), exp_nonpos8(_mm256_sub_ps(x, vmx)));
-    _mm256_storeu_ps(s + t, e);
-    vsum = _mm256_add_ps(vsum, e);
+    const E* k0 = kh + t * kst;
+    __m256 off = _mm256_setzero_ps();  // lanes the bool mask drops
+    if (mb != nullptr) {
+      int64_t bytes;
+      std::memcpy(&bytes, mb + t, sizeof(bytes));
+      const __m256i m = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
+      off = _mm256_castsi256_ps(_mm256_cmpeq_epi32(m, _mm256_setzero_si256()));
+    }
+    for (int j = 0; j < NH; ++j) {  // the 8 key rows stay in L1 across the heads
+      const float* qj = q + j * d;
+      __m256 a[8];
+      for (int r = 0; r < 8; ++r) a[r] = q_dot_row(qj, k0 + r * kst, d);
+      __m256 v = _mm256_blendv_ps(_mm256_mul_ps(hsum8x8(a), vsc), vninf, off);
+      if (mf != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(mf + t));
+      _mm256_storeu_ps(s + j * S + t, v);
+      vmx[j] = _mm256_max_ps(vmx[j], v);
+    }
   }
-  float sum = hsum8(vsum);
-  for (; t < S; ++t) {
-    s[t] = s[t] == kNegInf ? 0.0f : exp_nonpos(s[t] - mx);
-    sum += s[t];
+  float mx[NH];
+  for (int j = 0; j < NH; ++j) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmx[j]), _mm256_extractf128_ps(vmx[j], 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    mx[j] = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
   }
-  const float inv = 1.0f / sum;
-  for (int64_t i = 0; i < d; i += 8) _mm256_storeu_ps(out + i, _mm256_setzero_ps());
-  for (int64_t u = 0; u < S; ++u) {
-    const __m256 p = _mm256_set1_ps(s[u] * inv);
-    const float* vt = vh + u * vst;
-    for (int64_t i = 0; i < d; i += 8)
-      _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + i), _mm256_loadu_ps(out + i)));
+  for (; t < S; ++t)
+    for (int j = 0; j < NH; ++j) {
+      float v = hsum8(q_dot_row(q + j * d, kh + t * kst, d)) * sc;
+      if (mb != nullptr && !mb[t]) v = kNegInf;
+      if (mf != nullptr) v += mf[t];
+      s[j * S + t] = v;
+      mx[j] = std::max(mx[j], v);
+    }
+  for (int j = 0; j < NH; ++j) {  // s_j <- softmax probabilities
+    float* sj = s + j * S;
+    const __m256 m = _mm256_set1_ps(mx[j]);
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t u = 0;
+    for (; u + 8 <= S; u += 8) {
+      const __m256 x = _mm256_loadu_ps(sj + u);
+      const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, vninf, _CMP_EQ_OQ), exp_nonpos8(_mm256_sub_ps(x, m)));
+      _mm256_storeu_ps(sj + u, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum8(vsum);
+    for (; u < S; ++u) {
+      sj[u] = sj[u] == kNegInf ? 0.0f : exp_nonpos(sj[u] - mx[j]);
+      sum += sj[u];
+    }
+    const float inv = 1.0f / sum;
+    for (u = 0; u < S; ++u) sj[u] *= inv;
+  }
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) value_pass<NH, 2>(s, S, vh, vst, i, d, out);
+  if (i < d) value_pass<NH, 1>(s, S, vh, vst, i, d, out);
+}
+
+template <class E>
+HFE_AVX2_F16C void attend_avx2(const float* q, int nh, const E* kh, int64_t kst, const E* vh, int64_t vst, int64_t S,
+                               int64_t d, float sc, const bool* mb, const float* mf, float* s, float* out) {
+  if (d % 8 != 0) return attend_generic(q, nh, kh, kst, vh, vst, S, d, sc, mb, mf, s, out);
+  switch (nh) {
+    case 1: return attend_group_avx2<1>(q, kh, kst, vh, vst, S, d, sc, mb, mf, s, out);
+    case 2: return attend_group_avx2<2>(q, kh, kst, vh, vst, S, d, sc, mb, mf, s, out);
+    case 3: return attend_group_avx2<3>(q, kh, kst, vh, vst, S, d, sc, mb, mf, s, out);
+    default: TORCH_CHECK(nh == kMaxGroup, "attention group of ", nh, " heads");
+             return attend_group_avx2<kMaxGroup>(q, kh, kst, vh, vst, S, d, sc, mb, mf, s, out);
   }
 }
 #endif
 
-AttendFn attend_fn() {
+// The attention over E keys and values for an ISA cap (as float_rows: kAvx2 and up only on a CPU that has them).
+template <class E>
+AttendFn<E> attend_fn(Isa cap) {
 #if defined(__x86_64__) || defined(__i386__)
-  static const AttendFn fn = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &attend_head_avx2
-                                                                                            : &attend_head_generic;
-  return fn;
-#else
-  return &attend_head_generic;
+  static const bool f16c = __builtin_cpu_supports("f16c");
+  if (cap >= Isa::kAvx2 && f16c) return &attend_avx2<E>;
 #endif
+  return &attend_generic<E>;
 }
 
 // Float projections: y = W x over a row-major (N, K) weight, rows split over the threads. torch's mv (MKL's
@@ -536,9 +645,10 @@ at::Tensor attn_out_mlp(const char* op, const at::Tensor& q, const at::Tensor& k
               q.sizes());
   TORCH_CHECK(k_all.dim() == 4 && v_all.dim() == 4 && k_all.size(0) == 1 && k_all.sizes() == v_all.sizes(), op,
               ": k and v must be (1, kv_heads, kv_len, head_dim) alike, got ", k_all.sizes(), " and ", v_all.sizes());
-  TORCH_CHECK(k_all.device().is_cpu() && k_all.scalar_type() == at::kFloat && v_all.device().is_cpu() &&
-                  v_all.scalar_type() == at::kFloat,
-              op, ": k and v must be float32 CPU tensors");
+  const at::ScalarType kvt = k_all.scalar_type();
+  TORCH_CHECK(k_all.device().is_cpu() && v_all.device().is_cpu() && v_all.scalar_type() == kvt &&
+                  (kvt == at::kFloat || kvt == at::kHalf),
+              op, ": k and v must be float32 or float16 CPU tensors alike, got ", kvt, " and ", v_all.scalar_type());
   const int64_t heads = q.size(1), d = q.size(3), kvh = k_all.size(1), S = k_all.size(2);
   TORCH_CHECK(k_all.size(3) == d && kvh > 0 && heads % kvh == 0, op, ": q has ", heads, " heads of ", d,
               ", k ", kvh, " heads of ", k_all.size(3));
@@ -564,21 +674,29 @@ at::Tensor attn_out_mlp(const char* op, const at::Tensor& q, const at::Tensor& k
   a.resize(static_cast<size_t>(heads * d));
   float* pa = a.data();
   const float* pq = qc.data_ptr<float>();
-  const float *pk = kc.data_ptr<float>(), *pv = vc.data_ptr<float>();
   const int64_t ksh = kc.stride(1), kst = kc.stride(2), vsh = vc.stride(1), vst = vc.stride(2);
   const bool* mb = mk.defined() && mk.scalar_type() == at::kBool ? mk.data_ptr<bool>() : nullptr;
   const float* mf = mk.defined() && mk.scalar_type() == at::kFloat ? mk.data_ptr<float>() : nullptr;
   const int64_t rep = heads / kvh;
   const float sc = static_cast<float>(scaling);
   const int64_t grain = S * d * heads < (int64_t(1) << 16) ? heads : 1;
-  const AttendFn attend = attend_fn();
-  at::parallel_for(0, heads, grain, [&](int64_t hb, int64_t he) {
-    thread_local std::vector<float> s;
-    s.resize(static_cast<size_t>(S));
-    for (int64_t h = hb; h < he; ++h)
-      attend(pq + h * d, pk + (h / rep) * ksh, kst, pv + (h / rep) * vsh, vst, S, d, sc, mb, mf, s.data(),
-             pa + h * d);
-  });
+  const Isa cap = lut_isa_cap();
+  auto attention = [&](auto* pk, auto* pv) {
+    using E = std::remove_const_t<std::remove_pointer_t<decltype(pk)>>;
+    const AttendFn<E> attend = attend_fn<E>(cap);
+    at::parallel_for(0, heads, grain, [&](int64_t hb, int64_t he) {
+      thread_local std::vector<float> s;
+      s.resize(static_cast<size_t>(kMaxGroup * S));
+      for_head_groups(hb, he, rep, [&](int64_t h, int nh) {
+        attend(pq + h * d, nh, pk + (h / rep) * ksh, kst, pv + (h / rep) * vsh, vst, S, d, sc, mb, mf, s.data(),
+               pa + h * d);
+      });
+    });
+  };
+  if (kvt == at::kHalf)
+    attention(kc.data_ptr<at::Half>(), vc.data_ptr<at::Half>());
+  else
+    attention(kc.data_ptr<float>(), vc.data_ptr<float>());
 
   if (!y.defined()) y = at::empty_like(xc);
   float* py = y.data_ptr<float>();
@@ -635,6 +753,8 @@ struct Append {
   at::Tensor past, out;  // copy mode: out undefined -> at::cat after the layer's attn_in
   const float* src = nullptr;  // past's values
   float* dst = nullptr;        // out's values (in place: the buffer's)
+  at::Tensor half;             // in place: the buffer's float16 copy, which the attention reads instead (or none)
+  at::Half* hdst = nullptr;    // its values, rows as in dst
   int64_t heads = 0, S = 0, d = 0, hs = 0;  // hs: floats from one head's rows to the next in dst
   bool in_place = false;
   bool ok = false;  // the append needs no at::cat: a contiguous float32 past or a buffer with a free row
@@ -647,20 +767,34 @@ struct Append {
     src = p.data_ptr<float>(), dst = out.data_ptr<float>();
     ok = true;
   }
-  Append(const at::Tensor& buffer, int64_t past_len) : past(buffer), in_place(true) {
+  // in place; half_copy: undefined, or a float16 tensor of the buffer's shape (contiguous, CPU; else not ok)
+  Append(const at::Tensor& buffer, const at::Tensor& half_copy, int64_t past_len)
+      : past(buffer), half(half_copy), in_place(true) {
     const at::Tensor& b = buffer;
     if (b.dim() != 4 || b.scalar_type() != at::kFloat || !b.is_contiguous() || b.size(0) != 1 || !b.device().is_cpu() ||
         past_len < 0 || b.size(2) <= past_len)
       return;
+    if (half.defined()) {
+      if (half.scalar_type() != at::kHalf || !half.is_contiguous() || !half.device().is_cpu() ||
+          half.sizes() != b.sizes())
+        return;
+      hdst = half.data_ptr<at::Half>();
+    }
     heads = b.size(1), S = past_len, d = b.size(3), hs = b.size(2) * d;
     dst = b.data_ptr<float>();
     ok = true;
   }
+  // the attention's keys or values: rows [0, S] of the float16 copy where there is one, else of dst
+  at::Tensor attended(const at::Tensor& rows) const { return hdst != nullptr ? half.narrow(2, 0, S + 1) : rows; }
   void copy_past(int64_t hh) const {
     if (!in_place) std::memcpy(dst + hh * hs, src + hh * S * d, sizeof(float) * S * d);
   }
   // head hh's new row: this token's d values
-  void put_row(int64_t hh, const float* row) const { std::memcpy(dst + hh * hs + S * d, row, sizeof(float) * d); }
+  void put_row(int64_t hh, const float* row) const {
+    std::memcpy(dst + hh * hs + S * d, row, sizeof(float) * d);
+    if (hdst != nullptr)
+      for (int64_t i = 0; i < d; ++i) hdst[hh * hs + S * d + i] = static_cast<at::Half>(row[i]);
+  }
   // the result, given this token's kv (1, heads, 1, d)
   at::Tensor finish(const at::Tensor& kv) const {
     const bool fits = ok && kv.dim() == 4 && kv.scalar_type() == at::kFloat && kv.is_contiguous() &&
@@ -710,6 +844,8 @@ struct LayerTeam {
   std::vector<std::vector<float>> coeffs;  // 7 per layer: table coefficients of the owners
   float* hb[2] = {nullptr, nullptr};       // layer l writes its output to hb[l % 2]
   float sc = 0.0f;
+  AttendFn<float> attend = nullptr;  // for the call's ISA cap, over float32 caches
+  AttendFn<at::Half> attend16 = nullptr;  // over float16 copies
   int64_t H = 0, I = 0, heads = 0, kvh = 0, d = 0;
   // shared scratch, kept between calls
   std::vector<float> q, k, v, a, o, g, u, dn;
@@ -779,10 +915,13 @@ struct LayerTeam {
     }
     team_barrier();
     r = team_range(heads, tid, nt);
-    const AttendFn attend = attend_fn();
-    for (int64_t h = r.first; h < r.second; ++h)
-      attend(q.data() + h * d, ak.dst + (h / rep) * ak.hs, d, av.dst + (h / rep) * av.hs, d, S1, d, sc, mb, mf, s,
-             a.data() + h * d);
+    for_head_groups(r.first, r.second, rep, [&](int64_t h, int nh) {
+      const int64_t ko = (h / rep) * ak.hs, vo = (h / rep) * av.hs;
+      if (ak.hdst != nullptr)
+        attend16(q.data() + h * d, nh, ak.hdst + ko, d, av.hdst + vo, d, S1, d, sc, mb, mf, s, a.data() + h * d);
+      else
+        attend(q.data() + h * d, nh, ak.dst + ko, d, av.dst + vo, d, S1, d, sc, mb, mf, s, a.data() + h * d);
+    });
     team_barrier();
     build(l, 3, 4, a.data(), tid, nt);
     team_barrier();
@@ -881,6 +1020,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
   tm->ps = ps.data();
   tm->x = xc.data_ptr<float>(), tm->cos = cc.data_ptr<float>(), tm->sin = sn.data_ptr<float>();
   tm->sc = static_cast<float>(scaling);
+  tm->attend = attend_fn<float>(lut_isa_cap());
+  tm->attend16 = attend_fn<at::Half>(lut_isa_cap());
   tm->H = H, tm->I = ps[4].N, tm->heads = num_heads, tm->kvh = num_kv_heads, tm->d = d;
   for (auto* b : {&tm->q, &tm->a}) b->resize(static_cast<size_t>(num_heads * d));
   for (auto* b : {&tm->k, &tm->v}) b->resize(static_cast<size_t>(num_kv_heads * d));
@@ -891,7 +1032,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
   tm->hb[1] = L > 1 ? hb[1].data_ptr<float>() : nullptr;
   run_team([&](int tid, int nt) {
     thread_local std::vector<float> hn, res, s;  // this thread's own
-    hn.resize(static_cast<size_t>(H)), res.resize(static_cast<size_t>(H)), s.resize(static_cast<size_t>(smax));
+    hn.resize(static_cast<size_t>(H)), res.resize(static_cast<size_t>(H)), s.resize(static_cast<size_t>(kMaxGroup * smax));
     for (size_t l = 0; l < L; ++l) tm->layer(l, tid, nt, hn.data(), res.data(), s.data());
   });
   tm->app.clear();  // the team is kept per thread: hold no cache tensors past the call
@@ -946,7 +1087,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
       nv[l] = av.finish(v);
     }
     at::Tensor& out = buf[l % 2];
-    out = attn_out_mlp(op, q, nk[l], nv[l], mask, scaling, h, norm_weights[2 * l + 1], eps[2 * l + 1],
+    out = attn_out_mlp(op, q, ak.attended(nk[l]), av.attended(nv[l]), mask, scaling, h, norm_weights[2 * l + 1], eps[2 * l + 1],
                        &ps[7 * l + 3], out);
     h = out;
   }
@@ -988,21 +1129,32 @@ at::Tensor decode_layers_inplace(
     const c10::List<c10::optional<at::Tensor>>& grids, const c10::List<c10::optional<at::Tensor>>& biases,
     at::IntArrayRef meta, const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& mask,
     double scaling, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, at::TensorList key_buffers,
-    at::TensorList value_buffers, int64_t past) {
+    at::TensorList value_buffers, int64_t past, at::TensorList key_halves, at::TensorList value_halves) {
   const char* op = "decode_layers_inplace";
   const size_t L = key_buffers.size();
   check_layer_lists(op, "key and value buffer", L, value_buffers.size(), norm_weights.size(), eps.size());
+  const bool halves = !key_halves.empty() || !value_halves.empty();
+  TORCH_CHECK(!halves || (key_halves.size() == L && value_halves.size() == L), op,
+              ": expected no float16 copies or one key and one value copy per layer (", L, "), got ", key_halves.size(),
+              " and ", value_halves.size());
   std::vector<Append> app;
   app.reserve(2 * L);
   for (size_t l = 0; l < L; ++l) {
-    for (const at::Tensor* b : {&key_buffers[l], &value_buffers[l]}) {
-      app.emplace_back(*b, past);
+    const at::Tensor* bufs[2] = {&key_buffers[l], &value_buffers[l]};
+    for (int j = 0; j < 2; ++j) {
+      const at::Tensor& b = *bufs[j];
+      const at::Tensor copy = halves ? (j == 0 ? key_halves : value_halves)[l] : at::Tensor();
+      app.emplace_back(b, copy, past);
       const Append& a = app.back();
       TORCH_CHECK(a.ok && a.heads == num_kv_heads && a.d == head_dim, op, ": layer ", l,
                   "'s buffers must be contiguous float32 CPU (1, ", num_kv_heads, ", capacity > ", past, ", ",
-                  head_dim, ") tensors, got ", b->scalar_type(), " ", b->sizes());
+                  head_dim, ") tensors and their float16 copies contiguous CPU tensors of the same shape; got ",
+                  b.scalar_type(), " ", b.sizes(), (halves ? c10::str(" and ", copy.scalar_type(), " ", copy.sizes())
+                                                           : std::string()));
     }
     TORCH_CHECK(!key_buffers[l].is_same(value_buffers[l]), op, ": layer ", l, "'s key and value buffers are one tensor");
+    TORCH_CHECK(!halves || !key_halves[l].is_same(value_halves[l]), op, ": layer ", l,
+                "'s key and value float16 copies are one tensor");
   }
   return std::get<0>(decode_layers_appending(op, x, norm_weights, eps, weights, grids, biases, meta, cos, sin, mask,
                                              scaling, num_heads, num_kv_heads, head_dim, app));
@@ -1050,7 +1202,8 @@ TORCH_LIBRARY_FRAGMENT(hf_efficient, m) {
         "int num_kv_heads, int head_dim, Tensor[] keys, Tensor[] values) -> (Tensor, Tensor[], Tensor[])");
   m.def("decode_layers_inplace(Tensor x, Tensor[] norm_weights, float[] eps, Tensor[] weights, Tensor?[] grids, "
         "Tensor?[] biases, int[] meta, Tensor cos, Tensor sin, Tensor? mask, float scaling, int num_heads, "
-        "int num_kv_heads, int head_dim, Tensor(a!)[] key_buffers, Tensor(b!)[] value_buffers, int past) -> Tensor");
+        "int num_kv_heads, int head_dim, Tensor(a!)[] key_buffers, Tensor(b!)[] value_buffers, int past, "
+        "Tensor(c!)[] key_halves, Tensor(d!)[] value_halves) -> Tensor");
   m.def("decode_attn_out_mlp(Tensor q, Tensor k, Tensor v, Tensor? mask, float scaling, Tensor residual, "
         "Tensor norm_weight, float eps, Tensor[] weights, Tensor?[] grids, Tensor?[] biases, int[] meta) -> Tensor");
 }

@@ -214,7 +214,8 @@ if HAS_CPP_OPS:
 
     @torch.library.register_fake("hf_efficient::decode_layers_inplace")
     def _decode_layers_inplace_fake(x, norm_weights, eps, weights, grids, biases, meta, cos, sin, mask, scaling,
-                                    num_heads, num_kv_heads, head_dim, key_buffers, value_buffers, past):
+                                    num_heads, num_kv_heads, head_dim, key_buffers, value_buffers, past, key_halves,
+                                    value_halves):
         return torch.empty_like(x)
 
     @torch.library.register_fake("hf_efficient::decode_linear")

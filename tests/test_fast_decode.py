@@ -4,6 +4,7 @@ Every comparison also counts the fused steps that ran, so a silent fallback cann
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 
 import pytest
@@ -740,6 +741,9 @@ def test_ops_reject_bad_arguments():
     with pytest.raises(RuntimeError, match="mask"):
         ops.decode_attn_out_mlp(q, k, v, torch.ones(1, 1, 1, 3, dtype=torch.bool), 0.25, args["x"], args["nw"], 1e-5,
                                 mw, [None] * 4, [None] * 4, mmeta)
+    for kv in ((k, v.half()), (k.double(), v.double())):
+        with pytest.raises(RuntimeError, match="float32 or float16 CPU tensors alike"):
+            ops.decode_attn_out_mlp(q, *kv, None, 0.25, args["x"], args["nw"], 1e-5, mw, [None] * 4, [None] * 4, mmeta)
     with pytest.raises(RuntimeError, match="projection shapes"):
         ops.decode_attn_out_mlp(q, k, v, None, 0.25, args["x"], args["nw"], 1e-5, mw[::-1], [None] * 4, [None] * 4,
                                 [0, 0, 96, H, 0, 0, H, 96, 0, 0, H, 96, 0, 0, H, 64])
@@ -797,6 +801,61 @@ def test_float_gemv_every_isa(isa, monkeypatch):
             assert bool(((got - want).abs() <= bound).all()), (isa, K, n, scale)
     zero = ops.decode_linear(torch.zeros(1, 1, 65), torch.zeros(3, 65), None)
     assert torch.equal(zero, torch.zeros(1, 1, 3))
+
+
+def _attention_f64(q, k, v, mask, scaling):
+    """One query's softmax attention in float64, GQA (head h reads kv head h // (heads / kv_heads))."""
+    heads, kvh = q.shape[1], k.shape[1]
+    kk = k.double().repeat_interleave(heads // kvh, 1)[0]
+    vv = v.double().repeat_interleave(heads // kvh, 1)[0]
+    s = torch.einsum("hd,hsd->hs", q[0, :, 0].double(), kk) * scaling
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    return torch.einsum("hs,hsd->hd", torch.softmax(s, -1), vv).reshape(-1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_every_isa(threads, monkeypatch):
+    """The decode ops' one-query attention equals a float64 softmax attention for each ISA this CPU runs
+    (HF_EFFICIENT_LUT_ISA caps it as it caps the LUT engines). The AVX2 body takes the heads of one kv head together,
+    at most four a pass over the cache: 1 to 8 heads per kv head (groups of 4 + 4, 4 + 3), runs split between
+    threads mid-group (the longest cache), head_dim a multiple of 16, of 8 only and of neither (the plain loop),
+    kv lengths below, at and past the 8-key blocks, bool and float masks, a cache whose rows are not adjacent, and
+    float32 and float16 caches (the reference reads the float16 values exactly). The op's o_proj is the identity and
+    its MLP's down projection zero, so its output is the attention's."""
+    ops = torch.ops.hf_efficient
+    gen = torch.Generator().manual_seed(3)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for isa in kernel.available_isas():
+            monkeypatch.setenv("HF_EFFICIENT_LUT_ISA", isa)
+            for heads, kvh, d in ((4, 2, 16), (9, 3, 64), (8, 1, 24), (6, 6, 8), (5, 1, 18), (7, 1, 16)):
+                H, inter = heads * d, 8
+                mw = [torch.eye(H), torch.randn(inter, H, generator=gen), torch.randn(inter, H, generator=gen),
+                      torch.zeros(H, inter)]
+                meta = [0, 0, H, H, 0, 0, H, inter, 0, 0, H, inter, 0, 0, inter, H]
+                for S in (1, 7, 8, 9, 17, 40, 600):
+                    q = torch.randn(1, heads, 1, d, generator=gen)
+                    k = torch.randn(1, kvh, S, d, generator=gen) * 2
+                    v = torch.randn(1, kvh, S, d, generator=gen)
+                    if S == 17:  # rows kvh * d apart, as in a (1, S, kvh, d) buffer
+                        k = k.transpose(1, 2).contiguous().transpose(1, 2)
+                        assert k.stride(2) == kvh * d
+                    keep = torch.rand(S, generator=gen) > 0.3
+                    keep[S // 2] = True
+                    masks = (None, keep.view(1, 1, 1, S),
+                             torch.where(keep, torch.randn(S, generator=gen), float("-inf")).view(1, 1, 1, S))
+                    for mask, dtype in itertools.product(masks, (torch.float32, torch.float16)):
+                        kt, vt = k.to(dtype), v.to(dtype)
+                        assert kt.stride() == k.stride()
+                        y = ops.decode_attn_out_mlp(q, kt, vt, mask, 0.3, torch.zeros(1, 1, H), torch.ones(H), 1e-5, mw,
+                                                    [None] * 4, [None] * 4, meta).view(-1).double()
+                        want = _attention_f64(q, kt, vt, None if mask is None else mask.view(-1), 0.3)
+                        err = float((y - want).abs().max())
+                        assert err <= 1e-5 * float(v.abs().max()), (isa, heads, kvh, d, S, mask is None, dtype, err)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_ops_opcheck():
@@ -1033,7 +1092,7 @@ def test_decode_layers_inplace_equals_decode_layers(mask, monkeypatch):
             monkeypatch.setenv("HF_EFFICIENT_DECODE_PATH", path)
             torch.set_num_threads(threads)
             kb, vb = buffers(spare=2)
-            h = ops.decode_layers_inplace(*args[:14], kb, vb, S)
+            h = ops.decode_layers_inplace(*args[:14], kb, vb, S, [], [])
             assert torch.equal(h, h0), (path, threads)
             for b, want in zip(kb + vb, k0 + v0):
                 assert torch.equal(b[:, :, :S + 1], want) and b[:, :, S + 1:].isnan().all(), (path, threads)
@@ -1041,18 +1100,115 @@ def test_decode_layers_inplace_equals_decode_layers(mask, monkeypatch):
         torch.set_num_threads(old)
     monkeypatch.delenv("HF_EFFICIENT_DECODE_PATH")
     kb, vb = buffers(spare=0)  # exactly one free row
-    torch.library.opcheck(ops.decode_layers_inplace.default, (*args[:14], kb, vb, S))
+    torch.library.opcheck(ops.decode_layers_inplace.default, (*args[:14], kb, vb, S, [], []))
     kb, vb = buffers(spare=0)
-    assert torch.equal(ops.decode_layers_inplace(*args[:14], kb, vb, S), h0)
+    assert torch.equal(ops.decode_layers_inplace(*args[:14], kb, vb, S, [], []), h0)
     full = [b[:, :, :S] .contiguous() for b in kb]
     with pytest.raises(RuntimeError, match="layer 0's buffers must be contiguous float32"):
-        ops.decode_layers_inplace(*args[:14], full, vb, S)  # no free row
+        ops.decode_layers_inplace(*args[:14], full, vb, S, [], [])  # no free row
     with pytest.raises(RuntimeError, match="layer 1's buffers"):
-        ops.decode_layers_inplace(*args[:14], [kb[0], kb[1].double(), kb[2]], vb, S)
+        ops.decode_layers_inplace(*args[:14], [kb[0], kb[1].double(), kb[2]], vb, S, [], [])
     with pytest.raises(RuntimeError, match="one tensor"):
-        ops.decode_layers_inplace(*args[:14], kb, [vb[0], kb[1], vb[2]], S)
+        ops.decode_layers_inplace(*args[:14], kb, [vb[0], kb[1], vb[2]], S, [], [])
     with pytest.raises(RuntimeError, match="per layer"):
-        ops.decode_layers_inplace(*args[:14], kb, vb[:2], S)
+        ops.decode_layers_inplace(*args[:14], kb, vb[:2], S, [], [])
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_decode_layers_inplace_float16_copies(mask, monkeypatch):
+    """With float16 copies of the buffers, decode_layers_inplace writes this token's row into both (the copy's
+    row is the float32 row rounded to nearest) and attends over the copies: every copy holds its buffer's rows
+    [0, past] in float16 exactly and nothing past them; the result is the same bit for bit on the per-layer loop and
+    the one-region path at 1-3 threads, and within float16 rounding of the float32 result (layer 0's new rows,
+    which precede any attention, equal it exactly); bad copies are refused."""
+    ops = torch.ops.hf_efficient
+    args = _decode_layers_args(mask)
+    keys, values = args[14:]
+    L, S = len(keys), keys[0].shape[2]
+    h0, k0, v0 = ops.decode_layers(*args)
+
+    def buffers():
+        bufs = []
+        for t in (*keys, *values):
+            b = torch.full((1, t.shape[1], S + 3, t.shape[3]), float("nan"))
+            b[:, :, :S] = t
+            bufs.append(b)
+        halves = [b.half() for b in bufs]
+        return bufs[:L], bufs[L:], halves[:L], halves[L:]
+
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for path, threads in (("loop", 1), ("team", 1), ("team", 2), ("team", 3)):
+            monkeypatch.setenv("HF_EFFICIENT_DECODE_PATH", path)
+            torch.set_num_threads(threads)
+            kb, vb, kh, vh = buffers()
+            h = ops.decode_layers_inplace(*args[:14], kb, vb, S, kh, vh)
+            for b, c in zip(kb + vb, kh + vh):
+                assert torch.equal(c[:, :, :S + 1], b[:, :, :S + 1].half()), (path, threads)
+                assert c[:, :, S + 1:].isnan().all() and b[:, :, S + 1:].isnan().all(), (path, threads)
+            assert torch.equal(kb[0][:, :, :S + 1], k0[0]) and torch.equal(vb[0][:, :, :S + 1], v0[0])
+            results.append((h, kb, vb))
+    finally:
+        torch.set_num_threads(old)
+    h, kb, vb = results[0]
+    for h2, kb2, vb2 in results[1:]:
+        assert torch.equal(h2, h)
+        assert all(torch.equal(a[:, :, :S + 1], b[:, :, :S + 1]) for a, b in zip(kb + vb, kb2 + vb2))
+    err = float((h - h0).abs().max() / h0.abs().max())
+    assert 0 < err < 1e-2, err
+    monkeypatch.delenv("HF_EFFICIENT_DECODE_PATH")
+    kb, vb, kh, vh = buffers()
+    torch.library.opcheck(ops.decode_layers_inplace.default, (*args[:14], kb, vb, S, kh, vh))
+    kb, vb, kh, vh = buffers()
+    with pytest.raises(RuntimeError, match="one key and one value copy per layer"):
+        ops.decode_layers_inplace(*args[:14], kb, vb, S, kh, vh[:1])
+    with pytest.raises(RuntimeError, match="layer 1's buffers .* float16 copies"):
+        ops.decode_layers_inplace(*args[:14], kb, vb, S, [kh[0], kh[1].float(), kh[2]], vh)
+    with pytest.raises(RuntimeError, match="layer 0's buffers"):
+        ops.decode_layers_inplace(*args[:14], kb, vb, S, [kh[0][:, :, :S + 1].contiguous()] + kh[1:], vh)
+    with pytest.raises(RuntimeError, match="float16 copies are one tensor"):
+        ops.decode_layers_inplace(*args[:14], kb, vb, S, kh, [kh[0]] + vh[1:])
+
+
+def test_float16_kv_copies_through_the_model(model_dirs, stacked_steps):
+    """enable_fast_decode(kv_cache="float16"): the stacked step keeps float16 copies beside the cache's float32
+    buffers and attends over them. The cache layers still hold float32 views (what transformers reads), whose
+    float16 rounding the copies hold exactly; teacher-forced logits stay near the float32 cache's; a bad choice is
+    refused, and kv_cache="float32" (the default) makes buffers without copies again."""
+    from transformers import DynamicCache
+
+    model = _load(model_dirs, "fp32")
+    ids = _ids(6)
+
+    def run():
+        cache = DynamicCache(config=model.config)
+        logits = []
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+            for t in range(10):
+                logits.append(model(ids[:, t % 6:t % 6 + 1], past_key_values=cache, use_cache=True).logits[0, -1])
+        return torch.stack(logits), cache
+
+    n = len(stacked_steps)
+    want, c32 = run()
+    assert decode._KV_OF[c32].kh == []
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        enable_fast_decode(model, kv_cache="bfloat16")
+    enable_fast_decode(model, kv_cache="float16")
+    got, c16 = run()
+    assert len(stacked_steps) == n + 20
+    kv = decode._KV_OF[c16]
+    assert len(kv.kh) == len(kv.vh) == model.config.num_hidden_layers
+    for layer, kh, vh in zip(c16.layers, kv.kh, kv.vh):
+        S = layer.keys.shape[2]
+        assert layer.keys.dtype == torch.float32 and S == 16
+        assert torch.equal(kh[:, :, :S], layer.keys.half()) and torch.equal(vh[:, :, :S], layer.values.half())
+    err = float((got - want).abs().max() / want.abs().max())
+    assert 0 < err < 1e-2, err
+    enable_fast_decode(model)
+    again, c = run()
+    assert torch.equal(again, want) and decode._KV_OF[c].kh == []
 
 
 def test_generate_appends_the_cache_in_place(model_dirs, stacked_steps, monkeypatch):

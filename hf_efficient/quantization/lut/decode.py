@@ -416,7 +416,7 @@ class _Stack:
     layers, their training flags and everything their plans read (reused while it holds: no per-layer plan check
     per step)."""
 
-    __slots__ = ("layers", "cfg", "watch", "n", "args", "scaling", "heads", "kv_heads", "head_dim")
+    __slots__ = ("layers", "cfg", "watch", "n", "args", "scaling", "heads", "kv_heads", "head_dim", "half_kv")
 
 
 def _stack_plan(model, layers, cache) -> _Stack | None:
@@ -448,6 +448,7 @@ def _stack_plan(model, layers, cache) -> _Stack | None:
         st.watch.extend(p.watch)
     st.scaling, st.heads, st.kv_heads, st.head_dim = geo
     lists = [[v for p in plans for v in p.attn_in[j] + p.attn_out[j]] for j in range(4)]  # weights, grids, ...
+    st.half_kv = model.__dict__.get("_hfe_kv_cache") == "float16"
     st.args = ([t for p in plans for t in (p.n1, p.n2)], [e for p in plans for e in (p.eps1, p.eps2)], *lists)
     model.__dict__["_hfe_stack"] = st
     return st
@@ -460,14 +461,15 @@ def _run_layers(stack: _Stack, h, mask, cos, sin, cache):
     cl = cache.layers
     n = stack.n
     keys, values = [c.keys for c in cl[:n]], [c.values for c in cl[:n]]
-    kv = _kv_buffers(cache, keys, values)
+    kv = _kv_buffers(cache, keys, values, stack.half_kv)
     if kv is None:
         h, keys, values = _layers_op()(h, *stack.args, cos, sin, mask, stack.scaling, stack.heads, stack.kv_heads,
                                        stack.head_dim, keys, values)
     else:
         past = keys[0].shape[-2]
         h = kernel.ops().decode_layers_inplace.default(h, *stack.args, cos, sin, mask, stack.scaling, stack.heads,
-                                                       stack.kv_heads, stack.head_dim, kv.kb, kv.vb, past)
+                                                       stack.kv_heads, stack.head_dim, kv.kb, kv.vb, past, kv.kh,
+                                                       kv.vh)
         # the views of rows [0, past], two per layer and token: as_strided dispatches faster than narrow
         b0 = kv.kb[0]
         size, stride = (1, b0.shape[1], past + 1, b0.shape[3]), b0.stride()
@@ -482,9 +484,10 @@ class _KV:
     """A cache's keys and values in buffers with spare rows, which ``decode_layers_inplace`` appends to: each cache
     layer holds views of its buffers' first rows (``k``, ``v``: the views handed out last). A token then costs no
     copy of the past; ``DynamicLayer.update``'s cat copies every layer's whole cache per token (its cost grows with
-    the length: docs/lut.md, round 9)."""
+    the length: docs/lut.md, round 9). ``kh``, ``vh``: float16 copies of the buffers, which the op appends to as
+    well and attends over instead (half the bytes a token reads; ``[]`` for none)."""
 
-    __slots__ = ("kb", "vb", "k", "v")
+    __slots__ = ("kb", "vb", "kh", "vh", "k", "v")
 
 
 # Per cache object, so that a cache nobody holds frees its buffers; kept off the cache itself, so that copies and
@@ -495,14 +498,15 @@ _KV_OF: "weakref.WeakKeyDictionary[Cache, _KV]" = weakref.WeakKeyDictionary()
 KV_SPARE_MIN, KV_SPARE_FRACTION = 32, 4
 
 
-def _kv_buffers(cache, keys, values) -> _KV | None:
-    """The cache's buffers for this step's in-place append, made (with the past copied in) where the cache layers
-    do not hold the views handed out last step (first step, another code path updated or replaced them, a crop),
-    or they are full; None where the pasts are not alike float32 CPU (1, kv_heads, past, head_dim) tensors."""
+def _kv_buffers(cache, keys, values, half: bool) -> _KV | None:
+    """The cache's buffers for this step's in-place append (with float16 copies if ``half``), made (with the past
+    copied in) where the cache layers do not hold the views handed out last step (first step, another code path
+    updated or replaced them, a crop), or they are full; None where the pasts are not alike float32 CPU
+    (1, kv_heads, past, head_dim) tensors."""
     kv = _KV_OF.get(cache)
     past = keys[0].shape[-2]
     if (kv is not None and len(kv.k) == len(keys) and all(map(is_, keys, kv.k)) and all(map(is_, values, kv.v))
-            and past < kv.kb[0].shape[2]):
+            and past < kv.kb[0].shape[2] and bool(kv.kh) == half):
         return kv
     k0 = keys[0]
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or t.shape != k0.shape or t.shape[0] != 1
@@ -511,12 +515,16 @@ def _kv_buffers(cache, keys, values) -> _KV | None:
         return None
     cap = past + 1 + max(KV_SPARE_MIN, past // KV_SPARE_FRACTION)
     kv = _KV()
-    kv.kb, kv.vb = [], []
-    for bufs, src in ((kv.kb, keys), (kv.vb, values)):
+    kv.kb, kv.vb, kv.kh, kv.vh = [], [], [], []
+    for bufs, halves, src in ((kv.kb, kv.kh, keys), (kv.vb, kv.vh, values)):
         for t in src:
             b = t.new_empty(1, t.shape[1], cap, t.shape[3])
             b[:, :, :past].copy_(t)
             bufs.append(b)
+            if half:
+                h = b.new_empty(b.shape, dtype=torch.float16)
+                h[:, :, :past].copy_(t)  # rounded to nearest, as the op rounds each new row
+                halves.append(h)
     kv.k, kv.v = list(keys), list(values)
     _KV_OF[cache] = kv
     return kv
@@ -671,7 +679,10 @@ def _base_class(m: nn.Module) -> type:
     return getattr(type(m), "_hfe_base", type(m))
 
 
-def enable_fast_decode(model: nn.Module, enabled: bool = True) -> list[str]:
+KV_CACHE_CHOICES = ("float32", "float16")
+
+
+def enable_fast_decode(model: nn.Module, enabled: bool = True, *, kv_cache: str = "float32") -> list[str]:
     """Run one-token decode steps of ``model``'s decoder layers as two fused C++ ops (CPU, no grad, batch 1).
 
     Supported layers: ``LlamaDecoderLayer``, ``MistralDecoderLayer`` and ``Qwen2DecoderLayer`` with SiLU MLPs and
@@ -681,7 +692,16 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True) -> list[str]:
     The float32 weights the step streams (projections, a float head) are moved to 2 MiB pages in place where
     Linux allows it (:func:`huge_pages`; same tensors and values).
     ``enabled=False`` switches them back and returns their names.
+
+    ``kv_cache``: what the fused stack's attention reads of a ``DynamicCache``. ``"float16"``: float16 copies of
+    the keys and values, kept beside the cache's float32 tensors (which stay as transformers fills them) and
+    attended over instead: half the bytes per token, which is what a long generation's attention is bound by,
+    for attention outputs within float16 rounding of the float32 ones (llama.cpp's default cache type).
+    ``"float32"``: the cache itself. ``"auto"`` (default): float16 where the decoder's projections are quantized,
+    whose weights round far more than that, and float32 for a float model.
     """
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise ValueError(f"enable_fast_decode: kv_cache must be one of {KV_CACHE_CHOICES}, got {kv_cache!r}")
     if enabled and not kernel.available():
         raise RuntimeError("enable_fast_decode: the hf_efficient C++ extension is not built")
     names, skipped, stacks, streamed = [], {}, [], []
@@ -717,6 +737,7 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True) -> list[str]:
             fused = enabled and _stack_supported(m)
         m.__class__ = _fused_class(base) if fused else base
         m.__dict__.pop("_hfe_stack", None)
+        m.__dict__["_hfe_kv_cache"] = kv_cache
         head = getattr(m, "lm_head", None)
         if fused and type(head) is nn.Linear:
             streamed.append(head.weight)
