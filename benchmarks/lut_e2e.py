@@ -208,9 +208,10 @@ def generate_decode_tok_s(model, prompt: torch.Tensor, new_tokens: int, repeats:
     return statistics.median(rates)
 
 
-def load_ours() -> tuple[dict, object]:
+def load_ours(kv_cache: str = "float32") -> tuple[dict, object]:
     """({row name: model}, tokenizer) for fp32 and the LUT INT4/INT2 models, each quantized one also with the head
-    on the kernels (a deep copy, so that both variants stay loaded for the interleaved rounds)."""
+    on the kernels (a deep copy, so that both variants stay loaded for the interleaved rounds); the fused rows
+    attend over ``kv_cache`` keys and values (``enable_fast_decode``'s option)."""
     from hf_efficient.models import load_model
     from hf_efficient.quantization.lut import LUTConfig, enable_lut
 
@@ -232,7 +233,7 @@ def load_ours() -> tuple[dict, object]:
                 models[vname] = copy.deepcopy(m)
                 enable_fast_decode(models[vname], False)
             fused = copy.deepcopy(m)
-            if not enable_fast_decode(fused):
+            if not enable_fast_decode(fused, kv_cache=kv_cache):
                 raise RuntimeError(f"{vname}: the fused decode step did not switch on")
             models[vname + FUSED] = fused
         del variants, model
@@ -293,7 +294,7 @@ def load_avg() -> float:
 
 
 def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, cache: str, save,
-        new_tokens: int = NEW_TOKENS):
+        new_tokens: int = NEW_TOKENS, kv_cache: str = "float32"):
     """Measure everything (module docstring); ``save(rows, progress)`` is called after every round."""
     from benchmarks.cpu_threads import cpu_info
     from hf_efficient.data import heldout_ids
@@ -301,7 +302,7 @@ def run(threads_list, rounds, repeats, ppl_tokens, llama: LlamaServer | None, ca
 
     info = cpu_info()
     print(info, flush=True)
-    models, tok = load_ours()
+    models, tok = load_ours(kv_cache)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, models["fp32"].config.vocab_size, (1, PROMPT_LEN), generator=g)
     ids = heldout_ids(tok, "plays", ppl_tokens)
@@ -399,6 +400,9 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
                     help=f"decoded tokens per timed run (default {NEW_TOKENS}; longer runs show the cost per cached "
                          "position)")
+    ap.add_argument("--kv-cache", choices=["float32", "float16"], default="float32",
+                    help="what the fused rows' attention reads (enable_fast_decode's kv_cache; llama.cpp's cache is "
+                         "float16 by default)")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1 or args.ppl_tokens < 2 or args.new_tokens < 2:
         raise SystemExit("--rounds and --repeats must be >= 1, --ppl-tokens and --new-tokens >= 2")
@@ -411,6 +415,7 @@ def main(argv=None):
         write_results("lut_cpu_e2e" + (f"_{args.name}" if args.name else ""), rows,
                       {"model": "embedded SmolLM2-135M (GGUF Q4_1; ours dequantizes and requantizes on load)",
                        "prompt_len": PROMPT_LEN, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                       "fused_kv_cache": args.kv_cache,
                        "rounds": args.rounds, "progress": progress, "threads": args.threads,
                        "ppl": f"{args.ppl_tokens} held-out tokens (plays), one window",
                        "llama_cpp_python": llama.version if llama else "not found",
@@ -428,7 +433,7 @@ def main(argv=None):
 
     try:
         rows, _ = run(args.threads, args.rounds, args.repeats, args.ppl_tokens, llama, args.cache, save,
-                      args.new_tokens)
+                      args.new_tokens, args.kv_cache)
     finally:
         if llama:
             llama.close()
