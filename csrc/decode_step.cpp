@@ -403,9 +403,9 @@ HFE_AVX2_F16C HFE_INLINE void value_pass(const float* p, int64_t S, const E* vh,
     for (int c = 0; c < W; ++c) _mm256_storeu_ps(out + j * d + i0 + 8 * c, a[j][c]);
 }
 
-// attend_generic with AVX2 + FMA for head_dim a multiple of 8. Each score is summed as q_dot_row and hsum8 sum it
-// (one key's attention before grouping did so: the same floats), 8 keys at a time; they can differ from the generic
-// body's in the last bits.
+// attend_generic with AVX2 + FMA for head_dim a multiple of 8, 8 keys at a time. Each score is q_dot_row's vector
+// reduced in hsum8's order, as the per-head AVX2 kernel before this one summed it (the same floats); scores can
+// differ from the generic body's in the last bits.
 template <int NH, class E>
 HFE_AVX2_F16C void attend_group_avx2(const float* q, const E* kh, int64_t kst, const E* vh, int64_t vst, int64_t S,
                                      int64_t d, float sc, const bool* mb, const float* mf, float* s, float* out) {
@@ -490,8 +490,8 @@ HFE_AVX2_F16C void attend_avx2(const float* q, int nh, const E* kh, int64_t kst,
 template <class E>
 AttendFn<E> attend_fn(Isa cap) {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool f16c = __builtin_cpu_supports("f16c");
-  if (cap >= Isa::kAvx2 && f16c) return &attend_avx2<E>;
+  static const bool fma_f16c = __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (cap >= Isa::kAvx2 && fma_f16c) return &attend_avx2<E>;
 #endif
   return &attend_generic<E>;
 }
