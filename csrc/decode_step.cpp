@@ -1033,8 +1033,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
   tm->ps = ps.data();
   tm->x = xc.data_ptr<float>(), tm->cos = cc.data_ptr<float>(), tm->sin = sn.data_ptr<float>();
   tm->sc = static_cast<float>(scaling);
-  tm->attend = attend_fn<float>(lut_isa_cap());
-  tm->attend16 = attend_fn<at::Half>(lut_isa_cap());
+  const Isa cap = lut_isa_cap();
+  tm->attend = attend_fn<float>(cap);
+  tm->attend16 = attend_fn<at::Half>(cap);
   tm->H = H, tm->I = ps[4].N, tm->heads = num_heads, tm->kvh = num_kv_heads, tm->d = d;
   for (auto* b : {&tm->q, &tm->a}) b->resize(static_cast<size_t>(num_heads * d));
   for (auto* b : {&tm->k, &tm->v}) b->resize(static_cast<size_t>(num_kv_heads * d));

@@ -696,9 +696,8 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True, *, kv_cache: str 
     ``kv_cache``: what the fused stack's attention reads of a ``DynamicCache``. ``"float16"``: float16 copies of
     the keys and values, kept beside the cache's float32 tensors (which stay as transformers fills them) and
     attended over instead: half the bytes per token, which is what a long generation's attention is bound by,
-    for attention outputs within float16 rounding of the float32 ones (llama.cpp's default cache type).
-    ``"float32"``: the cache itself. ``"auto"`` (default): float16 where the decoder's projections are quantized,
-    whose weights round far more than that, and float32 for a float model.
+    for attention outputs within float16 rounding of the float32 ones (llama.cpp's default cache type; opt-in here
+    because float16 keys move the scores: docs/lut.md, round 10). ``"float32"`` (default): the cache itself.
     """
     if kv_cache not in KV_CACHE_CHOICES:
         raise ValueError(f"enable_fast_decode: kv_cache must be one of {KV_CACHE_CHOICES}, got {kv_cache!r}")
