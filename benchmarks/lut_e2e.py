@@ -2,16 +2,17 @@
 vs llama.cpp timed in the same run, with each row's perplexity on the same held-out text.
 
 Ours: fp32 and ``LUTConfig`` INT4 g128 / INT2 g64 (the decode matmuls run on the C++ LUT engines), each quantized
-model also with the tied output head on the kernels (``enable_lut(model, head_bits=4, head_group_size=32)``,
-"+ head"): llama.cpp's files quantize their output matrix too (Q4_0/Q6_K), so the "+ head" rows are the
-like-for-like comparison. ``decode_tok_s`` is greedy ``model.generate`` on a random 16-token prompt: a logits
-processor stamps the time of every generated token, and the rate is (tokens - 1) / (last stamp - first stamp), so
-prefill is excluded and every counted interval is one whole generate step (forward, cache, argmax, stopping
-checks). Since 2026-12-03 (#21) generate runs with ``eos_token_id=None`` instead of ``min_new_tokens``: it cannot
-stop early either way (the step count is checked), but ``min_new_tokens`` added two logits processors and EOS
-stopping that llama.cpp's loop does not have (their cost: docs/lut.md); earlier tables were timed with them.
-``forward_loop_tok_s`` is ``measure_speed``'s bare loop of one-token forwards (what earlier tables
-reported), so the gap between the two is ``generate``'s own overhead.
+model also with the tied output head on the kernels (``enable_lut(model, head_bits=4, head_group_size=32)``, "+
+head"): llama.cpp's files quantize their output matrix too (Q4_0/Q6_K), so the "+ head" rows are the like-for-like
+comparison in bytes. "lut-int4-g32 + head8" is the one in quality: INT4 g32 layers and an INT8 g32 head
+(``head_bits=8``), as Q4_0 (g32) with its Q8_0 output matrix. ``decode_tok_s`` is greedy ``model.generate`` on a
+random 16-token prompt: a logits processor stamps the time of every generated token, and the rate is (tokens - 1) /
+(last stamp - first stamp), so prefill is excluded and every counted interval is one whole generate step (forward,
+cache, argmax, stopping checks). Since 2026-12-03 (#21) generate runs with ``eos_token_id=None`` instead of
+``min_new_tokens``: it cannot stop early either way (the step count is checked), but ``min_new_tokens`` added two
+logits processors and EOS stopping that llama.cpp's loop does not have (their cost: docs/lut.md); earlier tables
+were timed with them. ``forward_loop_tok_s`` is ``measure_speed``'s bare loop of one-token forwards (what earlier
+tables reported), so the gap between the two is ``generate``'s own overhead.
 
 llama.cpp (optional, never a dependency): ``llama-cpp-python`` in a separate interpreter, given by
 ``--llama-python`` or ``$LLAMA_CPP_PYTHON`` (default ``/tmp/llama-venv/bin/python``, which
@@ -53,9 +54,13 @@ from benchmarks.common import print_rows, write_results
 
 PROMPT_LEN, NEW_TOKENS, REPEATS, ROUNDS, PPL_TOKENS = 16, 32, 3, 3, 1024
 LLAMA_TYPES = ["F32", "Q4_0", "Q2_K", "TQ2_0"]
-HEAD_BITS, HEAD_GROUP = 4, 32  # the "+ head" rows: INT4 g32 output head (llama.cpp uses Q6_K/Q4_0 for it)
+HEAD_GROUP = 32  # the output head's copy on the LUT kernels: "+ head" INT4 g32, "+ head8" INT8 g32
+# Our models and their rows: {name suffix: head bits on the LUT kernels, None for the float head}. The g32 body
+# with an INT8 head is the row of llama.cpp Q4_0's quality (Q4_0 keeps its output matrix in Q8_0).
+MODELS = [("fp32", None, {"": None}), ("lut-int4-g128", (4, 128), {"": None, " + head": 4}),
+          ("lut-int2-g64", (2, 64), {"": None, " + head": 4}), ("lut-int4-g32", (4, 32), {" + head8": 8})]
 # Our rows and the llama.cpp types at the same bits (2-bit rows compare with the faster of TQ2_0 and Q2_K).
-SAME_BITS = {"fp32": ["F32"], "lut-int4-g128": ["Q4_0"], "lut-int2-g64": ["TQ2_0", "Q2_K"]}
+SAME_BITS = {"fp32": ["F32"], "lut-int4-g128": ["Q4_0"], "lut-int2-g64": ["TQ2_0", "Q2_K"], "lut-int4-g32": ["Q4_0"]}
 # Every row runs with the fused decode step (enable_fast_decode; name suffix FUSED); these also run without it, so
 # the same run gives the step's before/after.
 FUSED = " fused"
@@ -209,8 +214,8 @@ def generate_decode_tok_s(model, prompt: torch.Tensor, new_tokens: int, repeats:
 
 
 def load_ours(kv_cache: str = "float32") -> tuple[dict, object]:
-    """({row name: model}, tokenizer) for fp32 and the LUT INT4/INT2 models, each quantized one also with the head
-    on the kernels (a deep copy, so that both variants stay loaded for the interleaved rounds); the fused rows
+    """({row name: model}, tokenizer) for the MODELS rows (each a deep copy, so that every variant stays loaded for
+    the interleaved rounds); the fused rows
     attend over ``kv_cache`` keys and values (``enable_fast_decode``'s option)."""
     from hf_efficient.models import load_model
     from hf_efficient.quantization.lut import LUTConfig, enable_lut
@@ -218,15 +223,14 @@ def load_ours(kv_cache: str = "float32") -> tuple[dict, object]:
     from hf_efficient.quantization.lut import enable_fast_decode
 
     models = {}
-    for name, cfg in [("fp32", None), ("lut-int4-g128", LUTConfig(bits=4, group_size=128)),
-                      ("lut-int2-g64", LUTConfig(bits=2, group_size=64))]:
-        kw = {"quantization_config": cfg} if cfg is not None else {}
+    for name, spec, heads in MODELS:
+        kw = {"quantization_config": LUTConfig(bits=spec[0], group_size=spec[1])} if spec is not None else {}
         model, tok = load_model(None, dtype=torch.float32, **kw)
-        variants = {name: model}
-        if cfg is not None:
-            head = copy.deepcopy(model)
-            enable_lut(head, head_bits=HEAD_BITS, head_group_size=HEAD_GROUP)
-            variants[name + " + head"] = head
+        variants = {}
+        for suffix, head_bits in heads.items():
+            variants[name + suffix] = m = copy.deepcopy(model)
+            if head_bits is not None:
+                enable_lut(m, head_bits=head_bits, head_group_size=HEAD_GROUP)
         for vname, m in variants.items():
             # each row with the fused decode step (FUSED); the rows of UNFUSED also without it
             if vname in UNFUSED:
@@ -242,7 +246,7 @@ def load_ours(kv_cache: str = "float32") -> tuple[dict, object]:
 
 def base_row(name: str) -> str:
     """The SAME_BITS key of a row name ("ours lut-int4-g128 + head fused" -> "lut-int4-g128")."""
-    return name.removeprefix("ours ").removesuffix(FUSED).removesuffix(" + head")
+    return name.removeprefix("ours ").removesuffix(FUSED).removesuffix(" + head8").removesuffix(" + head")
 
 
 def engine_of(model, prompt: torch.Tensor) -> str:
@@ -421,8 +425,8 @@ def main(argv=None):
                        "llama_cpp_python": llama.version if llama else "not found",
                        "llama_cpp_system_info": llama.system_info if llama else None,
                        "note": "decode through model.generate (greedy, per-token stamps) vs llama.cpp's greedy "
-                               "argmax + one-token decode loop, interleaved; best round of each. '+ head': tied "
-                               f"output head also on the LUT kernels (INT{HEAD_BITS} g{HEAD_GROUP} runtime copy). "
+                               "argmax + one-token decode loop, interleaved; best round of each. '+ head' / '+ head8': "
+                               f"tied output head also on the LUT kernels (INT4 / INT8 g{HEAD_GROUP} runtime copy). "
                                "'fused': the fused C++ decode step (enable_fast_decode: decoder layers, stack, float head); "
                                "generate with eos_token_id=None (no min_new_tokens logits processors); "
                                "speedup_vs_our_fp32 is against the plain fp32 row."},

@@ -180,7 +180,7 @@ def test_lut_head_quantized_copy_keeps_float_weights_and_tie(tiny_dir):
     assert isinstance(q, QuantLinear) and q.fmt.bits == 4 and q.group_size == 32 and q._lut_enabled
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_lut_head_forward_paths(tiny_dir, bits):
     model = _head_model(tiny_dir, head_bits=bits, head_group_size=32)
     head = model.lm_head
@@ -230,12 +230,75 @@ def test_lut_head_generate_matches_reference_head(tiny_dir):
     assert float((a - b).norm() / b.norm()) < 0.03
 
 
-@pytest.mark.parametrize("kw, match", [(dict(head_bits=5), "head_bits must be 2, 3 or 4"),
+@pytest.mark.parametrize("kw, match", [(dict(head_bits=5), "head_bits must be 2, 3, 4 or 8"),
                                        (dict(head_bits=4, head_group_size=24), "multiple of 16")])
 def test_lut_head_bad_settings(tiny_dir, kw, match):
     model = _load(tiny_dir, quantization_config=LUTConfig(bits=4, group_size=32))
     with pytest.raises(ValueError, match=match):
         enable_lut(model, **kw)
+
+
+def _int8_reference(w, group_size):
+    from hf_efficient.quantization.linear import rtn_quantize
+
+    ref = QuantLinear(w.shape[1], w.shape[0], "int8_asym", group_size)
+    ref.load_quantized(*rtn_quantize(w, ref.fmt, group_size, torch.float16))
+    return ref.dequantize()
+
+
+@pytest.mark.parametrize("n, k, group_size, kind", [
+    (70, 200, 32, "randn"), (33, 16, 32, "randn"),  # K smaller than a group
+    (17, 96, 16, "zeros"), (40, 64, 32, "extreme"), (9, 48, 48, "constant_rows"), (64, 128, 64, "bias")])
+def test_nibble_head_is_the_int8_head(n, k, group_size, kind):
+    """The INT8 head as two INT4 halves: its dequantized weight is the INT8 zero-point one (round to nearest, same
+    groups) exactly, the LUT kernel's output is that weight's product within the int8 tables' error, prefill-sized
+    inputs match it to float rounding; random, zero, extreme (mixed 1e-4 and 1e3 groups) and constant rows."""
+    g = torch.Generator().manual_seed(n * k)
+    lin = torch.nn.Linear(k, n, bias=kind == "bias")
+    with torch.no_grad():
+        w = {"randn": torch.randn(n, k, generator=g), "zeros": torch.zeros(n, k),
+             "extreme": torch.randn(n, k, generator=g) * torch.where(torch.arange(k) < k // 2, 1e-4, 1e3),
+             "constant_rows": torch.arange(n, dtype=torch.float32)[:, None].expand(n, k) - 4}.get(
+                 kind, torch.randn(n, k, generator=g))
+        lin.weight.copy_(w)
+    head = lut_layer.NibbleHead.from_linear(lin, group_size)
+    assert head.q._lut_enabled and head.q.fmt.bits == 4 and head.q.out_features == 2 * n
+    assert head.q.layout is not None and head.q.layout.kind == lut_layer.KIND  # on the LUT kernels
+    deq = _int8_reference(lin.weight.detach(), group_size)
+    assert torch.equal(head.dequantize(), deq)
+    with torch.no_grad():
+        x = torch.randn(1, k, generator=g)
+        ref = torch.nn.functional.linear(x, deq, lin.bias)
+        y = head(x)
+        assert y.shape == (1, n)
+        assert float((y - ref).norm()) <= 0.02 * float(ref.norm()) + 1e-6
+        xp = torch.randn(3, MAX_LUT_ROWS + 2, k, generator=g)
+        refp = torch.nn.functional.linear(xp, deq, lin.bias)
+        torch.testing.assert_close(head(xp), refp, rtol=1e-5, atol=1e-5 * float(refp.abs().max()))
+
+
+def test_int8_head_is_closer_to_the_float_head(tiny_dir):
+    """head_bits=8 on the tiny model: its logits' error against the float head is a small fraction of the INT4
+    head's (what the 8 bits are for), and generate runs on it."""
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(8))
+    err = {}
+    for bits in (4, 8):
+        model = _head_model(tiny_dir, head_bits=bits, head_group_size=32)
+        assert isinstance(model.lm_head.quantized(), lut_layer.NibbleHead if bits == 8 else QuantLinear)
+        with torch.no_grad():
+            h = model.model(ids).last_hidden_state
+            exact = torch.nn.functional.linear(h, model.lm_head.weight)
+            err[bits] = float((model.lm_head(h) - exact).norm() / exact.norm())
+    assert err[8] < err[4] / 3, err
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 10)
+
+
+def test_int8_head_refuses_scales_beyond_float16():
+    lin = torch.nn.Linear(32, 4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.linspace(-1e7, 1e7, 128).view(4, 32))
+    with pytest.raises(ValueError, match="too large"):
+        lut_layer.NibbleHead.from_linear(lin, 32)
 
 
 def test_lut_head_refuses_quantized_head(tiny_dir):

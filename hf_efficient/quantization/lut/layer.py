@@ -18,7 +18,9 @@ the reference path.
 The float output head (``lm_head``, often tied to the embeddings and then never quantized by the configs) can
 also run on the kernels: ``enable_lut(model, head_bits=4)`` keeps the float weight as it is (saved, tied,
 trained) and adds a runtime-only quantized copy that no-grad forwards use, as llama.cpp does with its
-quantized output matrix. At decode the head is the largest single matmul of a small model.
+quantized output matrix. At decode the head is the largest single matmul of a small model. ``head_bits=8`` is an
+INT8 copy (llama.cpp's Q8_0 head has that precision) run on the 4-bit kernels as its two nibbles
+(:class:`NibbleHead`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from ...heap import release_free_heap
 
 from ... import formats
 from ...kernels import lut_cpu as kernel
-from ..linear import QuantLinear, ResidentLayout, register_fast_path
+from ..linear import QuantLinear, ResidentLayout, register_fast_path, rtn_quantize
 from ..packing import pack_codes
 
 KIND = "cpu-lut"
@@ -87,11 +89,13 @@ def enable_lut(model: nn.Module, enabled: bool = True, *, head_bits: int | None 
                head_group_size: int = 64, fast_decode: bool = True) -> list[str]:
     """Run every supported QuantLinear of ``model`` on the CPU LUT kernels (permuting weights now).
 
-    ``head_bits`` (2, 3 or 4): also give the float output head (``model.get_output_embeddings()``, an
+    ``head_bits`` (2, 3, 4 or 8): also give the float output head (``model.get_output_embeddings()``, an
     ``nn.Linear``) a runtime-only INT ``head_bits`` zero-point copy with ``head_group_size`` groups, used by
     no-grad forwards (:class:`LUTHead`); its float weight stays in place (ties, saving and training see it
-    unchanged). Returns the names of the layers that will use the kernels. ``enabled=False`` switches back
-    to the stored layout and the reference path (and frees the head's quantized copy).
+    unchanged). 8 bits cost about twice the 4-bit head's time and bytes (:class:`NibbleHead`) and keep nearly
+    all of the float head's quality (docs/lut.md). Returns the names of the layers that will use the kernels.
+    ``enabled=False`` switches back to the stored layout and the reference path (and frees the head's quantized
+    copy).
 
     ``fast_decode``: also switch the model's Llama-style decoder layers to the fused one-token decode step
     (:func:`~hf_efficient.quantization.lut.decode.enable_fast_decode`; other architectures are left as they are);
@@ -133,7 +137,7 @@ class LUTHead(nn.Linear):
             return super().forward(x)
         return self.quantized()(x)
 
-    def quantized(self) -> QuantLinear:
+    def quantized(self) -> QuantLinear | NibbleHead:
         cached = self.__dict__.get("_lut_head")
         if torch.compiler.is_compiling():  # the staleness key cannot be traced; weights are fixed there
             return cached[1]
@@ -141,10 +145,9 @@ class LUTHead(nn.Linear):
         if cached is None or cached[0] != key:
             bits, group_size = self._spec
             with torch.no_grad():
-                q = QuantLinear.from_linear(self, formats.format_name("int", bits, False), group_size,
-                                            name="lm_head (enable_lut head copy)")
-            q._lut_enabled = True
-            prepare_layer(q)
+                q = (NibbleHead.from_linear(self, group_size) if bits == 8 else
+                     _lut_copy(QuantLinear.from_linear(self, formats.format_name("int", bits, False), group_size,
+                                                       name=_HEAD_NAME)))
             cached = self.__dict__["_lut_head"] = (key, q)
         return cached[1]
 
@@ -155,9 +158,57 @@ class LUTHead(nn.Linear):
         self.__class__ = nn.Linear
 
 
+_HEAD_NAME = "lm_head (enable_lut head copy)"
+
+
+def _lut_copy(q: QuantLinear) -> QuantLinear:
+    q._lut_enabled = True
+    prepare_layer(q)
+    return q
+
+
+class NibbleHead(nn.Module):
+    """An INT8 zero-point copy of a head (``group_size`` groups, round to nearest) run on the 4-bit LUT kernels,
+    which take codes of up to 4 bits: a code c = 16 hi + lo with zero z = 16 zh + zl dequantizes to
+    s (c - z) = 16 s (hi - zh) + s (lo - zl). ``q`` holds both halves as one INT4 zero-point layer of twice the
+    rows, the high nibbles (scale 16 s) above the low ones (scale s), so a step builds the input's tables once
+    for both; the output adds the two halves. The dequantized weight equals the INT8 one up to float32
+    rounding of that sum."""
+
+    def __init__(self, q: QuantLinear, out_features: int):
+        super().__init__()
+        self.q, self.out_features = q, out_features
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> "NibbleHead":
+        n, k = linear.out_features, linear.in_features
+        fmt = formats.format_name("int", 8, False)
+        codes, p = rtn_quantize(linear.weight, formats.get_format(fmt), group_size, torch.float16, _HEAD_NAME)
+        s, z = p["scales"].half().float(), p["zeros"]
+        if float(s.abs().max()) * 16 > torch.finfo(torch.float16).max:
+            raise ValueError(f"enable_lut(head_bits=8): the head's weights are too large for the high nibbles' "
+                             f"float16 scales (16 x {float(s.abs().max()):.4g}); use head_bits=4")
+        q = QuantLinear(k, 2 * n, formats.format_name("int", 4, False), group_size, linear.bias is not None,
+                        torch.float16, device=linear.weight.device, dtype=linear.weight.dtype)
+        q.load_quantized(torch.cat((codes >> 4, codes & 15)),
+                         {"scales": torch.cat((16 * s, s)), "zeros": torch.cat((z.div(16, rounding_mode="floor"),
+                                                                                z.remainder(16)))})
+        if linear.bias is not None:  # added once: to the high half
+            q.bias.data.copy_(torch.cat((linear.bias.detach(), torch.zeros_like(linear.bias))))
+        return cls(_lut_copy(q), n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.q(x)
+        return y[..., : self.out_features] + y[..., self.out_features:]
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.q.dequantize()
+        return w[: self.out_features] + w[self.out_features:]
+
+
 def _enable_head(model: nn.Module, bits: int, group_size: int) -> str:
-    if bits not in (2, 3, 4):
-        raise ValueError(f"enable_lut: head_bits must be 2, 3 or 4, got {bits}")
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"enable_lut: head_bits must be 2, 3, 4 or 8, got {bits}")
     if kernel.kernel_group_size(group_size, 1 << 30) is None:
         raise ValueError(f"enable_lut: head_group_size must be a positive multiple of 16, got {group_size}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
