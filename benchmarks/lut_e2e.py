@@ -5,14 +5,15 @@ Ours: fp32 and ``LUTConfig`` INT4 g128 / INT2 g64 (the decode matmuls run on the
 model also with the tied output head on the kernels (``enable_lut(model, head_bits=4, head_group_size=32)``, "+
 head"): llama.cpp's files quantize their output matrix too (Q4_0/Q6_K), so the "+ head" rows are the like-for-like
 comparison in bytes. "lut-int4-g32 + head8" is the one in quality: INT4 g32 layers and an INT8 g32 head
-(``head_bits=8``), as Q4_0 (g32) with its Q8_0 output matrix. ``decode_tok_s`` is greedy ``model.generate`` on a
-random 16-token prompt: a logits processor stamps the time of every generated token, and the rate is (tokens - 1) /
-(last stamp - first stamp), so prefill is excluded and every counted interval is one whole generate step (forward,
-cache, argmax, stopping checks). Since 2026-12-03 (#21) generate runs with ``eos_token_id=None`` instead of
-``min_new_tokens``: it cannot stop early either way (the step count is checked), but ``min_new_tokens`` added two
-logits processors and EOS stopping that llama.cpp's loop does not have (their cost: docs/lut.md); earlier tables
-were timed with them. ``forward_loop_tok_s`` is ``measure_speed``'s bare loop of one-token forwards (what earlier
-tables reported), so the gap between the two is ``generate``'s own overhead.
+(``head_bits=8``), as Q4_0 (g32) with its Q8_0 output matrix; "lut-nf4-g32 + head8" the same with AFPQ's two-scale
+NF4 grid. ``decode_tok_s`` is greedy ``model.generate`` on a random 16-token prompt: a logits processor stamps the
+time of every generated token, and the rate is (tokens - 1) / (last stamp - first stamp), so prefill is excluded and
+every counted interval is one whole generate step (forward, cache, argmax, stopping checks). Since 2026-12-03 (#21)
+generate runs with ``eos_token_id=None`` instead of ``min_new_tokens``: it cannot stop early either way (the step
+count is checked), but ``min_new_tokens`` added two logits processors and EOS stopping that llama.cpp's loop does
+not have (their cost: docs/lut.md); earlier tables were timed with them. ``forward_loop_tok_s`` is
+``measure_speed``'s bare loop of one-token forwards (what earlier tables reported), so the gap between the two is
+``generate``'s own overhead.
 
 llama.cpp (optional, never a dependency): ``llama-cpp-python`` in a separate interpreter, given by
 ``--llama-python`` or ``$LLAMA_CPP_PYTHON`` (default ``/tmp/llama-venv/bin/python``, which
@@ -57,10 +58,14 @@ LLAMA_TYPES = ["F32", "Q4_0", "Q2_K", "TQ2_0"]
 HEAD_GROUP = 32  # the output head's copy on the LUT kernels: "+ head" INT4 g32, "+ head8" INT8 g32
 # Our models and their rows: {name suffix: head bits on the LUT kernels, None for the float head}. The g32 body
 # with an INT8 head is the row of llama.cpp Q4_0's quality (Q4_0 keeps its output matrix in Q8_0).
-MODELS = [("fp32", None, {"": None}), ("lut-int4-g128", (4, 128), {"": None, " + head": 4}),
-          ("lut-int2-g64", (2, 64), {"": None, " + head": 4}), ("lut-int4-g32", (4, 32), {" + head8": 8})]
+# "lut-nf4-g32": AFPQ's two-scale NF4 (LUTConfig fmt="nf", asymmetric) on the code-indexed engine.
+MODELS = [("fp32", None, {"": None}), ("lut-int4-g128", dict(bits=4, group_size=128), {"": None, " + head": 4}),
+          ("lut-int2-g64", dict(bits=2, group_size=64), {"": None, " + head": 4}),
+          ("lut-int4-g32", dict(bits=4, group_size=32), {" + head8": 8}),
+          ("lut-nf4-g32", dict(bits=4, group_size=32, fmt="nf"), {" + head8": 8})]
 # Our rows and the llama.cpp types at the same bits (2-bit rows compare with the faster of TQ2_0 and Q2_K).
-SAME_BITS = {"fp32": ["F32"], "lut-int4-g128": ["Q4_0"], "lut-int2-g64": ["TQ2_0", "Q2_K"], "lut-int4-g32": ["Q4_0"]}
+SAME_BITS = {"fp32": ["F32"], "lut-int4-g128": ["Q4_0"], "lut-int2-g64": ["TQ2_0", "Q2_K"], "lut-int4-g32": ["Q4_0"],
+             "lut-nf4-g32": ["Q4_0"]}
 # Every row runs with the fused decode step (enable_fast_decode; name suffix FUSED); these also run without it, so
 # the same run gives the step's before/after.
 FUSED = " fused"
@@ -224,7 +229,7 @@ def load_ours(kv_cache: str = "float32") -> tuple[dict, object]:
 
     models = {}
     for name, spec, heads in MODELS:
-        kw = {"quantization_config": LUTConfig(bits=spec[0], group_size=spec[1])} if spec is not None else {}
+        kw = {"quantization_config": LUTConfig(**spec)} if spec is not None else {}
         model, tok = load_model(None, dtype=torch.float32, **kw)
         variants = {}
         for suffix, head_bits in heads.items():
