@@ -293,6 +293,14 @@ def test_int8_head_is_closer_to_the_float_head(tiny_dir):
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 10)
 
 
+def test_int8_head_under_torch_compile(tiny_dir):
+    """The INT8 head traces into one graph (its LUT op and the halves' sum) and matches eager exactly."""
+    head = _head_model(tiny_dir, head_bits=8, head_group_size=32).lm_head
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(head, fullgraph=True)(x), head(x), rtol=0, atol=0)
+
+
 def test_int8_head_refuses_scales_beyond_float16():
     lin = torch.nn.Linear(32, 4)
     with torch.no_grad():
