@@ -184,7 +184,7 @@ class NibbleHead(nn.Module):
         n, k = linear.out_features, linear.in_features
         fmt = formats.format_name("int", 8, False)
         codes, p = rtn_quantize(linear.weight, formats.get_format(fmt), group_size, torch.float16, _HEAD_NAME)
-        s, z = p["scales"].half().float(), p["zeros"]
+        s, z = p["scales"], p["zeros"]  # the scales are fitted as float16 values already
         if float(s.abs().max()) * 16 > torch.finfo(torch.float16).max:
             raise ValueError(f"enable_lut(head_bits=8): the head's weights are too large for the high nibbles' "
                              f"float16 scales (16 x {float(s.abs().max()):.4g}); use head_bits=4")
