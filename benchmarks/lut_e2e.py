@@ -219,9 +219,9 @@ def generate_decode_tok_s(model, prompt: torch.Tensor, new_tokens: int, repeats:
 
 
 def load_ours(kv_cache: str = "float32") -> tuple[dict, object]:
-    """({row name: model}, tokenizer) for the MODELS rows (each a deep copy, so that every variant stays loaded for
-    the interleaved rounds); the fused rows
-    attend over ``kv_cache`` keys and values (``enable_fast_decode``'s option)."""
+    """({row name: model}, tokenizer) for the MODELS rows (head variants are deep copies, so that every variant stays
+    loaded for the interleaved rounds); the fused rows attend over ``kv_cache`` keys and values
+    (``enable_fast_decode``'s option)."""
     from hf_efficient.models import load_model
     from hf_efficient.quantization.lut import LUTConfig, enable_lut
 
@@ -233,7 +233,8 @@ def load_ours(kv_cache: str = "float32") -> tuple[dict, object]:
         model, tok = load_model(None, dtype=torch.float32, **kw)
         variants = {}
         for suffix, head_bits in heads.items():
-            variants[name + suffix] = m = copy.deepcopy(model)
+            # the float-head variant is the loaded model itself (it is only copied below)
+            variants[name + suffix] = m = model if head_bits is None else copy.deepcopy(model)
             if head_bits is not None:
                 enable_lut(m, head_bits=head_bits, head_group_size=HEAD_GROUP)
         for vname, m in variants.items():
