@@ -5,7 +5,8 @@
 // allocation). With 4 KiB pages a DRAM-bound stream pays a page walk every 64 lines and the hardware
 // prefetcher stops at each page boundary. On the machine measured, 2 MiB pages made a DRAM-resident
 // 4096x4096 INT2 GEMV 1.10-1.13x faster in a same-run ablation (docs/lut.md). The tensor is a view into a
-// slightly larger buffer, aligned to 2 MiB.
+// slightly larger buffer, aligned to 2 MiB; a stream smaller than a huge page starts on a 4 KiB page boundary
+// (where a stream starts within its page changes how fast the prefetchers read it: docs/lut.md, round 12).
 //
 // read_probe(buf) -> int64: a memory-read bandwidth probe for the LUT benchmarks' bound.
 // It streams every byte of a buffer through 32-byte loads into four independent OR accumulators
@@ -32,11 +33,13 @@ namespace hf_efficient {
 
 at::Tensor hugepage_empty(int64_t nbytes) {
   TORCH_CHECK(nbytes >= 0, "hugepage_empty: nbytes must be >= 0, got ", nbytes);
-  constexpr int64_t kHuge = int64_t(2) << 20;
-  if (nbytes < kHuge) return at::empty({nbytes}, at::kByte);  // a huge page would be mostly unused
-  at::Tensor buf = at::empty({nbytes + kHuge}, at::kByte);
+  constexpr int64_t kHuge = int64_t(2) << 20, kPage = 4096;
+  if (nbytes == 0) return at::empty({0}, at::kByte);
+  const int64_t align = nbytes < kHuge ? kPage : kHuge;  // a huge page would be mostly unused
+  at::Tensor buf = at::empty({nbytes + align}, at::kByte);
   const auto base = reinterpret_cast<uintptr_t>(buf.data_ptr());
-  const int64_t off = static_cast<int64_t>((kHuge - base % kHuge) % kHuge);
+  const int64_t off = static_cast<int64_t>((align - base % align) % align);
+  if (align < kHuge) return buf.narrow(0, off, nbytes);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   // Advice only: where THP is disabled this fails or does nothing, and the buffer is simply 4 KiB-paged.
   // The pages are untouched until the caller fills them, so the advice applies to their first fault.

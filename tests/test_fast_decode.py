@@ -1044,6 +1044,53 @@ def test_enable_collapses_the_streamed_float_weights(model_dirs, monkeypatch):
     assert seen == []
 
 
+def _displaced(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that starts 16 bytes past a page boundary (as a loader, a deep copy or ``.to()`` may leave a
+    weight)."""
+    buf = torch.empty(t.nbytes + kernel.PAGE + 16, dtype=torch.uint8)
+    off = (-buf.data_ptr()) % kernel.PAGE + 16
+    return buf[off:off + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("case", ["fp32", "int4-g32", "nf4-g32"])
+def test_enable_places_what_a_step_streams(model_dirs, case, fused_calls):
+    """enable_fast_decode moves every weight a step streams (float projections and head, the LUT streams and the
+    LUT head's copy) that does not start on a page boundary to one that does: same values, same Parameter objects,
+    ties kept, the same greedy tokens; a second call moves nothing."""
+    from hf_efficient.quantization.lut.layer import lut_layers
+
+    model = _load(model_dirs, case)
+    if case != "fp32":
+        enable_lut(model, head_bits=8, head_group_size=32)
+    floats = [p.weight for layer in model.model.layers for p in decode._modules(layer) if type(p) is nn.Linear]
+    if type(model.lm_head) is nn.Linear:
+        floats.append(model.lm_head.weight)
+    layers = list(lut_layers(model))
+    assert (len(floats), len(layers)) == ((15, 0) if case == "fp32" else (0, 15))  # 2 layers x 7 + the head
+    for p in floats:
+        p.data = _displaced(p.data)
+    for q in layers:
+        q.register_buffer("_rl_stream", _displaced(q.layout_tensor("stream")), persistent=False)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False)
+    values = [p.detach().clone() for p in floats] + [q.layout_tensor("stream").clone() for q in layers]
+    assert not any(kernel.placed(t) for t in floats + [q.layout_tensor("stream") for q in layers])
+
+    enable_fast_decode(model)
+    streams = [q.layout_tensor("stream") for q in lut_layers(model)]
+    assert all(kernel.placed(t) for t in floats + streams)
+    assert all(torch.equal(a, b) for a, b in zip(values, floats + streams))
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie (one Parameter) holds
+    fused_calls.clear()
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
+    assert fused_calls
+    ptrs = [t.data_ptr() for t in floats + streams]
+    enable_fast_decode(model)
+    assert [t.data_ptr() for t in floats + [q.layout_tensor("stream") for q in lut_layers(model)]] == ptrs
+
+
 @pytest.mark.parametrize("path", ["loop", "team"])
 def test_decode_layers_checks_and_releases(path, monkeypatch):
     """Both paths of decode_layers check x, cos/sin and the norm weights alike (one helper), and neither keeps the

@@ -55,9 +55,10 @@ def test_read_probe_other_dtypes_and_bad_input():
         torch.ops.hf_efficient.read_probe(torch.zeros(8, 8, dtype=torch.uint8).t())
 
 
-@pytest.mark.parametrize("nbytes", [0, 5, (2 << 20) - 1, (5 << 20) + 3])
+@pytest.mark.parametrize("nbytes", [0, 1, 5, 4097, (2 << 20) - 1, (5 << 20) + 3])
 def test_hugepage_empty(nbytes):
-    """Weight-stream storage: the requested size, writable end to end, 2 MiB aligned once it is that large."""
+    """Weight-stream storage: the requested size, writable end to end, 2 MiB aligned once it is that large and
+    on a 4 KiB page boundary below that."""
     import hf_efficient  # noqa: F401
 
     t = torch.ops.hf_efficient.hugepage_empty(nbytes)
@@ -66,6 +67,8 @@ def test_hugepage_empty(nbytes):
     assert int(t.sum()) == 7 * nbytes
     if nbytes >= 2 << 20:
         assert t.data_ptr() % (2 << 20) == 0
+    elif nbytes:
+        assert t.data_ptr() % 4096 == 0
     with pytest.raises(RuntimeError, match="nbytes must be >= 0"):
         torch.ops.hf_efficient.hugepage_empty(-1)
 

@@ -182,9 +182,19 @@ def _stream_buffer(nbytes: int) -> torch.Tensor:
     return ops().hugepage_empty(nbytes) if available() else torch.empty(nbytes, dtype=torch.uint8)
 
 
+PAGE = 4096  # where _stream_buffer's storage starts: a 4 KiB page boundary (2 MiB for larger streams)
+
+
 def stream_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of a uint8 weight stream in the kernels' storage (see :func:`_stream_buffer`)."""
-    return _stream_buffer(t.numel()).copy_(t.reshape(-1))
+    """A copy of a CPU tensor (a weight stream or a float weight) in the kernels' storage (see
+    :func:`_stream_buffer`): same dtype, shape and values, starting on a page boundary."""
+    return _stream_buffer(t.numel() * t.element_size()).view(t.dtype).view(t.shape).copy_(t)
+
+
+def placed(t: torch.Tensor) -> bool:
+    """Whether ``t`` starts where :func:`stream_copy` would put it (a page boundary): a stream read at every
+    decode step runs measurably faster from there than from an arbitrary offset (docs/lut.md, round 12)."""
+    return t.data_ptr() % PAGE == 0
 
 
 def kernel_group_size(group_size: int, in_features: int) -> int | None:

@@ -38,7 +38,7 @@ from ...heap import glibc_function
 from ...kernels import lut_cpu as kernel
 from .. import linear as _linear
 from ..linear import QuantLinear
-from .layer import _cached_weight
+from .layer import _cached_weight, lut_layers, place_stream
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ _HUGE_MIN_BYTES = 256 << 10  # smaller weights (test models) are left alone: a c
 
 
 def huge_pages(weights) -> int:
-    """Back float32 CPU weights that every decode step streams with 2 MiB pages, in place (Linux >= 6.1:
+    """Back CPU weights that every decode step streams (float32 weights, LUT streams) with 2 MiB pages, in place
+    (Linux >= 6.1:
     ``madvise(MADV_COLLAPSE)`` on each 2 MiB page of the aligned span around each weight, so a small weight's
     neighbours in the same pages are collapsed too; the tensors, their storage and values stay as they are, and
     where the memory or the kernel does not allow it nothing happens). No ``MADV_HUGEPAGE``: that would flag the
@@ -119,12 +120,29 @@ def huge_pages(weights) -> int:
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     pages = set()  # once each, for tied and neighbouring weights
     for w in weights:
-        if w.dtype != torch.float32 or w.device.type != "cpu" or w.nbytes < _HUGE_MIN_BYTES:
+        if w.device.type != "cpu" or w.nbytes < _HUGE_MIN_BYTES:
             continue
         lo = w.data_ptr() // _HUGE * _HUGE
         hi = -(-(w.data_ptr() + w.nbytes) // _HUGE) * _HUGE
         pages.update(range(lo, hi, _HUGE))
     return sum(_HUGE for a in sorted(pages) if madvise(a, _HUGE, _MADV_COLLAPSE) == 0)
+
+
+def place_streams(model: nn.Module, weights) -> int:
+    """Put what every decode step streams where it is read fastest: the float32 ``weights`` and the LUT streams
+    of ``model`` (:func:`~hf_efficient.quantization.lut.layer.lut_layers`) start on a page boundary (moved there
+    if a loader, a deep copy or ``.to()`` left them elsewhere: a Parameter stays the same object, its ``.data``
+    moves; docs/lut.md, round 12), then :func:`huge_pages` backs them with 2 MiB pages. Returns its bytes."""
+    moved = set()
+    for p in weights:
+        if p.dtype == torch.float32 and p.device.type == "cpu" and id(p) not in moved and not kernel.placed(p):
+            moved.add(id(p))  # a tied weight once
+            p.data = kernel.stream_copy(p.detach())
+    streams = []
+    for q in lut_layers(model):
+        place_stream(q)
+        streams.append(q.layout_tensor("stream"))
+    return huge_pages([*weights, *streams])
 
 
 def _modules(layer: nn.Module):
@@ -687,10 +705,11 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True, *, kv_cache: str 
 
     Supported layers: ``LlamaDecoderLayer``, ``MistralDecoderLayer`` and ``Qwen2DecoderLayer`` with SiLU MLPs and
     full attention. Each is switched in place to a subclass whose forward falls back to the original for any
-    other input (see the module docstring), so results elsewhere are unchanged and parameters keep their tensors.
+    other input (see the module docstring), so results elsewhere are unchanged and parameters stay the same objects.
     Returns the names of the switched layers; ``[]`` (and one logged warning) when the model has none.
-    The float32 weights the step streams (projections, a float head) are moved to 2 MiB pages in place where
-    Linux allows it (:func:`huge_pages`; same tensors and values).
+    What the step streams (float32 projections and head, the LUT streams) is put where it is read fastest
+    (:func:`place_streams`: on a page boundary, in 2 MiB pages where Linux allows it; same values, and the same
+    Parameter objects).
     ``enabled=False`` switches them back and returns their names.
 
     ``kv_cache``: what the fused stack's attention reads of a ``DynamicCache``. ``"float16"``: float16 copies of
@@ -740,7 +759,8 @@ def enable_fast_decode(model: nn.Module, enabled: bool = True, *, kv_cache: str 
         head = getattr(m, "lm_head", None)
         if fused and type(head) is nn.Linear:
             streamed.append(head.weight)
-    huge_pages(streamed)
+    if enabled:
+        place_streams(model, streamed)
     if enabled and not names:
         arch = type(model).__name__
         if arch not in _WARNED:

@@ -243,6 +243,24 @@ def _cached_weight(layer: QuantLinear) -> kernel.LUTWeight | None:
     return w
 
 
+def lut_layers(model: nn.Module):
+    """Every QuantLinear of ``model`` in the kernels' layout, the runtime copies of :class:`LUTHead` included."""
+    for m in model.modules():
+        cached = m.__dict__.get("_lut_head") if isinstance(m, LUTHead) else None
+        for q in (m,) if cached is None else (m, *cached[1].modules()):
+            if isinstance(q, QuantLinear) and q.layout is not None and q.layout.kind == KIND:
+                yield q
+
+
+def place_stream(layer: QuantLinear) -> None:
+    """Move the layer's stream to the kernels' storage if it starts anywhere else (a deep copy or ``.to()`` puts
+    it at any offset; where it starts changes how fast a step reads it: docs/lut.md, round 12). Same values."""
+    stream = layer.layout_tensor("stream")
+    if stream.device.type == "cpu" and not kernel.placed(stream):
+        layer.register_buffer("_rl_stream", kernel.stream_copy(stream), persistent=False)
+        layer.layout.__dict__.pop("_lut_weight", None)  # it holds the old stream
+
+
 def lut_fast_path(x: torch.Tensor, layer: QuantLinear):
     # The hot path of every decode step: each attribute lookup here costs on the order of a microsecond, and
     # the op itself ~20 us for a 576x576 layer, so Python work is kept to the checks that can decline.
