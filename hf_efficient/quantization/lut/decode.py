@@ -103,16 +103,16 @@ _HUGE_MIN_BYTES = 256 << 10  # smaller weights (test models) are left alone: a c
 
 def huge_pages(weights) -> int:
     """Back CPU weights that every decode step streams (float32 weights, LUT streams) with 2 MiB pages, in place
-    (Linux >= 6.1:
-    ``madvise(MADV_COLLAPSE)`` on each 2 MiB page of the aligned span around each weight, so a small weight's
-    neighbours in the same pages are collapsed too; the tensors, their storage and values stay as they are, and
-    where the memory or the kernel does not allow it nothing happens). No ``MADV_HUGEPAGE``: that would flag the
-    whole mappings around the weights (other allocations too) for khugepaged and for huge pages at fault time.
+    (Linux >= 6.1: ``madvise(MADV_COLLAPSE)`` on each 2 MiB page of the aligned span around each weight, so a small
+    weight's neighbours in the same pages are collapsed too; the tensors, their storage and values stay as they
+    are, and where the memory or the kernel does not allow it nothing happens). No ``MADV_HUGEPAGE``: that would
+    flag the whole mappings around the weights (other allocations too) for khugepaged and for huge pages at fault
+    time.
 
-    The LUT streams live in huge pages since they are packed (``hugepage_empty``); float weights from the loader
-    sit in 4 KiB pages, where a DRAM-bound GEMV pays a page walk every 4 KiB and the prefetcher stops at each
-    page (docs/lut.md, fused decode round 7). Returns the bytes collapsed (a page that crosses into another
-    mapping, file-backed memory or an older kernel stay as they are).
+    LUT streams are packed into huge pages (``hugepage_empty``), but a deep copy or ``.to()`` puts them anywhere;
+    float weights from the loader sit in 4 KiB pages, where a DRAM-bound GEMV pays a page walk every 4 KiB and the
+    prefetcher stops at each page (docs/lut.md, fused decode round 7). Returns the bytes collapsed (a page that
+    crosses into another mapping, file-backed memory or an older kernel stay as they are).
     """
     madvise = glibc_function("madvise")
     if madvise is None:
@@ -133,10 +133,8 @@ def place_streams(model: nn.Module, weights) -> int:
     of ``model`` (:func:`~hf_efficient.quantization.lut.layer.lut_layers`) start on a page boundary (moved there
     if a loader, a deep copy or ``.to()`` left them elsewhere: a Parameter stays the same object, its ``.data``
     moves; docs/lut.md, round 12), then :func:`huge_pages` backs them with 2 MiB pages. Returns its bytes."""
-    moved = set()
-    for p in weights:
-        if p.dtype == torch.float32 and p.device.type == "cpu" and id(p) not in moved and not kernel.placed(p):
-            moved.add(id(p))  # a tied weight once
+    for p in weights:  # a tied weight is placed at its first occurrence
+        if p.dtype == torch.float32 and p.device.type == "cpu" and not kernel.placed(p):
             p.data = kernel.stream_copy(p.detach())
     streams = []
     for q in lut_layers(model):
