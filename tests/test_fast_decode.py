@@ -1070,7 +1070,7 @@ def test_enable_places_what_a_step_streams(model_dirs, case, fused_calls):
     for p in floats:
         p.data = _displaced(p.data)
     for q in layers:
-        q.register_buffer("_rl_stream", _displaced(q.layout_tensor("stream")), persistent=False)
+        q.replace_layout_tensor("stream", _displaced(q.layout_tensor("stream")))
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=6, do_sample=False)

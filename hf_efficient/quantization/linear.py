@@ -249,6 +249,10 @@ class QuantLinear(nn.Module):
     def layout_tensor(self, name: str) -> torch.Tensor:
         return getattr(self, "_rl_" + name)
 
+    def replace_layout_tensor(self, name: str, t: torch.Tensor) -> None:
+        """Swap one tensor of the adopted layout for ``t`` (the same values elsewhere in memory)."""
+        self.register_buffer("_rl_" + name, t, persistent=False)
+
     def adopt_layout(self, layout: ResidentLayout) -> None:
         """Make ``layout`` this layer's only copy of its weights (any earlier layout is converted back first)."""
         self.release_layout()

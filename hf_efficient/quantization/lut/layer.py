@@ -257,7 +257,7 @@ def place_stream(layer: QuantLinear) -> None:
     it at any offset; where it starts changes how fast a step reads it: docs/lut.md, round 12). Same values."""
     stream = layer.layout_tensor("stream")
     if stream.device.type == "cpu" and not kernel.placed(stream):
-        layer.register_buffer("_rl_stream", kernel.stream_copy(stream), persistent=False)
+        layer.replace_layout_tensor("stream", kernel.stream_copy(stream))
         layer.layout.__dict__.pop("_lut_weight", None)  # it holds the old stream
 
 
