@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,6 +87,23 @@ def write_results(name: str, rows: list[dict], settings: dict | None = None, out
     mpath = out / f"{name}.md"
     mpath.write_text("\n".join(lines) + "\n")
     return jpath, mpath
+
+
+def child_result(result: dict) -> None:
+    """In a child process started by :func:`run_child`: hand ``result`` back to the parent."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(module: str, *args: str) -> dict | None:
+    """Run ``python -m module *args`` in a fresh process (its own CUDA context, allocator statistics and
+    ``torch.compile`` caches) and return the dict it passed to :func:`child_result`; None (with its stderr
+    printed) if it failed."""
+    p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
+    res = [line[7:] for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    if p.returncode or not res:
+        print(f"{module} {' '.join(args)} failed:\n{p.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(res[-1])
 
 
 def print_rows(rows: list[dict]) -> None:

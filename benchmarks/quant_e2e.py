@@ -17,6 +17,7 @@ does not fit the device budget; its layer shapes and per-token work are the same
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import print_rows, write_results
+from benchmarks.common import child_result, print_rows, run_child, write_results
 
 CFG = dict(layers=32, hidden=4096, heads=32, mlp=11008, vocab=32000)
 GROUP = 128
@@ -180,16 +181,33 @@ HF_CONFIGS = {"hf-bf16": None, "hf-int4_asym": dict(bits=4, group_size=128, fmt=
               "hf-nf4_asym": dict(bits=4, group_size=128, fmt="nf"), "hf-fp4_asym": dict(bits=4, group_size=128, fmt="fp")}
 
 
+class _RecompileLimitHits(logging.Handler):
+    """Counts dynamo's "hit config.recompile_limit" warnings: past that limit a frame runs eagerly, without the
+    CUDA graphs this path is meant to time."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.hits = 0
+
+    def emit(self, record):
+        self.hits += "recompile_limit" in record.getMessage()
+
+
 @torch.no_grad()
 def hf_generate_speed(kind: str, path: str, new_tokens: int, prompt: int = 16) -> dict:
     """The user's path: ``from_pretrained(path, quantization_config=...)`` then ``generate`` with a static cache,
-    which makes transformers compile the forward itself (its default compile config: CUDA graphs, fullgraph),
-    timed after two warm-up generates. ``compiled`` says whether generate took that path (a quantizer that is not
-    ``is_compileable`` keeps it eager)."""
+    which makes transformers compile the forward itself (its default compile config: CUDA graphs), timed after two
+    warm-up generates. Run it in a fresh process (``main`` does): dynamo's caches are per process and keyed by the
+    code of ``forward``, so a fourth model compiled in one process can exceed its recompile limit and run eagerly.
+    ``compiled`` says whether generate took the compiled path (a quantizer that is not ``is_compileable`` keeps it
+    eager); ``dynamo_graphs`` and ``recompile_limit_hits`` say what dynamo did."""
+    from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
     from hf_efficient import AFPQConfig
 
+    hits = _RecompileLimitHits()
+    logging.getLogger("torch._dynamo").addHandler(hits)
     t0 = time.time()
     cfg = HF_CONFIGS[kind]
     q = {"quantization_config": AFPQConfig(**cfg)} if cfg else {}
@@ -204,12 +222,23 @@ def hf_generate_speed(kind: str, path: str, new_tokens: int, prompt: int = 16) -
     model.generate(ids, **gen)
     torch.cuda.synchronize()
     sec = time.time() - t
-    out = {"model": kind, "tokens_per_s": new_tokens / sec, "ms_per_token": 1e3 * sec / new_tokens,
-           "linear_weight_GB": None, "build_s": build_s, "layers": model.config.num_hidden_layers,
-           "compiled": hasattr(model, "_compiled_call")}
-    del model
-    torch.cuda.empty_cache()
-    return out
+    kinds = sorted({m.layout.kind for m in model.modules() if getattr(m, "layout", None) is not None})
+    return {"model": kind, "tokens_per_s": new_tokens / sec, "ms_per_token": 1e3 * sec / new_tokens,
+            "linear_weight_GB": None, "build_s": build_s, "layouts": ",".join(kinds) or None,
+            "layers": model.config.num_hidden_layers, "compiled": hasattr(model, "_compiled_call"),
+            "dynamo_graphs": counters["stats"]["unique_graphs"], "recompile_limit_hits": hits.hits}
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """x_vs_bf16 / x_vs_tinygemm against the row of the same path (graph or HF) and, for HF rows, the same
+    checkpoint depth."""
+    base = {(r["model"], r.get("layers")): r["tokens_per_s"] for r in rows}
+    for r in rows:
+        hf = r["model"].startswith("hf-")
+        ref = base.get(("hf-bf16" if hf else "bf16", r.get("layers")))
+        r["x_vs_bf16"] = r["tokens_per_s"] / ref if ref else None
+        tg = base.get(("tinygemm", r.get("layers")))
+        r["x_vs_tinygemm"] = r["tokens_per_s"] / tg if tg and not hf else None
 
 
 def main(argv=None):
@@ -218,31 +247,37 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--kinds", default="bf16,tinygemm,fp4_asym,nf4_asym,int4_asym,int4_asym@gemv")
     ap.add_argument("--hf-dir", default=None, help="also time HF generate (static cache + torch.compile) on this "
-                    "bf16 checkpoint (e.g. the one benchmarks.quant_load_memory writes)")
+                    "bf16 checkpoint (e.g. the one benchmarks.quant_load_memory writes), each kind in its own process")
     ap.add_argument("--hf-kinds", default=",".join(HF_CONFIGS))
+    ap.add_argument("--hf-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("quant_e2e needs CUDA")
+    if args.hf_child:
+        child_result(hf_generate_speed(args.hf_child, args.hf_dir, args.new_tokens))
+        return
     rows = []
     jobs = [(k, lambda k=k: decode_speed(k, args.new_tokens)) for k in args.kinds.split(",") if k]
     if args.hf_dir:
-        jobs += [(k, lambda k=k: hf_generate_speed(k, args.hf_dir, args.new_tokens)) for k in args.hf_kinds.split(",")]
+        jobs += [(k, lambda k=k: run_child("benchmarks.quant_e2e", "--hf-dir", args.hf_dir, "--hf-child", k,
+                                           "--new-tokens", str(args.new_tokens)))
+                 for k in args.hf_kinds.split(",") if k]
     for kind, job in jobs:
         try:
-            rows.append(job())
+            r = job()
         except Exception as e:  # noqa: BLE001
             print(f"{kind} failed: {e!r}"[:400], flush=True)
             continue
-        base = {r["model"]: r["tokens_per_s"] for r in rows}
-        for r in rows:
-            pre = "hf-" if r["model"].startswith("hf-") else ""  # HF rows compare with the HF bf16 row
-            r["x_vs_bf16"] = r["tokens_per_s"] / base[pre + "bf16"] if pre + "bf16" in base else None
-            r["x_vs_tinygemm"] = r["tokens_per_s"] / base["tinygemm"] if "tinygemm" in base and not pre else None
+        if r is None:
+            continue
+        rows.append(r)
+        _add_ratios(rows)
         print_rows(rows[-1:])
         write_results("quant_e2e", rows, {"model": "Llama-2-7B-shaped, random weights (hf-* rows: the --hf-dir "
-                                          "checkpoint through from_pretrained + generate)", "batch": 1,
-                                          "prompt": 16, "new_tokens": args.new_tokens, "group_size": GROUP,
-                                          "timing": "one CUDA graph per decode step, replayed"}, args.out)
+                                          "checkpoint through from_pretrained + generate, one process per row)",
+                                          "batch": 1, "prompt": 16, "new_tokens": args.new_tokens,
+                                          "group_size": GROUP, "timing": "one CUDA graph per decode step, replayed"},
+                      args.out)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,11 @@ check loads the first quantized config again in a process whose CUDA allocator i
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 
 import torch
 
-from benchmarks.common import print_rows, write_results
+from benchmarks.common import child_result, print_rows, run_child, write_results
 
 CONFIGS = {
     "bf16": None,
@@ -123,7 +120,7 @@ def main(argv=None):
     ap.add_argument("--cap-gb", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(measure(args.dir, args.child, args.cap_gb)), flush=True)
+        child_result(measure(args.dir, args.child, args.cap_gb))
         return
     if not torch.cuda.is_available():
         raise SystemExit("quant_load_memory needs CUDA")
@@ -132,13 +129,7 @@ def main(argv=None):
     rows = []
 
     def child(name, *extra):
-        p = subprocess.run([sys.executable, "-m", "benchmarks.quant_load_memory", "--dir", args.dir, "--child", name,
-                            *extra], capture_output=True, text=True)
-        res = [line[7:] for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-        if p.returncode or not res:
-            print(f"{name} failed:\n{p.stderr[-2000:]}", flush=True)
-            return None
-        return json.loads(res[0])
+        return run_child("benchmarks.quant_load_memory", "--dir", args.dir, "--child", name, *extra)
 
     meta = {"model": f"Llama-2-7B-shaped, {args.layers} layers, bf16 checkpoint, random weights",
             "generate": "16 new tokens"}
