@@ -197,17 +197,27 @@ class _RecompileLimitHits(logging.Handler):
 def hf_generate_speed(kind: str, path: str, new_tokens: int, prompt: int = 16) -> dict:
     """The user's path: ``from_pretrained(path, quantization_config=...)`` then ``generate`` with a static cache,
     which makes transformers compile the forward itself (its default compile config: CUDA graphs), timed after two
-    warm-up generates. Run it in a fresh process (``main`` does): dynamo's caches are per process and keyed by the
-    code of ``forward``, so a fourth model compiled in one process can exceed its recompile limit and run eagerly.
-    ``compiled`` says whether generate took the compiled path (a quantizer that is not ``is_compileable`` keeps it
-    eager); ``dynamo_graphs`` and ``recompile_limit_hits`` say what dynamo did."""
+    warm-up generates. Run it in a fresh process (``main`` does): dynamo's caches and the CUDA allocator are per
+    process, so a row timed after others in one process could reuse their compiled graphs, or run eagerly past
+    dynamo's recompile limit. ``compiled`` says whether generate took the compiled path (a quantizer that is not
+    ``is_compileable`` keeps it eager); ``dynamo_graphs`` and ``recompile_limit_hits`` say what dynamo did."""
     from torch._dynamo.utils import counters
+
+    hits = _RecompileLimitHits()
+    dynamo_log = logging.getLogger("torch._dynamo")
+    dynamo_log.addHandler(hits)
+    try:
+        return _hf_generate_row(kind, path, new_tokens, prompt) | {
+            "dynamo_graphs": counters["stats"]["unique_graphs"], "recompile_limit_hits": hits.hits}
+    finally:
+        dynamo_log.removeHandler(hits)
+
+
+def _hf_generate_row(kind: str, path: str, new_tokens: int, prompt: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from hf_efficient import AFPQConfig
 
-    hits = _RecompileLimitHits()
-    logging.getLogger("torch._dynamo").addHandler(hits)
     t0 = time.time()
     cfg = HF_CONFIGS[kind]
     q = {"quantization_config": AFPQConfig(**cfg)} if cfg else {}
@@ -225,8 +235,7 @@ def hf_generate_speed(kind: str, path: str, new_tokens: int, prompt: int = 16) -
     kinds = sorted({m.layout.kind for m in model.modules() if getattr(m, "layout", None) is not None})
     return {"model": kind, "tokens_per_s": new_tokens / sec, "ms_per_token": 1e3 * sec / new_tokens,
             "linear_weight_GB": None, "build_s": build_s, "layouts": ",".join(kinds) or None,
-            "layers": model.config.num_hidden_layers, "compiled": hasattr(model, "_compiled_call"),
-            "dynamo_graphs": counters["stats"]["unique_graphs"], "recompile_limit_hits": hits.hits}
+            "layers": model.config.num_hidden_layers, "compiled": hasattr(model, "_compiled_call")}
 
 
 def _add_ratios(rows: list[dict]) -> None:
