@@ -13,6 +13,9 @@ one token, each row records
   several batches of calls);
 * ``call_us``: one call of the compiled step whose backend hands back stored outputs, so what it measures is
   dynamo's own work per call (guards, gathering the graph's inputs, building the output), not the model's;
+* ``call_skip_guards_us``: the same call under ``torch.compiler.set_stance("default",
+  skip_guard_eval_unsafe=True)``, which checks only the guards dynamo keeps as "diff guards": every tensor that
+  is not an ``nn.Parameter`` (a user's setting, unsafe if the model changes; transformers does not set it);
 * ``graph_inputs``: the tensors passed to the graph per call (parameters and buffers it reads, and the input).
 
 The baseline is the same model with ``nn.Linear`` layers, measured in the same run; ``*_ratio`` = ours / baseline
@@ -102,7 +105,11 @@ def measure(model: nn.Module, device: str, batches: int = 7, calls: int = 200) -
 
         guard_s = best_of(lambda: guards.check(frame))
         call_s = best_of(lambda: compiled(model, ids))
-    return {"graph_inputs": inputs[-1], "guard_us": guard_s * 1e6, "call_us": call_s * 1e6}
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            compiled(model, ids)
+            unsafe_s = best_of(lambda: compiled(model, ids))
+    return {"graph_inputs": inputs[-1], "guard_us": guard_s * 1e6, "call_us": call_s * 1e6,
+            "call_skip_guards_us": unsafe_s * 1e6}
 
 
 def run(layers: int, device: str, rows=tuple(ROWS), rounds: int = 2) -> list[dict]:
@@ -127,7 +134,7 @@ def run(layers: int, device: str, rows=tuple(ROWS), rounds: int = 2) -> list[dic
             for name, model in models.items():
                 r = measure(model, device)
                 old = best.setdefault(name, r)
-                for k in ("guard_us", "call_us"):
+                for k in ("guard_us", "call_us", "call_skip_guards_us"):
                     old[k] = min(old[k], r[k])
     finally:
         if emulate:
@@ -138,6 +145,7 @@ def run(layers: int, device: str, rows=tuple(ROWS), rounds: int = 2) -> list[dic
         if base is not None:
             r["guard_ratio"] = r["guard_us"] / base["guard_us"]
             r["call_ratio"] = r["call_us"] / base["call_us"]
+            r["skip_guards_ratio"] = r["call_skip_guards_us"] / base["call_skip_guards_us"]
     return out
 
 
@@ -154,7 +162,7 @@ def main(argv=None) -> None:
     write_results(name, rows, {"layers": args.layers, "device": args.device, "group_size": GROUP,
                                "timing": "best of 7 batches of 200 calls, 2 interleaved rounds"}, args.out,
                   columns=["name", "graph_inputs", "guard_us", "guard_ratio", "call_us",
-                           "call_ratio"])
+                           "call_ratio", "call_skip_guards_us", "skip_guards_ratio"])
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ def test_rows_carry_times_and_ratios_against_the_same_run(rows):
     base = rows["nn.Linear"]
     assert base["guard_ratio"] == 1 and base["call_ratio"] == 1
     for r in rows.values():
-        assert r["layers"] == 2 and 0 < r["guard_us"] < r["call_us"]
+        assert r["layers"] == 2 and 0 < r["guard_us"] < r["call_us"] and r["call_skip_guards_us"] > 0
         assert r["guard_ratio"] == pytest.approx(r["guard_us"] / base["guard_us"])
+        assert r["skip_guards_ratio"] == pytest.approx(r["call_skip_guards_us"] / base["call_skip_guards_us"])
 
 
 def test_cpu_run_leaves_no_cuda_path_registered(rows):
