@@ -42,6 +42,7 @@ ROWS = {
     "nf4_asym (cuda-mma)": ("nf4_asym", "mma"),
 }
 GROUP = 128
+BATCHES, CALLS, ROUNDS = 7, 200, 2  # best of BATCHES x CALLS calls, each row measured ROUNDS times, interleaved
 
 
 def build(layers: int, device: str, row: tuple | None) -> nn.Module:
@@ -67,7 +68,7 @@ def build(layers: int, device: str, row: tuple | None) -> nn.Module:
     return model
 
 
-def measure(model: nn.Module, device: str, batches: int = 7, calls: int = 200) -> dict:
+def measure(model: nn.Module, device: str, batches: int = BATCHES, calls: int = CALLS) -> dict:
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     torch._dynamo.reset()
@@ -112,7 +113,7 @@ def measure(model: nn.Module, device: str, batches: int = 7, calls: int = 200) -
             "call_skip_guards_us": unsafe_s * 1e6}
 
 
-def run(layers: int, device: str, rows=tuple(ROWS), rounds: int = 2) -> list[dict]:
+def run(layers: int, device: str, rows=tuple(ROWS), rounds: int = ROUNDS) -> list[dict]:
     """Every row measured ``rounds`` times, interleaved (CPU timings drift); each keeps its best."""
     from hf_efficient.kernels import quant_mma
     from hf_efficient.quantization import register_fast_path, unregister_fast_path
@@ -126,7 +127,8 @@ def run(layers: int, device: str, rows=tuple(ROWS), rounds: int = 2) -> list[dic
         for name in rows:
             spec = ROWS[name]
             if spec is not None and spec[1] == "mma" and (emulate or quant_mma.extension() is None):
-                print(f"{name}: skipped (the mma extension is not built on this machine)", flush=True)
+                why = "a CPU run" if emulate else "the mma extension did not build on this machine"
+                print(f"{name}: skipped ({why}: the mma layout needs the CUDA extension)", flush=True)
                 continue
             models[name] = build(layers, device, spec)
         best: dict[str, dict] = {}
@@ -141,8 +143,8 @@ def run(layers: int, device: str, rows=tuple(ROWS), rounds: int = 2) -> list[dic
             unregister_fast_path("*", 4, "cpu", "bench-cuda-path")
     out = [{"name": name, "layers": layers, **r} for name, r in best.items()]
     base = best.get("nn.Linear")
-    for r in out:
-        if base is not None:
+    if base is not None:
+        for r in out:
             r["guard_ratio"] = r["guard_us"] / base["guard_us"]
             r["call_ratio"] = r["call_us"] / base["call_us"]
             r["skip_guards_ratio"] = r["call_skip_guards_us"] / base["call_skip_guards_us"]
@@ -160,7 +162,7 @@ def main(argv=None) -> None:
     print_rows(rows)
     name = args.name or f"compile_guards_{args.device}"
     write_results(name, rows, {"layers": args.layers, "device": args.device, "group_size": GROUP,
-                               "timing": "best of 7 batches of 200 calls, 2 interleaved rounds"}, args.out,
+                               "timing": f"best of {BATCHES} batches of {CALLS} calls, {ROUNDS} interleaved rounds"}, args.out,
                   columns=["name", "graph_inputs", "guard_us", "guard_ratio", "call_us",
                            "call_ratio", "call_skip_guards_us", "skip_guards_ratio"])
 
