@@ -146,51 +146,58 @@ def test_split_model_matches_the_measured_sweep():
     assert len(over) >= 20 and sum(over) / len(over) <= 1.03
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-g{c[3]}")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("m", [1, 3, 8, 16, 33, 64, 100])
-def test_kernel_matches_reference(case, dtype, m):
+# The kernel itself: on the GPU, and its own code on the CPU under the emulation (cuda/quant_mma_emu.h), which also
+# reports barrier misuse, reads of shared memory before a cp.async lands or before anything was written, and
+# out-of-bounds shared accesses.
+RUNNERS = [pytest.param("cuda", marks=pytest.mark.gpu), "emu"]
+
+
+def _run_kernel(runner: str, x: torch.Tensor, codes, kw, fmt, group: int, splits: int):
+    """(weight in the mma layout on the runner's device, the kernel's output)"""
+    dev = "cuda" if runner == "cuda" else "cpu"
+    w = Q.pack(codes.to(dev), kw.params[0].to(dev), None if kw.params[1] is None else kw.params[1].to(dev), fmt.grid,
+               fmt.bits, group, fmt.scale_scheme.mode)
+    x = x.to(dev)
+    y = Q.quant_mma(x, w, splits=splits) if runner == "cuda" else Q.quant_mma_emulated(x, w, splits=splits)
+    return w, y
+
+
+def _check_kernel(runner, name, n, k, group, m, dtype, splits_list, **weight_kw):
     from hf_efficient.kernels.quant_reference import ETA, U
 
-    name, n, k, group = case
-    fmt, codes, kw = random_kernel_weight(name, n, k, group, special="extreme", device="cuda")
-    w = Q.pack(codes.cuda(), kw.params[0], kw.params[1], fmt.grid, fmt.bits, group, fmt.scale_scheme.mode)
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    for splits in (1, 2, 0):
-        y = Q.quant_mma(x, w, splits=splits)
-        wr = Q.dequantize_reference(w, dtype)
+    fmt, codes, kw = random_kernel_weight(name, n, k, group, special="extreme", **weight_kw)
+    x = torch.randn(m, k, dtype=dtype)
+    for splits in splits_list:
+        w, y = _run_kernel(runner, x, codes, kw, fmt, group, splits)
+        wr = Q.dequantize_reference(w, dtype).cpu()
         ref = x.float() @ wr.t()
         # weights rounded to the dtype (in wr), float32 sums of |x w| over K, output rounded once
         bound = U[dtype] * ref.abs() + 1e-5 * (x.float().abs() @ wr.abs().t()) + ETA[dtype]
-        err = (y.float() - ref).abs()
+        err = (y.float().cpu() - ref).abs()
         assert y.dtype == dtype and y.shape == (m, n)
         assert (err <= bound).all(), f"splits={splits}: {(err > bound).sum()} off, max {err.max():.3g}"
+    return w
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-g{c[3]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 33, 64, 100])
+def test_kernel_matches_reference(runner, case, dtype, m):
+    _check_kernel(runner, *case, m, dtype, (1, 2, 0))
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("case", [("nf4_asym", 40, 1024, 128), ("int4_asym", 21, 1100, 256), ("fp4_asym", 33, 640, 64),
                                   ("int3_asym", 17, 520, 128), ("int2_sym", 50, 384, 128)],
                          ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-g{c[3]}")
 @pytest.mark.parametrize("m", [1, 16, 64])
-def test_kernel_float32_params_and_split_groups(case, m):
+def test_kernel_float32_params_and_split_groups(runner, case, m):
     """float32 scales (the kernel's wider parameter slots in the weight ring, and its smaller x stage at decode) and
     splits that start inside a group (g256: two blocks per group) give the reference's result."""
-    from hf_efficient.kernels.quant_reference import ETA, U
-
-    name, n, k, group = case
-    fmt, codes, kw = random_kernel_weight(name, n, k, group, scale_dtype=torch.float32, special="extreme",
-                                          device="cuda")
-    w = Q.pack(codes.cuda(), kw.params[0], kw.params[1], fmt.grid, fmt.bits, group, fmt.scale_scheme.mode)
+    # g256, K = 1100: 9 blocks, 3 splits of 3, so splits 2 and 3 start mid-group
+    w = _check_kernel(runner, *case, m, torch.bfloat16, (1, 3, 0), scale_dtype=torch.float32)
     assert w.params.dtype == torch.float32
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    wr = Q.dequantize_reference(w, torch.bfloat16)
-    ref = x.float() @ wr.t()
-    bound = U[torch.bfloat16] * ref.abs() + 1e-5 * (x.float().abs() @ wr.abs().t()) + ETA[torch.bfloat16]
-    for splits in (1, 3, 0):  # g256, K = 1100: 9 blocks, 3 splits of 3, so splits 2 and 3 start mid-group
-        y = Q.quant_mma(x, w, splits=splits)
-        err = (y.float() - ref).abs()
-        assert (err <= bound).all(), f"splits={splits}: {(err > bound).sum()} off, max {err.max():.3g}"
 
 
 @pytest.mark.gpu

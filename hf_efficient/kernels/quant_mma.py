@@ -190,7 +190,8 @@ def dequantize(w: MmaWeight, dtype: torch.dtype, block_elements: int = 2 ** 24) 
 _lock = threading.Lock()
 _ext = None
 _ext_error: str | None = None
-_counters: dict[int, torch.Tensor] = {}
+_emu = None
+_counters: dict[str, torch.Tensor] = {}
 
 
 def _source_hash() -> str:
@@ -210,6 +211,32 @@ def _write_if_changed(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _build(name: str, suffix: str, cflags: list[str], cuda_cflags: list[str] | None = None):
+    """Compile the binding and the 9 ``launch<bits, mode>`` instantiations (one translation unit each, so they build
+    in parallel) into a cached extension named for the sources' hash."""
+    import fcntl  # POSIX: the CUDA build and the CPU emulation both run on Linux
+
+    from torch.utils.cpp_extension import load
+
+    tag = _source_hash()
+    build = Path(os.environ.get("HF_EFFICIENT_CACHE", Path.home() / ".cache" / "hf_efficient")) / f"{name}_{tag}"
+    build.mkdir(parents=True, exist_ok=True)
+    # Other processes (pytest -n 8, several ranks) build into the same directory: hold a file lock over writing the
+    # sources, building and loading, so none sees a half-written file or a library that ninja is relinking under it.
+    with open(build / "build.lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        sources = [str(_SRC / "quant_mma_binding.cpp")]
+        for bits in MMA_BITS:
+            for mode in MODES:  # = the MODE_* constants of cuda/quant_mma.cuh (tests check)
+                f = build / f"inst_b{bits}_m{mode}.{suffix}"
+                _write_if_changed(f, f'#include "{_SRC / "quant_mma.cuh"}"\n'
+                                     f"template void hfe_mma::launch<{bits}, {mode}>(const hfe_mma::Args&);\n")
+                sources.append(str(f))
+        return load(name=f"hfe_{name}_{tag}", sources=sources, build_directory=str(build),
+                    extra_include_paths=[str(_SRC)], verbose=False, extra_cflags=cflags,
+                    extra_cuda_cflags=cuda_cflags)
+
+
 def extension():
     """The compiled extension, or None (with the reason logged once) where it cannot be built."""
     global _ext, _ext_error
@@ -225,36 +252,29 @@ def extension():
             _ext_error = "the mma kernel needs compute capability >= 8.0"
             return None
         try:
-            import fcntl  # POSIX; only reached where CUDA is
-
-            from torch.utils.cpp_extension import load
-
-            tag = _source_hash()
-            build = Path(os.environ.get("HF_EFFICIENT_CACHE", Path.home() / ".cache" / "hf_efficient")) / f"mma_{tag}"
-            build.mkdir(parents=True, exist_ok=True)
             major, minor = torch.cuda.get_device_capability()
-            # Other processes (pytest -n 8, several ranks) build into the same directory: hold a file lock over
-            # writing the sources, building and loading, so none sees a half-written file or a library that ninja
-            # is relinking under it.
-            with open(build / "build.lock", "w") as lock_file:
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
-                sources = [str(_SRC / "quant_mma_binding.cpp")]
-                for bits in MMA_BITS:
-                    for mode in MODES:  # = the MODE_* constants of cuda/quant_mma.cuh (tests check)
-                        f = build / f"inst_b{bits}_m{mode}.cu"
-                        _write_if_changed(f, f'#include "{_SRC / "quant_mma.cuh"}"\n'
-                                             f"template void hfe_mma::launch<{bits}, {mode}>(const hfe_mma::Args&);\n")
-                        sources.append(str(f))
-                _ext = load(name=f"hfe_quant_mma_{tag}", sources=sources, build_directory=str(build),
-                            extra_include_paths=[str(_SRC)], verbose=False,
-                            extra_cflags=["-O3"],
-                            extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{major}{minor},"
-                                               f"code=sm_{major}{minor}"])
+            _ext = _build("quant_mma", "cu", ["-O3"], ["-O3", "-std=c++17",
+                                                       f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
         except Exception as e:  # noqa: BLE001 - any build failure means "use the Triton kernels"
             _ext_error = f"{type(e).__name__}: {e}"
             logger.warning("hf_efficient: the CUDA mma kernel could not be built (%s); using the Triton kernels",
                            str(e).splitlines()[0] if str(e) else type(e).__name__)
         return _ext
+
+
+def emulation():
+    """The kernel's own CUDA code built for the CPU (``-DHFE_MMA_EMULATE``: ``cuda/quant_mma_emu.h`` stands in for
+    CUDA), so the tests run it where there is no GPU. Every CUDA thread is a fiber, so it is slow (use small shapes);
+    it reports barrier and collective misuse, reads before a cp.async lands, shared memory read before it is written
+    (it starts as NaN) and out-of-bounds shared accesses as errors. Built on first use with the host compiler
+    (raises if that fails: this is a test tool, not a fallback)."""
+    global _emu
+    with _lock:
+        if _emu is None:
+            # -fno-strict-aliasing: the kernel reinterprets registers between half2, uint32 and float, as CUDA code does
+            _emu = _build("quant_mma_emu", "cpp", ["-O2", "-std=c++17", "-fno-strict-aliasing", "-DHFE_MMA_EMULATE",
+                                                   "-Wno-unknown-pragmas"])
+        return _emu
 
 
 def unavailable_reason() -> str | None:
@@ -306,12 +326,12 @@ def choose_splits(m: int, n: int, k: int, sms: int, bits: int = 4) -> int:
 
 
 def _counter_buffer(device: torch.device, need: int) -> torch.Tensor:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    buf = _counters.get(idx)
+    key = str(device) if device.type != "cuda" or device.index is not None else f"cuda:{torch.cuda.current_device()}"
+    buf = _counters.get(key)
     if buf is None or buf.numel() < need:
         # Zeroed once; the kernel's last split resets every counter it used, so it stays zero between calls.
         buf = torch.zeros(max(need, 4096), dtype=torch.int32, device=device)
-        _counters[idx] = buf
+        _counters[key] = buf
     return buf
 
 
@@ -327,6 +347,19 @@ def quant_mma(x: torch.Tensor, w: MmaWeight, splits: int | None = None) -> torch
 def _quant_mma_cuda(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, tables: torch.Tensor, n: int,
                     k: int, bits: int, group_size: int, mode: int, splits: int) -> torch.Tensor:
     """``torch.ops.hf_efficient.quant_mma`` on CUDA: the extension (``splits`` 0 = choose by shape)."""
+    sms = 0 if splits else torch.cuda.get_device_properties(x.device).multi_processor_count
+    return _run(extension(), x, qweight, params, tables, n, k, bits, group_size, mode, splits, sms)
+
+
+def quant_mma_emulated(x: torch.Tensor, w: MmaWeight, splits: int | None = None, sms: int = 132) -> torch.Tensor:
+    """:func:`quant_mma` for CPU tensors, run by the kernel's own code under :func:`emulation` (``splits`` None:
+    chosen as on a GPU of ``sms`` SMs)."""
+    return _run(emulation(), x, w.qweight, w.params, w.tables, w.N, w.K, w.bits, w.group_size, w.mode, splits or 0,
+                sms)
+
+
+def _run(ext, x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, tables: torch.Tensor, n: int, k: int,
+         bits: int, group_size: int, mode: int, splits: int, sms: int) -> torch.Tensor:
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"quant_mma: x must be float16 or bfloat16, got {x.dtype}")
     if not all(t.device == x.device for t in (qweight, params, tables)):
@@ -337,9 +370,9 @@ def _quant_mma_cuda(x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor
         x = x.clone()
     m = x.shape[0]
     if not splits:
-        splits = choose_splits(m, n, k, torch.cuda.get_device_properties(x.device).multi_processor_count, bits)
+        splits = choose_splits(m, n, k, sms, bits)
     kb = qweight.shape[1]
     need = grid_ctas(m, 16 * qweight.shape[0])
     table = tables[0 if x.dtype == torch.float16 else 1]
-    return extension().quant_mma(x, qweight, params, table, _counter_buffer(x.device, need), n, k, bits,
-                                 group_size, mode, min(splits, kb))
+    return ext.quant_mma(x, qweight, params, table, _counter_buffer(x.device, need), n, k, bits, group_size, mode,
+                         min(splits, kb))

@@ -14,10 +14,11 @@
 //   two scales: acc += a * S(v) + (b - a) * S(min(v,0))   (= a S(v+) + b S(v-), one max/min per register)
 // Split-K: every split writes an fp32 partial tile to a workspace; the last split to arrive at a tile (atomic
 // counter per tile, reset by that split) sums the partials and writes y. One launch per call.
-#include <cuda.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#ifdef HFE_MMA_EMULATE
+#include "quant_mma_emu.h"  // the same primitives on the CPU (tests)
+#else
+#include "quant_mma_ptx.cuh"
+#endif
 #include <stdint.h>
 
 #include <algorithm>
@@ -36,64 +37,10 @@ template <> struct Pair<__half> { using T2 = __half2; };
 template <> struct Pair<__nv_bfloat16> { using T2 = __nv_bfloat162; };
 
 template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same<T, __half>::value) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-}
-
-template <typename T>
 __device__ __forceinline__ uint32_t hmin0(uint32_t v) {
   using T2 = typename Pair<T>::T2;
   T2 r = __hmin2(*reinterpret_cast<T2*>(&v), T2{});
   return *reinterpret_cast<uint32_t*>(&r);
-}
-
-// Asynchronous 16-byte global -> shared copies (cp.async, L2 only): weights and x wait in shared memory, not in
-// registers, so a warp keeps several blocks in flight and a stage of x is one burst of loads, not a chain of
-// dependent load-store pairs. src_bytes = 0 writes zeros (padding) without reading.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes = 16) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-// "memory": the shared-memory reads of a landed block must not be hoisted above the wait.
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Shared memory by 32-bit shared-window addresses. pin() hides a value's origin from the compiler: the window
-// address of the dynamic shared memory is otherwise recomputed (a special-register read and four more
-// instructions) wherever it is used, once per block and more, because the decode kernel is short of registers.
-__device__ __forceinline__ uint32_t pin(uint32_t v) {
-  asm volatile("" : "+r"(v));
-  return v;
-}
-__device__ __forceinline__ uint32_t shared_addr(const void* p) {
-  return pin(static_cast<uint32_t>(__cvta_generic_to_shared(p)));
-}
-__device__ __forceinline__ uint32_t lds32(uint32_t a) {
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(a));
-  return v;
-}
-__device__ __forceinline__ uint2 lds64(uint32_t a) {
-  uint2 v;
-  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(a));
-  return v;
-}
-__device__ __forceinline__ uint4 lds128(uint32_t a) {
-  uint4 v;
-  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
-  return v;
 }
 
 // A thread's chunk: the codes of 16 pairs (pair p = slice p/2, half p%2) of one row, read from the warp's ring.
@@ -179,9 +126,7 @@ struct PairTable {
     }
   }
   __device__ __forceinline__ uint32_t operator()(uint32_t idx) const {
-    uint32_t v;
-    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(base + (idx << 7)));
-    return v;
+    return lds32(base + (idx << 7));
   }
 };
 
@@ -219,7 +164,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   constexpr int ROWS = MT * 8;         // rows of x per CTA
   constexpr int GW = 64 * CW;          // words of one block of one tile in global memory
   constexpr int SLOT = ring_slot_words<BITS, PT>();  // + its group's parameters
-  extern __shared__ __align__(16) uint32_t smem[];
+  HFE_DYNAMIC_SMEM(smem);
   uint32_t* ring = smem + TE * 32;                          // [WARPS][RING][SLOT]
   T* xs = reinterpret_cast<T*>(ring + WARPS * RING * SLOT);  // [srows + 1][stage_k + 8]
   float* xsum = reinterpret_cast<float*>(ring + WARPS * RING * SLOT + x_stage_words<T>(min(ROWS, M) + 1, stage_blocks));
@@ -505,7 +450,7 @@ void launch_typed(const Args& a) {
   auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   dim3 grid(row_ctas, a.splits, (a.M + MT * 8 - 1) / (MT * 8));
-  kern<<<grid, WARPS * 32, smem, a.stream>>>(
+  HFE_LAUNCH(kern, grid, WARPS * 32, smem, a.stream,
       static_cast<const T*>(a.x), a.M, a.K, a.ldx, a.qw, static_cast<const PT*>(a.params), a.table,
       static_cast<T*>(a.y), a.N, a.Ntiles, a.KB, a.group, a.NG, a.blocks_per_split, stage_blocks, a.ws, a.counters);
 }

@@ -1,6 +1,10 @@
 // What the binding (quant_mma_binding.cpp) hands the kernel launcher (quant_mma.cuh).
 #pragma once
+#ifdef HFE_MMA_EMULATE
+#include "quant_mma_emu.h"  // cudaStream_t
+#else
 #include <cuda_runtime.h>
+#endif
 #include <stdint.h>
 
 namespace hfe_mma {

@@ -1,11 +1,20 @@
 // Python binding of the mixed-input MMA kernel (kernels/cuda/quant_mma.cuh): validates shapes and dtypes with
 // actionable errors, then launches on the current stream. Called by hf_efficient.kernels.quant_mma, which owns the
 // torch.library op, the layout and the choice of splits.
+// Built with -DHFE_MMA_EMULATE, the same binding runs the kernel on CPU tensors through quant_mma_emu.h (tests).
+#include <torch/extension.h>
+#ifdef HFE_MMA_EMULATE
+#define HFE_DEVICE "CPU"
+#define HFE_ON_DEVICE(t) (t).is_cpu()
+#define HFE_STREAM nullptr
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
-
 #include <cuda_runtime.h>
+#define HFE_DEVICE "CUDA"
+#define HFE_ON_DEVICE(t) (t).is_cuda()
+#define HFE_STREAM at::cuda::getCurrentCUDAStream()
+#endif
 #include <stdint.h>
 
 #include "quant_mma_args.h"
@@ -13,21 +22,21 @@
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qw, torch::Tensor params, torch::Tensor table,
                         torch::Tensor counters, int64_t N, int64_t K, int64_t bits, int64_t group, int64_t mode,
                         int64_t splits) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(1) == K, "quant_mma: x must be a CUDA (M, ", K, ") tensor, got ",
-              x.sizes());
+  TORCH_CHECK(HFE_ON_DEVICE(x) && x.dim() == 2 && x.size(1) == K, "quant_mma: x must be a " HFE_DEVICE " (M, ", K,
+              ") tensor, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "quant_mma: x must be float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.stride(1) == 1, "quant_mma: x must be contiguous along K");
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "quant_mma: bits must be 2, 3 or 4, got ", bits);
   TORCH_CHECK(mode >= 0 && mode <= 2, "quant_mma: mode must be 0, 1 or 2, got ", mode);
   TORCH_CHECK(group % 16 == 0 && group > 0, "quant_mma: group must be a positive multiple of 16, got ", group);
-  TORCH_CHECK(qw.is_cuda() && qw.scalar_type() == at::kInt && qw.dim() == 5 && qw.size(2) == 16 && qw.size(3) == 4,
+  TORCH_CHECK(HFE_ON_DEVICE(qw) && qw.scalar_type() == at::kInt && qw.dim() == 5 && qw.size(2) == 16 && qw.size(3) == 4,
               "quant_mma: qweight must be int32 (Ntiles, KB, 16, 4, words), got ", qw.sizes());
-  TORCH_CHECK(params.is_cuda() && params.dim() == 4 && params.size(2) == 16 && params.size(3) == 2 &&
+  TORCH_CHECK(HFE_ON_DEVICE(params) && params.dim() == 4 && params.size(2) == 16 && params.size(3) == 2 &&
                   (params.scalar_type() == at::kHalf || params.scalar_type() == at::kFloat),
               "quant_mma: params must be float16/float32 (Ntiles, NG, 16, 2), got ", params.sizes(), " ",
               params.scalar_type());
-  TORCH_CHECK(table.is_cuda() && table.scalar_type() == at::kInt && table.numel() == (1 << (2 * bits)),
+  TORCH_CHECK(HFE_ON_DEVICE(table) && table.scalar_type() == at::kInt && table.numel() == (1 << (2 * bits)),
               "quant_mma: table must hold 4**bits int32 pair entries");
   TORCH_CHECK(qw.is_contiguous() && params.is_contiguous() && table.is_contiguous(),
               "quant_mma: weight tensors must be contiguous");
@@ -37,7 +46,9 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qw, torch::Tensor params,
   TORCH_CHECK(splits >= 1, "quant_mma: splits must be >= 1");
   // The kernel copies each group's parameters into shared memory as 16-byte units.
   if (reinterpret_cast<uintptr_t>(params.data_ptr()) % 16) params = params.clone();
+#ifndef HFE_MMA_EMULATE
   c10::cuda::CUDAGuard guard(x.device());
+#endif
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
   const int64_t mt_rows = 8 * hfe_mma::mtiles_for((int)M);
@@ -45,8 +56,10 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qw, torch::Tensor params,
   const int64_t bps = (KB + splits - 1) / splits, S = (KB + bps - 1) / bps;
   torch::Tensor ws;
   if (S > 1) {
-    TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.numel() >= row_ctas * mtiles,
-                "quant_mma: counters must be a zeroed int32 CUDA buffer of at least ", row_ctas * mtiles, " entries");
+    TORCH_CHECK(HFE_ON_DEVICE(counters) && counters.scalar_type() == at::kInt &&
+                    counters.numel() >= row_ctas * mtiles,
+                "quant_mma: counters must be a zeroed int32 " HFE_DEVICE " buffer of at least ", row_ctas * mtiles,
+                " entries");
     ws = torch::empty({S, M, Ntiles * 16}, x.options().dtype(at::kFloat));
   }
   hfe_mma::Args a{x.data_ptr(), (int)M, (int)K, (int)x.stride(0),
@@ -54,7 +67,11 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qw, torch::Tensor params,
                   reinterpret_cast<const uint32_t*>(table.data_ptr<int>()), y.data_ptr(), (int)N, (int)Ntiles,
                   (int)KB, (int)group, (int)params.size(1), (int)bps, (int)S, S > 1 ? ws.data_ptr<float>() : nullptr,
                   S > 1 ? counters.data_ptr<int>() : nullptr, x.scalar_type() == at::kBFloat16,
-                  params.scalar_type() == at::kFloat, at::cuda::getCurrentCUDAStream()};
+                  params.scalar_type() == at::kFloat, HFE_STREAM};
+#ifdef HFE_MMA_EMULATE
+  auto bytes = [](const torch::Tensor& t) { return std::make_pair((const void*)t.data_ptr(), (size_t)t.nbytes()); };
+  const hfe_emu::Regions readable({bytes(x), bytes(qw), bytes(params), bytes(table)});
+#endif
   switch (bits * 3 + mode) {
     case 6: hfe_mma::launch<2, 0>(a); break;
     case 7: hfe_mma::launch<2, 1>(a); break;
@@ -66,7 +83,9 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qw, torch::Tensor params,
     case 13: hfe_mma::launch<4, 1>(a); break;
     case 14: hfe_mma::launch<4, 2>(a); break;
   }
+#ifndef HFE_MMA_EMULATE
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
   return y;
 }
 
