@@ -4,6 +4,9 @@ Run: ``python -m benchmarks.quant_fuzz [--cases 1000] [--seed S] [--out DIR]`` (
 :func:`hf_efficient.kernels.quant_reference.fuzz` / :func:`~hf_efficient.kernels.quant_reference.compare`.
 Writes ``quant_fuzz.{json,md}``: per kernel the cases, failed cases, worst error relative to
 ``sum_k |x_k w_k|``, max absolute error, and the first failures. Exits non-zero if any case failed.
+
+``--kernels mma-emu`` runs the mma kernel's own code on the CPU under its CUDA emulation
+(:func:`hf_efficient.kernels.quant_mma.emulation`; no GPU needed, slow) and writes ``quant_fuzz_emu.{json,md}``.
 """
 from __future__ import annotations
 
@@ -22,20 +25,25 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1234, help="case generator seed (split a long run over processes)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("quant_fuzz needs CUDA")
+    kernels = args.kernels.split(",")
+    emulated = kernels == ["mma-emu"]
+    if "mma-emu" in kernels and not emulated:
+        raise SystemExit("--kernels mma-emu runs on its own (its results go to quant_fuzz_emu)")
+    if not emulated and not torch.cuda.is_available():
+        raise SystemExit("quant_fuzz needs CUDA (or --kernels mma-emu)")
     from hf_efficient.kernels.quant_reference import FUZZ_FORMATS, fuzz
 
     names = tuple(args.formats.split(",")) if args.formats else FUZZ_FORMATS
     rows = []
-    for kernel in args.kernels.split(","):
-        r = fuzz(kernel, cases=args.cases, seed=args.seed, fmt_names=names)
+    for kernel in kernels:
+        r = fuzz(kernel, cases=args.cases, seed=args.seed, fmt_names=names, device="cpu" if emulated else "cuda")
         r["failures"] = " | ".join(r["failures"]) or "-"
         r["per_format"] = ", ".join(f"{k}:{v}" for k, v in sorted(r["per_format"].items()))
         rows.append(r)
         print_rows([r])
-        write_results("quant_fuzz", rows, {"bound": "see kernels/quant_reference.compare", "seed": args.seed,
-                                           "formats": list(names)}, args.out,
+        write_results("quant_fuzz_emu" if emulated else "quant_fuzz", rows,
+                      {"bound": "see kernels/quant_reference.compare", "seed": args.seed, "formats": list(names)},
+                      args.out,
                       columns=["kernel", "cases", "failed_cases", "worst_err_over_sum_abs_xw", "max_abs_err",
                                "seconds", "per_format", "failures"])
     if any(r["failed_cases"] for r in rows):

@@ -147,7 +147,8 @@ def _lut_term_magnitude(kw: KernelWeight) -> torch.Tensor:
     return a * beta1.abs().sum() + kw.scheme.second_coef(a, b).abs() * beta2.abs().sum()
 
 
-def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0, lut: bool = False) -> dict:
+def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0, lut: bool = False,
+            interpreted: bool | None = None) -> dict:
     """Kernel output ``y`` vs the float32 reference, against the bound (per output element)
 
     ``|y - ref| <= u_out |ref| + eta_out + (u_w + 1e-5) sum_k |x_k w_k|
@@ -160,14 +161,17 @@ def compare(y: torch.Tensor, x: torch.Tensor, kw: KernelWeight, u_w: float = 0.0
     ``2 sum |x|``, multiplied by ``2**bits`` and the scale ``a``. With ``lut`` (the LUT kernel) the float32
     sums run over the Walsh terms of the grid, which cancel to a small or zero weight only after summation,
     so the summation term scales with the terms (:func:`_lut_term_magnitude`), not with ``|w|``.
-    Returns ``{"bad": count, "rel": max |err| / sum|x w|, "abs": max |err|, "finite": bool}``.
+    ``interpreted``: whether ``y`` comes from the Triton interpreter, whose bfloat16 outputs truncate (default:
+    ``y`` is not on CUDA). Returns ``{"bad": count, "rel": max |err| / sum|x w|, "abs": max |err|, "finite": bool}``.
     """
     from .quant_layout import DECODE_INT
 
     w = dequantize_reference(kw)
     ref = x.float() @ w.t()
     mag = x.float().abs() @ w.abs().t()
-    u = INTERP_BF16_OUT if x.dtype == torch.bfloat16 and not y.is_cuda else U[x.dtype]
+    if interpreted is None:  # CPU outputs come from the Triton interpreter, unless the caller says otherwise
+        interpreted = not y.is_cuda
+    u = INTERP_BF16_OUT if x.dtype == torch.bfloat16 and interpreted else U[x.dtype]
     tol = u * ref.abs() + ETA[x.dtype] + (u_w + 1e-5) * mag
     if kw.decode == DECODE_INT and not kw.scheme.split_sign:
         gi = torch.arange(kw.K, device=w.device) // kw.group_size
@@ -196,7 +200,9 @@ FUZZ_FORMATS = ("int4_asym", "int3_asym", "int2_asym", "int8_asym", "int4_sym", 
 
 def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_failures: int = 5,
          fmt_names=FUZZ_FORMATS) -> dict:
-    """``cases`` random products through ``kernel`` ("mma", "gemv", "gemm" or "lut") checked with :func:`compare`.
+    """``cases`` random products through ``kernel`` ("mma", "gemv", "gemm" or "lut"; "mma-emu": the mma kernel's code
+    on the CPU under :func:`~hf_efficient.kernels.quant_mma.emulation`, with ``device="cpu"``) checked with
+    :func:`compare`.
 
     Random format (of ``fmt_names``), N in [1, 700], K in [1, 1500] (mostly not multiples of the
     group or block sizes), M (1..8 for the GEMV, up to 100 for the GEMM, 1..9 for the LUT kernel), group
@@ -210,15 +216,16 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
     from .. import formats
 
     rng = random.Random(seed)
-    if kernel == "mma":
+    if kernel in ("mma", "mma-emu"):
         from . import quant_mma
 
         max_bits = max(quant_mma.MMA_BITS)
+        run = quant_mma.quant_mma if kernel == "mma" else quant_mma.quant_mma_emulated
 
         def fn(x, kw, codes, fmt, config):  # config: the split-K factor (0 = the shape rule)
             w = quant_mma.pack(codes.to(kw.params.device), kw.params[0], kw.params[1], fmt.grid, fmt.bits, kw.group_size,
                                kw.mode)
-            return quant_mma.quant_mma(x, w, splits=config)
+            return run(x, w, splits=config)
     else:
         from .autotune import space, valid
         from .quant_gemm import quant_gemm, quant_gemv
@@ -239,13 +246,14 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
         m = {"gemv": lambda: rng.choice(range(1, 9)),  # 1..GEMV_MAX_M
              "gemm": lambda: rng.choice([1, 2, 9, 16, 17, 33, 64, 100]),
              "mma": lambda: rng.choice([1, 1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 100, 256]),
+             "mma-emu": lambda: rng.choice([1, 1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 100, 256]),
              "lut": lambda: rng.randint(1, 9)}[kernel]()
         special = rng.choice([None, None, "zero", "extreme"])
         # fp16 tops out at 65504: an INT8 group scaled x1000 times x30 overflows it (in the reference too),
         # so fp16 cases use milder extremes; bf16 takes x1000 / x1e-3 scales and x30 activations.
         fmt, codes, kw = random_kernel_weight(name, n, k, group, special=special, seed=i, device=device,
                                               extreme=1000.0 if dtype == torch.bfloat16 else 10.0)
-        if kernel == "mma":
+        if kernel.startswith("mma"):
             cfg = rng.choice([0, 0, 1, 2, 3, 7])
         else:
             args = {"GROUP": group, "BITS": kw.bits, "M": m, "BLOCK_M": 1 << (m - 1).bit_length()}
@@ -253,8 +261,8 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
         x = torch.randn(m, k, device=device).to(dtype) * rng.choice([1.0, 0.01] + ([30.0] if dtype == torch.bfloat16
                                                                                   else []))
         # the GEMM and the mma kernel round the (unscaled / scaled) weight to the activation dtype
-        r = compare(fn(x, kw, codes, fmt, cfg), x, kw, u_w=U[dtype] if kernel in ("gemm", "mma") else 0.0,
-                    lut=kernel == "lut")
+        r = compare(fn(x, kw, codes, fmt, cfg), x, kw, u_w=U[dtype] if kernel.startswith(("gemm", "mma")) else 0.0,
+                    lut=kernel == "lut", interpreted=False if kernel == "mma-emu" else None)
         worst_rel, worst_abs = max(worst_rel, r["rel"]), max(worst_abs, r["abs"])
         counts[name] = counts.get(name, 0) + 1
         if r["bad"]:
