@@ -148,3 +148,16 @@ def test_cp_async_lands_at_the_wait(probes):
     before, after, partial, zero = probes.lands_at_wait()
     assert before == 0xFFFFFFFF  # shared memory starts as 0xFF bytes: the copy had not landed
     assert (after, partial, zero) == (4, 2, 0)  # 16 bytes; then 8 bytes read and 8 zero-filled
+
+
+def test_fuzz_runs_the_emulated_kernel(tmp_path):
+    """``benchmarks.quant_fuzz --kernels mma-emu``: the GPU fuzz's cases through the kernel's code on the CPU."""
+    import json
+
+    from benchmarks.quant_fuzz import main
+
+    main(["--kernels", "mma-emu", "--cases", "6", "--seed", "7", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "quant_fuzz_emu.json").read_text())["rows"]
+    assert [(r["kernel"], r["cases"], r["failed_cases"]) for r in rows] == [("mma-emu", 6, 0)]
+    with pytest.raises(SystemExit, match="on its own"):
+        main(["--kernels", "mma,mma-emu", "--out", str(tmp_path)])
