@@ -80,6 +80,15 @@ std::string misuse(int64_t which) {
   return "";
 }
 
+int64_t dynamic_smem_address() {
+  int64_t at = -1;
+  ::hfe_emu::launch(dim3(1), dim3(32), 64, [&] {
+    HFE_DYNAMIC_SMEM(smem);
+    if (threadIdx.x == 0) at = hfe_mma::shared_addr(smem);
+  });
+  return at;
+}
+
 // A thread's cp.async lands at its wait, not before: the words read before and after the wait.
 std::vector<int64_t> lands_at_wait() {
   std::vector<uint32_t> src = {1, 2, 3, 4};
@@ -111,7 +120,7 @@ def probes():
     build = Path(os.environ.get("HF_EFFICIENT_CACHE", Path.home() / ".cache" / "hf_efficient")) / "emu_probes"
     build.mkdir(parents=True, exist_ok=True)
     src = Path(Q.__file__).parent / "cuda"
-    return load_inline("hfe_emu_probes", PROBES, functions=["mma", "misuse", "lands_at_wait"],
+    return load_inline("hfe_emu_probes", PROBES, functions=["mma", "misuse", "lands_at_wait", "dynamic_smem_address"],
                        extra_include_paths=[str(src)], build_directory=str(build),
                        extra_cflags=["-O1", "-std=c++17", "-fno-strict-aliasing", "-DHFE_MMA_EMULATE"])
 
@@ -135,7 +144,7 @@ def test_emulated_mma_is_a_matmul(probes, dtype):
 
 
 @pytest.mark.parametrize("which,message", [
-    (0, "deadlock in block"), (1, "deadlock in block"), (2, "past the 256 bytes"), (3, "misaligned shared access"),
+    (0, "deadlock in block"), (1, "deadlock in block"), (2, "outside the 256 bytes"), (3, "misaligned shared access"),
     (4, "outside every input tensor"), (5, "partial mask"), (6, "different warp collectives"), (7, "")],
     ids=["skipped-collective", "divergent-syncthreads", "shared-out-of-bounds", "misaligned", "unregistered-source",
          "partial-mask", "mixed-collectives", "correct"])
@@ -148,6 +157,12 @@ def test_cp_async_lands_at_the_wait(probes):
     before, after, partial, zero = probes.lands_at_wait()
     assert before == 0xFFFFFFFF  # shared memory starts as 0xFF bytes: the copy had not landed
     assert (after, partial, zero) == (4, 2, 0)  # 16 bytes; then 8 bytes read and 8 zero-filled
+
+
+def test_dynamic_shared_memory_does_not_start_at_zero(probes):
+    """As on a GPU, static shared variables come first: code may not assume the dynamic part is aligned to more
+    than 16 bytes (the mma kernel aligns its 3-bit table itself)."""
+    assert probes.dynamic_smem_address() == 16
 
 
 def test_fuzz_runs_the_emulated_kernel(tmp_path):

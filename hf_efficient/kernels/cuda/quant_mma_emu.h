@@ -109,6 +109,9 @@ inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
 namespace hfe_emu {
 
 constexpr size_t MAX_DYNAMIC_SMEM = 232448;  // an sm_90 CTA's opt-in maximum (227 KB)
+// The shared window starts with bytes that stand for the kernel's static __shared__ variables, as on a GPU, so the
+// dynamic shared memory does not start at address 0 (code that assumes an alignment of it has to establish it).
+constexpr size_t STATIC_SMEM = 16;
 constexpr size_t STACK = 1 << 17;
 constexpr int XW = 8;                         // words a lane posts to a warp collective (the last: its kind)
 enum Kind : uint32_t { MMA_F16 = 1, MMA_BF16, SHFL, SHFL_XOR };
@@ -213,18 +216,20 @@ template <int W> inline const uint32_t* exchange(Kind kind, const uint32_t (&min
 inline size_t smem_offset(const void* p) {
   const unsigned char* c = static_cast<const unsigned char*>(p);
   Runtime& r = rt();
-  if (c < r.smem.data() || c > r.smem.data() + r.smem.size()) fail("a shared address of memory that is not shared");
+  if (c < r.smem.data() + STATIC_SMEM || c > r.smem.data() + r.smem.size())
+    fail("a shared address of memory that is not dynamic shared memory");
   return static_cast<size_t>(c - r.smem.data());
 }
 inline unsigned char* smem_at(uint32_t a, size_t bytes) {
   Runtime& r = rt();
   if (a % bytes && bytes <= 16) fail("misaligned shared access of " + std::to_string(bytes) + " bytes at " +
                                      std::to_string(a));
-  if (a + bytes > r.smem.size()) fail("shared access at " + std::to_string(a) + " past the " +
-                                      std::to_string(r.smem.size()) + " bytes of dynamic shared memory");
+  if (a < STATIC_SMEM || a + bytes > r.smem.size())
+    fail("shared access at " + std::to_string(a) + " outside the " + std::to_string(r.smem.size() - STATIC_SMEM) +
+         " bytes of dynamic shared memory (at " + std::to_string(STATIC_SMEM) + ")");
   return r.smem.data() + a;
 }
-inline uint32_t* dynamic_smem() { return reinterpret_cast<uint32_t*>(rt().smem.data()); }
+inline uint32_t* dynamic_smem() { return reinterpret_cast<uint32_t*>(rt().smem.data() + STATIC_SMEM); }
 
 inline void check_region(const void* src, int bytes) {
   const char* s = static_cast<const char*>(src);
@@ -284,7 +289,7 @@ template <typename F> void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& 
   std::shuffle(order.begin(), order.end(), rng);
   for (const dim3& b : order) {
     r.bidx = b;
-    r.smem.assign(smem_bytes, 0xff);
+    r.smem.assign(STATIC_SMEM + smem_bytes, 0xff);
     r.live = n;
     r.cta_arrived = 0;
     std::fill(r.warp_arrived.begin(), r.warp_arrived.end(), 0);
