@@ -4,7 +4,8 @@ The kernel runs ``mma.sync.m16n8k16`` with the weight as the A operand, so one w
 of activations per MMA (decode, M = 1..8) and more rows cost more MMAs, not more weight traffic. This module
 owns its weight layout (built once per layer, the layer's only copy on the GPU), the inverse of that layout
 (checkpoints stay in the stored layout), a plain-torch reference of what the kernel computes (the CPU tests'
-oracle), the JIT build of the extension (only where CUDA and ``nvcc`` exist) and the split-K choice.
+oracle), the JIT build of the extension (only where CUDA and ``nvcc`` exist), a CPU build of the same kernel code
+under a CUDA emulation for the tests (:func:`emulation`, :func:`quant_mma_emulated`) and the split-K choice.
 
 **The mma layout.** ``N`` is padded to ``Ntiles * 16`` rows and ``K`` to ``KB * 128`` (zero codes; zero scales
 for the padded rows and groups, zero activations for the padded K, so padding adds nothing).
@@ -360,6 +361,7 @@ def quant_mma_emulated(x: torch.Tensor, w: MmaWeight, splits: int | None = None,
 
 def _run(ext, x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, tables: torch.Tensor, n: int, k: int,
          bits: int, group_size: int, mode: int, splits: int, sms: int) -> torch.Tensor:
+    """Check and prepare the arguments, choose the split (``splits`` 0: for ``sms`` SMs) and call ``ext``'s binding."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"quant_mma: x must be float16 or bfloat16, got {x.dtype}")
     if not all(t.device == x.device for t in (qweight, params, tables)):
