@@ -152,27 +152,22 @@ def test_split_model_matches_the_measured_sweep():
 RUNNERS = [pytest.param("cuda", marks=pytest.mark.gpu), "emu"]
 
 
-def _run_kernel(runner: str, x: torch.Tensor, codes, kw, fmt, group: int, splits: int):
-    """(weight in the mma layout on the runner's device, the kernel's output)"""
-    dev = "cuda" if runner == "cuda" else "cpu"
-    w = Q.pack(codes.to(dev), kw.params[0].to(dev), None if kw.params[1] is None else kw.params[1].to(dev), fmt.grid,
-               fmt.bits, group, fmt.scale_scheme.mode)
-    x = x.to(dev)
-    y = Q.quant_mma(x, w, splits=splits) if runner == "cuda" else Q.quant_mma_emulated(x, w, splits=splits)
-    return w, y
-
-
 def _check_kernel(runner, name, n, k, group, m, dtype, splits_list, **weight_kw):
+    """The kernel on the runner's device (the GPU, or the CPU emulation) against the float32 reference, at each
+    split of ``splits_list``; returns the weight in the mma layout."""
     from hf_efficient.kernels.quant_reference import ETA, U
 
-    fmt, codes, kw = random_kernel_weight(name, n, k, group, special="extreme", **weight_kw)
+    dev = "cuda" if runner == "cuda" else "cpu"
+    fmt, codes, kw = random_kernel_weight(name, n, k, group, special="extreme", device=dev, **weight_kw)
+    w = Q.pack(codes.to(dev), kw.params[0], kw.params[1], fmt.grid, fmt.bits, group, fmt.scale_scheme.mode)
     x = torch.randn(m, k, dtype=dtype)
+    wr = Q.dequantize_reference(w, dtype).cpu()
+    ref = x.float() @ wr.t()
+    # weights rounded to the dtype (in wr), float32 sums of |x w| over K, output rounded once
+    bound = U[dtype] * ref.abs() + 1e-5 * (x.float().abs() @ wr.abs().t()) + ETA[dtype]
+    run = Q.quant_mma if runner == "cuda" else Q.quant_mma_emulated
     for splits in splits_list:
-        w, y = _run_kernel(runner, x, codes, kw, fmt, group, splits)
-        wr = Q.dequantize_reference(w, dtype).cpu()
-        ref = x.float() @ wr.t()
-        # weights rounded to the dtype (in wr), float32 sums of |x w| over K, output rounded once
-        bound = U[dtype] * ref.abs() + 1e-5 * (x.float().abs() @ wr.abs().t()) + ETA[dtype]
+        y = run(x.to(dev), w, splits=splits)
         err = (y.float().cpu() - ref).abs()
         assert y.dtype == dtype and y.shape == (m, n)
         assert (err <= bound).all(), f"splits={splits}: {(err > bound).sum()} off, max {err.max():.3g}"
