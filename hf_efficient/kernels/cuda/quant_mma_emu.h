@@ -165,36 +165,29 @@ inline Fiber& me() { return rt().fibers[rt().cur]; }
 
 inline void yield() { swapcontext(&me().ctx, &rt().sched); }
 
-inline void warp_barrier() {
-  Runtime& r = rt();
+// Arrive at a barrier of `expected` threads: the last to arrive moves its generation on, which releases the others
+// (`waiting`: what blocked() checks for this thread, 1 a warp barrier, 2 __syncthreads).
+inline void arrive(int& arrived, unsigned& gen, int expected, int waiting) {
   Fiber& f = me();
-  const unsigned gen = r.warp_gen[f.warp];
-  if (++r.warp_arrived[f.warp] == 32) {
-    r.warp_arrived[f.warp] = 0;
-    ++r.warp_gen[f.warp];
+  const unsigned g = gen;
+  if (++arrived == expected) {
+    arrived = 0;
+    ++gen;
     return;
   }
-  f.waiting = 1;
-  f.wait_gen = gen;
-  while (r.warp_gen[f.warp] == gen) yield();
+  f.waiting = waiting;
+  f.wait_gen = g;
+  while (gen == g) yield();
   f.waiting = 0;
 }
-
-inline void complete_cta_barrier() {
+inline void warp_barrier() {
   Runtime& r = rt();
-  r.cta_arrived = 0;
-  ++r.cta_gen;
+  const int w = me().warp;
+  arrive(r.warp_arrived[w], r.warp_gen[w], 32, 1);
 }
-
 inline void cta_barrier() {
   Runtime& r = rt();
-  Fiber& f = me();
-  const unsigned gen = r.cta_gen;
-  if (++r.cta_arrived == r.live) return complete_cta_barrier();
-  f.waiting = 2;
-  f.wait_gen = gen;
-  while (r.cta_gen == gen) yield();
-  f.waiting = 0;
+  arrive(r.cta_arrived, r.cta_gen, r.live, 2);  // threads that have exited do not count
 }
 
 // Post this lane's words, wait for the warp, return the warp's [32][XW] posts (double-buffered: a lane that runs
@@ -255,7 +248,10 @@ inline void fiber_entry() {
   }
   Fiber& f = me();
   f.done = true;
-  if (--r.live > 0 && r.cta_arrived > 0 && r.cta_arrived == r.live) complete_cta_barrier();
+  if (--r.live > 0 && r.cta_arrived > 0 && r.cta_arrived == r.live) {  // the others wait only for this thread
+    r.cta_arrived = 0;
+    ++r.cta_gen;
+  }
 }  // returns to the scheduler (uc_link)
 
 inline bool blocked(const Fiber& f) {
@@ -267,7 +263,7 @@ inline bool blocked(const Fiber& f) {
 template <typename F> void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& fn) {
   Runtime& r = rt();
   const std::function<void()> body(fn);
-  const int n = block.x * block.y * block.z, warps = (n + 31) / 32;
+  const int n = block.x * block.y * block.z, warps = n / 32;
   if (block.y != 1 || block.z != 1 || n % 32) throw std::runtime_error("hfe_emu: only 1-D blocks of whole warps");
   if (smem_bytes > MAX_DYNAMIC_SMEM)
     throw std::runtime_error("hfe_emu: " + std::to_string(smem_bytes) + " bytes of dynamic shared memory, more than "
@@ -277,7 +273,7 @@ template <typename F> void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& 
   r.block = block;
   r.error.clear();
   while ((int)r.stacks.size() < n) r.stacks.emplace_back(new char[STACK]);
-  r.fibers.assign(n, Fiber());
+  r.fibers.resize(n);  // each CTA starts them afresh
   r.warp_arrived.assign(warps, 0);
   r.warp_gen.assign(warps, 0);
   r.xch.assign((size_t)warps * 2 * 32 * XW, 0);
