@@ -6,8 +6,11 @@
 # (csrc/) against the image's own torch, runs `pytest -m gpu`, then each named benchmark module
 # (benchmarks/<name>.py, default: $GPU_BENCHMARKS or none) and leaves everything under $OUT:
 # pytest_gpu.log, bench.log, results.tgz (JSON + markdown tables), env.txt. GPU_TESTS=<paths> narrows
-# the test run (default: tests/; "none" skips it); GPU_TIMEOUT=<seconds> bounds each step (default: none), so
-# one slow step cannot eat a whole device call (benchmarks write their results as they go).
+# the test run (default: tests/; "none" skips it); GPU_WORKERS=<n> runs it on n pytest-xdist workers;
+# GPU_TIMEOUT=<seconds> bounds each step (default: none), so one slow step cannot eat a whole device call. The
+# bound is a SIGINT first: a cut pytest still prints its failures and durations, and the log names every result
+# as it lands (-v), so a cut run still says what passed (benchmarks write their results as they go). The mma
+# extension is built before the tests, timed on its own, so the bound is the tests' time alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -23,10 +26,17 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/
   python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 } | tee "$OUT/env.txt"
 rc=0
-limit=(); [ -n "${GPU_TIMEOUT:-}" ] && limit=(timeout "$GPU_TIMEOUT")
+limit=(); [ -n "${GPU_TIMEOUT:-}" ] && limit=(timeout -s INT -k 30 "$GPU_TIMEOUT")
+SECONDS=0
+python3 -c 'from hf_efficient.kernels import quant_mma; print("mma extension built:", quant_mma.extension() is not None)' \
+  2>&1 | tail -3
+echo "extension step: ${SECONDS}s"
 if [ "${GPU_TESTS:-tests}" != none ]; then
-  "${limit[@]}" python3 -m pytest -m gpu -q -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 | tee "$OUT/pytest_gpu.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+  # shellcheck disable=SC2086  # GPU_TESTS is a list of paths
+  "${limit[@]}" python3 -m pytest -m gpu -v -rfE --durations=25 -p no:cacheprovider \
+    ${GPU_WORKERS:+-n "$GPU_WORKERS"} ${GPU_TESTS:-tests} >"$OUT/pytest_gpu.log" 2>&1 || rc=1
+  grep -cE "(PASSED|FAILED|ERROR)( |$)" "$OUT/pytest_gpu.log" | sed 's/^/results logged: /'
+  grep -vE "PASSED|Warning|warner" "$OUT/pytest_gpu.log" | tail -60 | cut -c1-300
 fi
 [ $# -gt 0 ] || set -- ${GPU_BENCHMARKS:-}
 for b in "$@"; do
