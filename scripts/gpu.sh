@@ -35,7 +35,7 @@ if [ "${GPU_TESTS:-tests}" != none ]; then
   # shellcheck disable=SC2086  # GPU_TESTS is a list of paths
   "${limit[@]}" python3 -m pytest -m gpu -v -rfE --durations=25 -p no:cacheprovider \
     ${GPU_WORKERS:+-n "$GPU_WORKERS"} ${GPU_TESTS:-tests} >"$OUT/pytest_gpu.log" 2>&1 || rc=1
-  grep -cE "(PASSED|FAILED|ERROR)( |$)" "$OUT/pytest_gpu.log" | sed 's/^/results logged: /'
+  grep -cE " (PASSED|FAILED|ERROR)( |$)" "$OUT/pytest_gpu.log" | sed 's/^/results logged: /'
   grep -vE "PASSED|Warning|warner" "$OUT/pytest_gpu.log" | tail -60 | cut -c1-300
 fi
 [ $# -gt 0 ] || set -- ${GPU_BENCHMARKS:-}
