@@ -75,6 +75,62 @@ def test_layout_roundtrip_and_fragments(case, dtype):
     assert (w.params.permute(0, 2, 1, 3).reshape(-1, w.params.shape[1], 2)[n:] == 0).all()
 
 
+def _ldmatrix_x4(stage: torch.Tensor, xstride: int, addr: list[int]) -> list[list[tuple]]:
+    """ldmatrix.m8n8.x4 on a b16 stage: lane i gives the byte address of row i % 8 of matrix i // 8; register j of
+    lane l is matrix j's row l // 4, elements 2 (l % 4) and +1."""
+    flat = stage.reshape(-1)
+    rows = [[flat[a // 2: a // 2 + 8] for a in addr[8 * j: 8 * j + 8]] for j in range(4)]
+    assert all(a % 16 == 0 for a in addr)  # ldmatrix rows are 16-byte aligned
+    return [[(rows[j][lane // 4][2 * (lane % 4)].item(), rows[j][lane // 4][2 * (lane % 4) + 1].item())
+             for j in range(4)] for lane in range(32)]
+
+
+@pytest.mark.parametrize("mt,srows", [(1, 1), (1, 5), (1, 8), (2, 9), (2, 16), (8, 17), (8, 40), (8, 64), (8, 3)])
+def test_b_fragments_by_ldmatrix(mt, srows):
+    """The kernel's ldmatrix addressing (``lrow`` and ``mma_slice`` in cuda/quant_mma.cuh) hands every lane the B
+    fragment of m16n8k16 - b0 = x[row g][16 s + 2q, +1], b1 = the same 8 K on - for every slice s and M tile t,
+    with rows past the CTA's reading the stage's zero row."""
+    stage_k = 256
+    xstride = stage_k + 8
+    stage = torch.zeros(srows + 1, xstride, dtype=torch.int32)
+    stage[:srows, :stage_k] = torch.arange(1, srows * stage_k + 1).view(srows, stage_k)  # values name the spot
+    tp_count = 1 if mt == 1 else mt // 2
+    lrow = []
+    for tp in range(tp_count):
+        rows = [(lane & 7) if mt == 1 else (2 * tp + (lane >> 4)) * 8 + (lane & 7) for lane in range(32)]
+        kofs = [8 * (lane >> 3) if mt == 1 else 8 * ((lane >> 3) & 1) for lane in range(32)]
+        lrow.append([(min(r, srows) * xstride + k) * 2 for r, k in zip(rows, kofs)])
+
+    def expect(t, s, lane):
+        g, q, r = lane >> 2, lane & 3, t * 8 + (lane >> 2)
+        k = 16 * s + 2 * q
+        row = stage[r] if r < srows else stage[srows]
+        assert r >= srows or row[k] != 0
+        return (row[k].item(), row[k + 1].item()), (row[k + 8].item(), row[k + 9].item())
+
+    for kb in range(stage_k // 128):
+        xb = kb * 128 * 2
+        for s in range(8):
+            xk = xb + 16 * s * 2
+            if mt == 1:
+                if s % 2:
+                    continue
+                regs = _ldmatrix_x4(stage, xstride, [xk + a for a in lrow[0]])
+                for lane in range(32):
+                    for ss in (s, s + 1):
+                        j = 2 * (ss & 1)
+                        assert (regs[lane][j], regs[lane][j + 1]) == expect(0, ss + 8 * kb, lane)
+            else:
+                for tp in range(tp_count):
+                    if tp > 0 and 2 * tp * 8 >= srows:
+                        break
+                    regs = _ldmatrix_x4(stage, xstride, [xk + a for a in lrow[tp]])
+                    for lane in range(32):
+                        assert (regs[lane][0], regs[lane][1]) == expect(2 * tp, s + 8 * kb, lane)
+                        if (2 * tp + 1) * 8 < srows:
+                            assert (regs[lane][2], regs[lane][3]) == expect(2 * tp + 1, s + 8 * kb, lane)
+
+
 @pytest.mark.parametrize("name", ["int4_asym", "nf4_asym", "fp4_sym", "int3_sym", "nf3_asym", "int2_asym"])
 def test_reference_equals_format_decode(name):
     fmt, codes, kw = random_kernel_weight(name, 24, 200, 64, special="zero")

@@ -103,6 +103,16 @@ template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <typename PT> __device__ __forceinline__ float to_f(PT v) { return static_cast<float>(v); }
+// The two values of a half2 / bfloat162 bit pattern, summed in float.
+template <typename T> __device__ __forceinline__ float sum2(uint32_t v);
+template <> __device__ __forceinline__ float sum2<__half>(uint32_t v) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&v));
+  return f.x + f.y;
+}
+template <> __device__ __forceinline__ float sum2<__nv_bfloat16>(uint32_t v) {
+  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  return f.x + f.y;
+}
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
@@ -241,9 +251,19 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     ones = *reinterpret_cast<uint32_t*>(one2);
   }
   const uint32_t xs_s = shared_addr(xs);
-  uint32_t xrow[MT];  // this lane's B row per M tile, as a byte offset in xs (the zero row past the CTA's rows)
+  // B fragments come from the staged x by ldmatrix: one x4 is four 8-row x 8-K matrices, i.e. the (b0, b1) of two
+  // MMAs: slices s and s + 1 of the one M tile at MT == 1, tiles t and t + 1 of slice s otherwise (16 B loads per
+  // block and tile were 32-bit loads before). lrow: the byte offset of the row this lane addresses (the zero row
+  // past the CTA's rows), per pair of M tiles.
+  constexpr int TP = MT == 1 ? 1 : MT / 2;
+  uint32_t lrow[TP];
 #pragma unroll
-  for (int t = 0; t < MT; ++t) xrow[t] = (min(t * 8 + g, srows) * xstride + 2 * q) * (int)sizeof(T);
+  for (int tp = 0; tp < TP; ++tp) {
+    const int r = MT == 1 ? (lane & 7) : (2 * tp + (lane >> 4)) * 8 + (lane & 7);
+    const int kofs = MT == 1 ? 8 * (lane >> 3) : 8 * ((lane >> 3) & 1);
+    lrow[tp] = (min(r, srows) * xstride + kofs) * (int)sizeof(T);
+  }
+  uint32_t bs[4];  // MT == 1: slices s and s + 1, loaded at even s
 
   // The MMAs of slice s (16 K) of a block: A rows g / g+8 (chunks w0 / w8) at K 2q..2q+1 (pair 2s) and
   // 2q+8..2q+9 (pair 2s+1); B from the staged x at xb (the shared address of the block's first column).
@@ -251,17 +271,27 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   auto mma_slice = [&](auto ones_mma, const Chunk<BITS>& w0, const Chunk<BITS>& w8, uint32_t xb, int s) {
     const uint32_t a0 = lookup(w0.idx(2 * s)), a1 = lookup(w8.idx(2 * s));
     const uint32_t a2 = lookup(w0.idx(2 * s + 1)), a3 = lookup(w8.idx(2 * s + 1));
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      // Tiles past the CTA's rows (M = 17..63 on the 8-tile kernel) add nothing; tile 0 always has rows, and
-      // testing it anyway costs a branch and a warp re-convergence per slice.
-      if (t > 0 && t * 8 >= srows) break;
-      const uint32_t xr = xb + xrow[t] + 16 * s * (int)sizeof(T);
-      const uint32_t b0 = lds32(xr), b1 = lds32(xr + 8 * (int)sizeof(T));
+    auto mma_tile = [&](int t, uint32_t b0, uint32_t b1) {
       mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
       if constexpr (MODE == MODE_TWO) mma16816<T>(c2[t], hmin0<T>(a0), hmin0<T>(a1), hmin0<T>(a2), hmin0<T>(a3), b0, b1);
       if constexpr (MODE == MODE_ZERO && decltype(ones_mma)::value)
         mma16816<T>(c2[t], ones, ones, ones, ones, b0, b1);
+    };
+    const uint32_t xk = xb + 16 * s * (int)sizeof(T);
+    if constexpr (MT == 1) {
+      if ((s & 1) == 0) ldsm_x4(bs, xk + lrow[0]);
+      mma_tile(0, bs[2 * (s & 1)], bs[2 * (s & 1) + 1]);
+    } else {
+#pragma unroll
+      for (int tp = 0; tp < TP; ++tp) {
+        // Tiles past the CTA's rows (M = 17..63 on the 8-tile kernel) add nothing; tile 0 always has rows, and
+        // testing it anyway costs a branch and a warp re-convergence per slice.
+        if (tp > 0 && 2 * tp * 8 >= srows) break;
+        uint32_t b[4];
+        ldsm_x4(b, xk + lrow[tp]);
+        mma_tile(2 * tp, b[0], b[1]);
+        if ((2 * tp + 1) * 8 < srows) mma_tile(2 * tp + 1, b[2], b[3]);
+      }
     }
   };
   // A group (or this split's share of it) ends: scale its sums into acc.
@@ -280,6 +310,12 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     }
   };
 
+  if constexpr (MODE == MODE_ZERO) {
+    // The x sums are computed for the CTA's rows only; the sums of the rows past them feed output columns that are
+    // never written, and are zeroed once so that nothing reads uninitialised memory.
+    if (aligned && srows < ROWS)
+      for (int i = threadIdx.x; i < stage_blocks * ROWS; i += blockDim.x) xsum[i] = 0.f;
+  }
   int gi = kb0 * BLOCK_K / group;      // the group being accumulated
   int next_end = (gi + 1) * group;     // the K position where it ends
   for (int ks = kb0; ks < kb1; ks += stage_blocks) {
@@ -315,21 +351,17 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     __syncthreads();
     if constexpr (MODE == MODE_ZERO) {
       // S(1) is the sum of x over the group's K, the same for every weight row: with whole-block groups it is
-      // summed here once per CTA (one warp per (block, row) of this stage), not by an extra MMA per slice in
+      // summed here once per CTA (one warp per (block, row) of this stage; the CTA's rows only), not by an extra MMA per slice in
       // every warp (which, with the 4 registers of ones it rebuilds, cost ~5 of the ~22 instructions a slice).
       if (aligned) {
-        const int n_sums = (kend - ks) * ROWS;
-        for (int i = warp; i < n_sums; i += WARPS) {
-          const int bl = i / ROWS, r = i - bl * ROWS;
-          float v = 0.f;
-          if (r < srows) {
-            const T* xr = xs + r * xstride + bl * BLOCK_K + 4 * lane;
+        for (int r = 0; r < srows; ++r) {
+          for (int bl = warp; bl < kend - ks; bl += WARPS) {
+            const uint2 v = lds64(xs_s + (r * xstride + bl * BLOCK_K + 4 * lane) * (int)sizeof(T));
+            float sum = sum2<T>(v.x) + sum2<T>(v.y);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) v += to_f(xr[j]);
+            for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (lane == 0) xsum[bl * ROWS + r] = sum;
           }
-#pragma unroll
-          for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-          if (lane == 0) xsum[i] = v;
         }
         __syncthreads();
       }

@@ -3,7 +3,7 @@
 // primitives of quant_mma_ptx.cuh and the parts of CUDA the kernel uses (thread indices, barriers, warp shuffles,
 // half/bfloat16 conversions, __byte_perm, atomics). It checks what the code computes, not how fast:
 // * every thread of a CTA is a fiber (ucontext) on one OS thread; CTAs run one at a time, in a shuffled order;
-// * __syncthreads, __syncwarp and the warp collectives (mma.sync, __shfl_sync) are barriers. One that can never
+// * __syncthreads, __syncwarp and the warp collectives (mma.sync, ldmatrix, __shfl_sync) are barriers. One that can never
 //   complete (a divergent __syncthreads, a collective some lanes skip, lanes in different collectives) is reported
 //   as an error, where a GPU would hang or compute garbage;
 // * a cp.async copy lands only when its thread waits for its group (a read before the wait sees the old bytes);
@@ -114,7 +114,7 @@ constexpr size_t MAX_DYNAMIC_SMEM = 232448;  // an sm_90 CTA's opt-in maximum (2
 constexpr size_t STATIC_SMEM = 16;
 constexpr size_t STACK = 1 << 17;
 constexpr int XW = 8;                         // words a lane posts to a warp collective (the last: its kind)
-enum Kind : uint32_t { MMA_F16 = 1, MMA_BF16, SHFL, SHFL_XOR };
+enum Kind : uint32_t { MMA_F16 = 1, MMA_BF16, SHFL, SHFL_XOR, LDSM };
 
 struct Copy {
   uint32_t dst;
@@ -444,6 +444,19 @@ inline uint4 lds128(uint32_t a) {
   uint4 v;
   memcpy(&v, ::hfe_emu::smem_at(a, 16), 16);
   return v;
+}
+
+// ldmatrix .x4: lane i addresses row i % 8 of matrix i / 8 (16 bytes); register j of lane l gets matrix j's row
+// l / 4, 32 bits at byte 4 (l % 4).
+inline void ldsm_x4(uint32_t (&r)[4], uint32_t a) {
+  const uint32_t mine[1] = {a};
+  const uint32_t* all = ::hfe_emu::exchange(::hfe_emu::LDSM, mine);
+  const int lane = ::hfe_emu::me().lane;
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t row = all[(8 * j + lane / 4) * ::hfe_emu::XW];
+    if (row % 16) ::hfe_emu::fail("ldmatrix row address not 16-byte aligned");
+    r[j] = lds32(row + 4 * (lane % 4));
+  }
 }
 
 }  // namespace hfe_mma

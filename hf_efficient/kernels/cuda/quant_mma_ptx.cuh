@@ -71,4 +71,13 @@ __device__ __forceinline__ uint4 lds128(uint32_t a) {
   return v;
 }
 
+// Four 8x8 b16 matrices from shared memory: lane i gives the address of row i % 8 of matrix i / 8 (16 bytes);
+// register j gets matrix j's row lane / 4, elements 2 (lane % 4) and +1 - an m16n8k16 B fragment register when
+// the matrix is 8 rows of x by 8 consecutive K.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t a) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 }  // namespace hfe_mma
