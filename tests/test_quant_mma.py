@@ -1,7 +1,8 @@
 """The CUDA mma kernel's layout and arithmetic, checked on the CPU; the kernel itself in the ``gpu`` tests.
 
 ``emulate_fragments`` reads the layout the way ``kernels/cuda/quant_mma.cuh`` does (chunk words, byte/nibble
-extraction of pair p, the pair table) and places each decoded value where the kernel's A fragment puts it (row
+extraction of pair p, the pair table or, without one, ``IntDecode``'s arithmetic) and places each decoded value
+where the kernel's A fragment puts it (row
 ``tile*16 + r``, column ``kb*128 + 16*(p//2) + 8*(p%2) + 2*q + e``): a wrong permutation, shift or table entry
 in either the packer or the kernel's indexing shows up as a mismatch against the plain decode.
 """
@@ -22,23 +23,43 @@ def _as_u32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int64) & 0xFFFFFFFF
 
 
+def _byte_perm(x: torch.Tensor, y: torch.Tensor, sel: int) -> torch.Tensor:
+    """CUDA's ``__byte_perm(x, y, sel)`` on uint32 values held in int64: result byte n is byte ``sel >> 4n & 7``
+    of the eight bytes of (x, y)."""
+    src = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(src[(sel >> (4 * n)) & 7] << (8 * n) for n in range(4))
+
+
 def emulate_fragments(w: Q.MmaWeight, dtype: torch.dtype) -> torch.Tensor:
-    """float32 (Ntiles*16, KB*128) grid values (rounded to ``dtype``) as the kernel's fragments hold them."""
+    """float32 (Ntiles*16, KB*128) grid values (rounded to ``dtype``) as the kernel's fragments hold them; without
+    a table row for ``dtype`` (``IntDecode``), the fragments hold ``128 + v`` and the flush removes the 128, so
+    ``v`` is returned."""
     nt, kb = w.qweight.shape[:2]
     words = _as_u32(w.qweight)  # (nt, kb, 16, 4, CW)
     out = torch.empty(nt * 16, kb * 128)
-    table = _as_u32(w.tables[0 if dtype == torch.float16 else 1])
+    row = 0 if dtype == torch.float16 else 1
+    int_decode = row >= w.tables.shape[0]
+    table = None if int_decode else _as_u32(w.tables[row])
     view = torch.float16 if dtype == torch.float16 else torch.bfloat16
+    k0 = 128.0
     for p in range(16):
-        if w.bits == 4:  # Chunk<4>::idx: byte p&3 of word p>>2
+        if int_decode:  # IntDecode::pair: bytes p&3 of the word and of the word >> 4, low nibbles, or K0's bits
+            word = words[..., p >> 2]
+            v = _byte_perm(word, word >> 4, (p & 3) | ((4 + (p & 3)) << 8))
+            entry = (v & 0x000F000F) | 0x43004300
+        elif w.bits == 4:  # Chunk<4>::idx: byte p&3 of word p>>2
             idx = (words[..., p >> 2] >> (8 * (p & 3))) & 0xFF
         elif w.bits == 2:  # Chunk<2>::idx: nibble p&7 of word p>>3
             idx = (words[..., p >> 3] >> (4 * (p & 7))) & 0xF
         else:  # Chunk<3>::idx
             idx = ((words[..., p >> 3] >> (4 * (p & 7))) & 0xF) | (((words[..., 2] >> (2 * p)) & 3) << 4)
-        entry = table[idx]  # (nt, kb, 16, 4)
+        if not int_decode:
+            entry = table[idx]  # (nt, kb, 16, 4)
         for e in range(2):
             half = ((entry >> (16 * e)) & 0xFFFF).to(torch.int32).to(torch.int16).view(view).float()
+            if int_decode:
+                assert ((half >= k0) & (half < k0 + 16)).all()  # the code sits in K0's last mantissa bits
+                half = half - k0
             s, h = divmod(p, 2)
             q = torch.arange(4)
             cols = 16 * s + 8 * h + 2 * q + e  # within a 128 block, per q
@@ -68,6 +89,7 @@ def test_layout_roundtrip_and_fragments(case, dtype):
     assert torch.equal(c2, codes) and torch.equal(a2.to(a.dtype), a) and torch.equal(b2.to(b.dtype), b)
     # 3-bit weights take 3 bits
     assert w.qweight.numel() * 32 == w.qweight.shape[0] * 16 * w.qweight.shape[1] * 128 * fmt.bits
+    assert (w.tables.shape[0] == 1) == (name == "int4_asym")  # the identity grid with a zero point: IntDecode
     frag = emulate_fragments(w, dtype)[:n, :k]
     grid = torch.tensor(fmt.grid, dtype=torch.float64).to(dtype).float()
     assert torch.equal(frag, grid[codes.long()])
@@ -129,6 +151,22 @@ def test_b_fragments_by_ldmatrix(mt, srows):
                         assert (regs[lane][0], regs[lane][1]) == expect(2 * tp, s + 8 * kb, lane)
                         if (2 * tp + 1) * 8 < srows:
                             assert (regs[lane][2], regs[lane][3]) == expect(2 * tp + 1, s + 8 * kb, lane)
+
+
+def test_int_decode_offset_stays_in_the_int_bound():
+    """IntDecode's fragments hold 128 + c; the flush computes a (S(128 + c) - (z + 128) S(1)) in fp32 (quant_mma.cuh).
+    Against a (S(c) - z S(1)) in float64 the error stays under the bound that ``quant_reference.compare`` (the GPU
+    fuzz) grants uniform-INT decodes, 2**(bits - 18) sum |x| a, and under bfloat16's own rounding of sum |x| a."""
+    torch.manual_seed(0)
+    x = (torch.randn(4096, 128) * torch.logspace(-3, 3, 4096)[:, None]).bfloat16()  # one group of 128 per row
+    c = torch.randint(0, 16, (4096, 128)).float()
+    z = torch.randint(0, 16, (4096, 1)).float()
+    xf = x.float()
+    got = (xf * (128 + c)).sum(1) - (z[:, 0] + 128) * xf.sum(1)  # fp32, as the MMA accumulators and the flush
+    exact = (x.double() * (c.double() - z.double())).sum(1)
+    sum_x = x.double().abs().sum(1)
+    assert ((got.double() - exact).abs() <= 2.0 ** (4 - 18) * sum_x).all()
+    assert ((got.double() - exact).abs() <= 1e-2 * 2.0 ** -8 * sum_x).all()
 
 
 @pytest.mark.parametrize("name", ["int4_asym", "nf4_asym", "fp4_sym", "int3_sym", "nf3_asym", "int2_asym"])
@@ -221,6 +259,10 @@ def _check_kernel(runner, name, n, k, group, m, dtype, splits_list, **weight_kw)
     ref = x.float() @ wr.t()
     # weights rounded to the dtype (in wr), float32 sums of |x w| over K, output rounded once
     bound = U[dtype] * ref.abs() + 1e-5 * (x.float().abs() @ wr.abs().t()) + ETA[dtype]
+    if dtype == torch.bfloat16 and w.tables.shape[0] == 1:  # IntDecode: compare()'s uniform-INT term
+        _, a, _ = Q.unpack(w)
+        gi = torch.arange(k, device=a.device) // group
+        bound = bound + 2.0 ** (fmt.bits - 18) * (x.float().abs() @ a.float().abs().cpu()[:, gi].t())
     run = Q.quant_mma if runner == "cuda" else Q.quant_mma_emulated
     for splits in splits_list:
         y = run(x.to(dev), w, splits=splits)

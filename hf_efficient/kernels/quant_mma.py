@@ -22,6 +22,9 @@ for the padded rows and groups, zero activations for the padded K, so padding ad
              two scales: a = s_pos, b = s_neg); float16 when the stored scales are float16, else float32.
 ``tables``   int32 ``(2, 4**bits)``: for activation dtype float16 (row 0) and bfloat16 (row 1), entry ``i``
              (a pair index) holds the two grid values ``(v[c0], v[c1])`` as a half2/bfloat162 bit pattern.
+             ``(1, 4**bits)`` (the float16 row only) for the 4-bit identity grid ``v = c`` with a zero point
+             (INT4-asym): with bfloat16 activations the kernel builds those pairs by arithmetic
+             (:func:`int_decode`).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import torch
 
 from .. import ops
 from ..blocks import row_blocks
-from ..schemes import MODES, scheme_of_mode
+from ..schemes import MODES, get_scheme, scheme_of_mode
 from .quant_layout import check_weight_args
 
 logger = logging.getLogger(__name__)
@@ -90,6 +93,14 @@ def pair_tables(grid, bits: int, device=None) -> torch.Tensor:
     return torch.stack(rows).to(device)
 
 
+def int_decode(grid, bits: int, mode: int) -> bool:
+    """Whether the kernel decodes this format without a table at bfloat16: 4-bit codes that are their own values
+    (``v = c``) with a zero point, whose term removes the constant the arithmetic decode adds (``IntDecode`` in
+    cuda/quant_mma.cuh, which says why float16 keeps the table)."""
+    return bits == 4 and mode == get_scheme("zero_point").mode and all(
+        float(v) == c for c, v in enumerate(grid))
+
+
 def _words(fields: torch.Tensor, width: int) -> torch.Tensor:
     """Pack ``(..., F)`` fields of ``width`` bits (F * width a multiple of 32) into int32 ``(..., F*width/32)``."""
     per = 32 // width
@@ -127,7 +138,10 @@ def pack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, bit
     p[:n, :ng, 0] = a.to(pdt)
     p[:n, :ng, 1] = (a if b is None else b).to(pdt)
     p = p.view(nt, 16, ngp, 2).permute(0, 2, 1, 3).contiguous()
-    return MmaWeight(qw.contiguous(), p, pair_tables(grid, bits, codes.device), n, k, bits, group_size, mode)
+    tables = pair_tables(grid, bits, codes.device)
+    if int_decode(grid, bits, mode):
+        tables = tables[:1].contiguous()  # bfloat16 decodes by arithmetic
+    return MmaWeight(qw.contiguous(), p, tables, n, k, bits, group_size, mode)
 
 
 def unpack(w: MmaWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -153,6 +167,8 @@ def grid_values(w: MmaWeight, dtype: torch.dtype) -> torch.Tensor:
     """float32 ``(2**bits,)``: each code's grid value as the kernel's fragments hold it (the pair tables' entries,
     rounded to the activation dtype)."""
     row = 0 if dtype == torch.float16 else 1
+    if row >= w.tables.shape[0]:  # the identity grid at bfloat16 (int_decode): codes 0..15 are exact
+        return torch.arange(16, dtype=torch.float32, device=w.tables.device)
     idx = torch.arange(2 ** w.bits, device=w.tables.device)
     # entries whose pair is (c, 0): their low half is v[c] in the activation dtype
     pair = idx if w.bits != 3 else (idx & 3) | ((idx >> 2) << 4)
@@ -307,14 +323,21 @@ def grid_ctas(m: int, n: int) -> int:
     return -(-(-(-n // 16)) // WARPS) * -(-m // (8 * mtiles_for(m)))
 
 
-def choose_splits(m: int, n: int, k: int, sms: int, bits: int = 4) -> int:
+def resident_ctas(m: int, bits: int, int_decode: bool = False) -> int:
+    """CTAs per SM (:data:`RESIDENT_CTAS`); 4-bit decode without a pair table (``int_decode``) has the shared memory
+    for 4, and its ``__launch_bounds__`` ask for 4."""
+    mt = mtiles_for(m)
+    return 4 if int_decode and mt == 1 else RESIDENT_CTAS[mt][bits]
+
+
+def choose_splits(m: int, n: int, k: int, sms: int, bits: int = 4, int_decode: bool = False) -> int:
     """Split-K factor minimising the modelled time (the constants above): waves of CTAs x (blocks per CTA x the
     slowdown of the CTAs sharing an SM + a CTA's fixed cost), plus the reduction's cost per split. A grid just over
     a whole number of waves costs a whole extra wave, and more CTAs per SM are not free, so more splits are not
     always better."""
     kb = -(-k // BLOCK_K)
     ctas = grid_ctas(m, n)
-    resident = RESIDENT_CTAS[mtiles_for(m)][bits]
+    resident = resident_ctas(m, bits, int_decode)
     slots = sms * resident
 
     def cost(s: int) -> float:
@@ -371,10 +394,11 @@ def _run(ext, x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, tabl
     if x.data_ptr() % 4:  # the kernel stages activation pairs as 32-bit words
         x = x.clone()
     m = x.shape[0]
+    row = 0 if x.dtype == torch.float16 else 1  # the tables row of the activation dtype
     if not splits:
-        splits = choose_splits(m, n, k, sms, bits)
+        splits = choose_splits(m, n, k, sms, bits, int_decode=row >= tables.shape[0])
     kb = qweight.shape[1]
     need = grid_ctas(m, 16 * qweight.shape[0])
-    table = tables[0 if x.dtype == torch.float16 else 1]
+    table = tables[row] if row < tables.shape[0] else tables[0, :0]  # no row: IntDecode
     return ext.quant_mma(x, qweight, params, table, _counter_buffer(x.device, need), n, k, bits, group_size, mode,
                          min(splits, kb))

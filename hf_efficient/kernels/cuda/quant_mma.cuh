@@ -6,7 +6,8 @@
 // weight traffic. Every format decodes the same way: each thread's 128-bit chunk holds its fragment's codes in
 // pair order, and a pair of codes indexes a pair table in shared memory whose entry is the two grid values as a
 // half2/bfloat162 — exactly the A fragment register. The table is replicated once per lane (entry e of lane l at
-// word e*32 + l), so the lookups of a warp never conflict on a bank. Scales stay out of the inner loop: per group
+// word e*32 + l), so the lookups of a warp never conflict on a bank (INT4 with a zero point at bfloat16 builds the
+// register by arithmetic instead: IntDecode). Scales stay out of the inner loop: per group
 // the fragment products accumulate unscaled (fp32), and at the group's end
 //   sym:        acc += a * S(v)
 //   zero point: acc += a * (S(v) - z * S(1))   (S(1) = the sum of x over the group: summed from the staged x
@@ -76,6 +77,25 @@ template <> struct Chunk<3> {  // pair p = nibble p of the low-two-bit plane | t
 };
 
 template <int BITS> __host__ __device__ constexpr int chunk_words() { return BITS == 4 ? 4 : BITS == 2 ? 2 : 3; }
+
+// The 4-bit identity grid (v = c, INT4 with a zero point) with bfloat16 activations needs no table: pair p of a
+// chunk (byte p = c0 | c1 << 4) becomes the A register (K0 + c0, K0 + c1), K0 = 128, by one byte permute and one
+// and-or. The permute puts byte p of the word in byte 0 and byte p of the word >> 4 in byte 2; the mask keeps their
+// low nibbles (c0, c1); the or adds the bits of bfloat16 128, whose last mantissa bits then hold the code exactly.
+// A table lookup took a byte select, an address add and a shared load (and the CTA a 32 KB table). The zero-point
+// flush takes K0 with the zero point: a (S(K0 + v) - (z + K0) S(1)) = a (S(v) - z S(1)); the fp32 sums then carry
+// about 2**-24 (K0 + 15) sum |x| more rounding. float16 would need K0 = 1024, 8 times that, close to the output's
+// own rounding, so float16 activations keep the table.
+struct IntDecode {
+  static constexpr uint32_t BIAS = 0x43004300u;  // bfloat16 128 in both halves
+  static constexpr float K0 = 128.f;
+  // bias: BIAS in a register (pin), so that the and-or is one LOP3 (it takes one immediate, here the mask).
+  __device__ static __forceinline__ uint32_t pair(const Chunk<4>& c, int p, uint32_t bias) {  // p: a constant
+    const uint32_t word = p < 4 ? c.w.x : p < 8 ? c.w.y : p < 12 ? c.w.z : c.w.w;
+    const uint32_t v = __byte_perm(word, word >> 4, (p & 3) | ((4 + (p & 3)) << 8));
+    return and_or<0x000F000Fu>(v, bias);
+  }
+};
 
 // One (row g, row g+8) pair of group parameters, raw: converted only where used, so a load does not stall.
 template <typename PT> struct GroupParams {
@@ -163,13 +183,17 @@ template <typename T> __host__ __device__ constexpr int x_stage_words(int rows, 
   return (rows * (stage_blocks * BLOCK_K + 8) * (int)sizeof(T) + 15) / 16 * 4;  // 16-byte aligned sums
 }
 
-template <typename T, typename PT, int BITS, int MODE, int MT>
-__global__ void __launch_bounds__(WARPS * 32, MT == 1 ? (BITS == 4 ? 3 : 4) : MT == 2 ? 2 : 1)
+// INTD: the 4-bit identity grid with a zero point at bfloat16, decoded by IntDecode (table == nullptr, no table in
+// shared memory).
+template <typename T, typename PT, int BITS, int MODE, int MT, bool INTD>
+__global__ void __launch_bounds__(WARPS * 32, MT == 1 ? (BITS == 4 && !INTD ? 3 : 4) : MT == 2 ? 2 : 1)
 quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t* __restrict__ qw,
                  const PT* __restrict__ params, const uint32_t* __restrict__ table, T* __restrict__ y, int N,
                  int Ntiles, int KB, int group, int NG, int blocks_per_split, int stage_blocks,
                  float* __restrict__ ws, int* __restrict__ counters) {
-  constexpr int TE = 1 << (2 * BITS);  // pair-table entries
+  static_assert(!INTD || (BITS == 4 && MODE == MODE_ZERO && std::is_same<T, __nv_bfloat16>::value),
+                "IntDecode is for 4-bit zero-point weights and bfloat16 activations");
+  constexpr int TE = INTD ? 0 : 1 << (2 * BITS);  // pair-table entries
   constexpr int CW = chunk_words<BITS>();
   constexpr int ROWS = MT * 8;         // rows of x per CTA
   constexpr int GW = 64 * CW;          // words of one block of one tile in global memory
@@ -235,7 +259,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   };
   for (int j = 0; j < RING - 1; ++j) request(kb0 + j);  // the weight stream starts before the table fill
 
-  PairTable::fill(smem, table, TE);
+  if constexpr (!INTD) PairTable::fill(smem, table, TE);
   const PairTable lookup(smem, lane);
 
   float acc[MT][4], cg[MT][4], c2[MT][4];
@@ -251,6 +275,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     ones = *reinterpret_cast<uint32_t*>(one2);
   }
   const uint32_t xs_s = shared_addr(xs);
+  const uint32_t int_bias = INTD ? pin(IntDecode::BIAS) : 0u;
   // B fragments come from the staged x by ldmatrix: one x4 is four 8-row x 8-K matrices, i.e. the (b0, b1) of two
   // MMAs: slices s and s + 1 of the one M tile at MT == 1, tiles t and t + 1 of slice s otherwise (16 B loads per
   // block and tile were 32-bit loads before). lrow: the byte offset of the row this lane addresses (the zero row
@@ -269,8 +294,14 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   // 2q+8..2q+9 (pair 2s+1); B from the staged x at xb (the shared address of the block's first column).
   // ones_mma: zero-point mode's S(1) by an MMA with all-ones A (where no x sums are staged, see below).
   auto mma_slice = [&](auto ones_mma, const Chunk<BITS>& w0, const Chunk<BITS>& w8, uint32_t xb, int s) {
-    const uint32_t a0 = lookup(w0.idx(2 * s)), a1 = lookup(w8.idx(2 * s));
-    const uint32_t a2 = lookup(w0.idx(2 * s + 1)), a3 = lookup(w8.idx(2 * s + 1));
+    uint32_t a0, a1, a2, a3;
+    if constexpr (INTD) {
+      a0 = IntDecode::pair(w0, 2 * s, int_bias); a1 = IntDecode::pair(w8, 2 * s, int_bias);
+      a2 = IntDecode::pair(w0, 2 * s + 1, int_bias); a3 = IntDecode::pair(w8, 2 * s + 1, int_bias);
+    } else {
+      a0 = lookup(w0.idx(2 * s)); a1 = lookup(w8.idx(2 * s));
+      a2 = lookup(w0.idx(2 * s + 1)); a3 = lookup(w8.idx(2 * s + 1));
+    }
     auto mma_tile = [&](int t, uint32_t b0, uint32_t b1) {
       mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
       if constexpr (MODE == MODE_TWO) mma16816<T>(c2[t], hmin0<T>(a0), hmin0<T>(a1), hmin0<T>(a2), hmin0<T>(a3), b0, b1);
@@ -296,7 +327,8 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   };
   // A group (or this split's share of it) ends: scale its sums into acc.
   auto flush = [&](const GroupParams<PT>& p) {
-    const float ag = to_f(p.a), bg = to_f(p.b), ag8 = to_f(p.a8), bg8 = to_f(p.b8);
+    constexpr float bias = INTD ? IntDecode::K0 : 0.f;  // IntDecode's offset leaves with the zero point
+    const float ag = to_f(p.a), bg = to_f(p.b) + bias, ag8 = to_f(p.a8), bg8 = to_f(p.b8) + bias;
 #pragma unroll
     for (int t = 0; t < MT; ++t) {
 #pragma unroll
@@ -462,13 +494,13 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
 namespace hfe_mma {
 
 
-template <typename T, typename PT, int BITS, int MODE, int MT>
+template <typename T, typename PT, int BITS, int MODE, int MT, bool INTD>
 void launch_typed(const Args& a) {
-  constexpr int TE = 1 << (2 * BITS);
+  constexpr int TE = INTD ? 0 : 1 << (2 * BITS);
   const int row_ctas = (a.Ntiles + WARPS - 1) / WARPS;
   // x stage: the CTA's rows of x plus the zero row, never more K than one split covers, up to
-  //   8 KB at one M tile (decode: with the 4-bit table and ring, 76 KB per CTA, 3 CTAs per SM; 4 KB where float
-  //      parameters make the ring 2 KB larger),
+  //   8 KB at one M tile (decode: with the 4-bit table and ring, 76 KB per CTA, 3 CTAs per SM; IntDecode's 44 KB,
+  //      4 CTAs; 4 KB where float parameters make the ring 2 KB larger),
   //   36 KB at two (2 CTAs per SM),
   //   128 KB at eight (1 CTA per SM, by registers: 36 KB held 2 blocks of 64 rows, and every stage drains the
   //      weight ring, since it waits for all of this thread's copies).
@@ -479,7 +511,7 @@ void launch_typed(const Args& a) {
   const size_t sums = MODE == MODE_ZERO ? (size_t)stage_blocks * MT * 8 : 0;
   const size_t smem = TE * 128 + (size_t)WARPS * RING * ring_slot_words<BITS, PT>() * 4 +
                       4 * ((size_t)x_stage_words<T>(rows, stage_blocks) + sums);
-  auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT>;
+  auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT, INTD>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   dim3 grid(row_ctas, a.splits, (a.M + MT * 8 - 1) / (MT * 8));
   HFE_LAUNCH(kern, grid, WARPS * 32, smem, a.stream,
@@ -487,23 +519,30 @@ void launch_typed(const Args& a) {
       static_cast<T*>(a.y), a.N, a.Ntiles, a.KB, a.group, a.NG, a.blocks_per_split, stage_blocks, a.ws, a.counters);
 }
 
-template <typename T, typename PT, int BITS, int MODE>
+template <typename T, typename PT, int BITS, int MODE, bool INTD>
 void launch_mt(const Args& a) {
   switch (mtiles_for(a.M)) {
-    case 1: return launch_typed<T, PT, BITS, MODE, 1>(a);
-    case 2: return launch_typed<T, PT, BITS, MODE, 2>(a);
-    default: return launch_typed<T, PT, BITS, MODE, 8>(a);
+    case 1: return launch_typed<T, PT, BITS, MODE, 1, INTD>(a);
+    case 2: return launch_typed<T, PT, BITS, MODE, 2, INTD>(a);
+    default: return launch_typed<T, PT, BITS, MODE, 8, INTD>(a);
   }
 }
 
 template <int BITS, int MODE>
 void launch(const Args& a) {
+  if constexpr (BITS == 4 && MODE == MODE_ZERO) {
+    if (a.table == nullptr) {  // IntDecode (the binding checked: bfloat16 activations)
+      if (a.params_f32) launch_mt<__nv_bfloat16, float, BITS, MODE, true>(a);
+      else launch_mt<__nv_bfloat16, __half, BITS, MODE, true>(a);
+      return;
+    }
+  }
   if (a.bf16) {
-    if (a.params_f32) launch_mt<__nv_bfloat16, float, BITS, MODE>(a);
-    else launch_mt<__nv_bfloat16, __half, BITS, MODE>(a);
+    if (a.params_f32) launch_mt<__nv_bfloat16, float, BITS, MODE, false>(a);
+    else launch_mt<__nv_bfloat16, __half, BITS, MODE, false>(a);
   } else {
-    if (a.params_f32) launch_mt<__half, float, BITS, MODE>(a);
-    else launch_mt<__half, __half, BITS, MODE>(a);
+    if (a.params_f32) launch_mt<__half, float, BITS, MODE, false>(a);
+    else launch_mt<__half, __half, BITS, MODE, false>(a);
   }
 }
 

@@ -11,7 +11,7 @@ namespace hfe_mma {
 
 struct Args {
   const void* x; int M, K, ldx;                                // activations (M, K), row stride ldx
-  const uint32_t* qw; const void* params; const uint32_t* table;  // weight in the mma layout
+  const uint32_t* qw; const void* params; const uint32_t* table;  // weight in the mma layout (table null: IntDecode)
   void* y; int N, Ntiles, KB, group, NG;                       // output (M, N); tiles of 16 rows, 128-K blocks
   int blocks_per_split, splits;                                // split-K: grid.y = splits
   float* ws; int* counters;                                    // split-K workspace (splits, M, Ntiles*16), counters

@@ -36,8 +36,15 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qw, torch::Tensor params,
                   (params.scalar_type() == at::kHalf || params.scalar_type() == at::kFloat),
               "quant_mma: params must be float16/float32 (Ntiles, NG, 16, 2), got ", params.sizes(), " ",
               params.scalar_type());
-  TORCH_CHECK(HFE_ON_DEVICE(table) && table.scalar_type() == at::kInt && table.numel() == (1 << (2 * bits)),
-              "quant_mma: table must hold 4**bits int32 pair entries");
+  // No table: the 4-bit identity grid with a zero point at bfloat16, decoded by arithmetic (IntDecode in
+  // quant_mma.cuh).
+  const bool int_decode = table.numel() == 0;
+  TORCH_CHECK(!int_decode || (bits == 4 && mode == 1 && x.scalar_type() == at::kBFloat16),
+              "quant_mma: only 4-bit zero-point weights (mode 1) with bfloat16 activations decode without a pair "
+              "table, got bits=", bits, ", mode=", mode, ", x ", x.scalar_type());
+  TORCH_CHECK(HFE_ON_DEVICE(table) && table.scalar_type() == at::kInt &&
+                  (int_decode || table.numel() == (1 << (2 * bits))),
+              "quant_mma: table must hold 4**bits int32 pair entries (or none, see above)");
   TORCH_CHECK(qw.is_contiguous() && params.is_contiguous() && table.is_contiguous(),
               "quant_mma: weight tensors must be contiguous");
   const int64_t Ntiles = qw.size(0), KB = qw.size(1), M = x.size(0);
@@ -64,7 +71,8 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qw, torch::Tensor params,
   }
   hfe_mma::Args a{x.data_ptr(), (int)M, (int)K, (int)x.stride(0),
                   reinterpret_cast<const uint32_t*>(qw.data_ptr<int>()), params.data_ptr(),
-                  reinterpret_cast<const uint32_t*>(table.data_ptr<int>()), y.data_ptr(), (int)N, (int)Ntiles,
+                  int_decode ? nullptr : reinterpret_cast<const uint32_t*>(table.data_ptr<int>()), y.data_ptr(),
+                  (int)N, (int)Ntiles,
                   (int)KB, (int)group, (int)params.size(1), (int)bps, (int)S, S > 1 ? ws.data_ptr<float>() : nullptr,
                   S > 1 ? counters.data_ptr<int>() : nullptr, x.scalar_type() == at::kBFloat16,
                   params.scalar_type() == at::kFloat, HFE_STREAM};

@@ -459,4 +459,6 @@ inline void ldsm_x4(uint32_t (&r)[4], uint32_t a) {
   }
 }
 
+template <uint32_t MASK> inline uint32_t and_or(uint32_t a, uint32_t b) { return (a & MASK) | b; }
+
 }  // namespace hfe_mma

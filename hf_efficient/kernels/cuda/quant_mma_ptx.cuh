@@ -80,4 +80,11 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t a) {
                : "r"(a));
 }
 
+// (a & MASK) | b as one LOP3.
+template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "n"(MASK), "r"(b));
+  return r;
+}
+
 }  // namespace hfe_mma
