@@ -246,23 +246,30 @@ def test_split_model_matches_the_measured_sweep():
 RUNNERS = [pytest.param("cuda", marks=pytest.mark.gpu), "emu"]
 
 
+def _reference_and_bound(x: torch.Tensor, w: Q.MmaWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's float32 reference and its error bound for CPU ``x``: weights rounded to the dtype (in the
+    reference), float32 sums of |x w| over K, the output rounded once; IntDecode (no table row for x's dtype) adds
+    the uniform-INT term of ``quant_reference.compare`` for the cancellation of its offset."""
+    from hf_efficient.kernels.quant_reference import ETA, U
+
+    wr = Q.dequantize_reference(w, x.dtype).cpu()
+    ref = x.float() @ wr.t()
+    bound = U[x.dtype] * ref.abs() + 1e-5 * (x.float().abs() @ wr.abs().t()) + ETA[x.dtype]
+    if (0 if x.dtype == torch.float16 else 1) >= w.tables.shape[0]:
+        _, a, _ = Q.unpack(w)
+        gi = torch.arange(w.K) // w.group_size
+        bound = bound + 2.0 ** (w.bits - 18) * (x.float().abs() @ a.float().abs().cpu()[:, gi].t())
+    return ref, bound
+
+
 def _check_kernel(runner, name, n, k, group, m, dtype, splits_list, **weight_kw):
     """The kernel on the runner's device (the GPU, or the CPU emulation) against the float32 reference, at each
     split of ``splits_list``; returns the weight in the mma layout."""
-    from hf_efficient.kernels.quant_reference import ETA, U
-
     dev = "cuda" if runner == "cuda" else "cpu"
     fmt, codes, kw = random_kernel_weight(name, n, k, group, special="extreme", device=dev, **weight_kw)
     w = Q.pack(codes.to(dev), kw.params[0], kw.params[1], fmt.grid, fmt.bits, group, fmt.scale_scheme.mode)
     x = torch.randn(m, k, dtype=dtype)
-    wr = Q.dequantize_reference(w, dtype).cpu()
-    ref = x.float() @ wr.t()
-    # weights rounded to the dtype (in wr), float32 sums of |x w| over K, output rounded once
-    bound = U[dtype] * ref.abs() + 1e-5 * (x.float().abs() @ wr.abs().t()) + ETA[dtype]
-    if dtype == torch.bfloat16 and w.tables.shape[0] == 1:  # IntDecode: compare()'s uniform-INT term
-        _, a, _ = Q.unpack(w)
-        gi = torch.arange(k, device=a.device) // group
-        bound = bound + 2.0 ** (fmt.bits - 18) * (x.float().abs() @ a.float().abs().cpu()[:, gi].t())
+    ref, bound = _reference_and_bound(x, w)
     run = Q.quant_mma if runner == "cuda" else Q.quant_mma_emulated
     for splits in splits_list:
         y = run(x.to(dev), w, splits=splits)
