@@ -49,10 +49,16 @@ def emulate_fragments(w: Q.MmaWeight, dtype: torch.dtype) -> torch.Tensor:
             entry = (v & 0x000F000F) | 0x43004300
         elif w.bits == 4:  # Chunk<4>::idx: byte p&3 of word p>>2
             idx = (words[..., p >> 2] >> (8 * (p & 3))) & 0xFF
-        elif w.bits == 2:  # Chunk<2>::idx: nibble p&7 of word p>>3
-            idx = (words[..., p >> 3] >> (4 * (p & 7))) & 0xF
-        else:  # Chunk<3>::idx
-            idx = ((words[..., p >> 3] >> (4 * (p & 7))) & 0xF) | (((words[..., 2] >> (2 * p)) & 3) << 4)
+        elif w.bits == 2:  # Chunk<2>::at7: nibble p&7 of word p>>3 shifted to bits 7..10, masked by the lookup
+            sh = 4 * (p & 7)
+            at7 = (words[..., p >> 3] >> (sh - 7)) if sh >= 7 else (words[..., p >> 3] << (7 - sh))
+            idx = (at7 & 0x780) >> 7
+        else:  # Chunk<3>::at7: bits 6p .. 6p+5 of the 96-bit chunk, shifted to bits 7..12 and masked by the lookup
+            lo = 6 * p
+            wide = words[..., lo // 32] | (words[..., min(lo // 32 + 1, 2)] << 32)  # the word and the next, 64 bits
+            sh = lo % 32
+            at7 = (wide >> (sh - 7)) if sh >= 7 else (wide << (7 - sh))
+            idx = (at7 & 0x1F80) >> 7
         if not int_decode:
             entry = table[idx]  # (nt, kb, 16, 4)
         for e in range(2):

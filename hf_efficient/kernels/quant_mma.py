@@ -14,8 +14,8 @@ for the padded rows and groups, zero activations for the padded K, so padding ad
              thread-quad ``q`` holds the 32 codes ``k = kb*128 + 16*s + 8*h + 2*q + e`` (slice ``s`` < 8,
              half ``h`` < 2, element ``e`` < 2) as 16 *pairs* ``p = 2*s + h`` of the codes ``(e=0, e=1)`` — the
              K pairs of an m16n8k16 A fragment. 4 bits: pair ``p`` is byte ``p`` (low nibble ``e=0``); 2 bits:
-             nibble ``p``; 3 bits: nibble ``p`` of a two-bit plane (words 0-1) plus bits ``2p, 2p+1`` of the
-             top-bit plane (word 2). ``CW`` = 4, 2, 3 words. A warp's chunk loads for one block are 2 contiguous
+             nibble ``p``; 3 bits: bits ``6p .. 6p+5`` of the chunk's 96 bits (word 0 low), ``e=0`` low - so
+             the chunk is its 32 codes as consecutive 3-bit fields. ``CW`` = 4, 2, 3 words. A warp's chunk loads for one block are 2 contiguous
              runs of ``16 * 4 * CW * 4`` bytes (rows 0-7 and 8-15).
 ``params``   ``(Ntiles, NG, 16, 2)``, NG = ``ceil(KB*128 / group)``: ``[..., 0] = a``, ``[..., 1] = b`` per
              (row, group) as in :mod:`hf_efficient.kernels.quant_layout` (sym: b unused; zero point: b = z;
@@ -74,9 +74,7 @@ class MmaWeight:
 # ------------------------------------------------------------------------------------------------
 
 def _pair_codes(idx: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two codes ``(c0, c1)`` a pair index stands for (see the chunk formats)."""
-    if bits == 3:
-        return (idx & 3) | (((idx >> 4) & 1) << 2), ((idx >> 2) & 3) | (((idx >> 5) & 1) << 2)
+    """The two codes ``(c0, c1)`` a pair index stands for (the pair's field in a chunk: ``c0 | c1 << bits``)."""
     return idx & (2 ** bits - 1), idx >> bits
 
 
@@ -131,8 +129,9 @@ def pack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, bit
         qw = _words(c0 | (c1 << 4), 8)
     elif bits == 2:
         qw = _words(c0 | (c1 << 2), 4)
-    else:
-        qw = torch.cat([_words((c0 & 3) | ((c1 & 3) << 2), 4), _words((c0 >> 2) | ((c1 >> 2) << 1), 2)], -1)
+    else:  # the 32 codes as 3-bit fields, bit by bit into 3 words
+        f = torch.stack([c0, c1], -1).flatten(-2)
+        qw = _words(((f[..., None] >> torch.arange(3, device=f.device)) & 1).flatten(-2), 1)
     pdt = torch.float16 if a.dtype == torch.float16 else torch.float32
     p = torch.zeros(nt * 16, ngp, 2, dtype=pdt, device=codes.device)
     p[:n, :ng, 0] = a.to(pdt)
@@ -154,8 +153,9 @@ def unpack(w: MmaWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         f = _unwords(w.qweight, 4)
         c0, c1 = f & 3, f >> 2
     else:
-        lo, hi = _unwords(w.qweight[..., :2], 4), _unwords(w.qweight[..., 2:], 2)
-        c0, c1 = (lo & 3) | ((hi & 1) << 2), (lo >> 2) | ((hi >> 1) << 2)
+        bit = _unwords(w.qweight, 1).view(*w.qweight.shape[:-1], 16, 2, 3)
+        f = (bit << torch.arange(3, device=bit.device, dtype=bit.dtype)).sum(-1)
+        c0, c1 = f[..., 0], f[..., 1]
     c = torch.stack([c0, c1], -1).view(nt, kb, 16, 4, 8, 2, 2).permute(0, 2, 1, 4, 5, 3, 6)
     codes = c.reshape(nt * 16, kb * BLOCK_K)[:w.N, :w.K].to(torch.uint8).contiguous()
     ng = -(-w.K // w.group_size)
@@ -170,9 +170,8 @@ def grid_values(w: MmaWeight, dtype: torch.dtype) -> torch.Tensor:
     if row >= w.tables.shape[0]:  # the identity grid at bfloat16 (int_decode): codes 0..15 are exact
         return torch.arange(16, dtype=torch.float32, device=w.tables.device)
     idx = torch.arange(2 ** w.bits, device=w.tables.device)
-    # entries whose pair is (c, 0): their low half is v[c] in the activation dtype
-    pair = idx if w.bits != 3 else (idx & 3) | ((idx >> 2) << 4)
-    lo = (w.tables[row, pair] & 0xFFFF).to(torch.int16)
+    # entries whose pair is (c, 0), index c: their low half is v[c] in the activation dtype
+    lo = (w.tables[row, idx] & 0xFFFF).to(torch.int16)
     return lo.view(torch.float16 if dtype == torch.float16 else torch.bfloat16).float()
 
 

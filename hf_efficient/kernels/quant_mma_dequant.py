@@ -3,9 +3,9 @@ for the prompt path of mma layers (dequantize once per call, then cuBLAS). Oracl
 :func:`hf_efficient.kernels.quant_mma.dequantize_reference`.
 
 A program takes ``BLOCK_T`` 16-row tiles of one 128-K block: it reads their chunks (contiguous words, each word
-once), unpacks code field ``f = 2 p + e`` of each chunk (pair ``p = 2 s + h``) by shifts, reorders the fields in
-registers to the K order ``16 s + 8 h + 2 q + e`` of the layout, loads each (row, group) parameter once and
-writes whole rows of the block.
+once), unpacks code field ``f = 2 p + e`` of each chunk (pair ``p = 2 s + h``; at 3 bits, bits 3f .. 3f+2 of its
+96) by shifts, reorders the fields in registers to the K order ``16 s + 8 h + 2 q + e`` of the layout, loads each
+(row, group) parameter once and writes whole rows of the block.
 """
 from __future__ import annotations
 
@@ -20,10 +20,8 @@ from .quant_gemm import apply_params
 @triton.jit
 def _dequant_kernel(qw_ptr, p_ptr, v_ptr, out_ptr, N, K, KB, NG, GROUP: tl.constexpr, BITS: tl.constexpr,
                     MODE: tl.constexpr, BLOCK_T: tl.constexpr):
-    CW: tl.constexpr = 3 if BITS == 3 else BITS            # words per chunk
-    LW: tl.constexpr = 2 if BITS == 3 else CW              # words of code fields (3 bits: the low-two-bit plane)
-    FW: tl.constexpr = 2 if BITS == 3 else BITS            # bits per field in those words
-    PER: tl.constexpr = 32 // FW                            # fields per word
+    CW: tl.constexpr = BITS                                 # words per chunk (32 codes of BITS bits)
+    PER: tl.constexpr = 32 // BITS                          # fields per word (2 and 4 bits: no field straddles words)
     # groups that tile a 128-K block (g16..g128 dividing it, or whole blocks): one parameter load per (row, group);
     # other widths (e.g. g96) straddle blocks: a parameter per (row, column), as the reference does
     TILED: tl.constexpr = (128 % GROUP == 0) or (GROUP % 128 == 0)
@@ -37,13 +35,21 @@ def _dequant_kernel(qw_ptr, p_ptr, v_ptr, out_ptr, N, K, KB, NG, GROUP: tl.const
     base = qw_ptr + chunk[:, :, :, None] * CW
     # each word once, in memory order; its fields by broadcast shifts (a per-field gather of the words re-read
     # every word PER times)
-    words = tl.load(base + tl.arange(0, LW)[None, None, None, :], mask=live, other=0)           # [BT, 16, 4, LW]
-    shift = FW * tl.arange(0, PER)
-    c = (words[:, :, :, :, None] >> shift[None, None, None, None, :]) & ((1 << FW) - 1)        # field w*PER + i
-    c = tl.reshape(c, [BLOCK_T, 16, 4, 32])
     if BITS == 3:
-        top = tl.load(base + 2, mask=live, other=0)                                             # [BT, 16, 4, 1]
-        c = c | (((top >> tl.arange(0, 32)[None, None, None, :]) & 1) << 2)
+        # 3-bit field f at bit 3 f of the chunk's 96 bits: f <= 10 from words 0-1 as 64 bits, the rest from words 1-2
+        f3 = 3 * tl.arange(0, 32)[None, None, None, :]
+        w0 = tl.load(base, mask=live, other=0).to(tl.int64) & 0xFFFFFFFF                          # [BT, 16, 4, 1]
+        w1 = tl.load(base + 1, mask=live, other=0).to(tl.int64) & 0xFFFFFFFF
+        w2 = tl.load(base + 2, mask=live, other=0).to(tl.int64) & 0xFFFFFFFF
+        lo = w0 | (w1 << 32)
+        hi = w1 | (w2 << 32)
+        c = tl.where(f3 < 32, lo >> f3, hi >> tl.maximum(f3 - 32, 0)) & 7
+        c = c.to(tl.int32)
+    else:
+        words = tl.load(base + tl.arange(0, CW)[None, None, None, :], mask=live, other=0)       # [BT, 16, 4, CW]
+        shift = BITS * tl.arange(0, PER)
+        c = (words[:, :, :, :, None] >> shift[None, None, None, None, :]) & ((1 << BITS) - 1)  # field w*PER + i
+        c = tl.reshape(c, [BLOCK_T, 16, 4, 32])
     # f = 4 s + 2 h + e  ->  K column 16 s + 8 h + 2 q + e
     c = tl.reshape(c, [BLOCK_T * 16, 4, 8, 2, 2])                                              # row q s h e
     c = tl.permute(c, [0, 2, 3, 1, 4])                                                         # row s h q e

@@ -57,22 +57,26 @@ template <> struct Chunk<4> {  // pair p = byte p
 template <> struct Chunk<2> {  // pair p = nibble p
   uint2 w;
   __device__ __forceinline__ void load(uint32_t a) { w = lds64(a); }
-  __device__ __forceinline__ uint32_t idx(int p) const {
+  // The word shifted so that pair p sits at bits 7..10 (its table entry's byte offset; see PairTable).
+  __device__ __forceinline__ uint32_t at7(int p) const {
     const uint32_t word = p < 8 ? w.x : w.y;
-    return (word >> (4 * (p & 7))) & 0xF;
+    const int sh = 4 * (p & 7);
+    return sh >= 7 ? word >> (sh - 7) : word << (7 - sh);
   }
 };
-template <> struct Chunk<3> {  // pair p = nibble p of the low-two-bit plane | two bits p of the top-bit plane << 4
-  uint2 lo;
-  uint32_t hi;
+template <> struct Chunk<3> {  // pair p = bits 6p .. 6p + 5 of the 96-bit chunk (words 0, 1, 2: low to high)
+  uint32_t w[3];
   __device__ __forceinline__ void load(uint32_t a) {  // 12-byte chunks: not 8-byte aligned for odd lanes
-    lo.x = lds32(a);
-    lo.y = lds32(a + 4);
-    hi = lds32(a + 8);
+    w[0] = lds32(a);
+    w[1] = lds32(a + 4);
+    w[2] = lds32(a + 8);
   }
-  __device__ __forceinline__ uint32_t idx(int p) const {
-    const uint32_t word = p < 8 ? lo.x : lo.y;
-    return ((word >> (4 * (p & 7))) & 0xF) | (((hi >> (2 * p)) & 3) << 4);
+  // The chunk's bits shifted so that pair p sits at bits 7..12 (the byte offset of its table entry; other bits are
+  // left for the lookup's mask): one shift, a funnel shift where the pair straddles two words.
+  __device__ __forceinline__ uint32_t at7(int p) const {  // p is a constant after unrolling
+    const int lo = 6 * p, k = lo / 32, sh = lo % 32;
+    if (sh + 6 > 32) return __funnelshift_r(w[k], w[k + 1], sh - 7);
+    return sh >= 7 ? w[k] >> (sh - 7) : w[k] << (7 - sh);
   }
 };
 
@@ -139,6 +143,12 @@ template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v
 // The pair table in shared memory: entry e of lane l at byte e*128 + 4*l (one copy per lane, so the lookups of a
 // warp never share a bank). A lookup is one shift-add and one 32-bit shared load: the address is formed as a
 // 32-bit shared-window offset here because the compiler, given a pointer, spends two more integer instructions.
+// The 2- and 3-bit tables (16 and 64 entries: 2 and 8 KB) start at an address aligned to their size (table_align),
+// so an entry's address is one and-or of the chunk bits that Chunk<BITS>::at7 shifted into place and the lane's
+// base: a pair then costs a shift, a LOP3 and the load, as a 4-bit pair does (a byte select, a shift-add and the
+// load). Extracting the index and adding it took two to four more instructions. (The 4-bit table is 32 KB; aligning
+// it could cost as much again.)
+template <int BITS> __host__ __device__ constexpr int table_align() { return BITS == 4 ? 16 : 128 << (2 * BITS); }
 struct PairTable {
   uint32_t base;  // this lane's copy, as a shared-window address
   __device__ __forceinline__ PairTable(const uint32_t* smem, int lane)
@@ -155,8 +165,9 @@ struct PairTable {
       for (int j = 0; j < n; ++j) smem[(e0 + j) * 32 + lane] = __shfl_sync(0xffffffffu, v, j);
     }
   }
-  __device__ __forceinline__ uint32_t operator()(uint32_t idx) const {
-    return lds32(base + (idx << 7));
+  template <int B> __device__ __forceinline__ uint32_t operator()(const Chunk<B>& c, int p) const {
+    if constexpr (B != 4) return lds32(and_or<((1u << (2 * B)) - 1) << 7>(c.at7(p), base));  // the entry's bits
+    else return lds32(base + (c.idx(p) << 7));
   }
 };
 
@@ -199,7 +210,9 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   constexpr int GW = 64 * CW;          // words of one block of one tile in global memory
   constexpr int SLOT = ring_slot_words<BITS, PT>();  // + its group's parameters
   HFE_DYNAMIC_SMEM(smem);
-  uint32_t* ring = smem + TE * 32;                          // [WARPS][RING][SLOT]
+  constexpr uint32_t TA = table_align<BITS>();
+  uint32_t* tbl = smem + ((TA - (shared_addr(smem) & (TA - 1))) & (TA - 1)) / 4;  // launch_typed allows for this
+  uint32_t* ring = tbl + TE * 32;                           // [WARPS][RING][SLOT]
   T* xs = reinterpret_cast<T*>(ring + WARPS * RING * SLOT);  // [srows + 1][stage_k + 8]
   float* xsum = reinterpret_cast<float*>(ring + WARPS * RING * SLOT + x_stage_words<T>(min(ROWS, M) + 1, stage_blocks));
   __shared__ int last_flag;
@@ -259,8 +272,8 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   };
   for (int j = 0; j < RING - 1; ++j) request(kb0 + j);  // the weight stream starts before the table fill
 
-  if constexpr (!INTD) PairTable::fill(smem, table, TE);
-  const PairTable lookup(smem, lane);
+  if constexpr (!INTD) PairTable::fill(tbl, table, TE);
+  const PairTable lookup(tbl, lane);
 
   float acc[MT][4], cg[MT][4], c2[MT][4];
 #pragma unroll
@@ -299,8 +312,8 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       a0 = IntDecode::pair(w0, 2 * s, int_bias); a1 = IntDecode::pair(w8, 2 * s, int_bias);
       a2 = IntDecode::pair(w0, 2 * s + 1, int_bias); a3 = IntDecode::pair(w8, 2 * s + 1, int_bias);
     } else {
-      a0 = lookup(w0.idx(2 * s)); a1 = lookup(w8.idx(2 * s));
-      a2 = lookup(w0.idx(2 * s + 1)); a3 = lookup(w8.idx(2 * s + 1));
+      a0 = lookup(w0, 2 * s); a1 = lookup(w8, 2 * s);
+      a2 = lookup(w0, 2 * s + 1); a3 = lookup(w8, 2 * s + 1);
     }
     auto mma_tile = [&](int t, uint32_t b0, uint32_t b1) {
       mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
@@ -509,7 +522,9 @@ void launch_typed(const Args& a) {
                      (rows * BLOCK_K * (int)sizeof(T));
   const int stage_blocks = std::max(1, std::min(budget, a.blocks_per_split));
   const size_t sums = MODE == MODE_ZERO ? (size_t)stage_blocks * MT * 8 : 0;
-  const size_t smem = TE * 128 + (size_t)WARPS * RING * ring_slot_words<BITS, PT>() * 4 +
+  // the table's alignment may skip up to table_align - 16 bytes (the dynamic shared memory is 16-byte aligned)
+  const size_t smem = TE * 128 + (TE ? table_align<BITS>() - 16 : 0) +
+                      (size_t)WARPS * RING * ring_slot_words<BITS, PT>() * 4 +
                       4 * ((size_t)x_stage_words<T>(rows, stage_blocks) + sums);
   auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT, INTD>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);

@@ -97,6 +97,10 @@ inline float __uint_as_float(uint32_t u) {
   memcpy(&f, &u, 4);
   return f;
 }
+// the low 32 bits of the 64-bit {hi, lo} shifted right by s & 31
+inline uint32_t __funnelshift_r(uint32_t lo, uint32_t hi, uint32_t s) {
+  return static_cast<uint32_t>(((static_cast<uint64_t>(hi) << 32) | lo) >> (s & 31));
+}
 // byte i of the result = byte (s >> 4i) & 7 of the 8 bytes {x, y} (x: bytes 0-3)
 inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
   const uint64_t v = static_cast<uint64_t>(y) << 32 | x;
