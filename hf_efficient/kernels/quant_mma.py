@@ -40,7 +40,7 @@ import torch
 
 from .. import ops
 from ..blocks import row_blocks
-from ..schemes import MODES, get_scheme, scheme_of_mode
+from ..schemes import MODES, scheme_of_mode
 from .quant_layout import check_weight_args
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def int_decode(grid, bits: int, mode: int) -> bool:
     """Whether the kernel decodes this format without a table at bfloat16: 4-bit codes that are their own values
     (``v = c``) with a zero point, whose term removes the constant the arithmetic decode adds (``IntDecode`` in
     cuda/quant_mma.cuh, which says why float16 keeps the table)."""
-    return bits == 4 and mode == get_scheme("zero_point").mode and all(
+    return bits == 4 and scheme_of_mode(mode).offset and all(
         float(v) == c for c, v in enumerate(grid))
 
 
