@@ -15,8 +15,8 @@ for the padded rows and groups, zero activations for the padded K, so padding ad
              half ``h`` < 2, element ``e`` < 2) as 16 *pairs* ``p = 2*s + h`` of the codes ``(e=0, e=1)`` — the
              K pairs of an m16n8k16 A fragment. 4 bits: pair ``p`` is byte ``p`` (low nibble ``e=0``); 2 bits:
              nibble ``p``; 3 bits: bits ``6p .. 6p+5`` of the chunk's 96 bits (word 0 low), ``e=0`` low - so
-             the chunk is its 32 codes as consecutive 3-bit fields. ``CW`` = 4, 2, 3 words. A warp's chunk loads for one block are 2 contiguous
-             runs of ``16 * 4 * CW * 4`` bytes (rows 0-7 and 8-15).
+             the chunk is its 32 codes as consecutive 3-bit fields. ``CW`` = 4, 2, 3 words. A warp's chunk
+             loads for one block are 2 contiguous runs of ``16 * 4 * CW * 4`` bytes (rows 0-7 and 8-15).
 ``params``   ``(Ntiles, NG, 16, 2)``, NG = ``ceil(KB*128 / group)``: ``[..., 0] = a``, ``[..., 1] = b`` per
              (row, group) as in :mod:`hf_efficient.kernels.quant_layout` (sym: b unused; zero point: b = z;
              two scales: a = s_pos, b = s_neg); float16 when the stored scales are float16, else float32.
