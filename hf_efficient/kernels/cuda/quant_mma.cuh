@@ -326,15 +326,18 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       if ((s & 1) == 0) ldsm_x4(bs, xk + lrow[0]);
       mma_tile(0, bs[2 * (s & 1)], bs[2 * (s & 1) + 1]);
     } else {
+      // Every B fragment of the slice first, then the MMAs, with no branch between them: the compiler then issues
+      // the next slice's loads under this slice's MMAs. (A `break` at the first tile pair past the CTA's rows made
+      // each ldmatrix wait for its result before its MMA, on the 8-tile kernel 32 exposed shared-load latencies per
+      // block.) Tiles past the rows read the zero row and their MMAs are predicated off (a warp-uniform predicate:
+      // M = 17..63 on the 8-tile kernel); tile 0 always has rows.
+      uint32_t b[TP][4];
+#pragma unroll
+      for (int tp = 0; tp < TP; ++tp) ldsm_x4(b[tp], xk + lrow[tp]);
 #pragma unroll
       for (int tp = 0; tp < TP; ++tp) {
-        // Tiles past the CTA's rows (M = 17..63 on the 8-tile kernel) add nothing; tile 0 always has rows, and
-        // testing it anyway costs a branch and a warp re-convergence per slice.
-        if (tp > 0 && 2 * tp * 8 >= srows) break;
-        uint32_t b[4];
-        ldsm_x4(b, xk + lrow[tp]);
-        mma_tile(2 * tp, b[0], b[1]);
-        if ((2 * tp + 1) * 8 < srows) mma_tile(2 * tp + 1, b[2], b[3]);
+        if (tp == 0 || 2 * tp * 8 < srows) mma_tile(2 * tp, b[tp][0], b[tp][1]);
+        if ((2 * tp + 1) * 8 < srows) mma_tile(2 * tp + 1, b[tp][2], b[tp][3]);
       }
     }
   };
