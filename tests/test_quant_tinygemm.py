@@ -241,7 +241,8 @@ def test_gpu_from_pretrained_int4_generate_compiled(tmp_path):
     assert out.shape == (1, 15) and (fast - ref).norm() / ref.norm() < 2e-2
 
 
-def test_measured_dispatch_table(monkeypatch):
+@pytest.mark.parametrize("gpu_name", ["NVIDIA H200", "NVIDIA H100 80GB HBM3"])
+def test_measured_dispatch_table(monkeypatch, gpu_name):
     """"auto" gives a layer the mma layout only where MEASURED_MMA lists this GPU and the grid's kind, and INT4 at
     bf16 tinygemm's layout first where it applies."""
     from hf_efficient.quantization import QuantLinear, gpu
@@ -252,11 +253,11 @@ def test_measured_dispatch_table(monkeypatch):
     assert not any(gpu._mma_kind(m) for m in layers.values())  # no CUDA here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu_name)
     monkeypatch.setattr(quant_mma, "extension", lambda: object())
     gpu._measured.cache_clear()
     try:
-        assert all(gpu._mma_kind(m) for m in layers.values())  # every grid kind is measured on an H200
+        assert all(gpu._mma_kind(m) for m in layers.values())  # every grid kind is measured on both GPUs
         tiny = QuantLinear.from_linear(torch.nn.Linear(256, 16), "int4_asym", 128)
         assert gpu._wanted_layout(tiny, torch.bfloat16) == "cuda-tinygemm"  # INT4 decode: tinygemm first
         assert gpu._wanted_layout(tiny, torch.float16) == "cuda-mma"

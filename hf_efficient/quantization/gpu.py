@@ -123,7 +123,12 @@ def supports(layer: QuantLinear) -> str | None:
 # (benchmarks/results/quant_gemv.md: mma vs Triton rows of the same run; docs/gpu_kernels.md). Anything not
 # listed keeps the Triton layout. INT4 at bf16 takes tinygemm's layout first where it applies (_wanted_layout):
 # at M = 1, the decode case, tinygemm is faster than our INT4 on mma.
-MEASURED_MMA = {"NVIDIA H200": {"table", "int", "e2m1"}}
+MEASURED_MMA = {
+    "NVIDIA H200": {"table", "int", "e2m1"},
+    # same-run on an H100 (round 6, benchmarks/results/quant_gemv_summary.md and quant_e2e.md): mma faster than
+    # Triton for every kind at M = 1 and 16; 7B-shaped NF4-asym decode 1.54x bf16 on mma, 0.99x on Triton
+    "NVIDIA H100 80GB HBM3": {"table", "int", "e2m1"},
+}
 
 
 def _mma_measured_faster(layer: QuantLinear) -> bool:
