@@ -209,6 +209,17 @@ def test_pack_errors():
         Q.pack(codes, kw.params[0][:, :1], None, fmt.grid, 4, 32, 1)
     with pytest.raises(ValueError, match="one device"):
         Q.pack(codes, kw.params[0].to("meta"), None, fmt.grid, 4, 32, 1)
+    # zero points are folded into the fragments at M > 8: refused where v - z would not be exact
+    with pytest.raises(ValueError, match="integer grid values"):
+        Q.pack(codes, kw.params[0], kw.params[1], [c + 0.5 for c in range(16)], 4, 32, 1)
+    with pytest.raises(ValueError, match="integer grid values"):
+        Q.pack(codes, kw.params[0], kw.params[1], [c * 20.0 for c in range(16)], 4, 32, 1)
+    with pytest.raises(ValueError, match=r"zero points in \[-128, 128\].*\[129, 129\]"):
+        Q.pack(codes, kw.params[0], torch.full_like(kw.params[1], 129.0), fmt.grid, 4, 32, 1)
+    with pytest.raises(ValueError, match="not all integers"):
+        Q.pack(codes, kw.params[0], kw.params[1] + 0.25, fmt.grid, 4, 32, 1)
+    Q.pack(codes, kw.params[0], torch.full_like(kw.params[1], 128.0), fmt.grid, 4, 32, 1)  # the bound itself
+    Q.pack(codes, kw.params[0], kw.params[1] + 0.25, [c + 0.5 for c in range(16)], 4, 32, 2)  # not zero point
 
 
 def test_splits_fill_the_gpu_and_respect_k():

@@ -3,6 +3,8 @@ the Triton dequantizer against its reference (interpreter on CPU), eligibility, 
 CUDA the layout against torch's own packer and the tinygemm product against the reference bound."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -267,6 +269,10 @@ def test_measured_dispatch_table(monkeypatch, gpu_name):
             assert gpu._wanted_layout(tiny, torch.bfloat16) == "cuda-triton"
         with gpu.force_kernel("mma"):
             assert gpu._wanted_layout(tiny, torch.bfloat16) == "cuda-mma"
+        # a zero-point grid whose zero points the kernel cannot fold exactly keeps the Triton layout
+        odd = QuantLinear.from_linear(torch.nn.Linear(64, 16), "int4_asym", 32)
+        object.__setattr__(odd, "fmt", dataclasses.replace(odd.fmt, grid=tuple(c + 0.5 for c in range(16))))
+        assert not gpu._mma_kind(odd)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Other GPU")
         gpu._measured.cache_clear()
         assert not gpu._mma_kind(layers["nf4_asym"])  # unmeasured GPU: the Triton layout

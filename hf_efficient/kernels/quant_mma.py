@@ -99,6 +99,27 @@ def int_decode(grid, bits: int, mode: int) -> bool:
         float(v) == c for c, v in enumerate(grid))
 
 
+FOLD_BOUND = 128  # |grid value| and |zero point| at most this: every v - z is a float16/bfloat16 integer
+
+
+def zero_point_foldable(grid) -> bool:
+    """Whether a zero-point format's grid lets the kernel fold zero points into its fragments (``FOLD`` in
+    cuda/quant_mma.cuh: at two or more M tiles each A register becomes ``v - z`` by one subtraction, exact when
+    every grid value is an integer of magnitude <= :data:`FOLD_BOUND` and so is every zero point)."""
+    return all(float(v).is_integer() and abs(float(v)) <= FOLD_BOUND for v in grid)
+
+
+def _check_foldable(b: torch.Tensor, grid) -> None:
+    if not zero_point_foldable(grid):
+        raise ValueError(f"the mma kernel runs zero-point weights only with integer grid values in [-{FOLD_BOUND}, "
+                         f"{FOLD_BOUND}] (it folds the zero point into each fragment), got grid {list(grid)}")
+    if b.numel() and (b.abs().max() > FOLD_BOUND or (b != b.round()).any()):
+        raise ValueError(f"the mma kernel runs zero-point weights only with integer zero points in [-{FOLD_BOUND}, "
+                         f"{FOLD_BOUND}] (it folds them into each fragment), got values in "
+                         f"[{b.min().item():g}, {b.max().item():g}]"
+                         + ("" if (b == b.round()).all() else ", not all integers"))
+
+
 def _words(fields: torch.Tensor, width: int) -> torch.Tensor:
     """Pack ``(..., F)`` fields of ``width`` bits (F * width a multiple of 32) into int32 ``(..., F*width/32)``."""
     per = 32 // width
@@ -118,6 +139,8 @@ def pack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, bit
          mode: int) -> MmaWeight:
     """Codes uint8 ``(N, K)`` and per-group ``a``/``b`` ``(N, ceil(K / group_size))`` -> :class:`MmaWeight`."""
     n, k, ng = check_weight_args(codes, a, b, grid, bits, group_size, mode, MMA_BITS, 16, "the mma kernel")
+    if scheme_of_mode(mode).offset:
+        _check_foldable(a if b is None else b, grid)  # as stored below: no b means b = a
     nt, kb = -(-n // 16), -(-k // BLOCK_K)
     ngp = -(-kb * BLOCK_K // group_size)
     c = torch.zeros(nt * 16, kb * BLOCK_K, dtype=torch.int64, device=codes.device)

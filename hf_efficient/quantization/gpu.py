@@ -151,6 +151,7 @@ def _mma_kind(layer: QuantLinear) -> bool:
     if forced not in ("auto", "mma") or (forced == "auto" and not _mma_measured_faster(layer)):
         return False
     return (layer.fmt.bits in quant_mma.MMA_BITS and layer.group_size % 16 == 0 and layer.act_fmt is None
+            and (not layer.fmt.scale_scheme.offset or quant_mma.zero_point_foldable(layer.fmt.grid))
             and quant_mma.extension() is not None)
 
 

@@ -43,6 +43,13 @@ __device__ __forceinline__ uint32_t hmin0(uint32_t v) {
   T2 r = __hmin2(*reinterpret_cast<T2*>(&v), T2{});
   return *reinterpret_cast<uint32_t*>(&r);
 }
+// Both halves of a minus those of b (zero-point folding: see mma_slice).
+template <typename T>
+__device__ __forceinline__ uint32_t hsub2(uint32_t a, uint32_t b) {
+  using T2 = typename Pair<T>::T2;
+  T2 r = __hsub2(*reinterpret_cast<T2*>(&a), *reinterpret_cast<T2*>(&b));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
 
 // A thread's chunk: the codes of 16 pairs (pair p = slice p/2, half p%2) of one row, read from the warp's ring.
 template <int BITS> struct Chunk;
@@ -126,6 +133,11 @@ template <typename PT> struct GroupParams {
 template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// v (rounded to T) in both halves of a half2 / bfloat162 bit pattern.
+template <typename T> __device__ __forceinline__ uint32_t splat2(float v) {
+  const T h = from_f<T>(v);
+  return (uint32_t)*reinterpret_cast<const uint16_t*>(&h) * 0x10001u;
+}
 template <typename PT> __device__ __forceinline__ float to_f(PT v) { return static_cast<float>(v); }
 // The two values of a half2 / bfloat162 bit pattern, summed in float.
 template <typename T> __device__ __forceinline__ float sum2(uint32_t v);
@@ -209,6 +221,14 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   constexpr int ROWS = MT * 8;         // rows of x per CTA
   constexpr int GW = 64 * CW;          // words of one block of one tile in global memory
   constexpr int SLOT = ring_slot_words<BITS, PT>();  // + its group's parameters
+  // Zero-point weights at two or more M tiles fold the zero point into the A fragments where groups are whole
+  // blocks: every register becomes (v - z, v' - z) by one HSUB2 per block-constant z, so the MMAs sum S(v - z)
+  // directly and the flush is the symmetric one. Exact: pack() admits zero-point weights only with integer grid
+  // values and zero points in [-128, 128], so each v - z (and IntDecode's (K0 + c) - (K0 + z)) is an integer of
+  // magnitude <= 256, exact in float16 and bfloat16. The x sums S(1) it replaces took one warp reduction per (row,
+  // block) of every stage between two barriers: at 8 tiles about a quarter of a block's instructions. One M tile
+  // keeps the sums: there a fold costs as many HSUB2 per slice as it has MMAs, and the sums are 8 rows.
+  constexpr bool FOLD = MODE == MODE_ZERO && MT > 1;
   HFE_DYNAMIC_SMEM(smem);
   constexpr uint32_t TA = table_align<BITS>();
   uint32_t* tbl = smem + ((TA - (shared_addr(smem) & (TA - 1))) & (TA - 1)) / 4;  // launch_typed allows for this
@@ -302,6 +322,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     lrow[tp] = (min(r, srows) * xstride + kofs) * (int)sizeof(T);
   }
   uint32_t bs[4];  // MT == 1: slices s and s + 1, loaded at even s
+  uint32_t zf0 = 0u, zf8 = 0u;  // FOLD: the zero points (+ IntDecode's K0) of rows g and g + 8, splat; else 0
 
   // The MMAs of slice s (16 K) of a block: A rows g / g+8 (chunks w0 / w8) at K 2q..2q+1 (pair 2s) and
   // 2q+8..2q+9 (pair 2s+1); B from the staged x at xb (the shared address of the block's first column).
@@ -314,6 +335,10 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     } else {
       a0 = lookup(w0, 2 * s); a1 = lookup(w8, 2 * s);
       a2 = lookup(w0, 2 * s + 1); a3 = lookup(w8, 2 * s + 1);
+    }
+    if constexpr (FOLD) {  // zf0 / zf8 are 0 on the path of split groups, which sums S(1) by ones_mma instead
+      a0 = hsub2<T>(a0, zf0); a2 = hsub2<T>(a2, zf0);
+      a1 = hsub2<T>(a1, zf8); a3 = hsub2<T>(a3, zf8);
     }
     auto mma_tile = [&](int t, uint32_t b0, uint32_t b1) {
       mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
@@ -341,8 +366,9 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       }
     }
   };
-  // A group (or this split's share of it) ends: scale its sums into acc.
-  auto flush = [&](const GroupParams<PT>& p) {
+  // A group (or this split's share of it) ends: scale its sums into acc. folded: the zero point is in cg (FOLD's
+  // path of whole-block groups; c2 is not used there), so the flush is the symmetric one.
+  auto flush = [&](const GroupParams<PT>& p, auto folded) {
     constexpr float bias = INTD ? IntDecode::K0 : 0.f;  // IntDecode's offset leaves with the zero point
     const float ag = to_f(p.a), bg = to_f(p.b) + bias, ag8 = to_f(p.a8), bg8 = to_f(p.b8) + bias;
 #pragma unroll
@@ -350,15 +376,21 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const float a = i < 2 ? ag : ag8, b = i < 2 ? bg : bg8;
-        if constexpr (MODE == MODE_SYM) acc[t][i] += a * cg[t][i];
-        else if constexpr (MODE == MODE_ZERO) acc[t][i] += a * (cg[t][i] - b * c2[t][i]);
-        else acc[t][i] += a * cg[t][i] + (b - a) * c2[t][i];  // a v+ + b v- = a v + (b - a) v-
-        cg[t][i] = c2[t][i] = 0.f;
+        if constexpr (MODE == MODE_SYM || decltype(folded)::value) {
+          acc[t][i] += a * cg[t][i];
+        } else if constexpr (MODE == MODE_ZERO) {
+          acc[t][i] += a * (cg[t][i] - b * c2[t][i]);
+          c2[t][i] = 0.f;
+        } else {
+          acc[t][i] += a * cg[t][i] + (b - a) * c2[t][i];  // a v+ + b v- = a v + (b - a) v-
+          c2[t][i] = 0.f;
+        }
+        cg[t][i] = 0.f;
       }
     }
   };
 
-  if constexpr (MODE == MODE_ZERO) {
+  if constexpr (MODE == MODE_ZERO && !FOLD) {
     // The x sums are computed for the CTA's rows only; the sums of the rows past them feed output columns that are
     // never written, and are zeroed once so that nothing reads uninitialised memory.
     if (aligned && srows < ROWS)
@@ -397,7 +429,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       }
     }
     __syncthreads();
-    if constexpr (MODE == MODE_ZERO) {
+    if constexpr (MODE == MODE_ZERO && !FOLD) {
       // S(1) is the sum of x over the group's K, the same for every weight row: with whole-block groups it is
       // summed here once per CTA (one warp per (block, row) of this stage; the CTA's rows only), not by an extra MMA per slice in
       // every warp (which, with the 4 registers of ones it rebuilds, cost ~5 of the ~22 instructions a slice).
@@ -421,18 +453,23 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
         Chunk<BITS> w0, w8;
         GroupParams<PT> p;
         take(kb, w0, w8, &p);
+        if constexpr (FOLD) {
+          constexpr float k0 = INTD ? IntDecode::K0 : 0.f;
+          zf0 = splat2<T>(to_f(p.b) + k0);
+          zf8 = splat2<T>(to_f(p.b8) + k0);
+        }
         const bool ends = (kb + 1) * BLOCK_K == next_end;
         const uint32_t xb = xs_s + (kb - ks) * BLOCK_K * (int)sizeof(T);
 #pragma unroll
         for (int s = 0; s < 8; ++s) mma_slice(std::false_type{}, w0, w8, xb, s);
-        if constexpr (MODE == MODE_ZERO) {
+        if constexpr (MODE == MODE_ZERO && !FOLD) {
 #pragma unroll
           for (int t = 0; t < MT; ++t) {
             const float2 sm = *reinterpret_cast<const float2*>(xsum + (kb - ks) * ROWS + t * 8 + 2 * q);
             c2[t][0] += sm.x; c2[t][1] += sm.y; c2[t][2] += sm.x; c2[t][3] += sm.y;
           }
         }
-        if (ends || kb + 1 == kb1) flush(p);
+        if (ends || kb + 1 == kb1) flush(p, std::integral_constant<bool, FOLD>{});
         if (ends) {
           ++gi;
           next_end += group;
@@ -453,7 +490,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
         if (kpos == next_end || (s == 7 && kb + 1 == kb1)) {
           GroupParams<PT> p;
           p.load(prow, gi);
-          flush(p);
+          flush(p, std::false_type{});
           if (kpos == next_end) {
             ++gi;
             next_end += group;
@@ -524,7 +561,7 @@ void launch_typed(const Args& a) {
   const int budget = (MT == 1 ? (sizeof(PT) == 4 ? 4096 : 8192) : MT == 2 ? 36864 : 131072) /
                      (rows * BLOCK_K * (int)sizeof(T));
   const int stage_blocks = std::max(1, std::min(budget, a.blocks_per_split));
-  const size_t sums = MODE == MODE_ZERO ? (size_t)stage_blocks * MT * 8 : 0;
+  const size_t sums = MODE == MODE_ZERO && MT == 1 ? (size_t)stage_blocks * MT * 8 : 0;  // FOLD needs none
   // the table's alignment may skip up to table_align - 16 bytes (the dynamic shared memory is 16-byte aligned)
   const size_t smem = TE * 128 + (TE ? table_align<BITS>() - 16 : 0) +
                       (size_t)WARPS * RING * ring_slot_words<BITS, PT>() * 4 +

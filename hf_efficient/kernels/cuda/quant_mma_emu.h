@@ -92,6 +92,21 @@ inline __half2 __hmin2(__half2 a, __half2 b) {
 inline __nv_bfloat162 __hmin2(__nv_bfloat162 a, __nv_bfloat162 b) {
   return {hmin_<__nv_bfloat16, __bfloat162float>(a.x, b.x), hmin_<__nv_bfloat16, __bfloat162float>(a.y, b.y)};
 }
+// a - b of each half, computed in double (exact for two float16 values) and rounded once to float16; bfloat16
+// through float (the kernel subtracts integers, exact either way)
+inline __half2 __hsub2(__half2 a, __half2 b) {
+  auto sub = [](__half x, __half y) {
+    const _Float16 f = static_cast<_Float16>(static_cast<double>(__half2float(x)) - __half2float(y));
+    __half h;
+    memcpy(&h.x, &f, 2);
+    return h;
+  };
+  return {sub(a.x, b.x), sub(a.y, b.y)};
+}
+inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b) {
+  return {__float2bfloat16_rn(__bfloat162float(a.x) - __bfloat162float(b.x)),
+          __float2bfloat16_rn(__bfloat162float(a.y) - __bfloat162float(b.y))};
+}
 inline float __uint_as_float(uint32_t u) {
   float f;
   memcpy(&f, &u, 4);
