@@ -10,8 +10,10 @@
 // register by arithmetic instead: IntDecode). Scales stay out of the inner loop: per group
 // the fragment products accumulate unscaled (fp32), and at the group's end
 //   sym:        acc += a * S(v)
-//   zero point: acc += a * (S(v) - z * S(1))   (S(1) = the sum of x over the group: summed from the staged x
-//               once per CTA where groups are whole blocks, else one more MMA with an all-ones A fragment)
+//   zero point: acc += a * S(v - z)             (more than one M tile, groups of whole blocks: z subtracted from
+//               each A register, FOLD below), else acc += a * (S(v) - z * S(1))   (S(1) = the sum of x over the
+//               group: summed from the staged x once per CTA where groups are whole blocks, else one more MMA
+//               with an all-ones A fragment)
 //   two scales: acc += a * S(v) + (b - a) * S(min(v,0))   (= a S(v+) + b S(v-), one max/min per register)
 // Split-K: every split writes an fp32 partial tile to a workspace; the last split to arrive at a tile (atomic
 // counter per tile, reset by that split) sums the partials and writes y. One launch per call.
@@ -188,7 +190,8 @@ struct PairTable {
 // Shared memory: the pair table; each warp's weight ring (RING slots of one block's 64 chunks: rows 0-7 by lane,
 // then rows 8-15; then, where groups are whole blocks, the (16, 2) parameters of the block's group); x staged as
 // srows + 1 rows (srows = the rows of x this CTA has, at most MT * 8; the extra row is zeros and stands in for the
-// B-fragment rows past M, so decode does not stage 8 rows).
+// B-fragment rows past M, so decode does not stage 8 rows), in one stage buffer, or two used in turn at more than
+// one M tile (x_buffers).
 // The ring: block kb + RING - 1 is requested before block kb is decoded, so a warp keeps RING - 1 blocks of
 // loads in flight (the profile of direct loads, one block ahead, showed DRAM at 12 % and warps waiting on it).
 // A block's 64 chunks are contiguous in the layout and copied as 16-byte units spread over the lanes; each lane
@@ -205,6 +208,11 @@ template <int BITS, typename PT> __host__ __device__ constexpr int ring_slot_wor
 template <typename T> __host__ __device__ constexpr int x_stage_words(int rows, int stage_blocks) {
   return (rows * (stage_blocks * BLOCK_K + 8) * (int)sizeof(T) + 15) / 16 * 4;  // 16-byte aligned sums
 }
+// Stages of x in shared memory: two at more than one M tile, so that the next stage's copy runs under this one's
+// MMAs (one stage made every CTA wait at each stage for its copy: at 8 tiles about 115 KB from L2 per stage, every
+// 7 blocks, with the weight ring drained by the same wait). One at one M tile, where a split usually has a single
+// stage and shared memory sets the CTAs per SM.
+template <int MT> __host__ __device__ constexpr int x_buffers() { return MT > 1 ? 2 : 1; }
 
 // INTD: the 4-bit identity grid with a zero point at bfloat16, decoded by IntDecode (table == nullptr, no table in
 // shared memory).
@@ -233,8 +241,9 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   constexpr uint32_t TA = table_align<BITS>();
   uint32_t* tbl = smem + ((TA - (shared_addr(smem) & (TA - 1))) & (TA - 1)) / 4;  // launch_typed allows for this
   uint32_t* ring = tbl + TE * 32;                           // [WARPS][RING][SLOT]
-  T* xs = reinterpret_cast<T*>(ring + WARPS * RING * SLOT);  // [srows + 1][stage_k + 8]
-  float* xsum = reinterpret_cast<float*>(ring + WARPS * RING * SLOT + x_stage_words<T>(min(ROWS, M) + 1, stage_blocks));
+  T* xs = reinterpret_cast<T*>(ring + WARPS * RING * SLOT);  // [x_buffers<MT>()][srows + 1][stage_k + 8]
+  const int xbuf_words = x_stage_words<T>(min(ROWS, M) + 1, stage_blocks);
+  float* xsum = reinterpret_cast<float*>(ring + WARPS * RING * SLOT + x_buffers<MT>() * xbuf_words);
   __shared__ int last_flag;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
@@ -291,6 +300,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     if (p) p->load_staged(slot + GW * 4, g);
   };
   for (int j = 0; j < RING - 1; ++j) request(kb0 + j);  // the weight stream starts before the table fill
+
 
   if constexpr (!INTD) PairTable::fill(tbl, table, TE);
   const PairTable lookup(tbl, lane);
@@ -398,37 +408,58 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   }
   int gi = kb0 * BLOCK_K / group;      // the group being accumulated
   int next_end = (gi + 1) * group;     // the K position where it ends
-  for (int ks = kb0; ks < kb1; ks += stage_blocks) {
+  int stage = 0, prev_blocks = 0;      // stage index (its x buffer: stage % x_buffers) and the blocks of the last
+  for (int ks = kb0; ks < kb1; ks += stage_blocks, ++stage) {
     const int kend = min(kb1, ks + stage_blocks);
-    __syncthreads();  // the previous stage's x is consumed
-    // Stage x[m0 : m0+srows, ks*128 : kend*128] (zero outside K), plus the zero row: as 16-byte copies where rows
-    // are 16-byte aligned (the common case), else as 32-bit pairs through registers.
-    if (vec_x) {
-      const int units = (kend - ks) * BLOCK_K / 8;
-      for (int i = threadIdx.x; i < (srows + 1) * units; i += blockDim.x) {
-        const int r = i / units, c = 8 * (i - r * units), k = ks * BLOCK_K + c;
-        const bool in = r < srows && k < K;  // K % 8 == 0: a unit is all in or all out
-        cp_async16(xs_s + 2 * (r * xstride + c), in ? x + (size_t)(m0 + r) * ldx + k : x, in ? 16 : 0);
-      }
-      cp_async_commit();
-      cp_async_wait<0>();
-    } else {
-      const int pairs = (kend - ks) * BLOCK_K / 2;
-      for (int i = threadIdx.x; i < (srows + 1) * pairs; i += blockDim.x) {
-        const int r = i / pairs, c = 2 * (i - r * pairs), m = m0 + r, k = ks * BLOCK_K + c;
-        uint32_t v = 0;
-        if (r < srows) {
-          if (k + 1 < K && (ldx & 1) == 0) {
-            v = *reinterpret_cast<const uint32_t*>(x + (size_t)m * ldx + k);
-          } else if (k < K) {  // odd row stride (or the last column): two scalar loads
-            T two[2] = {x[(size_t)m * ldx + k], k + 1 < K ? x[(size_t)m * ldx + k + 1] : from_f<T>(0.0f)};
-            v = *reinterpret_cast<uint32_t*>(two);
-          }
+    const int buf = stage % x_buffers<MT>();
+    // Stage x[m0 : m0+srows, k0*128 : k1*128] (zero outside K), plus the zero row, into x buffer b: as 16-byte
+    // cp.async copies, one commit group, where rows are 16-byte aligned (the common case; the caller waits), else as
+    // 32-bit pairs through registers.
+    auto stage_x = [&](int k0, int k1, int b) {
+      if (vec_x) {
+        const uint32_t dst = xs_s + b * xbuf_words * 4;
+        const int units = (k1 - k0) * BLOCK_K / 8;
+        for (int i = threadIdx.x; i < (srows + 1) * units; i += blockDim.x) {
+          const int r = i / units, c = 8 * (i - r * units), k = k0 * BLOCK_K + c;
+          const bool in = r < srows && k < K;  // K % 8 == 0: a unit is all in or all out
+          cp_async16(dst + 2 * (r * xstride + c), in ? x + (size_t)(m0 + r) * ldx + k : x, in ? 16 : 0);
         }
-        *reinterpret_cast<uint32_t*>(xs + r * xstride + c) = v;
+        cp_async_commit();
+      } else {
+        T* dst = xs + b * xbuf_words * 4 / (int)sizeof(T);
+        const int pairs = (k1 - k0) * BLOCK_K / 2;
+        for (int i = threadIdx.x; i < (srows + 1) * pairs; i += blockDim.x) {
+          const int r = i / pairs, c = 2 * (i - r * pairs), m = m0 + r, k = k0 * BLOCK_K + c;
+          uint32_t v = 0;
+          if (r < srows) {
+            if (k + 1 < K && (ldx & 1) == 0) {
+              v = *reinterpret_cast<const uint32_t*>(x + (size_t)m * ldx + k);
+            } else if (k < K) {  // odd row stride (or the last column): two scalar loads
+              T two[2] = {x[(size_t)m * ldx + k], k + 1 < K ? x[(size_t)m * ldx + k + 1] : from_f<T>(0.0f)};
+              v = *reinterpret_cast<uint32_t*>(two);
+            }
+          }
+          *reinterpret_cast<uint32_t*>(dst + r * xstride + c) = v;
+        }
       }
+    };
+    if constexpr (x_buffers<MT>() == 1) {
+      __syncthreads();  // the previous stage's x is consumed
+      stage_x(ks, kend, 0);
+      if (vec_x) cp_async_wait<0>();
+      __syncthreads();
+    } else {
+      if (stage == 0) stage_x(ks, kend, 0);
+      // This stage's copy was committed a stage ago (stage 0: just now), before the last stage's ring
+      // requests, one per block taken: with at least RING - 1 of them, waiting for all but RING - 1 groups waits
+      // for it without draining the ring.
+      if (live && stage > 0 && prev_blocks >= RING - 1) cp_async_wait<RING - 1>();
+      else cp_async_wait<0>();
+      __syncthreads();  // this stage's x is visible to all; the other buffer's (the last stage's) is consumed
+      if (kend < kb1) stage_x(kend, min(kb1, kend + stage_blocks), buf ^ 1);
+      prev_blocks = kend - ks;
     }
-    __syncthreads();
+    const uint32_t xs_b = xs_s + buf * xbuf_words * 4;  // this stage's x
     if constexpr (MODE == MODE_ZERO && !FOLD) {
       // S(1) is the sum of x over the group's K, the same for every weight row: with whole-block groups it is
       // summed here once per CTA (one warp per (block, row) of this stage; the CTA's rows only), not by an extra MMA per slice in
@@ -436,7 +467,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       if (aligned) {
         for (int r = 0; r < srows; ++r) {
           for (int bl = warp; bl < kend - ks; bl += WARPS) {
-            const uint2 v = lds64(xs_s + (r * xstride + bl * BLOCK_K + 4 * lane) * (int)sizeof(T));
+            const uint2 v = lds64(xs_b + (r * xstride + bl * BLOCK_K + 4 * lane) * (int)sizeof(T));
             float sum = sum2<T>(v.x) + sum2<T>(v.y);
 #pragma unroll
             for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -459,7 +490,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
           zf8 = splat2<T>(to_f(p.b8) + k0);
         }
         const bool ends = (kb + 1) * BLOCK_K == next_end;
-        const uint32_t xb = xs_s + (kb - ks) * BLOCK_K * (int)sizeof(T);
+        const uint32_t xb = xs_b + (kb - ks) * BLOCK_K * (int)sizeof(T);
 #pragma unroll
         for (int s = 0; s < 8; ++s) mma_slice(std::false_type{}, w0, w8, xb, s);
         if constexpr (MODE == MODE_ZERO && !FOLD) {
@@ -482,7 +513,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     for (int kb = ks; kb < kend; ++kb) {
       Chunk<BITS> w0, w8;
       take(kb, w0, w8, nullptr);
-      const uint32_t xb = xs_s + (kb - ks) * BLOCK_K * (int)sizeof(T);
+      const uint32_t xb = xs_b + (kb - ks) * BLOCK_K * (int)sizeof(T);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         mma_slice(std::true_type{}, w0, w8, xb, s);
@@ -551,21 +582,20 @@ template <typename T, typename PT, int BITS, int MODE, int MT, bool INTD>
 void launch_typed(const Args& a) {
   constexpr int TE = INTD ? 0 : 1 << (2 * BITS);
   const int row_ctas = (a.Ntiles + WARPS - 1) / WARPS;
-  // x stage: the CTA's rows of x plus the zero row, never more K than one split covers, up to
-  //   8 KB at one M tile (decode: with the 4-bit table and ring, 76 KB per CTA, 3 CTAs per SM; IntDecode's 44 KB,
-  //      4 CTAs; 4 KB where float parameters make the ring 2 KB larger),
-  //   36 KB at two (2 CTAs per SM),
-  //   128 KB at eight (1 CTA per SM, by registers: 36 KB held 2 blocks of 64 rows, and every stage drains the
-  //      weight ring, since it waits for all of this thread's copies).
+  // x stages: the CTA's rows of x plus the zero row, never more K than one split covers, in all up to
+  //   8 KB at one M tile, one stage (decode: with the 4-bit table and ring, 76 KB per CTA, 3 CTAs per SM;
+  //      IntDecode's 44 KB, 4 CTAs; 4 KB where float parameters make the ring 2 KB larger),
+  //   36 KB at two, two stages of 18 KB (2 CTAs per SM),
+  //   128 KB at eight, two stages of 64 KB (1 CTA per SM, by registers; 3 blocks of 64 rows a stage).
   const int rows = std::min(MT * 8, a.M) + 1;
   const int budget = (MT == 1 ? (sizeof(PT) == 4 ? 4096 : 8192) : MT == 2 ? 36864 : 131072) /
-                     (rows * BLOCK_K * (int)sizeof(T));
+                     (rows * BLOCK_K * (int)sizeof(T) * x_buffers<MT>());
   const int stage_blocks = std::max(1, std::min(budget, a.blocks_per_split));
   const size_t sums = MODE == MODE_ZERO && MT == 1 ? (size_t)stage_blocks * MT * 8 : 0;  // FOLD needs none
   // the table's alignment may skip up to table_align - 16 bytes (the dynamic shared memory is 16-byte aligned)
   const size_t smem = TE * 128 + (TE ? table_align<BITS>() - 16 : 0) +
                       (size_t)WARPS * RING * ring_slot_words<BITS, PT>() * 4 +
-                      4 * ((size_t)x_stage_words<T>(rows, stage_blocks) + sums);
+                      4 * ((size_t)x_buffers<MT>() * x_stage_words<T>(rows, stage_blocks) + sums);
   auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT, INTD>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   dim3 grid(row_ctas, a.splits, (a.M + MT * 8 - 1) / (MT * 8));
