@@ -18,8 +18,9 @@ for the padded rows and groups, zero activations for the padded K, so padding ad
              the chunk is its 32 codes as consecutive 3-bit fields. ``CW`` = 4, 2, 3 words. A warp's chunk
              loads for one block are 2 contiguous runs of ``16 * 4 * CW * 4`` bytes (rows 0-7 and 8-15).
 ``params``   ``(Ntiles, NG, 16, 2)``, NG = ``ceil(KB*128 / group)``: ``[..., 0] = a``, ``[..., 1] = b`` per
-             (row, group) as in :mod:`hf_efficient.kernels.quant_layout` (sym: b unused; zero point: b = z;
-             two scales: a = s_pos, b = s_neg); float16 when the stored scales are float16, else float32.
+             (row, group) as in :mod:`hf_efficient.kernels.quant_layout` (sym: b unused; zero point: b = z, an
+             integer of magnitude <= 128 with an integer grid, :func:`zero_point_foldable`; two scales: a = s_pos,
+             b = s_neg); float16 when the stored scales are float16, else float32.
 ``tables``   int32 ``(2, 4**bits)``: for activation dtype float16 (row 0) and bfloat16 (row 1), entry ``i``
              (a pair index) holds the two grid values ``(v[c0], v[c1])`` as a half2/bfloat162 bit pattern.
              ``(1, 4**bits)`` (the float16 row only) for the 4-bit identity grid ``v = c`` with a zero point
