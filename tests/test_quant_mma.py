@@ -301,6 +301,21 @@ def test_kernel_matches_reference(runner, case, dtype, m):
     _check_kernel(runner, *case, m, dtype, (1, 2, 0))
 
 
+def test_emulated_kernel_fits_a_smaller_gpu(monkeypatch):
+    """The x stages shrink to what the device allows a CTA beside the table and the ring: on an A100's 163 KB the
+    8-tile budget (sized for an H100's 227 KB) would not fit; where not even one block fits, a clear error."""
+    monkeypatch.setenv("HFE_EMU_SMEM_OPTIN", str(163 * 1024))  # read by the emulation at each launch
+    for m in (16, 64):
+        _check_kernel("emu", "nf4_asym", 40, 1024, 128, m, torch.bfloat16, (1,))
+    # less than the 4-bit table, the ring and one block of 64 rows of x (the 2-tile kernel still fits)
+    monkeypatch.setenv("HFE_EMU_SMEM_OPTIN", "90000")
+    _check_kernel("emu", "nf4_asym", 40, 1024, 128, 16, torch.bfloat16, (1,))
+    fmt, codes, kw = random_kernel_weight("nf4_asym", 40, 1024, 128)
+    w = Q.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, 128, fmt.scale_scheme.mode)
+    with pytest.raises(RuntimeError, match="more than this GPU allows"):
+        Q.quant_mma_emulated(torch.randn(64, 1024, dtype=torch.bfloat16), w, splits=1)
+
+
 @pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("case", [("nf4_asym", 40, 1024, 128), ("int4_asym", 21, 1100, 256), ("fp4_asym", 33, 640, 64),
                                   ("int3_asym", 17, 520, 128), ("int2_sym", 50, 384, 128)],

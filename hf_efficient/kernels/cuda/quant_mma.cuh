@@ -25,6 +25,8 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "quant_mma_args.h"
@@ -578,6 +580,15 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
 namespace hfe_mma {
 
 
+// The current device's opt-in dynamic shared memory per CTA (a cheap query; asked at each launch, so that the
+// emulation's limit can change between calls).
+inline int smem_optin() {
+  int dev = 0, v = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  return v;
+}
+
 template <typename T, typename PT, int BITS, int MODE, int MT, bool INTD>
 void launch_typed(const Args& a) {
   constexpr int TE = INTD ? 0 : 1 << (2 * BITS);
@@ -588,14 +599,22 @@ void launch_typed(const Args& a) {
   //   36 KB at two, two stages of 18 KB (2 CTAs per SM),
   //   128 KB at eight, two stages of 64 KB (1 CTA per SM, by registers; 3 blocks of 64 rows a stage).
   const int rows = std::min(MT * 8, a.M) + 1;
-  const int budget = (MT == 1 ? (sizeof(PT) == 4 ? 4096 : 8192) : MT == 2 ? 36864 : 131072) /
-                     (rows * BLOCK_K * (int)sizeof(T) * x_buffers<MT>());
-  const int stage_blocks = std::max(1, std::min(budget, a.blocks_per_split));
-  const size_t sums = MODE == MODE_ZERO && MT == 1 ? (size_t)stage_blocks * MT * 8 : 0;  // FOLD needs none
   // the table's alignment may skip up to table_align - 16 bytes (the dynamic shared memory is 16-byte aligned)
-  const size_t smem = TE * 128 + (TE ? table_align<BITS>() - 16 : 0) +
-                      (size_t)WARPS * RING * ring_slot_words<BITS, PT>() * 4 +
-                      4 * ((size_t)x_buffers<MT>() * x_stage_words<T>(rows, stage_blocks) + sums);
+  const size_t fixed = TE * 128 + (TE ? table_align<BITS>() - 16 : 0) +
+                       (size_t)WARPS * RING * ring_slot_words<BITS, PT>() * 4;
+  // The x stages also fit what the device allows a CTA beside the table and the ring (an A100's 163 KB does not
+  // hold the 8-tile budget; an H100's or H200's 227 KB does): bytes per buffer, less each row's 8 extra values and
+  // the 16-byte rounding of x_stage_words.
+  const int per_buffer = (int)std::min<size_t>(
+      (size_t)(MT == 1 ? (sizeof(PT) == 4 ? 4096 : 8192) : MT == 2 ? 36864 : 131072) / x_buffers<MT>(),
+      ((size_t)smem_optin() - fixed) / x_buffers<MT>() - rows * 8 * sizeof(T) - 16);
+  const int stage_blocks = std::max(1, std::min(per_buffer / (rows * BLOCK_K * (int)sizeof(T)), a.blocks_per_split));
+  const size_t sums = MODE == MODE_ZERO && MT == 1 ? (size_t)stage_blocks * MT * 8 : 0;  // FOLD needs none
+  const size_t smem = fixed + 4 * ((size_t)x_buffers<MT>() * x_stage_words<T>(rows, stage_blocks) + sums);
+  if (smem > (size_t)smem_optin())  // not even one block of x fits: say so, not "invalid argument" at the launch
+    throw std::runtime_error("quant_mma: " + std::to_string(smem) + " bytes of shared memory per CTA at M = " +
+                             std::to_string(a.M) + ", more than this GPU allows (" + std::to_string(smem_optin()) +
+                             "); use the Triton kernels (force_kernel(\"gemv\"))");
   auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT, INTD>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   dim3 grid(row_ctas, a.splits, (a.M + MT * 8 - 1) / (MT * 8));

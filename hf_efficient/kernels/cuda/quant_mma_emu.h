@@ -14,6 +14,7 @@
 //   cores' order and rounding are unspecified, so the tests compare against a bound, as on the GPU).
 #pragma once
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <ucontext.h>
 
@@ -46,6 +47,15 @@ struct float2 { float x, y; };
 typedef struct CUstream_st* cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 template <typename F> inline int cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return 0; }
+// The emulated device's opt-in dynamic shared memory per CTA: an sm_90 CTA's 227 KB, or HFE_EMU_SMEM_OPTIN bytes
+// (tests set 163 KB, an A100's). Launches above it fail.
+inline int hfe_emu_smem_optin() {
+  const char* v = getenv("HFE_EMU_SMEM_OPTIN");
+  return v && *v ? atoi(v) : 232448;
+}
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
+inline int cudaGetDevice(int* device) { *device = 0; return 0; }
+inline int cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) { *value = hfe_emu_smem_optin(); return 0; }
 using std::max;
 using std::min;
 
@@ -127,7 +137,6 @@ inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
 // ------------------------------------------------------------------------------------------------ the runtime
 namespace hfe_emu {
 
-constexpr size_t MAX_DYNAMIC_SMEM = 232448;  // an sm_90 CTA's opt-in maximum (227 KB)
 // The shared window starts with bytes that stand for the kernel's static __shared__ variables, as on a GPU, so the
 // dynamic shared memory does not start at address 0 (code that assumes an alignment of it has to establish it).
 constexpr size_t STATIC_SMEM = 16;
@@ -284,9 +293,9 @@ template <typename F> void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& 
   const std::function<void()> body(fn);
   const int n = block.x * block.y * block.z, warps = n / 32;
   if (block.y != 1 || block.z != 1 || n % 32) throw std::runtime_error("hfe_emu: only 1-D blocks of whole warps");
-  if (smem_bytes > MAX_DYNAMIC_SMEM)
+  if (smem_bytes > (size_t)hfe_emu_smem_optin())
     throw std::runtime_error("hfe_emu: " + std::to_string(smem_bytes) + " bytes of dynamic shared memory, more than "
-                             "an sm_90 CTA may have");
+                             "the emulated device's " + std::to_string(hfe_emu_smem_optin()) + " per CTA");
   r.body = &body;
   r.grid = grid;
   r.block = block;
