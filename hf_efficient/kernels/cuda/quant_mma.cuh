@@ -303,7 +303,6 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   };
   for (int j = 0; j < RING - 1; ++j) request(kb0 + j);  // the weight stream starts before the table fill
 
-
   if constexpr (!INTD) PairTable::fill(tbl, table, TE);
   const PairTable lookup(tbl, lane);
 
@@ -410,7 +409,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   }
   int gi = kb0 * BLOCK_K / group;      // the group being accumulated
   int next_end = (gi + 1) * group;     // the K position where it ends
-  int stage = 0, prev_blocks = 0;      // stage index (its x buffer: stage % x_buffers) and the blocks of the last
+  int stage = 0, prev_blocks = 0;      // the stage (its x buffer: stage % x_buffers) and the last stage's blocks
   for (int ks = kb0; ks < kb1; ks += stage_blocks, ++stage) {
     const int kend = min(kb1, ks + stage_blocks);
     const int buf = stage % x_buffers<MT>();
