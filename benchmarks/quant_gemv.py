@@ -62,6 +62,16 @@ def mma_make(w):
     return make, w.nbytes()
 
 
+def dequant_make(w):
+    """The mma layout's path above ``MMA_MAX_M`` rows: dequantize the layer (Triton) and run cuBLAS."""
+    from hf_efficient.kernels.quant_mma import dequantize
+
+    def make(i):
+        wi = w if i == 0 else dataclasses.replace(w, qweight=w.qweight.clone(), params=w.params.clone())
+        return lambda x: F.linear(x, dequantize(wi, x.dtype))
+    return make, w.nbytes()
+
+
 def triton_make(kw):
     from hf_efficient.quantization.gpu import quant_matmul
 
@@ -161,6 +171,8 @@ def chosen_config(impl: str, m: int, n: int, k: int) -> str:
         from hf_efficient.kernels.quant_tinygemm import TINYGEMM_MAX_M
 
         return "tinygemm" if m <= TINYGEMM_MAX_M else "dequantize + cuBLAS"
+    if impl.startswith("ours-dequant"):
+        return "dequantize + cuBLAS"
     if impl.startswith("ours-triton"):
         from hf_efficient.kernels import quant_gemm
 
@@ -204,7 +216,7 @@ def _write(rows, args, copy_bw, gl_reason):
             "timing", "config"]
     write_results(args.name or ("quant_gemv_quick" if args.quick else "quant_gemv"), rows, settings, args.out,
                   columns=cols)
-    if not (args.quick or args.shapes or args.name or args.batches or args.formats):  # a full default run
+    if not (args.quick or args.shapes or args.name or args.batches or args.formats or args.dequant):  # full default
         summary = [r for r in rows if (r["N"], r["K"]) in SUMMARY and r["M"] in (1, 16, 64)]
         write_results("quant_gemv_summary", summary, {**settings, "note": "the rows of quant_gemv.json (same run) "
                       "for the summary shapes at M = 1, 16, 64"}, args.out, columns=cols)
@@ -218,6 +230,8 @@ def main(argv=None):
     ap.add_argument("--name", default=None, help="results file stem (default quant_gemv[_quick])")
     ap.add_argument("--batches", default=None, help="M list, e.g. 1,4 (default 1,4,16,64)")
     ap.add_argument("--formats", default=None, help=f"our formats (default {','.join(OURS)})")
+    ap.add_argument("--dequant", action="store_true", help="also time the mma layout's dequantize + cuBLAS path "
+                    "(``ours-dequant``, what a layer runs above MMA_MAX_M rows)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("quant_gemv needs CUDA")
@@ -250,7 +264,10 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001
                 gl_reason = f"gemlite failed: {e!r}"[:300]
         for f in ours:
-            impls[f"ours_{f}_g{GROUP}"] = mma_make(kernel_weight(f, n, k, GROUP, "cuda"))
+            mw = kernel_weight(f, n, k, GROUP, "cuda")
+            impls[f"ours_{f}_g{GROUP}"] = mma_make(mw)
+            if args.dequant:
+                impls[f"ours-dequant_{f}_g{GROUP}"] = dequant_make(mw)
             if f in TRITON:
                 impls[f"ours-triton_{f}_g{GROUP}"] = triton_make(kernel_weight(f, n, k, GROUP, "cuda", "triton"))
             if f == "int4_asym":

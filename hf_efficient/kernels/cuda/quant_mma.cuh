@@ -15,6 +15,8 @@
 //               group: summed from the staged x once per CTA where groups are whole blocks, else one more MMA
 //               with an all-ones A fragment)
 //   two scales: acc += a * S(v) + (b - a) * S(min(v,0))   (= a S(v+) + b S(v-), one max/min per register)
+// except at bfloat16 with more than one M tile and whole-block groups, where the scales multiply the A fragments
+// before the MMAs (SCALE_A: one MMA per tile for every format, no per-group sums).
 // Split-K: every split writes an fp32 partial tile to a workspace; the last split to arrive at a tile (atomic
 // counter per tile, reset by that split) sums the partials and writes y. One launch per call.
 #ifdef HFE_MMA_EMULATE
@@ -52,6 +54,14 @@ template <typename T>
 __device__ __forceinline__ uint32_t hsub2(uint32_t a, uint32_t b) {
   using T2 = typename Pair<T>::T2;
   T2 r = __hsub2(*reinterpret_cast<T2*>(&a), *reinterpret_cast<T2*>(&b));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+// Both halves of a times those of b (scaled A fragments: see SCALE_A).
+template <typename T>
+__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
+  using T2 = typename Pair<T>::T2;
+  T2 r = __hmul2(*reinterpret_cast<T2*>(&a), *reinterpret_cast<T2*>(&b));
   return *reinterpret_cast<uint32_t*>(&r);
 }
 
@@ -239,6 +249,14 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   // block) of every stage between two barriers: at 8 tiles about a quarter of a block's instructions. One M tile
   // keeps the sums: there a fold costs as many HSUB2 per slice as it has MMAs, and the sums are 8 rows.
   constexpr bool FOLD = MODE == MODE_ZERO && MT > 1;
+  // bfloat16 at two or more M tiles, groups of whole blocks: the A fragments are scaled before the MMAs, so every
+  // format takes one MMA per tile and slice and accumulates straight into acc (no per-group sums, no flush):
+  //   sym: a v;   zero point: a (v - z) (FOLD first);   two scales: v times a or b by the sign of v (a PRMT makes
+  //   the halves' sign masks, a LOP3 selects the scale: no second MMA over min(v, 0)).
+  // The weight is then rounded to bfloat16 once more (v a), as dequantize + cuBLAS rounds it; bfloat16 has
+  // float's range, so no scale over- or underflows (float16 keeps the unscaled sums: a scale times a grid value
+  // can leave its range).
+  constexpr bool SCALE_A = MT > 1 && std::is_same<T, __nv_bfloat16>::value;
   HFE_DYNAMIC_SMEM(smem);
   constexpr uint32_t TA = table_align<BITS>();
   uint32_t* tbl = smem + ((TA - (shared_addr(smem) & (TA - 1))) & (TA - 1)) / 4;  // launch_typed allows for this
@@ -334,11 +352,14 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   }
   uint32_t bs[4];  // MT == 1: slices s and s + 1, loaded at even s
   uint32_t zf0 = 0u, zf8 = 0u;  // FOLD: the zero points (+ IntDecode's K0) of rows g and g + 8, splat; else 0
+  uint32_t sa0 = 0u, sa8 = 0u, sb0 = 0u, sb8 = 0u;  // SCALE_A: the block's a (and b) of rows g and g + 8, splat
 
   // The MMAs of slice s (16 K) of a block: A rows g / g+8 (chunks w0 / w8) at K 2q..2q+1 (pair 2s) and
   // 2q+8..2q+9 (pair 2s+1); B from the staged x at xb (the shared address of the block's first column).
   // ones_mma: zero-point mode's S(1) by an MMA with all-ones A (where no x sums are staged, see below).
-  auto mma_slice = [&](auto ones_mma, const Chunk<BITS>& w0, const Chunk<BITS>& w8, uint32_t xb, int s) {
+  // scaled: SCALE_A's path (A scaled by sa / sb, MMAs into acc).
+  auto mma_slice = [&](auto ones_mma, auto scaled, const Chunk<BITS>& w0, const Chunk<BITS>& w8, uint32_t xb,
+                       int s) {
     uint32_t a0, a1, a2, a3;
     if constexpr (INTD) {
       a0 = IntDecode::pair(w0, 2 * s, int_bias); a1 = IntDecode::pair(w8, 2 * s, int_bias);
@@ -351,7 +372,23 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       a0 = hsub2<T>(a0, zf0); a2 = hsub2<T>(a2, zf0);
       a1 = hsub2<T>(a1, zf8); a3 = hsub2<T>(a3, zf8);
     }
+    if constexpr (decltype(scaled)::value) {
+      auto scale = [](uint32_t v, uint32_t sa, uint32_t sb) {
+        if constexpr (MODE == MODE_TWO) {
+          const uint32_t neg = sign_mask2(v);
+          return hmul2<T>(v, (neg & sb) | (~neg & sa));
+        } else {
+          return hmul2<T>(v, sa);
+        }
+      };
+      a0 = scale(a0, sa0, sb0); a2 = scale(a2, sa0, sb0);
+      a1 = scale(a1, sa8, sb8); a3 = scale(a3, sa8, sb8);
+    }
     auto mma_tile = [&](int t, uint32_t b0, uint32_t b1) {
+      if constexpr (decltype(scaled)::value) {
+        mma16816<T>(acc[t], a0, a1, a2, a3, b0, b1);
+        return;
+      }
       mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
       if constexpr (MODE == MODE_TWO) mma16816<T>(c2[t], hmin0<T>(a0), hmin0<T>(a1), hmin0<T>(a2), hmin0<T>(a3), b0, b1);
       if constexpr (MODE == MODE_ZERO && decltype(ones_mma)::value)
@@ -490,10 +527,19 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
           zf0 = splat2<T>(to_f(p.b) + k0);
           zf8 = splat2<T>(to_f(p.b8) + k0);
         }
+        if constexpr (SCALE_A) {
+          sa0 = splat2<T>(to_f(p.a));
+          sa8 = splat2<T>(to_f(p.a8));
+          if constexpr (MODE == MODE_TWO) {
+            sb0 = splat2<T>(to_f(p.b));
+            sb8 = splat2<T>(to_f(p.b8));
+          }
+        }
         const bool ends = (kb + 1) * BLOCK_K == next_end;
         const uint32_t xb = xs_b + (kb - ks) * BLOCK_K * (int)sizeof(T);
 #pragma unroll
-        for (int s = 0; s < 8; ++s) mma_slice(std::false_type{}, w0, w8, xb, s);
+        for (int s = 0; s < 8; ++s)
+          mma_slice(std::false_type{}, std::integral_constant<bool, SCALE_A>{}, w0, w8, xb, s);
         if constexpr (MODE == MODE_ZERO && !FOLD) {
 #pragma unroll
           for (int t = 0; t < MT; ++t) {
@@ -501,7 +547,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
             c2[t][0] += sm.x; c2[t][1] += sm.y; c2[t][2] += sm.x; c2[t][3] += sm.y;
           }
         }
-        if (ends || kb + 1 == kb1) flush(p, std::integral_constant<bool, FOLD>{});
+        if (!SCALE_A && (ends || kb + 1 == kb1)) flush(p, std::integral_constant<bool, FOLD>{});
         if (ends) {
           ++gi;
           next_end += group;
@@ -517,7 +563,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       const uint32_t xb = xs_b + (kb - ks) * BLOCK_K * (int)sizeof(T);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
-        mma_slice(std::true_type{}, w0, w8, xb, s);
+        mma_slice(std::true_type{}, std::false_type{}, w0, w8, xb, s);
         const int kpos = kb * BLOCK_K + 16 * (s + 1);
         if (kpos == next_end || (s == 7 && kb + 1 == kb1)) {
           GroupParams<PT> p;
