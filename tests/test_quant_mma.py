@@ -81,6 +81,9 @@ CASES = [  # (format, N, K, group): every family at 2/3/4 bits, K and N off the 
     ("nf4_sym", 5, 40, 32), ("int3_asym", 18, 200, 32), ("nf3_asym", 17, 130, 64), ("fp3_sym", 3, 96, 96),
     ("int2_asym", 40, 260, 64), ("int2_sym", 1, 16, 32), ("int4_asym", 7, 1, 32), ("int4_sym", 32, 33, 32),
     ("nf4_asym", 679, 83, 64), ("nf3_asym", 577, 791, 32), ("fp4_asym", 19, 300, 96), ("int4_asym", 21, 520, 256),
+    # whole-block groups over several row CTAs of two tiles per warp at bf16 and M > 16 (38 tiles: the last CTA's
+    # warps 0-2 live, the last of them with one tile)
+    ("nf4_asym", 600, 384, 128),
 ]
 
 
