@@ -7,6 +7,8 @@
 # (benchmarks/<name>.py, default: $GPU_BENCHMARKS or none) and leaves everything under $OUT:
 # pytest_gpu.log, bench.log, results.tgz (JSON + markdown tables), env.txt. GPU_TESTS=<paths> narrows
 # the test run (default: tests/; "none" skips it); GPU_WORKERS=<n> runs it on n pytest-xdist workers;
+# GPU_PROFILE="<fmt>:<M>[:<NxK>] ..." profiles the mma kernel's second launch at each (Nsight Compute, --set full,
+# clocks untouched) after the benchmarks, into $OUT/profile.tgz (details page and per-instruction SASS counters).
 # GPU_TIMEOUT=<seconds> bounds each step (default: none), so one slow step cannot eat a whole device call. The
 # bound is a SIGINT first: a cut pytest still prints its failures and durations, and the log names every result
 # as it lands (-v), so a cut run still says what passed (benchmarks write their results as they go). The mma
@@ -46,5 +48,20 @@ for b in "$@"; do
     2>&1 | tee -a "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 done
+if [ -n "${GPU_PROFILE:-}" ]; then
+  mkdir -p /tmp/hfe_profile
+  for p in $GPU_PROFILE; do
+    IFS=: read -r fmt m shape <<<"$p"
+    name="${fmt}_m${m}_${shape:-28672x8192}"
+    "${limit[@]}" ncu --clock-control none -k regex:quant_mma_kernel --launch-skip 1 --launch-count 1 --set full \
+      --import-source no -f -o "/tmp/hfe_profile/$name" python3 scripts/profile_quant.py --impl mma --fmt "$fmt" \
+      --m "$m" --shape "${shape:-28672x8192}" >"/tmp/hfe_profile/$name.log" 2>&1 || rc=1
+    ncu -i "/tmp/hfe_profile/$name.ncu-rep" --page details >"/tmp/hfe_profile/$name.details.txt" 2>&1
+    ncu -i "/tmp/hfe_profile/$name.ncu-rep" --page source --csv --print-source sass >"/tmp/hfe_profile/$name.sass.csv" 2>&1
+    rm -f "/tmp/hfe_profile/$name.ncu-rep"
+    echo "profiled $name: $(grep -m1 -E 'Duration' "/tmp/hfe_profile/$name.details.txt")"
+  done
+  tar czf "$OUT/profile.tgz" -C /tmp/hfe_profile .
+fi
 tar czf "$OUT/results.tgz" -C "$OUT/results" . && rm -rf "$OUT/results"
 exit $rc
