@@ -53,22 +53,14 @@ def kernel_weight(fmt_name, n, k, group, device, layout="mma", dtype=torch.float
                 fmt.scale_scheme.mode)
 
 
-def mma_make(w):
-    from hf_efficient.kernels.quant_mma import quant_mma
+def mma_make(w, dequant: bool = False):
+    """The mma kernel on ``w``; ``dequant``: instead the mma layout's path above ``MMA_MAX_M`` rows (dequantize the
+    layer with Triton, then cuBLAS)."""
+    from hf_efficient.kernels.quant_mma import dequantize, quant_mma
 
     def make(i):
         wi = w if i == 0 else dataclasses.replace(w, qweight=w.qweight.clone(), params=w.params.clone())
-        return lambda x: quant_mma(x, wi)
-    return make, w.nbytes()
-
-
-def dequant_make(w):
-    """The mma layout's path above ``MMA_MAX_M`` rows: dequantize the layer (Triton) and run cuBLAS."""
-    from hf_efficient.kernels.quant_mma import dequantize
-
-    def make(i):
-        wi = w if i == 0 else dataclasses.replace(w, qweight=w.qweight.clone(), params=w.params.clone())
-        return lambda x: F.linear(x, dequantize(wi, x.dtype))
+        return (lambda x: F.linear(x, dequantize(wi, x.dtype))) if dequant else (lambda x: quant_mma(x, wi))
     return make, w.nbytes()
 
 
@@ -267,7 +259,7 @@ def main(argv=None):
             mw = kernel_weight(f, n, k, GROUP, "cuda")
             impls[f"ours_{f}_g{GROUP}"] = mma_make(mw)
             if args.dequant:
-                impls[f"ours-dequant_{f}_g{GROUP}"] = dequant_make(mw)
+                impls[f"ours-dequant_{f}_g{GROUP}"] = mma_make(mw, dequant=True)
             if f in TRITON:
                 impls[f"ours-triton_{f}_g{GROUP}"] = triton_make(kernel_weight(f, n, k, GROUP, "cuda", "triton"))
             if f == "int4_asym":
