@@ -52,10 +52,11 @@ if [ -n "${GPU_PROFILE:-}" ]; then
   mkdir -p /tmp/hfe_profile
   for p in $GPU_PROFILE; do
     IFS=: read -r fmt m shape <<<"$p"
-    name="${fmt}_m${m}_${shape:-28672x8192}"
+    shape=${shape:-28672x8192}
+    name="${fmt}_m${m}_${shape}"
     "${limit[@]}" ncu --clock-control none -k regex:quant_mma_kernel --launch-skip 1 --launch-count 1 --set full \
       --import-source no -f -o "/tmp/hfe_profile/$name" python3 scripts/profile_quant.py --impl mma --fmt "$fmt" \
-      --m "$m" --shape "${shape:-28672x8192}" >"/tmp/hfe_profile/$name.log" 2>&1 || rc=1
+      --m "$m" --shape "$shape" >"/tmp/hfe_profile/$name.log" 2>&1 || rc=1
     ncu -i "/tmp/hfe_profile/$name.ncu-rep" --page details >"/tmp/hfe_profile/$name.details.txt" 2>&1
     ncu -i "/tmp/hfe_profile/$name.ncu-rep" --page source --csv --print-source sass >"/tmp/hfe_profile/$name.sass.csv" 2>&1
     rm -f "/tmp/hfe_profile/$name.ncu-rep"

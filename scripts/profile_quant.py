@@ -33,6 +33,9 @@ def main():
     ap.add_argument("--configs", default=None, help="comma-separated indices into the gemv space (default all)")
     ap.add_argument("--no-baselines", action="store_true")
     args = ap.parse_args()
+    ms = [int(v) for v in args.m.split(",")]
+    if args.impl == "triton" and len(ms) != 1:
+        ap.error("--m takes one value for the Triton GEMV (a comma list only with --impl mma)")
     from benchmarks.quant_gemv import GROUP, gemlite_make, kernel_weight, tinygemm
     from hf_efficient.kernels.autotune import space, valid
     from hf_efficient.kernels.quant_gemm import quant_gemv
@@ -42,17 +45,17 @@ def main():
         from hf_efficient.kernels.quant_mma import quant_mma
 
         kw = kernel_weight(args.fmt, n, k, GROUP, "cuda")
-        for m in (int(v) for v in args.m.split(",")):
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             print(f"mma {args.fmt} M={m}", flush=True)
             for _ in range(2):
                 quant_mma(x, kw)
         torch.cuda.synchronize()
         return
-    args.m = int(args.m)
-    x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
+    m = ms[0]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     kw = kernel_weight(args.fmt, n, k, GROUP, "cuda", "triton")
-    call = {"M": args.m, "BITS": kw.bits, "BLOCK_M": 1 << (args.m - 1).bit_length(), "GROUP": GROUP}
+    call = {"M": m, "BITS": kw.bits, "BLOCK_M": 1 << (m - 1).bit_length(), "GROUP": GROUP}
     picked = range(len(space("gemv"))) if args.configs is None else [int(i) for i in args.configs.split(",")]
     for i in picked:
         cfg = space("gemv")[i]
