@@ -11,6 +11,8 @@ dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version
          "${PLAT[@]}" -d .whl "$@"; }
 # gguf: the embedded-model loader (pure Python). Add further needs of GPU benchmarks here.
 dl gguf==0.19.0
+# pytest-xdist (and its execnet): gpu.sh's GPU_WORKERS runs `pytest -m gpu` on that many workers.
+dl pytest-xdist==3.8.0 execnet==2.1.2
 for extra in ${EXTRA_WHEELS:-}; do dl "$extra"; done
 # Sdists: build their wheels here once. gemlite (the pure-Triton low-bit GEMV/GEMM peer of benchmarks/quant_gemv.py)
 # ships no wheel; its needs (numpy, tqdm, triton) are in the GPU image.
