@@ -173,11 +173,12 @@ def chosen_config(impl: str, m: int, n: int, k: int) -> str:
         return " ".join(f"{a}={v}" for a, v in best.all_kwargs().items() if v is not None) if best else "?"
     if impl.startswith("ours"):
         from hf_efficient import formats
-        from hf_efficient.kernels.quant_mma import choose_splits
+        from hf_efficient.kernels.quant_mma import choose_splits, tiles_per_warp
 
         bits = formats.get_format(impl.split("_", 1)[1].rsplit("_g", 1)[0]).bits  # ours_<format>_g<group>
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        return f"mma splits={choose_splits(m, n, k, sms, bits)}"
+        nt = tiles_per_warp(m, True, GROUP)  # bf16 activations
+        return f"mma splits={choose_splits(m, n, k, sms, bits, nt=nt)} tiles/warp={nt}"
     return "-"
 
 

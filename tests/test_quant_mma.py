@@ -81,7 +81,9 @@ CASES = [  # (format, N, K, group): every family at 2/3/4 bits, K and N off the 
     ("nf4_sym", 5, 40, 32), ("int3_asym", 18, 200, 32), ("nf3_asym", 17, 130, 64), ("fp3_sym", 3, 96, 96),
     ("int2_asym", 40, 260, 64), ("int2_sym", 1, 16, 32), ("int4_asym", 7, 1, 32), ("int4_sym", 32, 33, 32),
     ("nf4_asym", 679, 83, 64), ("nf3_asym", 577, 791, 32), ("fp4_asym", 19, 300, 96), ("int4_asym", 21, 520, 256),
-    ("nf4_asym", 600, 384, 128),  # whole-block groups over several row CTAs
+    # whole-block groups over several row CTAs of two tiles per warp at bf16 and M > 16 (38 tiles: the last CTA's
+    # warps 0-2 live, the last of them with one tile)
+    ("nf4_asym", 600, 384, 128),
 ]
 
 
@@ -264,12 +266,16 @@ RUNNERS = [pytest.param("cuda", marks=pytest.mark.gpu), "emu"]
 def _reference_and_bound(x: torch.Tensor, w: Q.MmaWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's float32 reference and its error bound for CPU ``x``: weights rounded to the dtype (in the
     reference), float32 sums of |x w| over K, the output rounded once; IntDecode (no table row for x's dtype) adds
-    the uniform-INT term of ``quant_reference.compare`` for the cancellation of its offset."""
+    the uniform-INT term of ``quant_reference.compare`` for the cancellation of its offset. At bfloat16 with more than
+    one M tile and groups of whole blocks the kernel scales the A fragments (SCALE_A in quant_mma.cuh): the scaled
+    weight is rounded to bfloat16, the ``u_w`` term of ``compare`` (as for dequantize + cuBLAS)."""
     from hf_efficient.kernels.quant_reference import ETA, U
 
     wr = Q.dequantize_reference(w, x.dtype).cpu()
     ref = x.float() @ wr.t()
-    bound = U[x.dtype] * ref.abs() + 1e-5 * (x.float().abs() @ wr.abs().t()) + ETA[x.dtype]
+    scaled = x.dtype == torch.bfloat16 and Q.mtiles_for(x.shape[0]) > 1 and w.group_size % Q.BLOCK_K == 0
+    u_w = U[x.dtype] if scaled else 0.0
+    bound = U[x.dtype] * ref.abs() + (u_w + 1e-5) * (x.float().abs() @ wr.abs().t()) + ETA[x.dtype]
     if (0 if x.dtype == torch.float16 else 1) >= w.tables.shape[0]:
         _, a, _ = Q.unpack(w)
         gi = torch.arange(w.K) // w.group_size

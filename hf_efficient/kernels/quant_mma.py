@@ -340,10 +340,16 @@ def mtiles_for(m: int) -> int:
     return 1 if m <= 8 else 2 if m <= 16 else 8
 
 
-def grid_ctas(m: int, n: int) -> int:
-    """CTAs of one split: row CTAs of ``WARPS`` 16-row tiles x CTAs along M (launch_typed's grid x and z); also the
-    split-K counters a call needs."""
-    return -(-(-(-n // 16)) // WARPS) * -(-m // (8 * mtiles_for(m)))
+def tiles_per_warp(m: int, bf16: bool, group_size: int) -> int:
+    """16-row tiles of W per warp (= ``tiles_per_warp`` in cuda/quant_mma_args.h): two on the scaled-A path at 8 M
+    tiles (bfloat16, groups of whole blocks), else one."""
+    return 2 if mtiles_for(m) == 8 and bf16 and group_size % BLOCK_K == 0 else 1
+
+
+def grid_ctas(m: int, n: int, nt: int = 1) -> int:
+    """CTAs of one split: row CTAs of ``WARPS * nt`` 16-row tiles x CTAs along M (launch_typed's grid x and z); also
+    the split-K counters a call needs."""
+    return -(-(-(-n // 16)) // (WARPS * nt)) * -(-m // (8 * mtiles_for(m)))
 
 
 def resident_ctas(m: int, bits: int, int_decode: bool = False) -> int:
@@ -353,13 +359,14 @@ def resident_ctas(m: int, bits: int, int_decode: bool = False) -> int:
     return 4 if int_decode and mt == 1 else RESIDENT_CTAS[mt][bits]
 
 
-def choose_splits(m: int, n: int, k: int, sms: int, bits: int = 4, int_decode: bool = False) -> int:
+def choose_splits(m: int, n: int, k: int, sms: int, bits: int = 4, int_decode: bool = False, nt: int = 1) -> int:
     """Split-K factor minimising the modelled time (the constants above): waves of CTAs x (blocks per CTA x the
     slowdown of the CTAs sharing an SM + a CTA's fixed cost), plus the reduction's cost per split. A grid just over
     a whole number of waves costs a whole extra wave, and more CTAs per SM are not free, so more splits are not
-    always better."""
+    always better. ``nt`` tiles per warp (:func:`tiles_per_warp`) count as ``nt`` times a block's work (the model
+    was fitted at one)."""
     kb = -(-k // BLOCK_K)
-    ctas = grid_ctas(m, n)
+    ctas = grid_ctas(m, n, nt)
     resident = resident_ctas(m, bits, int_decode)
     slots = sms * resident
 
@@ -368,7 +375,7 @@ def choose_splits(m: int, n: int, k: int, sms: int, bits: int = 4, int_decode: b
         launched = -(-kb // per)  # the binding launches ceil(KB / blocks per split) splits
         grid = ctas * launched
         per_sm = min(resident, -(-min(grid, slots) // sms))
-        return -(-grid // slots) * (per * (per_sm + 1) / 2 + CTA_FIXED_BLOCKS) + SPLIT_REDUCE_BLOCKS * launched
+        return -(-grid // slots) * (per * nt * (per_sm + 1) / 2 + CTA_FIXED_BLOCKS) + SPLIT_REDUCE_BLOCKS * launched
     return min(range(1, max(1, kb // 2) + 1), key=lambda s: (cost(s), s))
 
 
@@ -418,10 +425,11 @@ def _run(ext, x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, tabl
         x = x.clone()
     m = x.shape[0]
     row = 0 if x.dtype == torch.float16 else 1  # the tables row of the activation dtype
+    nt = tiles_per_warp(m, x.dtype == torch.bfloat16, group_size)
     if not splits:
-        splits = choose_splits(m, n, k, sms, bits, int_decode=row >= tables.shape[0])
+        splits = choose_splits(m, n, k, sms, bits, int_decode=row >= tables.shape[0], nt=nt)
     kb = qweight.shape[1]
-    need = grid_ctas(m, 16 * qweight.shape[0])
+    need = grid_ctas(m, 16 * qweight.shape[0], nt)
     table = tables[row] if row < tables.shape[0] else tables[0, :0]  # no row: IntDecode
     return ext.quant_mma(x, qweight, params, table, _counter_buffer(x.device, need), n, k, bits, group_size, mode,
                          min(splits, kb))

@@ -42,7 +42,7 @@ from .linear import QuantLinear, ResidentLayout, register_fast_path, storage_ten
 logger = logging.getLogger(__name__)
 
 KERNELS = ("auto", "gemv", "gemm", "lut", "mma", "tinygemm")
-MMA_MAX_M = 24  # above: dequantize + cuBLAS (measured crossover on an H200, docs/gpu_kernels.md)
+MMA_MAX_M = 64  # above: dequantize + cuBLAS (benchmarks/results/quant_mma_crossover.md: the mma kernel wins up to 64)
 GEMV_MAX_M = 8  # = kernels.quant_gemm.GEMV_MAX_M (not imported here: importing the kernels needs triton)
 _forced: list[str] = []
 

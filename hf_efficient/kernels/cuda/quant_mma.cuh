@@ -15,6 +15,8 @@
 //               group: summed from the staged x once per CTA where groups are whole blocks, else one more MMA
 //               with an all-ones A fragment)
 //   two scales: acc += a * S(v) + (b - a) * S(min(v,0))   (= a S(v+) + b S(v-), one max/min per register)
+// except at bfloat16 with more than one M tile and whole-block groups, where the scales multiply the A fragments
+// before the MMAs (SCALE_A: one MMA per tile for every format, no per-group sums).
 // Split-K: every split writes an fp32 partial tile to a workspace; the last split to arrive at a tile (atomic
 // counter per tile, reset by that split) sums the partials and writes y. One launch per call.
 #ifdef HFE_MMA_EMULATE
@@ -52,6 +54,14 @@ template <typename T>
 __device__ __forceinline__ uint32_t hsub2(uint32_t a, uint32_t b) {
   using T2 = typename Pair<T>::T2;
   T2 r = __hsub2(*reinterpret_cast<T2*>(&a), *reinterpret_cast<T2*>(&b));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+// Both halves of a times those of b (scaled A fragments: see SCALE_A).
+template <typename T>
+__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
+  using T2 = typename Pair<T>::T2;
+  T2 r = __hmul2(*reinterpret_cast<T2*>(&a), *reinterpret_cast<T2*>(&b));
   return *reinterpret_cast<uint32_t*>(&r);
 }
 
@@ -217,8 +227,11 @@ template <typename T> __host__ __device__ constexpr int x_stage_words(int rows, 
 template <int MT> __host__ __device__ constexpr int x_buffers() { return MT > 1 ? 2 : 1; }
 
 // INTD: the 4-bit identity grid with a zero point at bfloat16, decoded by IntDecode (table == nullptr, no table in
-// shared memory).
-template <typename T, typename PT, int BITS, int MODE, int MT, bool INTD>
+// shared memory). NT: 16-row tiles of W per warp (tiles_per_warp in quant_mma_args.h): two on SCALE_A's path at 8 M
+// tiles, where each B fragment then feeds two MMAs. One warp's 16 rows x 64 rows of x took 4 ldmatrix.x4 per 8
+// MMAs, with shared memory the busiest unit; two tiles take them per 16 MMAs (and a CTA's staged x serves 256 rows
+// of W, half the x copies per weight).
+template <typename T, typename PT, int BITS, int MODE, int MT, bool INTD, int NT>
 __global__ void __launch_bounds__(WARPS * 32, MT == 1 ? (BITS == 4 && !INTD ? 3 : 4) : MT == 2 ? 2 : 1)
 quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t* __restrict__ qw,
                  const PT* __restrict__ params, const uint32_t* __restrict__ table, T* __restrict__ y, int N,
@@ -239,17 +252,29 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   // block) of every stage between two barriers: at 8 tiles about a quarter of a block's instructions. One M tile
   // keeps the sums: there a fold costs as many HSUB2 per slice as it has MMAs, and the sums are 8 rows.
   constexpr bool FOLD = MODE == MODE_ZERO && MT > 1;
+  // bfloat16 at two or more M tiles, groups of whole blocks: the A fragments are scaled before the MMAs, so every
+  // format takes one MMA per tile and slice and accumulates straight into acc (no per-group sums, no flush):
+  //   sym: a v;   zero point: a (v - z) (FOLD first);   two scales: v times a or b by the sign of v (a PRMT makes
+  //   the halves' sign masks, a LOP3 selects the scale: no second MMA over min(v, 0)).
+  // The weight is then rounded to bfloat16 once more (v a), as dequantize + cuBLAS rounds it; bfloat16 has
+  // float's range, so no scale over- or underflows (float16 keeps the unscaled sums: a scale times a grid value
+  // can leave its range).
+  constexpr bool SCALE_A = MT > 1 && std::is_same<T, __nv_bfloat16>::value;
+  static_assert(NT == 1 || (SCALE_A && MT == 8), "two tiles per warp: SCALE_A's path at 8 M tiles only");
   HFE_DYNAMIC_SMEM(smem);
   constexpr uint32_t TA = table_align<BITS>();
   uint32_t* tbl = smem + ((TA - (shared_addr(smem) & (TA - 1))) & (TA - 1)) / 4;  // launch_typed allows for this
-  uint32_t* ring = tbl + TE * 32;                           // [WARPS][RING][SLOT]
-  T* xs = reinterpret_cast<T*>(ring + WARPS * RING * SLOT);  // [x_buffers<MT>()][srows + 1][stage_k + 8]
+  uint32_t* ring = tbl + TE * 32;                           // [WARPS][RING][NT][SLOT]
+  T* xs = reinterpret_cast<T*>(ring + WARPS * RING * NT * SLOT);  // [x_buffers<MT>()][srows + 1][stage_k + 8]
   const int xbuf_words = x_stage_words<T>(min(ROWS, M) + 1, stage_blocks);
-  float* xsum = reinterpret_cast<float*>(ring + WARPS * RING * SLOT + x_buffers<MT>() * xbuf_words);
+  float* xsum = reinterpret_cast<float*>(ring + WARPS * RING * NT * SLOT + x_buffers<MT>() * xbuf_words);
   __shared__ int last_flag;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
-  const int tile = blockIdx.x * WARPS + warp;
+  const int tile = (blockIdx.x * WARPS + warp) * NT;  // the warp's first tile; its others follow
+  // NT == 2: whether the second tile exists (an odd tile count leaves the last warp one). Its ring slots are then
+  // zero-filled, so it decodes to zeros with zero scales, and its outputs are not written.
+  const bool live1 = NT > 1 && tile + 1 < Ntiles;
   const int split = blockIdx.y, S = gridDim.y;
   const int m0 = blockIdx.z * ROWS, srows = min(ROWS, M - m0);
   const int kb0 = split * blocks_per_split, kb1 = min(KB, kb0 + blocks_per_split);
@@ -260,7 +285,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   // Groups of whole blocks (group % 128 == 0, the common case): every block lies in one group, so the group
   // checks happen once per block instead of once per slice, and the group's parameters ride in the block's slot.
   const bool aligned = group % BLOCK_K == 0;
-  uint32_t* myring = ring + warp * RING * SLOT;
+  uint32_t* myring = ring + warp * RING * NT * SLOT;
   // Requests run in block order (kb0, kb0 + 1, ...), so their sources advance by a step per request instead of
   // being recomputed from kb (64-bit address arithmetic, about 30 instructions per block); 32-bit offsets from
   // the kernel's arguments, to spare registers (the decode kernel has 80).
@@ -277,10 +302,16 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   // below, is a group too, waited for in full).
   auto request = [&](int kb) {
     if (live && kb < kb1) {
-      const uint32_t dst = rlane + ((kb - kb0) & (RING - 1)) * SLOT * 4;
 #pragma unroll
-      for (int u = 0; u + lane < GW / 4; u += 32) cp_async16(dst + 16 * u, qw + wreq + 4 * u);
-      if (aligned && lane < PW16) cp_async16(dst + GW * 4, reinterpret_cast<const char*>(params) + preq);
+      for (int j = 0; j < NT; ++j) {  // tile + j: KB blocks (NG groups) further on
+        const uint32_t dst = rlane + (((kb - kb0) & (RING - 1)) * NT + j) * SLOT * 4;
+        const bool here = j == 0 || live1;
+        const uint32_t* wsrc = here ? qw + wreq + (uint32_t)j * KB * GW : qw;
+        const char* psrc = reinterpret_cast<const char*>(params) + (here ? preq + (uint32_t)j * NG * 32 * sizeof(PT) : 0);
+#pragma unroll
+        for (int u = 0; u + lane < GW / 4; u += 32) cp_async16(dst + 16 * u, wsrc + 4 * u, here ? 16 : 0);
+        if (aligned && lane < PW16) cp_async16(dst + GW * 4, psrc, here ? 16 : 0);
+      }
     }
     cp_async_commit();
     wreq += GW;
@@ -289,28 +320,35 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       pleft = bpg;
     }
   };
-  // Block kb's chunks (and, aligned, its group's parameters) from the ring.
-  auto take = [&](int kb, Chunk<BITS>& w0, Chunk<BITS>& w8, GroupParams<PT>* p) {
+  // Block kb's chunks (and, aligned, its group's parameters) of each tile from the ring.
+  auto take = [&](int kb, Chunk<BITS> (&w0)[NT], Chunk<BITS> (&w8)[NT], GroupParams<PT>* p) {
     __syncwarp();  // every lane has read block kb - 1, whose slot the next request overwrites
     request(kb + RING - 1);
     cp_async_wait<RING - 1>();
     __syncwarp();  // block kb has landed for every lane's copies
-    const uint32_t slot = ring_s + ((kb - kb0) & (RING - 1)) * SLOT * 4;
-    const uint32_t src = slot + lane * CW * 4;  // chunk (row g, quad q) = lane
-    w0.load(src);
-    w8.load(src + 32 * CW * 4);
-    if (p) p->load_staged(slot + GW * 4, g);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint32_t slot = ring_s + (((kb - kb0) & (RING - 1)) * NT + j) * SLOT * 4;
+      const uint32_t src = slot + lane * CW * 4;  // chunk (row g, quad q) = lane
+      w0[j].load(src);
+      w8[j].load(src + 32 * CW * 4);
+      if (p) p[j].load_staged(slot + GW * 4, g);
+    }
   };
   for (int j = 0; j < RING - 1; ++j) request(kb0 + j);  // the weight stream starts before the table fill
 
   if constexpr (!INTD) PairTable::fill(tbl, table, TE);
   const PairTable lookup(tbl, lane);
 
-  float acc[MT][4], cg[MT][4], c2[MT][4];
+  float acc[NT][MT][4], cg[MT][4], c2[MT][4];  // cg, c2: NT == 1 only
 #pragma unroll
   for (int t = 0; t < MT; ++t)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[t][i] = cg[t][i] = c2[t][i] = 0.f;
+    for (int i = 0; i < 4; ++i) {
+      cg[t][i] = c2[t][i] = 0.f;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) acc[j][t][i] = 0.f;
+    }
 
   const PT* prow = params + (size_t)tile * NG * 32 + g * 2;
   uint32_t ones = 0;
@@ -333,25 +371,49 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
     lrow[tp] = (min(r, srows) * xstride + kofs) * (int)sizeof(T);
   }
   uint32_t bs[4];  // MT == 1: slices s and s + 1, loaded at even s
-  uint32_t zf0 = 0u, zf8 = 0u;  // FOLD: the zero points (+ IntDecode's K0) of rows g and g + 8, splat; else 0
+  // Per tile: FOLD's zero points (+ IntDecode's K0) of rows g and g + 8, splat (else 0); SCALE_A's a (and b).
+  uint32_t zf0[NT] = {}, zf8[NT] = {}, sa0[NT] = {}, sa8[NT] = {}, sb0[NT] = {}, sb8[NT] = {};
 
   // The MMAs of slice s (16 K) of a block: A rows g / g+8 (chunks w0 / w8) at K 2q..2q+1 (pair 2s) and
   // 2q+8..2q+9 (pair 2s+1); B from the staged x at xb (the shared address of the block's first column).
   // ones_mma: zero-point mode's S(1) by an MMA with all-ones A (where no x sums are staged, see below).
-  auto mma_slice = [&](auto ones_mma, const Chunk<BITS>& w0, const Chunk<BITS>& w8, uint32_t xb, int s) {
-    uint32_t a0, a1, a2, a3;
-    if constexpr (INTD) {
-      a0 = IntDecode::pair(w0, 2 * s, int_bias); a1 = IntDecode::pair(w8, 2 * s, int_bias);
-      a2 = IntDecode::pair(w0, 2 * s + 1, int_bias); a3 = IntDecode::pair(w8, 2 * s + 1, int_bias);
-    } else {
-      a0 = lookup(w0, 2 * s); a1 = lookup(w8, 2 * s);
-      a2 = lookup(w0, 2 * s + 1); a3 = lookup(w8, 2 * s + 1);
-    }
-    if constexpr (FOLD) {  // zf0 / zf8 are 0 on the path of split groups, which sums S(1) by ones_mma instead
-      a0 = hsub2<T>(a0, zf0); a2 = hsub2<T>(a2, zf0);
-      a1 = hsub2<T>(a1, zf8); a3 = hsub2<T>(a3, zf8);
+  // scaled: SCALE_A's path (A scaled by sa / sb, MMAs into acc).
+  auto mma_slice = [&](auto ones_mma, auto scaled, const Chunk<BITS> (&w0)[NT], const Chunk<BITS> (&w8)[NT],
+                       uint32_t xb, int s) {
+    uint32_t a[NT][4];  // tile j's A fragment: rows g / g + 8 at pair 2s, then at pair 2s + 1
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      if constexpr (INTD) {
+        a[j][0] = IntDecode::pair(w0[j], 2 * s, int_bias); a[j][1] = IntDecode::pair(w8[j], 2 * s, int_bias);
+        a[j][2] = IntDecode::pair(w0[j], 2 * s + 1, int_bias); a[j][3] = IntDecode::pair(w8[j], 2 * s + 1, int_bias);
+      } else {
+        a[j][0] = lookup(w0[j], 2 * s); a[j][1] = lookup(w8[j], 2 * s);
+        a[j][2] = lookup(w0[j], 2 * s + 1); a[j][3] = lookup(w8[j], 2 * s + 1);
+      }
+      if constexpr (FOLD) {  // zf0 / zf8 are 0 on the path of split groups, which sums S(1) by ones_mma instead
+        a[j][0] = hsub2<T>(a[j][0], zf0[j]); a[j][2] = hsub2<T>(a[j][2], zf0[j]);
+        a[j][1] = hsub2<T>(a[j][1], zf8[j]); a[j][3] = hsub2<T>(a[j][3], zf8[j]);
+      }
+      if constexpr (decltype(scaled)::value) {
+        auto scale = [](uint32_t v, uint32_t sa, uint32_t sb) {
+          if constexpr (MODE == MODE_TWO) {
+            const uint32_t neg = sign_mask2(v);
+            return hmul2<T>(v, (neg & sb) | (~neg & sa));
+          } else {
+            return hmul2<T>(v, sa);
+          }
+        };
+        a[j][0] = scale(a[j][0], sa0[j], sb0[j]); a[j][2] = scale(a[j][2], sa0[j], sb0[j]);
+        a[j][1] = scale(a[j][1], sa8[j], sb8[j]); a[j][3] = scale(a[j][3], sa8[j], sb8[j]);
+      }
     }
     auto mma_tile = [&](int t, uint32_t b0, uint32_t b1) {
+      if constexpr (decltype(scaled)::value) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma16816<T>(acc[j][t], a[j][0], a[j][1], a[j][2], a[j][3], b0, b1);
+        return;
+      }
+      const uint32_t a0 = a[0][0], a1 = a[0][1], a2 = a[0][2], a3 = a[0][3];
       mma16816<T>(cg[t], a0, a1, a2, a3, b0, b1);
       if constexpr (MODE == MODE_TWO) mma16816<T>(c2[t], hmin0<T>(a0), hmin0<T>(a1), hmin0<T>(a2), hmin0<T>(a3), b0, b1);
       if constexpr (MODE == MODE_ZERO && decltype(ones_mma)::value)
@@ -388,12 +450,12 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       for (int i = 0; i < 4; ++i) {
         const float a = i < 2 ? ag : ag8, b = i < 2 ? bg : bg8;
         if constexpr (MODE == MODE_SYM || decltype(folded)::value) {
-          acc[t][i] += a * cg[t][i];
+          acc[0][t][i] += a * cg[t][i];
         } else if constexpr (MODE == MODE_ZERO) {
-          acc[t][i] += a * (cg[t][i] - b * c2[t][i]);
+          acc[0][t][i] += a * (cg[t][i] - b * c2[t][i]);
           c2[t][i] = 0.f;
         } else {
-          acc[t][i] += a * cg[t][i] + (b - a) * c2[t][i];  // a v+ + b v- = a v + (b - a) v-
+          acc[0][t][i] += a * cg[t][i] + (b - a) * c2[t][i];  // a v+ + b v- = a v + (b - a) v-
           c2[t][i] = 0.f;
         }
         cg[t][i] = 0.f;
@@ -482,18 +544,30 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
 
     if (aligned) {
       for (int kb = ks; kb < kend; ++kb) {
-        Chunk<BITS> w0, w8;
-        GroupParams<PT> p;
-        take(kb, w0, w8, &p);
-        if constexpr (FOLD) {
-          constexpr float k0 = INTD ? IntDecode::K0 : 0.f;
-          zf0 = splat2<T>(to_f(p.b) + k0);
-          zf8 = splat2<T>(to_f(p.b8) + k0);
+        Chunk<BITS> w0[NT], w8[NT];
+        GroupParams<PT> p[NT];
+        take(kb, w0, w8, p);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          if constexpr (FOLD) {
+            constexpr float k0 = INTD ? IntDecode::K0 : 0.f;
+            zf0[j] = splat2<T>(to_f(p[j].b) + k0);
+            zf8[j] = splat2<T>(to_f(p[j].b8) + k0);
+          }
+          if constexpr (SCALE_A) {
+            sa0[j] = splat2<T>(to_f(p[j].a));
+            sa8[j] = splat2<T>(to_f(p[j].a8));
+            if constexpr (MODE == MODE_TWO) {
+              sb0[j] = splat2<T>(to_f(p[j].b));
+              sb8[j] = splat2<T>(to_f(p[j].b8));
+            }
+          }
         }
         const bool ends = (kb + 1) * BLOCK_K == next_end;
         const uint32_t xb = xs_b + (kb - ks) * BLOCK_K * (int)sizeof(T);
 #pragma unroll
-        for (int s = 0; s < 8; ++s) mma_slice(std::false_type{}, w0, w8, xb, s);
+        for (int s = 0; s < 8; ++s)
+          mma_slice(std::false_type{}, std::integral_constant<bool, SCALE_A>{}, w0, w8, xb, s);
         if constexpr (MODE == MODE_ZERO && !FOLD) {
 #pragma unroll
           for (int t = 0; t < MT; ++t) {
@@ -501,7 +575,7 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
             c2[t][0] += sm.x; c2[t][1] += sm.y; c2[t][2] += sm.x; c2[t][3] += sm.y;
           }
         }
-        if (ends || kb + 1 == kb1) flush(p, std::integral_constant<bool, FOLD>{});
+        if (!SCALE_A && (ends || kb + 1 == kb1)) flush(p[0], std::integral_constant<bool, FOLD>{});
         if (ends) {
           ++gi;
           next_end += group;
@@ -510,31 +584,38 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
       continue;
     }
     // Groups narrower than a block (or not aligned to blocks): check after every slice; the parameters are
-    // loaded when a group ends (not prefetched: that would hold two more parameter sets in registers).
-    for (int kb = ks; kb < kend; ++kb) {
-      Chunk<BITS> w0, w8;
-      take(kb, w0, w8, nullptr);
-      const uint32_t xb = xs_b + (kb - ks) * BLOCK_K * (int)sizeof(T);
+    // loaded when a group ends (not prefetched: that would hold two more parameter sets in registers). One tile per
+    // warp (launch_mt takes two only with whole-block groups).
+    if constexpr (NT == 1) {
+      for (int kb = ks; kb < kend; ++kb) {
+        Chunk<BITS> w0[1], w8[1];
+        take(kb, w0, w8, nullptr);
+        const uint32_t xb = xs_b + (kb - ks) * BLOCK_K * (int)sizeof(T);
 #pragma unroll
-      for (int s = 0; s < 8; ++s) {
-        mma_slice(std::true_type{}, w0, w8, xb, s);
-        const int kpos = kb * BLOCK_K + 16 * (s + 1);
-        if (kpos == next_end || (s == 7 && kb + 1 == kb1)) {
-          GroupParams<PT> p;
-          p.load(prow, gi);
-          flush(p, std::false_type{});
-          if (kpos == next_end) {
-            ++gi;
-            next_end += group;
+        for (int s = 0; s < 8; ++s) {
+          mma_slice(std::true_type{}, std::false_type{}, w0, w8, xb, s);
+          const int kpos = kb * BLOCK_K + 16 * (s + 1);
+          if (kpos == next_end || (s == 7 && kb + 1 == kb1)) {
+            GroupParams<PT> p;
+            p.load(prow, gi);
+            flush(p, std::false_type{});
+            if (kpos == next_end) {
+              ++gi;
+              next_end += group;
+            }
           }
         }
       }
     }
   }
 
-  // Output: rows n = tile*16 + g (+8), columns m = m0 + t*8 + 2q (+1); with split-K, this split's fp32 partial.
-  const int n0 = tile * 16 + g, Npad = Ntiles * 16;
-  if (live) {
+  // Output: rows n = (tile + j)*16 + g (+8), columns m = m0 + t*8 + 2q (+1); with split-K, this split's fp32
+  // partial.
+  const int Npad = Ntiles * 16;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    if (!live || (j > 0 && !live1)) continue;
+    const int n0 = (tile + j) * 16 + g;
 #pragma unroll
     for (int t = 0; t < MT; ++t)
 #pragma unroll
@@ -542,9 +623,9 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
         const int m = m0 + t * 8 + 2 * q + (i & 1), n = n0 + (i >> 1) * 8;
         if (m >= M) continue;
         if (S == 1) {
-          if (n < N) y[(size_t)m * N + n] = from_f<T>(acc[t][i]);
+          if (n < N) y[(size_t)m * N + n] = from_f<T>(acc[j][t][i]);
         } else {
-          ws[((size_t)split * M + m) * Npad + n] = acc[t][i];
+          ws[((size_t)split * M + m) * Npad + n] = acc[j][t][i];
         }
       }
   }
@@ -561,9 +642,10 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   if (!last_flag) return;
   __threadfence();
   // The last split sums all partials of this CTA's rows (coalesced along n).
-  const int rows_here = min(ROWS, M - m0), nb = blockIdx.x * WARPS * 16;
-  for (int i = threadIdx.x; i < rows_here * WARPS * 16; i += blockDim.x) {
-    const int m = m0 + i / (WARPS * 16), n = nb + i % (WARPS * 16);
+  constexpr int CTA_N = WARPS * NT * 16;  // rows of W per CTA
+  const int rows_here = min(ROWS, M - m0), nb = blockIdx.x * CTA_N;
+  for (int i = threadIdx.x; i < rows_here * CTA_N; i += blockDim.x) {
+    const int m = m0 + i / CTA_N, n = nb + i % CTA_N;
     if (n >= N) continue;
     float s = 0.f;
     for (int sp = 0; sp < S; ++sp) s += __ldcg(ws + ((size_t)sp * M + m) * Npad + n);
@@ -588,10 +670,10 @@ inline int smem_optin() {
   return v;
 }
 
-template <typename T, typename PT, int BITS, int MODE, int MT, bool INTD>
+template <typename T, typename PT, int BITS, int MODE, int MT, bool INTD, int NT>
 void launch_typed(const Args& a) {
   constexpr int TE = INTD ? 0 : 1 << (2 * BITS);
-  const int row_ctas = (a.Ntiles + WARPS - 1) / WARPS;
+  const int row_ctas = (a.Ntiles + WARPS * NT - 1) / (WARPS * NT);
   // x stages: the CTA's rows of x plus the zero row, never more K than one split covers, in all up to
   //   8 KB at one M tile, one stage (decode: with the 4-bit table and ring, 76 KB per CTA, 3 CTAs per SM;
   //      IntDecode's 44 KB, 4 CTAs; 4 KB where float parameters make the ring 2 KB larger),
@@ -600,7 +682,7 @@ void launch_typed(const Args& a) {
   const int rows = std::min(MT * 8, a.M) + 1;
   // the table's alignment may skip up to table_align - 16 bytes (the dynamic shared memory is 16-byte aligned)
   const size_t fixed = TE * 128 + (TE ? table_align<BITS>() - 16 : 0) +
-                       (size_t)WARPS * RING * ring_slot_words<BITS, PT>() * 4;
+                       (size_t)WARPS * RING * NT * ring_slot_words<BITS, PT>() * 4;
   // The x stages also fit what the device allows a CTA beside the table and the ring (an A100's 163 KB does not
   // hold the 8-tile budget; an H100's or H200's 227 KB does): bytes per buffer, less each row's 8 extra values and
   // the 16-byte rounding of x_stage_words.
@@ -614,7 +696,7 @@ void launch_typed(const Args& a) {
     throw std::runtime_error("quant_mma: " + std::to_string(smem) + " bytes of shared memory per CTA at M = " +
                              std::to_string(a.M) + ", more than this GPU allows (" + std::to_string(smem_optin()) +
                              "); use the Triton kernels (force_kernel(\"gemv\"))");
-  auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT, INTD>;
+  auto kern = quant_mma_kernel<T, PT, BITS, MODE, MT, INTD, NT>;
   cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   dim3 grid(row_ctas, a.splits, (a.M + MT * 8 - 1) / (MT * 8));
   HFE_LAUNCH(kern, grid, WARPS * 32, smem, a.stream,
@@ -625,9 +707,13 @@ void launch_typed(const Args& a) {
 template <typename T, typename PT, int BITS, int MODE, bool INTD>
 void launch_mt(const Args& a) {
   switch (mtiles_for(a.M)) {
-    case 1: return launch_typed<T, PT, BITS, MODE, 1, INTD>(a);
-    case 2: return launch_typed<T, PT, BITS, MODE, 2, INTD>(a);
-    default: return launch_typed<T, PT, BITS, MODE, 8, INTD>(a);
+    case 1: return launch_typed<T, PT, BITS, MODE, 1, INTD, 1>(a);
+    case 2: return launch_typed<T, PT, BITS, MODE, 2, INTD, 1>(a);
+    default:
+      if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        if (tiles_per_warp(a.M, true, a.group) == 2) return launch_typed<T, PT, BITS, MODE, 8, INTD, 2>(a);
+      }
+      return launch_typed<T, PT, BITS, MODE, 8, INTD, 1>(a);
   }
 }
 

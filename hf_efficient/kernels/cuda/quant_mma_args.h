@@ -21,7 +21,12 @@ struct Args {
 
 // Rows of x per CTA, in 8-row MMA tiles: M <= 8 -> 1, <= 16 -> 2, else 8 (grid.z covers the rest).
 inline int mtiles_for(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : 8; }
-constexpr int WARPS = 8;  // 16-row tiles per CTA
+constexpr int WARPS = 8;  // warps per CTA
+// 16-row tiles of W per warp: two where the kernel scales the A fragments (bfloat16, groups of whole 128-K blocks)
+// at 8 M tiles, else one (quant_mma.cuh: NT). A CTA covers WARPS * tiles_per_warp tiles.
+inline int tiles_per_warp(int M, bool bf16, int group) {
+  return mtiles_for(M) == 8 && bf16 && group % 128 == 0 ? 2 : 1;
+}
 
 template <int BITS, int MODE> void launch(const Args& a);
 

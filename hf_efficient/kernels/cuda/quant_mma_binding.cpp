@@ -59,7 +59,9 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qw, torch::Tensor params,
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
   const int64_t mt_rows = 8 * hfe_mma::mtiles_for((int)M);
-  const int64_t row_ctas = (Ntiles + hfe_mma::WARPS - 1) / hfe_mma::WARPS, mtiles = (M + mt_rows - 1) / mt_rows;
+  const int64_t cta_tiles =
+      hfe_mma::WARPS * hfe_mma::tiles_per_warp((int)M, x.scalar_type() == at::kBFloat16, (int)group);
+  const int64_t row_ctas = (Ntiles + cta_tiles - 1) / cta_tiles, mtiles = (M + mt_rows - 1) / mt_rows;
   const int64_t bps = (KB + splits - 1) / splits, S = (KB + bps - 1) / bps;
   torch::Tensor ws;
   if (S > 1) {

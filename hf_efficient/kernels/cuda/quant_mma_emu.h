@@ -117,6 +117,11 @@ inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b) {
   return {__float2bfloat16_rn(__bfloat162float(a.x) - __bfloat162float(b.x)),
           __float2bfloat16_rn(__bfloat162float(a.y) - __bfloat162float(b.y))};
 }
+// a * b of each half: the product of two bfloat16 values is exact in float, so one rounding, as on the GPU
+inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) {
+  return {__float2bfloat16_rn(__bfloat162float(a.x) * __bfloat162float(b.x)),
+          __float2bfloat16_rn(__bfloat162float(a.y) * __bfloat162float(b.y))};
+}
 inline float __uint_as_float(uint32_t u) {
   float f;
   memcpy(&f, &u, 4);
@@ -488,5 +493,6 @@ inline void ldsm_x4(uint32_t (&r)[4], uint32_t a) {
 }
 
 template <uint32_t MASK> inline uint32_t and_or(uint32_t a, uint32_t b) { return (a & MASK) | b; }
+inline uint32_t sign_mask2(uint32_t v) { return (v & 0x8000u ? 0xFFFFu : 0u) | (v & 0x80000000u ? 0xFFFF0000u : 0u); }
 
 }  // namespace hfe_mma

@@ -87,4 +87,12 @@ template <uint32_t MASK> __device__ __forceinline__ uint32_t and_or(uint32_t a, 
   return r;
 }
 
+// 0xFFFF in each half of v whose sign bit is set, else 0: one PRMT (a selector nibble's top bit replicates the sign
+// of the byte it selects; bytes 1 and 3 hold the halves' signs).
+__device__ __forceinline__ uint32_t sign_mask2(uint32_t v) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, 0, 0xBB99;\n" : "=r"(r) : "r"(v));
+  return r;
+}
+
 }  // namespace hfe_mma
