@@ -8,6 +8,7 @@ in either the packer or the kernel's indexing shows up as a mismatch against the
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -321,6 +322,24 @@ def test_emulated_kernel_fits_a_smaller_gpu(monkeypatch):
     w = Q.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, 128, fmt.scale_scheme.mode)
     with pytest.raises(RuntimeError, match="more than this GPU allows"):
         Q.quant_mma_emulated(torch.randn(64, 1024, dtype=torch.bfloat16), w, splits=1)
+
+
+def test_binding_rejects_bad_arguments():
+    """The binding's own checks (the same source on the GPU): an unknown mode, and the table-less IntDecode call for
+    anything but 4-bit zero-point weights at bfloat16, each a clear error rather than a launch."""
+    fmt, codes, kw = random_kernel_weight("int4_asym", 16, 128, 128)
+    w = Q.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, 128, fmt.scale_scheme.mode)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    counters = torch.zeros(64, dtype=torch.int32)
+    no_table = w.tables[0, :0]  # INT4 with a zero point at bfloat16 decodes by arithmetic (tables: the fp16 row)
+    run = functools.partial(Q.emulation().quant_mma, x, w.qweight, w.params, no_table, counters, 16, 128, 4, 128)
+    assert torch.equal(run(1, 1), Q.quant_mma_emulated(x, w, splits=1))
+    with pytest.raises(RuntimeError, match="mode must be 0, 1 or 2, got 3"):
+        run(3, 1)
+    with pytest.raises(RuntimeError, match=r"zero-point weights \(mode 1\).*mode=2"):
+        run(2, 1)
+    with pytest.raises(RuntimeError, match="decode without a pair table.*Half"):
+        Q.emulation().quant_mma(x.half(), w.qweight, w.params, no_table, counters, 16, 128, 4, 128, 1, 1)
 
 
 @pytest.mark.parametrize("runner", RUNNERS)

@@ -48,7 +48,7 @@ def test_bad_rows_and_lookups():
 
 def test_kernel_modes_match_the_compiled_kernels():
     """The CUDA kernel and the Triton kernels compile one branch per mode: their constants are the registry's."""
-    src = (ROOT / "hf_efficient" / "kernels" / "cuda" / "quant_mma.cuh").read_text()
+    src = (ROOT / "hf_efficient" / "kernels" / "cuda" / "quant_mma_args.h").read_text()
     cuda = dict(re.findall(r"(MODE_\w+) = (\d+)", re.search(r"constexpr int MODE_SYM[^;]*;", src).group(0)))
     assert {k: int(v) for k, v in cuda.items()} == {"MODE_SYM": SCHEMES["sym"].mode,
                                                      "MODE_ZERO": SCHEMES["zero_point"].mode,

@@ -267,7 +267,7 @@ def _build(name: str, suffix: str, cflags: list[str], cuda_cflags: list[str] | N
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         sources = [str(_SRC / "quant_mma_binding.cpp")]
         for bits in MMA_BITS:
-            for mode in MODES:  # = the MODE_* constants of cuda/quant_mma.cuh (tests check)
+            for mode in MODES:  # = the MODE_* constants of cuda/quant_mma_args.h (tests check)
                 f = build / f"inst_b{bits}_m{mode}.{suffix}"
                 _write_if_changed(f, f'#include "{_SRC / "quant_mma.cuh"}"\n'
                                      f"template void hfe_mma::launch<{bits}, {mode}>(const hfe_mma::Args&);\n")

@@ -37,7 +37,6 @@ namespace hfe_mma {
 
 constexpr int BLOCK_K = 128;       // K per chunk (8 MMA slices of 16)
 constexpr int RING = 4;            // 128-K blocks of weights per warp in shared memory (RING - 1 in flight)
-constexpr int MODE_SYM = 0, MODE_ZERO = 1, MODE_TWO = 2;
 
 template <typename T> struct Pair;
 template <> struct Pair<__half> { using T2 = __half2; };

@@ -9,6 +9,9 @@
 
 namespace hfe_mma {
 
+// Scale schemes (= hf_efficient.schemes' modes): a v; a (v - z); a v+ + b v- (two scales by the sign of v).
+constexpr int MODE_SYM = 0, MODE_ZERO = 1, MODE_TWO = 2;
+
 struct Args {
   const void* x; int M, K, ldx;                                // activations (M, K), row stride ldx
   const uint32_t* qw; const void* params; const uint32_t* table;  // weight in the mma layout (table null: IntDecode)

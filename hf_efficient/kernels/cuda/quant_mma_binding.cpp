@@ -28,7 +28,8 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qw, torch::Tensor params,
               "quant_mma: x must be float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.stride(1) == 1, "quant_mma: x must be contiguous along K");
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "quant_mma: bits must be 2, 3 or 4, got ", bits);
-  TORCH_CHECK(mode >= 0 && mode <= 2, "quant_mma: mode must be 0, 1 or 2, got ", mode);
+  TORCH_CHECK(mode == hfe_mma::MODE_SYM || mode == hfe_mma::MODE_ZERO || mode == hfe_mma::MODE_TWO,
+              "quant_mma: mode must be ", hfe_mma::MODE_SYM, ", ", hfe_mma::MODE_ZERO, " or ", hfe_mma::MODE_TWO, ", got ", mode);
   TORCH_CHECK(group % 16 == 0 && group > 0, "quant_mma: group must be a positive multiple of 16, got ", group);
   TORCH_CHECK(HFE_ON_DEVICE(qw) && qw.scalar_type() == at::kInt && qw.dim() == 5 && qw.size(2) == 16 && qw.size(3) == 4,
               "quant_mma: qweight must be int32 (Ntiles, KB, 16, 4, words), got ", qw.sizes());
@@ -39,8 +40,8 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qw, torch::Tensor params,
   // No table: the 4-bit identity grid with a zero point at bfloat16, decoded by arithmetic (IntDecode in
   // quant_mma.cuh).
   const bool int_decode = table.numel() == 0;
-  TORCH_CHECK(!int_decode || (bits == 4 && mode == 1 && x.scalar_type() == at::kBFloat16),
-              "quant_mma: only 4-bit zero-point weights (mode 1) with bfloat16 activations decode without a pair "
+  TORCH_CHECK(!int_decode || (bits == 4 && mode == hfe_mma::MODE_ZERO && x.scalar_type() == at::kBFloat16),
+              "quant_mma: only 4-bit zero-point weights (mode ", hfe_mma::MODE_ZERO, ") with bfloat16 activations decode without a pair "
               "table, got bits=", bits, ", mode=", mode, ", x ", x.scalar_type());
   TORCH_CHECK(HFE_ON_DEVICE(table) && table.scalar_type() == at::kInt &&
                   (int_decode || table.numel() == (1 << (2 * bits))),
