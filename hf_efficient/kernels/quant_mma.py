@@ -340,10 +340,18 @@ def mtiles_for(m: int) -> int:
     return 1 if m <= 8 else 2 if m <= 16 else 8
 
 
+def scales_fragments(m: int, bf16: bool, group_size: int) -> bool:
+    """Whether the kernel scales the A fragments before the MMAs (SCALE_A in cuda/quant_mma.cuh: bfloat16, more than
+    one M tile, groups of whole blocks). There each weight is bf16(bf16(v) * bf16(scale)): besides the grid value's
+    rounding, the scale and the product are rounded to bfloat16 (the kernel's output equals that model exactly,
+    tests/test_quant_mma.py), so error bounds grant (1 + u)**3 - 1 of |w| per weight instead of u."""
+    return bf16 and mtiles_for(m) > 1 and group_size % BLOCK_K == 0
+
+
 def tiles_per_warp(m: int, bf16: bool, group_size: int) -> int:
     """16-row tiles of W per warp (= ``tiles_per_warp`` in cuda/quant_mma_args.h): two on the scaled-A path at 8 M
-    tiles (bfloat16, groups of whole blocks), else one."""
-    return 2 if mtiles_for(m) == 8 and bf16 and group_size % BLOCK_K == 0 else 1
+    tiles, else one."""
+    return 2 if mtiles_for(m) == 8 and scales_fragments(m, bf16, group_size) else 1
 
 
 def grid_ctas(m: int, n: int, nt: int = 1) -> int:

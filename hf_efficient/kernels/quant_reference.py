@@ -259,8 +259,12 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
             cfg = next(c for c in space(kernel) if valid(kernel, c, args))
         x = torch.randn(m, k, device=device).to(dtype) * rng.choice([1.0, 0.01] + ([30.0] if dtype == torch.bfloat16
                                                                                   else []))
-        # the GEMM and the mma kernel round the (unscaled / scaled) weight to the activation dtype
-        r = compare(fn(x, kw, codes, fmt, cfg), x, kw, u_w=U[dtype] if kernel.startswith(("gemm", "mma")) else 0.0,
+        # the GEMM rounds the dequantized weight to the activation dtype, the mma kernel the grid value (and where it
+        # scales the A fragments also the scale and the scaled weight: three roundings)
+        u_w = U[dtype] if kernel.startswith(("gemm", "mma")) else 0.0
+        if kernel.startswith("mma") and quant_mma.scales_fragments(m, dtype == torch.bfloat16, group):
+            u_w = (1 + U[dtype]) ** 3 - 1
+        r = compare(fn(x, kw, codes, fmt, cfg), x, kw, u_w=u_w,
                     lut=kernel == "lut", interpreted=False if kernel == "mma-emu" else None)
         worst_rel, worst_abs = max(worst_rel, r["rel"]), max(worst_abs, r["abs"])
         counts[name] = counts.get(name, 0) + 1
