@@ -330,7 +330,7 @@ def test_emulated_kernel_fits_a_smaller_gpu(monkeypatch):
 def test_emulated_scaled_fragments_are_the_bf16_model(case):
     """Where the kernel scales the A fragments, its output is exactly x @ bf16(bf16(v) * bf16(scale)) in float32 sums,
     rounded once; against grid value x scale that is three roundings of each weight, which a bound granting one
-    misses (these are weights of GPU fuzz cases that failed such a bound on round 8, 7 of 10,000), and
+    misses (the weights of four of the 7 GPU fuzz cases in 10,000 that failed such a bound on round 8), and
     scales_fragments' three hold."""
     from hf_efficient.kernels.quant_reference import U, compare
 

@@ -132,6 +132,7 @@ class EnergyAutotuneHooks:
         feat = self._pending.pop(0) if self._pending else {}
         if self.model is not None and feat:
             self.model.update([feat], [(op.joules_per_op, op.latency_s)])
-        self.history.append({"latency_ms": lat[0], "joules": op.joules_per_op, "watts": op.watts})
+        self.history.append({"latency_ms": lat[0], "joules": op.joules_per_op, "watts": op.watts,
+                             "noise_rel": op.noise_rel})
         log.debug("energy bench: %.4f ms, %.4g J/op", lat[0], op.joules_per_op)
         return [EnergyScore(lat[0], op.joules_per_op, op.noise_rel, self._round)] + lat[1:]
