@@ -157,8 +157,8 @@ def gemlite_make(n, k, group):
     return (lambda i: lin if i == 0 else copy.deepcopy(lin)), nbytes
 
 
-def chosen_config(impl: str, m: int, n: int, k: int) -> str:
-    """The configuration our kernel ran (``-`` for baselines)."""
+def chosen_config(impl: str, m: int, n: int, k: int, mma_weight=None) -> str:
+    """The configuration our kernel ran (``-`` for baselines; ``mma_weight``: the mma kernel's weight)."""
     if impl.startswith("ours-tinygemm"):
         from hf_efficient.kernels.quant_tinygemm import TINYGEMM_MAX_M
 
@@ -172,13 +172,12 @@ def chosen_config(impl: str, m: int, n: int, k: int) -> str:
         best = getattr(kernel, "best_config", None)
         return " ".join(f"{a}={v}" for a, v in best.all_kwargs().items() if v is not None) if best else "?"
     if impl.startswith("ours"):
-        from hf_efficient import formats
-        from hf_efficient.kernels.quant_mma import choose_splits, tiles_per_warp
+        from hf_efficient.kernels.quant_mma import launch_plan
 
-        bits = formats.get_format(impl.split("_", 1)[1].rsplit("_g", 1)[0]).bits  # ours_<format>_g<group>
+        w = mma_weight
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        nt = tiles_per_warp(m, True, GROUP)  # bf16 activations
-        return f"mma splits={choose_splits(m, n, k, sms, bits, nt=nt)} tiles/warp={nt}"
+        splits, nt = launch_plan(m, w.N, w.K, w.bits, w.group_size, torch.bfloat16, w.tables.shape[0], sms)
+        return f"mma splits={splits} tiles/warp={nt}"
     return "-"
 
 
@@ -248,6 +247,7 @@ def main(argv=None):
     rows = []
     for n, k in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        mma_weights = {}  # impl name -> the mma weight it runs (its launch plan goes in the config column)
         impls = {"cublas_bf16": (lambda i, w=w: (lambda x, wi=(w if i == 0 else w.clone()): F.linear(x, wi)),
                                  w.numel() * 2)}
         impls["tinygemm_int4_g128"] = tinygemm(n, k, GROUP)
@@ -259,6 +259,7 @@ def main(argv=None):
         for f in ours:
             mw = kernel_weight(f, n, k, GROUP, "cuda")
             impls[f"ours_{f}_g{GROUP}"] = mma_make(mw)
+            mma_weights[f"ours_{f}_g{GROUP}"] = mw
             if args.dequant:
                 impls[f"ours-dequant_{f}_g{GROUP}"] = mma_make(mw, dequant=True)
             if f in TRITON:
@@ -278,10 +279,10 @@ def main(argv=None):
                         gl_reason = f"gemlite failed at M={m}: {e!r}"[:300]
                     continue
                 rows.append(dict(N=n, K=k, M=m, impl=name, us=t * 1e6, weight_GB_s=impls[name][1] / t / 1e9,
-                                 timing=how, config=chosen_config(name, m, n, k)))
+                                 timing=how, config=chosen_config(name, m, n, k, mma_weights.get(name))))
             _ratios(rows[start:], copy_bw)
             print_rows(rows[start:])
-        del w, impls, built
+        del w, impls, built, mma_weights
         torch.cuda.empty_cache()
         _write(rows, args, copy_bw, gl_reason)  # after every shape: a cut-off run still leaves its rows
     print(f"copy bandwidth {copy_bw / 1e12:.3f} TB/s; gemlite: {gl_reason or 'ok'}")

@@ -232,6 +232,21 @@ def test_splits_fill_the_gpu_and_respect_k():
     assert Q.choose_splits(64, 4096, 4096, 132) >= 1
 
 
+def test_launch_plan_counts_int_decode_and_two_tiles():
+    """launch_plan (the benchmarks' record of what ran) plans as the weight decodes: INT4 with a zero point has no
+    bfloat16 table row (IntDecode: 4 CTAs per SM at one M tile, so other splits than a table format's), and at
+    bfloat16 above 16 rows two tiles per warp."""
+    fmt, codes, kw = random_kernel_weight("int4_asym", 16, 128, 128)
+    w = Q.pack(codes, kw.params[0], kw.params[1], fmt.grid, fmt.bits, 128, fmt.scale_scheme.mode)
+    rows = w.tables.shape[0]
+    assert rows == 1
+    n, k = 28672, 8192
+    assert Q.launch_plan(1, n, k, 4, 128, torch.bfloat16, rows, 132) == (Q.choose_splits(1, n, k, 132, 4, True), 1)
+    assert Q.launch_plan(1, n, k, 4, 128, torch.float16, rows, 132) == (Q.choose_splits(1, n, k, 132, 4), 1)
+    assert Q.choose_splits(1, n, k, 132, 4, True) != Q.choose_splits(1, n, k, 132, 4)  # the case the benchmark missed
+    assert Q.launch_plan(64, n, k, 4, 128, torch.bfloat16, 2, 132) == (Q.choose_splits(64, n, k, 132, 4, nt=2), 2)
+
+
 def test_splits_avoid_a_partial_last_wave():
     """A grid just past a whole wave of resident CTAs costs a whole extra wave: at M = 16 on 4096x11008 (32 row
     CTAs, 2 resident per SM on 132 SMs) 9 splits made 288 CTAs > 264 and measured 59.9 us against 43.1 us for 8."""

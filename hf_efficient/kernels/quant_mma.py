@@ -387,6 +387,16 @@ def choose_splits(m: int, n: int, k: int, sms: int, bits: int = 4, int_decode: b
     return min(range(1, max(1, kb // 2) + 1), key=lambda s: (cost(s), s))
 
 
+def launch_plan(m: int, n: int, k: int, bits: int, group_size: int, dtype: torch.dtype, table_rows: int,
+                sms: int) -> tuple[int, int]:
+    """The split-K factor chosen for ``m`` rows of ``dtype`` activations on ``sms`` SMs, and the tiles per warp, for a
+    weight whose ``tables`` have ``table_rows`` rows (none for ``dtype``'s row: IntDecode, which packs more CTAs
+    per SM at one M tile and so splits differently)."""
+    bf16 = dtype == torch.bfloat16
+    nt = tiles_per_warp(m, bf16, group_size)
+    return choose_splits(m, n, k, sms, bits, int_decode=int(bf16) >= table_rows, nt=nt), nt
+
+
 def _counter_buffer(device: torch.device, need: int) -> torch.Tensor:
     key = str(device) if device.type != "cuda" or device.index is not None else f"cuda:{torch.cuda.current_device()}"
     buf = _counters.get(key)
