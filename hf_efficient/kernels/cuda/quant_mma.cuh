@@ -640,15 +640,30 @@ quant_mma_kernel(const T* __restrict__ x, int M, int K, int ldx, const uint32_t*
   __syncthreads();
   if (!last_flag) return;
   __threadfence();
-  // The last split sums all partials of this CTA's rows (coalesced along n).
+  // The last split sums all partials of this CTA's rows (coalesced along n), four columns per load and up to eight
+  // splits' loads in flight: one CTA reads S * rows * CTA_N floats here (at 8 M tiles and two tiles per warp, 64 KB
+  // per split), and one float per load with the splits summed in turn made that a chain of L2 round trips. A unit
+  // of four never straddles a row or N's end in the workspace (Npad and n are multiples of 4, n < N <= Npad); y's
+  // columns past N are skipped one by one.
   constexpr int CTA_N = WARPS * NT * 16;  // rows of W per CTA
+  constexpr int UNITS = CTA_N / 4;
   const int rows_here = min(ROWS, M - m0), nb = blockIdx.x * CTA_N;
-  for (int i = threadIdx.x; i < rows_here * CTA_N; i += blockDim.x) {
-    const int m = m0 + i / CTA_N, n = nb + i % CTA_N;
+  const size_t split_stride = (size_t)M * Npad / 4;  // float4 units between two splits' partials
+  for (int i = threadIdx.x; i < rows_here * UNITS; i += blockDim.x) {
+    const int m = m0 + i / UNITS, n = nb + 4 * (i % UNITS);
     if (n >= N) continue;
-    float s = 0.f;
-    for (int sp = 0; sp < S; ++sp) s += __ldcg(ws + ((size_t)sp * M + m) * Npad + n);
-    y[(size_t)m * N + n] = from_f<T>(s);
+    const float4* src = reinterpret_cast<const float4*>(ws + (size_t)m * Npad + n);
+    float4 s = __ldcg(src);
+#pragma unroll 8
+    for (int sp = 1; sp < S; ++sp) {
+      const float4 v = __ldcg(src + sp * split_stride);
+      s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+    }
+    T* out = y + (size_t)m * N + n;
+    out[0] = from_f<T>(s.x);
+    if (n + 1 < N) out[1] = from_f<T>(s.y);
+    if (n + 2 < N) out[2] = from_f<T>(s.z);
+    if (n + 3 < N) out[3] = from_f<T>(s.w);
   }
 }
 

@@ -44,6 +44,7 @@ struct dim3 {
 struct uint2 { uint32_t x, y; };
 struct uint4 { uint32_t x, y, z, w; };
 struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
 typedef struct CUstream_st* cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 template <typename F> inline int cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return 0; }
@@ -390,6 +391,10 @@ inline int atomicAdd(int* p, int v) {  // one thread runs at a time
   return old;
 }
 inline float __ldcg(const float* p) { return *p; }
+inline float4 __ldcg(const float4* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16) ::hfe_emu::fail("a 16-byte global load that is not 16-byte aligned");
+  return *p;
+}
 inline size_t __cvta_generic_to_shared(const void* p) { return ::hfe_emu::smem_offset(p); }
 
 template <typename V> inline V shfl_(::hfe_emu::Kind kind, unsigned mask, V v, int lane_of_src) {
