@@ -388,13 +388,15 @@ def choose_splits(m: int, n: int, k: int, sms: int, bits: int = 4, int_decode: b
 
 
 def launch_plan(m: int, n: int, k: int, bits: int, group_size: int, dtype: torch.dtype, table_rows: int,
-                sms: int) -> tuple[int, int]:
-    """The split-K factor chosen for ``m`` rows of ``dtype`` activations on ``sms`` SMs, and the tiles per warp, for a
-    weight whose ``tables`` have ``table_rows`` rows (none for ``dtype``'s row: IntDecode, which packs more CTAs
-    per SM at one M tile and so splits differently)."""
+                sms: int, splits: int = 0) -> tuple[int, int]:
+    """The split-K factor (``splits`` if given, else chosen for ``m`` rows of ``dtype`` activations on ``sms`` SMs)
+    and the tiles per warp the kernel launches for a weight whose ``tables`` have ``table_rows`` rows (none for
+    ``dtype``'s row: IntDecode, which packs more CTAs per SM at one M tile and so splits differently)."""
     bf16 = dtype == torch.bfloat16
     nt = tiles_per_warp(m, bf16, group_size)
-    return choose_splits(m, n, k, sms, bits, int_decode=int(bf16) >= table_rows, nt=nt), nt
+    if not splits:
+        splits = choose_splits(m, n, k, sms, bits, int_decode=int(bf16) >= table_rows, nt=nt)
+    return splits, nt
 
 
 def _counter_buffer(device: torch.device, need: int) -> torch.Tensor:
@@ -443,9 +445,7 @@ def _run(ext, x: torch.Tensor, qweight: torch.Tensor, params: torch.Tensor, tabl
         x = x.clone()
     m = x.shape[0]
     row = 0 if x.dtype == torch.float16 else 1  # the tables row of the activation dtype
-    nt = tiles_per_warp(m, x.dtype == torch.bfloat16, group_size)
-    if not splits:
-        splits = choose_splits(m, n, k, sms, bits, int_decode=row >= tables.shape[0], nt=nt)
+    splits, nt = launch_plan(m, n, k, bits, group_size, x.dtype, tables.shape[0], sms, splits)
     kb = qweight.shape[1]
     need = grid_ctas(m, 16 * qweight.shape[0], nt)
     table = tables[row] if row < tables.shape[0] else tables[0, :0]  # no row: IntDecode
