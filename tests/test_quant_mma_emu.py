@@ -176,3 +176,19 @@ def test_fuzz_runs_the_emulated_kernel(tmp_path):
     assert [(r["kernel"], r["cases"], r["failed_cases"]) for r in rows] == [("mma-emu", 6, 0)]
     with pytest.raises(SystemExit, match="on its own"):
         main(["--kernels", "mma,mma-emu", "--out", str(tmp_path)])
+
+
+def test_fuzz_names_its_worst_case_and_reruns_it_alone():
+    """The fuzz names the case behind its worst relative error, and ``only=`` reruns that case of the same seed
+    alone with the same weights and x (so a GPU run's worst case can be looked at again)."""
+    import re
+
+    from hf_efficient.kernels.quant_reference import fuzz
+
+    full = fuzz("mma-emu", cases=8, seed=11, device="cpu")
+    i = int(re.match(r"case (\d+): ", full["worst_case"]).group(1))
+    again = fuzz("mma-emu", cases=8, seed=11, device="cpu", only=i)
+    assert again["cases"] == 1 and again["worst_case"] == full["worst_case"]
+    assert again["worst_err_over_sum_abs_xw"] == full["worst_err_over_sum_abs_xw"] > 0
+    other = fuzz("mma-emu", cases=8, seed=11, device="cpu", only=(i + 1) % 8)
+    assert other["worst_case"].split(":")[0] != full["worst_case"].split(":")[0]

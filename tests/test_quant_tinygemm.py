@@ -278,3 +278,37 @@ def test_measured_dispatch_table(monkeypatch, gpu_name):
         assert not gpu._mma_kind(layers["nf4_asym"])  # unmeasured GPU: the Triton layout
     finally:
         gpu._measured.cache_clear()
+
+
+def test_int4_layout_by_layer_size(monkeypatch):
+    """INT4 at bf16: tinygemm's layout up to TINYGEMM_INT4_MAX_WEIGHTS weights on a GPU it lists, the mma layout
+    above (where the mma kernel runs the layer); every INT4 layer keeps tinygemm's layout on a GPU it does not list,
+    and a forced kernel overrides the size rule."""
+    from hf_efficient.kernels import quant_mma
+    from hf_efficient.quantization import QuantLinear, gpu
+
+    name = "NVIDIA H100 80GB HBM3"
+    assert gpu.TINYGEMM_INT4_MAX_WEIGHTS[name] == 4096 * 4096
+    small, large = (QuantLinear.from_linear(torch.nn.Linear(256, n), "int4_asym", 128) for n in (16, 24))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(quant_mma, "extension", lambda: object())
+    monkeypatch.setitem(gpu.TINYGEMM_INT4_MAX_WEIGHTS, name, 256 * 16)  # small layers stand for the measured sizes
+    gpu._measured.cache_clear()
+    try:
+        assert gpu._wanted_layout(small, torch.bfloat16) == "cuda-tinygemm"  # at the limit: tinygemm
+        assert gpu._wanted_layout(large, torch.bfloat16) == "cuda-mma"  # one row of weights more: mma
+        assert gpu._wanted_layout(large, torch.float16) == "cuda-mma"
+        with gpu.force_kernel("tinygemm"):
+            assert gpu._wanted_layout(large, torch.bfloat16) == "cuda-tinygemm"
+        with gpu.force_kernel("gemv"):
+            assert gpu._wanted_layout(large, torch.bfloat16) == "cuda-triton"
+        monkeypatch.setattr(quant_mma, "extension", lambda: None)  # no mma kernel: tinygemm, whatever the size
+        assert gpu._wanted_layout(large, torch.bfloat16) == "cuda-tinygemm"
+        monkeypatch.setattr(quant_mma, "extension", lambda: object())
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")  # not listed
+        gpu._measured.cache_clear()
+        assert gpu._wanted_layout(large, torch.bfloat16) == "cuda-tinygemm"
+    finally:
+        gpu._measured.cache_clear()

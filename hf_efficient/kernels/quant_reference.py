@@ -199,7 +199,7 @@ FUZZ_FORMATS = ("int4_asym", "int3_asym", "int2_asym", "int8_asym", "int4_sym", 
 
 
 def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_failures: int = 5,
-         fmt_names=FUZZ_FORMATS) -> dict:
+         fmt_names=FUZZ_FORMATS, only: int | None = None) -> dict:
     """``cases`` random products through ``kernel`` ("mma", "gemv", "gemm" or "lut"; "mma-emu": the mma kernel's code
     on the CPU under :func:`~hf_efficient.kernels.quant_mma.emulation`, with ``device="cpu"``) checked with
     :func:`compare`.
@@ -208,7 +208,9 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
     group or block sizes), M (1..8 for the GEMV, up to 100 for the GEMM, 1..9 for the LUT kernel), group
     32/64/128, fp16/bf16, x scaled by 1, 0.01 or (bf16) 30, and a quarter each of zero-scale and
     extreme-scale groups. One fixed config per kernel (the first valid one) keeps compilations few; the
-    autotune spaces are covered config by config in the GPU tests. Returns a summary dict.
+    autotune spaces are covered config by config in the GPU tests. Every case draws its weights and its x from its
+    own seeded generators, so ``only=i`` reruns case ``i`` of the same ``seed`` alone. Returns a summary dict, with
+    the case behind the worst error relative to ``sum |x w|`` (``worst_case``).
     """
     import random
     import time
@@ -237,7 +239,7 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
         def fn(x, kw, codes, fmt, config):
             return triton_fn(x, kw, config=config)
     names = [f for f in fmt_names if formats.get_format(f).bits <= max_bits]
-    worst_rel, worst_abs, t0, counts, failures, n_bad = 0.0, 0.0, time.time(), {}, [], 0
+    worst_rel, worst_abs, t0, counts, failures, n_bad, worst_case = 0.0, 0.0, time.time(), {}, [], 0, "-"
     for i in range(cases):
         name = rng.choice(names)
         group = rng.choice([32, 64, 128])
@@ -248,17 +250,20 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
              "mma": lambda: rng.choice([1, 1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 100, 256]),
              "lut": lambda: rng.randint(1, 9)}[kernel.removesuffix("-emu")]()
         special = rng.choice([None, None, "zero", "extreme"])
+        if kernel.startswith("mma"):
+            cfg = rng.choice([0, 0, 1, 2, 3, 7])
+        x_scale = rng.choice([1.0, 0.01] + ([30.0] if dtype == torch.bfloat16 else []))
+        if only is not None and i != only:  # the generator above still draws every case's choices
+            continue
         # fp16 tops out at 65504: an INT8 group scaled x1000 times x30 overflows it (in the reference too),
         # so fp16 cases use milder extremes; bf16 takes x1000 / x1e-3 scales and x30 activations.
         fmt, codes, kw = random_kernel_weight(name, n, k, group, special=special, seed=i, device=device,
                                               extreme=1000.0 if dtype == torch.bfloat16 else 10.0)
-        if kernel.startswith("mma"):
-            cfg = rng.choice([0, 0, 1, 2, 3, 7])
-        else:
+        if not kernel.startswith("mma"):
             args = {"GROUP": group, "BITS": kw.bits, "M": m, "BLOCK_M": 1 << (m - 1).bit_length()}
             cfg = next(c for c in space(kernel) if valid(kernel, c, args))
-        x = torch.randn(m, k, device=device).to(dtype) * rng.choice([1.0, 0.01] + ([30.0] if dtype == torch.bfloat16
-                                                                                  else []))
+        gx = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        x = torch.randn(m, k, generator=gx).to(device, dtype) * x_scale
         # the GEMM rounds the dequantized weight to the activation dtype, the mma kernel the grid value (and where it
         # scales the A fragments also the scale and the scaled weight: three roundings)
         u_w = U[dtype] if kernel.startswith(("gemm", "mma")) else 0.0
@@ -266,11 +271,15 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
             u_w = (1 + U[dtype]) ** 3 - 1
         r = compare(fn(x, kw, codes, fmt, cfg), x, kw, u_w=u_w,
                     lut=kernel == "lut", interpreted=False if kernel == "mma-emu" else None)
-        worst_rel, worst_abs = max(worst_rel, r["rel"]), max(worst_abs, r["abs"])
+        what = f"case {i}: {name} m={m} n={n} k={k} g={group} {dtype} {special} x*{x_scale} config={cfg}"
+        if r["rel"] > worst_rel:
+            worst_rel, worst_case = r["rel"], f"{what}: {r}"
+        worst_abs = max(worst_abs, r["abs"])
         counts[name] = counts.get(name, 0) + 1
         if r["bad"]:
             n_bad += 1
             if len(failures) < max_failures:
-                failures.append(f"case {i}: {name} m={m} n={n} k={k} g={group} {dtype} {special}: {r}")
-    return {"kernel": kernel, "cases": cases, "failed_cases": n_bad, "worst_err_over_sum_abs_xw": worst_rel,
-            "max_abs_err": worst_abs, "seconds": time.time() - t0, "per_format": counts, "failures": failures}
+                failures.append(f"{what}: {r}")
+    return {"kernel": kernel, "cases": sum(counts.values()), "failed_cases": n_bad, "worst_err_over_sum_abs_xw": worst_rel,
+            "max_abs_err": worst_abs, "seconds": time.time() - t0, "per_format": counts, "failures": failures,
+            "worst_case": worst_case}

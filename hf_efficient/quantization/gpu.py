@@ -6,7 +6,8 @@ A layer on CUDA adopts **one** kernel layout as its only copy of its weights
 * ``"cuda-triton"`` (default): the Triton kernels through ``torch.ops.hf_efficient.quant_matmul``, which
   chooses by shape (:func:`choose_kernel`): the dequant GEMV for ``M <= 8``, the dequant GEMM above.
 * ``"cuda-tinygemm"`` (default for uniform INT4 layers run with bfloat16 activations where
-  :func:`hf_efficient.kernels.quant_tinygemm.unsupported` allows, e.g. INT4-asym/sym at group 32-256): torch's
+  :func:`hf_efficient.kernels.quant_tinygemm.unsupported` allows, e.g. INT4-asym/sym at group 32-256, except the
+  layers larger than :data:`TINYGEMM_INT4_MAX_WEIGHTS` on the GPUs it lists, which take ``"cuda-mma"``): torch's
   tinygemm kernel up to 16 rows, measured faster than our Triton GEMV at M = 1 (docs/gpu_kernels.md), and
   dequantize + cuBLAS for prompts. ``force_kernel("gemv")``/``("gemm")`` keep such a layer on the Triton layout.
 * ``"cuda-mma"``: the tensor-core CUDA kernel of :mod:`hf_efficient.kernels.quant_mma` for 2/3/4-bit weights,
@@ -121,14 +122,33 @@ def supports(layer: QuantLinear) -> str | None:
 # The layout "auto" gives a format by how its grid decodes (DECODE_TABLE: NF and other value tables; DECODE_INT;
 # DECODE_E2M1), per GPU, where one same-run measurement of both kernels says the mma kernel wins at M <= MMA_MAX_M
 # (benchmarks/results/quant_gemv.md: mma vs Triton rows of the same run; docs/gpu_kernels.md). Anything not
-# listed keeps the Triton layout. INT4 at bf16 takes tinygemm's layout first where it applies (_wanted_layout):
-# at M = 1, the decode case, tinygemm is faster than our INT4 on mma.
+# listed keeps the Triton layout. INT4 at bf16 takes tinygemm's layout first where it applies (_wanted_layout), up to
+# the layer size TINYGEMM_INT4_MAX_WEIGHTS gives for the GPU.
 MEASURED_MMA = {
     "NVIDIA H200": {"table", "int", "e2m1"},
     # same-run on an H100 (round 6, benchmarks/results/quant_gemv_summary.md and quant_e2e.md): mma faster than
     # Triton for every kind at M = 1 and 16; 7B-shaped NF4-asym decode 1.54x bf16 on mma, 0.99x on Triton
     "NVIDIA H100 80GB HBM3": {"table", "int", "e2m1"},
 }
+
+
+# INT4 at bf16 keeps tinygemm's layout on layers of at most this many weights (N x K), and takes the mma layout above,
+# per GPU where a same-run measurement of both says so (benchmarks/results/quant_gemv.md, round 9 on an H100:
+# `ours` = mma against `ours-tinygemm` = the tinygemm layout's path). There, at one row, tinygemm is 1.33x faster on
+# 4096x4096 and within 3 % either way on the five larger shapes, while the mma kernel is 1.8-3.8x faster at 16 rows,
+# 1.6-2.9x at 64 and 1.1-1.5x at 4 on those five: the layout is fixed at load, before the batch size is known, so
+# the larger layers take the layout that serves batches. GPUs not listed keep tinygemm's layout for every INT4 layer.
+TINYGEMM_INT4_MAX_WEIGHTS = {
+    "NVIDIA H100 80GB HBM3": 4096 * 4096,
+}
+
+
+def _int4_mma_by_shape(layer: QuantLinear) -> bool:
+    """Whether "auto" gives this INT4 layer the mma layout rather than tinygemm's (:data:`TINYGEMM_INT4_MAX_WEIGHTS`)."""
+    if not torch.cuda.is_available():
+        return False
+    limit = TINYGEMM_INT4_MAX_WEIGHTS.get(torch.cuda.get_device_name(torch.cuda.current_device()))
+    return limit is not None and layer.out_features * layer.in_features > limit and _mma_kind(layer)
 
 
 def _mma_measured_faster(layer: QuantLinear) -> bool:
@@ -193,7 +213,8 @@ def _tiny_reason(layer: QuantLinear, a: torch.Tensor, b: torch.Tensor | None) ->
 def _wanted_layout(layer: QuantLinear, dtype: torch.dtype | None, a=None, b=None) -> str:
     """The layout ``layer`` should hold for activations of ``dtype`` under the forced kernel (if any)."""
     forced = _forced[-1] if _forced else "auto"
-    if forced in ("auto", "tinygemm") and dtype == torch.bfloat16 and layer.fmt.bits == 4:
+    if (forced in ("auto", "tinygemm") and dtype == torch.bfloat16 and layer.fmt.bits == 4
+            and not (forced == "auto" and _int4_mma_by_shape(layer))):
         if a is None:
             a, b = layer.fmt.scale_scheme.kernel_ab(layer.storage())
         if _tiny_reason(layer, a, b) is None:
@@ -296,5 +317,5 @@ def quant_linear_forward(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor | 
 for _bits in (2, 3, 4, 8):
     register_fast_path("*", _bits, "cuda", quant_linear_forward, name="cuda")
 
-__all__ = ["quant_matmul", "choose_kernel", "CUDA_LAYOUTS", "MEASURED_MMA", "force_kernel", "prepare_model", "repack_layer", "supports",
+__all__ = ["quant_matmul", "choose_kernel", "CUDA_LAYOUTS", "MEASURED_MMA", "TINYGEMM_INT4_MAX_WEIGHTS", "force_kernel", "prepare_model", "repack_layer", "supports",
            "quant_linear_forward", "KERNELS", "MMA_MAX_M"]
