@@ -23,13 +23,17 @@ CASES = [(n, k, m, f) for (n, k) in [(4096, 4096), (4096, 11008), (11008, 4096),
 CASES += [(28672, 8192, 1, "int4_asym"), (28672, 8192, 1, "nf4_asym"), (28672, 8192, 16, "nf4_asym"),
           (4096, 11008, 1, "int3_asym"), (4096, 11008, 1, "int2_asym"), (4096, 4096, 1, "int2_asym"),
           (11008, 4096, 1, "nf3_asym"), (4096, 11008, 64, "nf4_asym")]
+# 64 rows: eight M tiles per CTA and, at bf16 with groups of whole blocks, two weight tiles per warp (round 8)
+CASES += [(4096, 4096, 64, "nf4_asym"), (11008, 4096, 64, "int4_asym"), (8192, 28672, 64, "int4_asym"),
+          (28672, 8192, 64, "nf4_asym")]
 SPLITS = (1, 2, 3, 4, 5, 6, 7, 8, 11, 16)
 GROUP = 128
 
 
-def split_times(n: int, k: int, m: int, fmt: str) -> dict[int, float]:
-    """Seconds per call of the mma kernel at each candidate split, plus the model's pick."""
-    from hf_efficient.kernels.quant_mma import BLOCK_K, choose_splits, quant_mma
+def split_times(n: int, k: int, m: int, fmt: str) -> tuple[dict[int, float], dict]:
+    """Seconds per call of the mma kernel at each candidate split, and the launch the kernel plans itself
+    (``quant_mma.launch_plan``: the model's split, with IntDecode and the tiles per warp as the kernel runs them)."""
+    from hf_efficient.kernels.quant_mma import BLOCK_K, launch_plan, quant_mma
 
     w = kernel_weight(fmt, n, k, GROUP, "cuda")
     ws = [w] + [dataclasses.replace(w, qweight=w.qweight.clone(), params=w.params.clone())
@@ -37,8 +41,10 @@ def split_times(n: int, k: int, m: int, fmt: str) -> dict[int, float]:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     kb = -(-k // BLOCK_K)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cands = sorted({s for s in SPLITS if s == 1 or s <= kb // 2} | {choose_splits(m, n, k, sms, w.bits)})
-    return {s: time_rotating([lambda wi=wi, s=s: quant_mma(x, wi, s) for wi in ws])[0] for s in cands}
+    pick, nt = launch_plan(m, n, k, w.bits, GROUP, x.dtype, w.tables.shape[0], sms)
+    plan = {"model_split": pick, "nt": nt, "int_decode": w.tables.shape[0] <= 1}  # no bf16 table row: IntDecode
+    cands = sorted({s for s in SPLITS if s == 1 or s <= kb // 2} | {pick})
+    return {s: time_rotating([lambda wi=wi, s=s: quant_mma(x, wi, s) for wi in ws])[0] for s in cands}, plan
 
 
 def main(argv=None):
@@ -48,17 +54,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("quant_mma_splits needs CUDA")
-    from hf_efficient.kernels.quant_mma import choose_splits
-
     cases = CASES if not args.case else [tuple(int(v) if v.isdigit() else v for v in c.split(":")) for c in args.case]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for n, k, m, fmt in cases:
-        t = split_times(n, k, m, fmt)
+        t, plan = split_times(n, k, m, fmt)
         best = min(t, key=t.get)
-        bits = formats.get_format(fmt).bits
-        pick = choose_splits(m, n, k, sms, bits)
-        rows.append({"N": n, "K": k, "M": m, "format": fmt, "bits": bits,
+        pick = plan["model_split"]
+        rows.append({"N": n, "K": k, "M": m, "format": fmt, "bits": formats.get_format(fmt).bits,
+                     "int_decode": plan["int_decode"], "nt": plan["nt"],
                      "us_by_split": {str(s): round(v * 1e6, 2) for s, v in t.items()},
                      "best_split": best, "best_us": round(t[best] * 1e6, 2), "model_split": pick,
                      "model_over_best": round(t[pick] / t[best], 4)})

@@ -261,12 +261,15 @@ def test_splits_avoid_a_partial_last_wave():
 
 def test_split_model_matches_the_measured_sweep():
     """On every case of the committed sweep (benchmarks/quant_mma_splits.py: each split timed on the H200), the
-    model's split runs within 10 % of the best measured one, and within 3 % on average."""
+    model's split runs within 10 % of the best measured one, and within 3 % on average. Rows that record how the
+    kernel ran (IntDecode, tiles per warp: sweeps since round 9) are checked with those; the committed sweep (round
+    5) predates both and records neither."""
     data = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quant_mma_splits.json")
                       .read_text())
     over = []
     for r in data["rows"]:
-        pick = Q.choose_splits(r["M"], r["N"], r["K"], data["settings"]["sms"], r["bits"])
+        pick = Q.choose_splits(r["M"], r["N"], r["K"], data["settings"]["sms"], r["bits"],
+                               int_decode=r.get("int_decode", False), nt=r.get("nt", 1))
         us = r["us_by_split"]
         over.append(us[str(pick)] / r["best_us"])
         assert over[-1] <= 1.10, (r["N"], r["K"], r["M"], r["format"], pick, r["best_split"], us)
