@@ -192,3 +192,5 @@ def test_fuzz_names_its_worst_case_and_reruns_it_alone():
     assert again["worst_err_over_sum_abs_xw"] == full["worst_err_over_sum_abs_xw"] > 0
     other = fuzz("mma-emu", cases=8, seed=11, device="cpu", only=(i + 1) % 8)
     assert other["worst_case"].split(":")[0] != full["worst_case"].split(":")[0]
+    with pytest.raises(ValueError, match="only=8 names no case of 8"):
+        fuzz("mma-emu", cases=8, seed=11, device="cpu", only=8)

@@ -217,6 +217,8 @@ def fuzz(kernel: str, cases: int = 1000, seed: int = 1234, device="cuda", max_fa
 
     from .. import formats
 
+    if only is not None and not 0 <= only < cases:
+        raise ValueError(f"only={only} names no case of {cases}")
     rng = random.Random(seed)
     if kernel in ("mma", "mma-emu"):
         from . import quant_mma
