@@ -33,7 +33,7 @@ GROUP = 128
 def split_times(n: int, k: int, m: int, fmt: str) -> tuple[dict[int, float], dict]:
     """Seconds per call of the mma kernel at each candidate split, and the launch the kernel plans itself
     (``quant_mma.launch_plan``: the model's split, with IntDecode and the tiles per warp as the kernel runs them)."""
-    from hf_efficient.kernels.quant_mma import BLOCK_K, launch_plan, quant_mma
+    from hf_efficient.kernels.quant_mma import BLOCK_K, int_decode, launch_plan, quant_mma
 
     w = kernel_weight(fmt, n, k, GROUP, "cuda")
     ws = [w] + [dataclasses.replace(w, qweight=w.qweight.clone(), params=w.params.clone())
@@ -42,7 +42,8 @@ def split_times(n: int, k: int, m: int, fmt: str) -> tuple[dict[int, float], dic
     kb = -(-k // BLOCK_K)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     pick, nt = launch_plan(m, n, k, w.bits, GROUP, x.dtype, w.tables.shape[0], sms)
-    plan = {"model_split": pick, "nt": nt, "int_decode": w.tables.shape[0] <= 1}  # no bf16 table row: IntDecode
+    # x is bfloat16: the format's own IntDecode test (the weight packs no bfloat16 table row there)
+    plan = {"model_split": pick, "nt": nt, "int_decode": int_decode(formats.get_format(fmt).grid, w.bits, w.mode)}
     cands = sorted({s for s in SPLITS if s == 1 or s <= kb // 2} | {pick})
     return {s: time_rotating([lambda wi=wi, s=s: quant_mma(x, wi, s) for wi in ws])[0] for s in cands}, plan
 
