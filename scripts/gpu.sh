@@ -6,7 +6,9 @@
 # (csrc/) against the image's own torch, runs `pytest -m gpu`, then each named benchmark module
 # (benchmarks/<name>.py, default: $GPU_BENCHMARKS or none) and leaves everything under $OUT:
 # pytest_gpu.log, bench.log, results.tgz (JSON + markdown tables), env.txt. GPU_TESTS=<paths> narrows
-# the test run (default: tests/; "none" skips it); GPU_WORKERS=<n> runs it on n pytest-xdist workers;
+# the test run (default: tests/; "none" skips it); GPU_WORKERS=<n> runs it on n pytest-xdist workers, which steal
+# queued tests from each other (xdist's default hands each worker a fixed share up front: one worker once got the three
+# Triton fuzz tests and the two tests after them in a row and was the last to finish, past the call's limit);
 # GPU_PROFILE="<fmt>:<M>[:<NxK>] ..." profiles the mma kernel's second launch at each (Nsight Compute, --set full,
 # clocks untouched) after the benchmarks, into $OUT/profile.tgz (details page and per-instruction SASS counters).
 # GPU_TIMEOUT=<seconds> bounds each step (default: none), so one slow step cannot eat a whole device call. The
@@ -36,7 +38,7 @@ echo "extension step: ${SECONDS}s"
 if [ "${GPU_TESTS:-tests}" != none ]; then
   # shellcheck disable=SC2086  # GPU_TESTS is a list of paths
   "${limit[@]}" python3 -m pytest -m gpu -v -rfE --durations=25 -p no:cacheprovider \
-    ${GPU_WORKERS:+-n "$GPU_WORKERS"} ${GPU_TESTS:-tests} >"$OUT/pytest_gpu.log" 2>&1 || rc=1
+    ${GPU_WORKERS:+-n "$GPU_WORKERS" --dist worksteal} ${GPU_TESTS:-tests} >"$OUT/pytest_gpu.log" 2>&1 || rc=1
   grep -cE " (PASSED|FAILED|ERROR)( |$)" "$OUT/pytest_gpu.log" | sed 's/^/results logged: /'
   grep -vE "PASSED|Warning|warner" "$OUT/pytest_gpu.log" | tail -60 | cut -c1-300
 fi
