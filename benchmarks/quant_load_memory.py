@@ -50,6 +50,14 @@ def write_checkpoint(path: str, layers: int) -> None:
     torch.cuda.empty_cache()
 
 
+def _out_of_memory(e: BaseException | None) -> torch.OutOfMemoryError | None:
+    """The out-of-memory error behind ``e``: transformers reports one raised inside a weight conversion as a
+    RuntimeError of its own, chained to it."""
+    while e is not None and not isinstance(e, torch.OutOfMemoryError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
 def measure(path: str, name: str, cap_gb: float | None = None) -> dict:
     """Runs in the child process."""
     from transformers import AutoModelForCausalLM
@@ -64,8 +72,11 @@ def measure(path: str, name: str, cap_gb: float | None = None) -> dict:
         try:
             AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda",
                                                  quantization_config=AFPQConfig(**CONFIGS[name]))
-        except torch.OutOfMemoryError as e:  # allocated vs reserved at the failure: live data or fragmentation
-            return dict(model=name, cap_GB=cap_gb, loads_under_cap=False, error=str(e)[:120],
+        except RuntimeError as e:  # allocated vs reserved at the failure: live data or fragmentation
+            oom = _out_of_memory(e)
+            if oom is None:
+                raise
+            return dict(model=name, cap_GB=cap_gb, loads_under_cap=False, error=str(oom)[:120],
                         allocated_GB=torch.cuda.memory_allocated() / GB, reserved_GB=torch.cuda.memory_reserved() / GB,
                         alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
         return dict(model=name, cap_GB=cap_gb, loads_under_cap=True,

@@ -121,3 +121,21 @@ def test_a_cpu_load_decodes_through_the_fused_step(float_dir, config):
     assert enable_fast_decode(model, enabled=False) == ["model.layers.0", "model.layers.1"]
     assert all(type(layer) is LlamaDecoderLayer for layer in layers)
     assert torch.equal(model.generate(ids, **kw), fused)
+
+
+def test_capped_load_benchmark_finds_the_out_of_memory_behind_a_conversion_error():
+    """transformers reports an out-of-memory inside a weight conversion as a RuntimeError of its own, chained to the
+    OOM; quant_load_memory's capped load records that as a failed load under the cap, and lets any other error
+    through (a run on an H100 lost its capped-load row to the first case)."""
+    from benchmarks.quant_load_memory import _out_of_memory
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 86.00 MiB")
+    try:
+        try:
+            raise oom
+        except torch.OutOfMemoryError:
+            raise RuntimeError("We encountered some issues during automatic conversion of the weights") from None
+    except RuntimeError as e:
+        wrapped = e
+    assert _out_of_memory(wrapped) is oom and _out_of_memory(oom) is oom
+    assert _out_of_memory(RuntimeError("shape mismatch")) is None

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from .. import ops
-from ..blocks import row_blocks
+from ..blocks import BLOCK_ELEMENTS, row_blocks
 from ..schemes import MODES, scheme_of_mode
 from .quant_layout import check_weight_args
 
@@ -144,18 +144,23 @@ def pack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, bit
         _check_foldable(a if b is None else b, grid)  # as stored below: no b means b = a
     nt, kb = -(-n // 16), -(-k // BLOCK_K)
     ngp = -(-kb * BLOCK_K // group_size)
-    c = torch.zeros(nt * 16, kb * BLOCK_K, dtype=torch.int64, device=codes.device)
-    c[:n, :k] = codes.to(torch.int64)
-    # (tile, r, kb, s, h, q, e) -> (tile, kb, r, q, s, h, e): chunk (tile, kb, r, q) lists pairs p = 2s + h
-    c = c.view(nt, 16, kb, 8, 2, 4, 2).permute(0, 2, 1, 5, 3, 4, 6).reshape(nt, kb, 16, 4, 16, 2)
-    c0, c1 = c[..., 0], c[..., 1]
-    if bits == 4:
-        qw = _words(c0 | (c1 << 4), 8)
-    elif bits == 2:
-        qw = _words(c0 | (c1 << 2), 4)
-    else:  # the 32 codes as 3-bit fields, bit by bit into 3 words
-        f = torch.stack([c0, c1], -1).flatten(-2)
-        qw = _words(((f[..., None] >> torch.arange(3, device=f.device)) & 1).flatten(-2), 1)
+    qw = torch.empty(nt, kb, 16, 4, bits, dtype=torch.int32, device=codes.device)
+    # int64 temporaries of a block of 16-row tiles (whole-matrix ones set the GPU's peak at load); the 3-bit path
+    # widens each code to three int64 bits, so its blocks are smaller
+    for r in row_blocks(nt, 16 * kb * BLOCK_K, BLOCK_ELEMENTS // (4 if bits == 3 else 1)):
+        tiles, src = r.stop - r.start, codes[16 * r.start:16 * r.stop]
+        c = torch.zeros(tiles * 16, kb * BLOCK_K, dtype=torch.int64, device=codes.device)
+        c[:src.shape[0], :k] = src
+        # (tile, r, kb, s, h, q, e) -> (tile, kb, r, q, s, h, e): chunk (tile, kb, r, q) lists pairs p = 2s + h
+        c = c.view(tiles, 16, kb, 8, 2, 4, 2).permute(0, 2, 1, 5, 3, 4, 6).reshape(tiles, kb, 16, 4, 16, 2)
+        c0, c1 = c[..., 0], c[..., 1]
+        if bits == 4:
+            qw[r] = _words(c0 | (c1 << 4), 8)
+        elif bits == 2:
+            qw[r] = _words(c0 | (c1 << 2), 4)
+        else:  # the 32 codes as 3-bit fields, bit by bit into 3 words
+            f = torch.stack([c0, c1], -1).flatten(-2)
+            qw[r] = _words(((f[..., None] >> torch.arange(3, device=f.device)) & 1).flatten(-2), 1)
     pdt = torch.float16 if a.dtype == torch.float16 else torch.float32
     p = torch.zeros(nt * 16, ngp, 2, dtype=pdt, device=codes.device)
     p[:n, :ng, 0] = a.to(pdt)
@@ -164,7 +169,7 @@ def pack(codes: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, grid, bit
     tables = pair_tables(grid, bits, codes.device)
     if int_decode(grid, bits, mode):
         tables = tables[:1].contiguous()  # bfloat16 decodes by arithmetic
-    return MmaWeight(qw.contiguous(), p, tables, n, k, bits, group_size, mode)
+    return MmaWeight(qw, p, tables, n, k, bits, group_size, mode)
 
 
 def unpack(w: MmaWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -327,11 +332,12 @@ def unavailable_reason() -> str | None:
 # 128 * 4**bits bytes + weight ring + x stage, launch_typed in cuda/quant_mma.cuh - allows no more, so the
 # registers go to the kernel instead), 2 for two M tiles, 1 for eight.
 RESIDENT_CTAS = {1: {2: 4, 3: 4, 4: 3}, 2: {2: 2, 3: 2, 4: 2}, 8: {2: 1, 3: 1, 4: 1}}
-# The split-K model (choose_splits), fitted to a same-run sweep of every split on the H200
+# The split-K model (choose_splits), fitted to same-run sweeps of every split (round 5 on an H200, round 9 on an H100)
 # (benchmarks/results/quant_mma_splits.md; tests/test_quant_mma.py checks the model against it): a CTA's block
 # takes (j + 1) / 2 times as long with j CTAs resident on its SM as alone (co-resident CTAs hide each other's
 # latencies); a CTA also costs CTA_FIXED_BLOCKS blocks of weight work (pair-table fill, x staging) per wave, and
-# each split SPLIT_REDUCE_BLOCKS (its partial tile written, counted and summed).
+# each split SPLIT_REDUCE_BLOCKS (its partial tile written, counted and summed) per 16 rows of its CTA (at least one):
+# a 64-row partial is four times a 16-row one (refitted to the sweep of round 9 on an H100, with 64-row cases).
 CTA_FIXED_BLOCKS = 2
 SPLIT_REDUCE_BLOCKS = 0.75
 
@@ -377,13 +383,14 @@ def choose_splits(m: int, n: int, k: int, sms: int, bits: int = 4, int_decode: b
     ctas = grid_ctas(m, n, nt)
     resident = resident_ctas(m, bits, int_decode)
     slots = sms * resident
+    reduce = SPLIT_REDUCE_BLOCKS * max(1, mtiles_for(m) // 2)
 
     def cost(s: int) -> float:
         per = -(-kb // s)
         launched = -(-kb // per)  # the binding launches ceil(KB / blocks per split) splits
         grid = ctas * launched
         per_sm = min(resident, -(-min(grid, slots) // sms))
-        return -(-grid // slots) * (per * nt * (per_sm + 1) / 2 + CTA_FIXED_BLOCKS) + SPLIT_REDUCE_BLOCKS * launched
+        return -(-grid // slots) * (per * nt * (per_sm + 1) / 2 + CTA_FIXED_BLOCKS) + reduce * launched
     return min(range(1, max(1, kb // 2) + 1), key=lambda s: (cost(s), s))
 
 
