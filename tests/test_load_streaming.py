@@ -139,3 +139,25 @@ def test_capped_load_benchmark_finds_the_out_of_memory_behind_a_conversion_error
         wrapped = e
     assert _out_of_memory(wrapped) is oom and _out_of_memory(oom) is oom
     assert _out_of_memory(RuntimeError("shape mismatch")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["int4_asym_g128", "afpq_nf3_asym_g64"])
+def test_gpu_quantize_on_load_fits_under_a_memory_cap(tmp_path_factory, monkeypatch, config):
+    """Issue 14, part 2, on the device: a one-block 7B-shaped bf16 checkpoint quantized while transformers loads it
+    peaks within packed + the largest bf16 tensor + 5 %, and loads with the allocator capped at that bound
+    (``set_per_process_memory_fraction``; expandable segments, since the cap counts reserved memory and fixed
+    segments fragment past the allocated peak). Each load runs in its own process (benchmarks.quant_load_memory),
+    so no other test's allocations count. The mma packer's whole-matrix int64 temporaries broke this bound."""
+    from benchmarks.common import run_child
+    from benchmarks.quant_load_memory import GB, largest_tensor_bytes, write_checkpoint
+
+    path = str(tmp_path_factory.getbasetemp() / "llama7b_shaped_1_layer")
+    write_checkpoint(path, 1)
+    free = run_child("benchmarks.quant_load_memory", "--dir", path, "--child", config)
+    assert free is not None, "the uncapped load failed (its stderr is printed above)"
+    bound = 1.05 * (free["packed_GB"] + largest_tensor_bytes(path) / GB)
+    assert free["peak_load_GB"] <= bound, (free, bound)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    capped = run_child("benchmarks.quant_load_memory", "--dir", path, "--child", config, "--cap-gb", str(bound))
+    assert capped is not None and capped["loads_under_cap"], capped
