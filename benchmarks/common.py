@@ -7,6 +7,7 @@ runs, median). CPU: fixed thread count, warm-up, median of >= 20 ``perf_counter`
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -94,11 +95,12 @@ def child_result(result: dict) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(module: str, *args: str) -> dict | None:
+def run_child(module: str, *args: str, env: dict[str, str] | None = None) -> dict | None:
     """Run ``python -m module *args`` in a fresh process (its own CUDA context, allocator statistics and
-    ``torch.compile`` caches) and return the dict it passed to :func:`child_result`; None (with its stderr
-    printed) if it failed."""
-    p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
+    ``torch.compile`` caches; ``env`` adds to this process's environment) and return the dict it passed to
+    :func:`child_result`; None (with its stderr printed) if it failed."""
+    p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                       env={**os.environ, **env} if env else None)
     res = [line[7:] for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     if p.returncode or not res:
         print(f"{module} {' '.join(args)} failed:\n{p.stderr[-2000:]}", flush=True)

@@ -41,9 +41,12 @@ def test_recompile_limit_warnings_are_counted():
 
 def test_run_child_returns_the_childs_result_or_none(tmp_path, monkeypatch):
     (tmp_path / "hfe_probe_child.py").write_text(
-        "import sys\nfrom benchmarks.common import child_result\n"
-        "print('noise')\nchild_result({'args': sys.argv[1:], 'x': 1.5})\n")
+        "import os, sys\nfrom benchmarks.common import child_result\n"
+        "print('noise')\nchild_result({'args': sys.argv[1:], 'x': 1.5, 'probe': os.environ.get('HFE_PROBE')})\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    assert run_child("hfe_probe_child", "a", "b") == {"args": ["a", "b"], "x": 1.5}
+    monkeypatch.delenv("HFE_PROBE", raising=False)
+    assert run_child("hfe_probe_child", "a", "b") == {"args": ["a", "b"], "x": 1.5, "probe": None}
+    assert run_child("hfe_probe_child", env={"HFE_PROBE": "on"})["probe"] == "on"  # added to, not replacing, ours
+    assert "HFE_PROBE" not in os.environ
     assert run_child("hfe_no_such_module") is None  # the failure is reported, not raised
     assert run_child("json.tool", "--help") is None  # it ran, but handed back no result

@@ -143,7 +143,7 @@ def test_capped_load_benchmark_finds_the_out_of_memory_behind_a_conversion_error
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", ["int4_asym_g128", "afpq_nf3_asym_g64"])
-def test_gpu_quantize_on_load_fits_under_a_memory_cap(tmp_path_factory, monkeypatch, config):
+def test_gpu_quantize_on_load_fits_under_a_memory_cap(tmp_path_factory, config):
     """Issue 14, part 2, on the device: a one-block 7B-shaped bf16 checkpoint quantized while transformers loads it
     peaks within packed + the largest bf16 tensor + 5 %, and loads with the allocator capped at that bound
     (``set_per_process_memory_fraction``; expandable segments, since the cap counts reserved memory and fixed
@@ -158,6 +158,6 @@ def test_gpu_quantize_on_load_fits_under_a_memory_cap(tmp_path_factory, monkeypa
     assert free is not None, "the uncapped load failed (its stderr is printed above)"
     bound = 1.05 * (free["packed_GB"] + largest_tensor_bytes(path) / GB)
     assert free["peak_load_GB"] <= bound, (free, bound)
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    capped = run_child("benchmarks.quant_load_memory", "--dir", path, "--child", config, "--cap-gb", str(bound))
+    capped = run_child("benchmarks.quant_load_memory", "--dir", path, "--child", config, "--cap-gb", str(bound),
+                       env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
     assert capped is not None and capped["loads_under_cap"], capped
